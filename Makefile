@@ -1,0 +1,52 @@
+# The two commands a new user needs are `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+ZOO    ?= zoo
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: demo test install system-deps lint typecheck pytest zoo protos bench soak clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tandem needs Python >= 3.11 (set PYTHON=...)")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[all,dev]'
+	@touch $@
+
+install: $(STAMP)
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+## The whole system on embedded defaults (builds the model zoo first if needed).
+demo: install
+	$(BIN)/tandem models build --out $(ZOO)
+	@if $(BIN)/tandem demo --help >/dev/null 2>&1; then $(BIN)/tandem demo --zoo $(ZOO); \
+	else $(BIN)/python -c "import json,sys; r=json.load(open('$(ZOO)/report.json')); print(json.dumps(r, indent=2))"; fi
+
+## Lint, type-check and the whole test suite against real processes.
+test: install system-deps lint typecheck pytest
+
+lint: install
+	$(BIN)/ruff check protos sdk device_agents cloud tests bench
+	$(BIN)/ruff format --check sdk device_agents cloud tests bench
+
+typecheck: install
+	$(BIN)/mypy -p tandem.sdk -p tandem.agent -p tandem.cloud -m tandem.errors -m tandem.cli
+
+pytest: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+zoo: install
+	$(BIN)/tandem models build --out $(ZOO)
+
+protos: install
+	$(BIN)/python -m tandem.protos.generate
+
+bench: install
+	$(BIN)/python -m pytest bench --benchmark-only -p no:randomly
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

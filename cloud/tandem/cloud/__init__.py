@@ -1,0 +1,1 @@
+"""The cloud side: inference server, fleet service, console and model build pipeline."""

@@ -1,0 +1,1 @@
+"""The device agent: MQTT session, delivery, verification, activation, rollback."""

@@ -1,0 +1,1 @@
+"""The on-device SDK: local runtimes, routing policies and the cloud fallback."""
