@@ -78,3 +78,27 @@ def postgres_url() -> Iterator[str]:
         finally:
             with contextlib.suppress(psycopg.Error):
                 admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --- model zoo ---------------------------------------------------------------------------
+# Built once per test session into build/test-zoo (content-hash cached by the pipeline, so a
+# second run is quick). Tests that need models take these fixtures.
+TEST_ZOO = ROOT / "build" / "test-zoo"
+
+
+@pytest.fixture(scope="session")
+def digits_zoo() -> Path:
+    """A zoo with the digits model built (repository/, artifacts/, report.json, keys/)."""
+    from tandem.cloud.build.pipeline import build_zoo
+
+    build_zoo(TEST_ZOO, models=("digits",))
+    return TEST_ZOO
+
+
+@pytest.fixture(scope="session")
+def full_zoo(digits_zoo: Path) -> Path:
+    """The zoo with every model (digits and minilm)."""
+    from tandem.cloud.build.pipeline import build_zoo
+
+    build_zoo(TEST_ZOO, models=("digits", "minilm"))
+    return TEST_ZOO
