@@ -11,8 +11,9 @@ from tests.support.mosquitto import Broker
 
 
 def _connect(broker: Broker, user: str, password: str) -> mqtt.Client:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{user}",
-                         protocol=mqtt.MQTTv5)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{user}", protocol=mqtt.MQTTv5
+    )
     client.username_pw_set(user, password)
     client.connect(broker.host, broker.port)
     client.loop_start()

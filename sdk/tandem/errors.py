@@ -53,8 +53,7 @@ class MissingDependencyError(TandemError, ImportError):
         self.extra = extra
         what = f" for {purpose}" if purpose else ""
         super().__init__(
-            f"{package} is needed{what} but is not installed: "
-            f"pip install 'tandem[{extra}]'"
+            f"{package} is needed{what} but is not installed: pip install 'tandem[{extra}]'"
         )
 
 

@@ -267,8 +267,7 @@ def parse_signatures(data: bytes) -> tuple[SignatureEntry, ...]:
     try:
         doc = json.loads(data)
         return tuple(
-            SignatureEntry(str(s["keyid"]), bytes.fromhex(str(s["sig"])))
-            for s in doc["signatures"]
+            SignatureEntry(str(s["keyid"]), bytes.fromhex(str(s["sig"]))) for s in doc["signatures"]
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise SignatureError(f"malformed signature file: {exc!r}") from exc
@@ -286,7 +285,9 @@ class TrustedKeys:
     def __init__(self, public_keys_raw: Iterable[bytes]) -> None:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-        self._keys = {key_id(raw): Ed25519PublicKey.from_public_bytes(raw) for raw in public_keys_raw}
+        self._keys = {
+            key_id(raw): Ed25519PublicKey.from_public_bytes(raw) for raw in public_keys_raw
+        }
         if not self._keys:
             raise SignatureError("no trusted public keys configured")
 
@@ -476,9 +477,9 @@ def unpack_variant(variant: Variant, dest: Path | None = None, *, verify: bool =
         return target
     for entry in variant.manifest.files:
         path = target / entry.name
-        if path.exists() and path.stat().st_size == entry.size:
-            if verify and sha256_file(path)[0] == entry.sha256:
-                continue
+        intact = path.exists() and path.stat().st_size == entry.size
+        if intact and (not verify or sha256_file(path)[0] == entry.sha256):
+            continue
         decompress_file(variant.path / entry.stored_as, entry, path)
     return target
 
@@ -489,7 +490,9 @@ def load_npz(path: Path) -> dict[str, np.ndarray[Any, Any]]:
         return {key: data[key] for key in data.files}
 
 
-def split_reference(arrays: Mapping[str, np.ndarray[Any, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_reference(
+    arrays: Mapping[str, np.ndarray[Any, Any]],
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Splits a reference .npz into inputs (`input.<name>`) and outputs (`output.<name>`)."""
     inputs = {k.removeprefix("input."): v for k, v in arrays.items() if k.startswith("input.")}
     outputs = {k.removeprefix("output."): v for k, v in arrays.items() if k.startswith("output.")}

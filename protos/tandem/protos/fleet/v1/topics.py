@@ -61,7 +61,7 @@ def parse_device_topic(topic: str) -> tuple[str, str] | None:
     head = PREFIX + "/"
     if not topic.startswith(head):
         return None
-    device_id, _, leaf = topic[len(head):].partition("/")
+    device_id, _, leaf = topic[len(head) :].partition("/")
     if not leaf or not is_valid_device_id(device_id):
         return None
     return device_id, leaf
