@@ -1,0 +1,601 @@
+"""The rollout engine: pure logic, no IO (python-tuf style).
+
+The service calls `step(plan, state, observation)` on a timer and `command(...)` for manual
+actions; each returns a `Decision`: the next `RolloutState` (persisted by the caller), the
+devices to move to the new version, the devices to move back to their baseline, and the
+events to record (each with its actor: a user name, ``gate:<metric>``, ``timeout`` or
+``engine``). Device reports go through `on_report`. Nothing here reads a clock, a database or
+a broker, so every rule is tested directly (tests/fleet/test_engine.py).
+
+Rules:
+
+- Targeted devices are ordered by `cohort_key(model, device_id)`: a hash of the model name and
+  the device id, not of the rollout, so a device keeps its place in the order across retries
+  and across later rollouts of the same model. Stage *i* covers the first
+  ``ceil(percent_i% * N)`` devices of that order (at least one).
+- New assignments are rate limited by a token bucket (`RolloutPlan.max_assignments_per_s`).
+- A device succeeds only when it reports HEALTHY for the new version; FAILED, REFUSED and
+  ROLLED_BACK for it, or silence for `device_timeout_s` after assignment, fail it (and move it
+  back to its baseline).
+- A stage *settles* when every device in its cohort has succeeded or failed. It then soaks
+  for `min_soak_s`; the gates are evaluated at every step once settled (so a bad version is
+  stopped as soon as the numbers show it) and must pass at the end of the soak to advance. A
+  gate with too little data holds the stage (never passes by default).
+- A failing gate pauses or aborts, per `RolloutPlan.on_gate_failure`; abort moves every touched
+  device back to its baseline.
+- Manual pause, resume, promote (skip to the next stage now) and abort.
+- The state is a value: a restarted service that loads it carries on at the same stage, with
+  the same settle time, so it neither repeats nor skips a stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from tandem.errors import ConfigError
+
+from .errors import ConflictError
+
+# --- the plan -----------------------------------------------------------------------------
+
+
+class GateMetric(StrEnum):
+    ERROR_RATE = "error_rate"  # errors / requests of the new version in the cohort
+    P95_LATENCY_RATIO = "p95_latency_ratio"  # new p95 local latency / baseline p95
+    FALLBACK_RATE = "fallback_rate"  # fallbacks / requests of the new version in the cohort
+    SHADOW_AGREEMENT = "shadow_agreement"  # shadow_agreed / shadow_sampled (higher is better)
+    FAILED_DEVICE_PCT = "failed_device_pct"  # failed devices / cohort devices, in percent
+
+
+# Metrics where a higher value is better: the gate fails when the value drops below.
+_HIGHER_IS_BETTER = {GateMetric.SHADOW_AGREEMENT}
+# Metrics that can also be bounded relative to the baseline version (value - baseline).
+_TELEMETRY_METRICS = {
+    GateMetric.ERROR_RATE,
+    GateMetric.P95_LATENCY_RATIO,
+    GateMetric.FALLBACK_RATE,
+    GateMetric.SHADOW_AGREEMENT,
+}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One health check. Lower-is-better metrics fail above `threshold`;
+    shadow_agreement fails below it. With `relative`, the threshold bounds the difference to
+    the baseline version's value instead (new - baseline, or baseline - new for agreement)."""
+
+    metric: GateMetric
+    threshold: float
+    # Samples the new version needs in the cohort before the gate can judge (requests, or
+    # shadow samples for agreement); below that the gate holds the stage.
+    min_samples: int = 1
+    relative: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "metric", GateMetric(self.metric))
+        except ValueError:
+            raise ConfigError(
+                "gate.metric", f"{self.metric!r} is not one of {[m.value for m in GateMetric]}"
+            ) from None
+        if not math.isfinite(self.threshold) or self.threshold < 0:
+            raise ConfigError(
+                "gate.threshold", f"must be a finite number >= 0, got {self.threshold}"
+            )
+        if self.min_samples < 0:
+            raise ConfigError("gate.min_samples", f"must be >= 0, got {self.min_samples}")
+        if self.relative and self.metric not in _TELEMETRY_METRICS - {GateMetric.P95_LATENCY_RATIO}:
+            raise ConfigError("gate.relative", f"not meaningful for {self.metric.value}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric.value,
+            "threshold": self.threshold,
+            "min_samples": self.min_samples,
+            "relative": self.relative,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Gate:
+        try:
+            metric = GateMetric(str(data["metric"]))
+        except ValueError:
+            raise ConfigError(
+                "gate.metric", f"{data['metric']!r} is not one of {[m.value for m in GateMetric]}"
+            ) from None
+        return cls(
+            metric=metric,
+            threshold=float(data["threshold"]),
+            min_samples=int(data.get("min_samples", 1)),
+            relative=bool(data.get("relative", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Stage:
+    percent: float  # of the targeted devices, (0, 100]
+    min_soak_s: float = 0.0  # seconds the settled stage must run before advancing
+    gates: tuple[Gate, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (0 < self.percent <= 100):
+            raise ConfigError("stage.percent", f"must be in (0, 100], got {self.percent}")
+        if self.min_soak_s < 0:
+            raise ConfigError("stage.min_soak_s", f"must be >= 0, got {self.min_soak_s}")
+        object.__setattr__(self, "gates", tuple(self.gates))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "percent": self.percent,
+            "min_soak_s": self.min_soak_s,
+            "gates": [g.to_json() for g in self.gates],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Stage:
+        return cls(
+            percent=float(data["percent"]),
+            min_soak_s=float(data.get("min_soak_s", 0.0)),
+            gates=tuple(Gate.from_json(g) for g in data.get("gates", ())),
+        )
+
+
+class GateAction(StrEnum):
+    PAUSE = "pause"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """What a rollout does; fixed at creation."""
+
+    model: str
+    version: int
+    stages: tuple[Stage, ...]
+    on_gate_failure: GateAction = GateAction.ABORT
+    device_timeout_s: float = 600.0  # seconds from assignment to HEALTHY before a device fails
+    max_assignments_per_s: float = 0.0  # new devices per second; 0 = unlimited
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("plan.model", "must not be empty")
+        if self.version < 1:
+            raise ConfigError("plan.version", f"must be >= 1, got {self.version}")
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if not self.stages:
+            raise ConfigError("plan.stages", "at least one stage is needed")
+        percents = [s.percent for s in self.stages]
+        if any(b <= a for a, b in zip(percents, percents[1:], strict=False)):
+            raise ConfigError("plan.stages", f"percents must increase, got {percents}")
+        try:
+            object.__setattr__(self, "on_gate_failure", GateAction(self.on_gate_failure))
+        except ValueError:
+            raise ConfigError(
+                "plan.on_gate_failure", f"must be 'pause' or 'abort', got {self.on_gate_failure!r}"
+            ) from None
+        if self.device_timeout_s <= 0:
+            raise ConfigError("plan.device_timeout_s", f"must be > 0, got {self.device_timeout_s}")
+        if self.max_assignments_per_s < 0:
+            raise ConfigError(
+                "plan.max_assignments_per_s", f"must be >= 0, got {self.max_assignments_per_s}"
+            )
+
+
+# --- the state ----------------------------------------------------------------------------
+
+
+class RolloutStatus(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+
+
+TERMINAL_STATUSES = {RolloutStatus.COMPLETED, RolloutStatus.ABORTED}
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    status: RolloutStatus
+    stage_index: int
+    stage_started_at: float  # seconds (the caller's clock)
+    stage_settled_at: float | None = None  # when every cohort device finished; soak from here
+    gate_window_start: float = 0.0  # telemetry since this time feeds the gates
+    paused_reason: str = ""
+    tokens: float = 0.0  # rate-limit token bucket
+    tokens_at: float = 0.0
+    waiting_for_data: bool = False  # an event about it was recorded already
+
+    @classmethod
+    def initial(cls, now: float) -> RolloutState:
+        return cls(
+            status=RolloutStatus.RUNNING,
+            stage_index=0,
+            stage_started_at=now,
+            gate_window_start=now,
+            tokens=0.0,
+            tokens_at=now,
+        )
+
+
+class DeviceState(StrEnum):
+    ASSIGNED = "assigned"  # desired state points at the new version
+    INSTALLING = "installing"  # reported progress, verified or activated
+    SUCCEEDED = "succeeded"  # reported HEALTHY for the new version
+    FAILED = "failed"  # failed, refused, rolled back by itself, or timed out
+    ROLLED_BACK = "rolled_back"  # moved back to its baseline by an abort
+
+
+SETTLED = {DeviceState.SUCCEEDED, DeviceState.FAILED, DeviceState.ROLLED_BACK}
+_IN_FLIGHT = {DeviceState.ASSIGNED, DeviceState.INSTALLING}
+
+
+def cohort_key(model: str, device_id: str) -> int:
+    """A device's place in the rollout order of a model: stable across rollouts and retries."""
+    digest = hashlib.sha256(f"{model}\x00{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """One targeted device as the engine sees it."""
+
+    device_id: str
+    state: DeviceState | None = None  # None: not touched by this rollout
+    assigned_at: float | None = None
+    updated_at: float | None = None  # last report for this rollout
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    """Telemetry totals of one version over a set of devices and a time window."""
+
+    requests: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    shadow_sampled: int = 0
+    shadow_agreed: int = 0
+    p95_latency_ms: float | None = None
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+    @property
+    def fallback_rate(self) -> float | None:
+        return self.fallbacks / self.requests if self.requests else None
+
+    @property
+    def agreement(self) -> float | None:
+        return self.shadow_agreed / self.shadow_sampled if self.shadow_sampled else None
+
+
+@dataclass(frozen=True)
+class Observation:
+    now: float
+    devices: Sequence[DeviceView]  # every targeted device (touched or not)
+    cohort: VersionStats = field(default_factory=VersionStats)  # new version, touched devices
+    baseline: VersionStats = field(default_factory=VersionStats)  # baseline version, fleet
+
+
+# --- the decision -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    actor: str
+    stage_index: int
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    device_id: str | None = None
+
+
+@dataclass(frozen=True)
+class GateResult:
+    metric: GateMetric
+    value: float | None  # None: not enough data
+    threshold: float
+    passed: bool | None  # None: not enough data to judge
+    samples: int = 0
+    baseline: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric.value,
+            "value": self.value,
+            "threshold": self.threshold,
+            "passed": self.passed,
+            "samples": self.samples,
+            "baseline": self.baseline,
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: RolloutState
+    assign: tuple[str, ...] = ()  # move to the new version (now in the cohort)
+    fail: tuple[tuple[str, str], ...] = ()  # (device, reason): mark failed and move back
+    rollback: tuple[str, ...] = ()  # move back to baseline, mark rolled_back
+    events: tuple[Event, ...] = ()
+    gates: tuple[GateResult, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.assign or self.fail or self.rollback or self.events)
+
+
+# --- the rules ----------------------------------------------------------------------------
+
+
+def ordered(plan: RolloutPlan, devices: Sequence[DeviceView]) -> list[DeviceView]:
+    return sorted(devices, key=lambda d: (cohort_key(plan.model, d.device_id), d.device_id))
+
+
+def cohort_size(percent: float, targeted: int) -> int:
+    if targeted == 0:
+        return 0
+    # A tiny rounding error must not add a device: 10% of 1000 is 100, not 101.
+    return max(1, min(targeted, math.ceil(round(percent * targeted / 100.0, 9))))
+
+
+def evaluate_gates(
+    gates: Sequence[Gate],
+    cohort: VersionStats,
+    baseline: VersionStats,
+    failed_pct: float,
+    cohort_devices: int,
+) -> tuple[GateResult, ...]:
+    results = []
+    for gate in gates:
+        value: float | None
+        base: float | None = None
+        samples = cohort.requests
+        if gate.metric is GateMetric.FAILED_DEVICE_PCT:
+            value, samples = (failed_pct if cohort_devices else None), cohort_devices
+        elif gate.metric is GateMetric.ERROR_RATE:
+            value, base = cohort.error_rate, baseline.error_rate
+        elif gate.metric is GateMetric.FALLBACK_RATE:
+            value, base = cohort.fallback_rate, baseline.fallback_rate
+        elif gate.metric is GateMetric.SHADOW_AGREEMENT:
+            value, base, samples = cohort.agreement, baseline.agreement, cohort.shadow_sampled
+        else:  # P95_LATENCY_RATIO
+            base = baseline.p95_latency_ms
+            if cohort.p95_latency_ms is None or not base:
+                value = None
+            else:
+                value = cohort.p95_latency_ms / base
+        if value is not None and gate.relative:
+            value = (
+                None
+                if base is None
+                else (base - value if gate.metric in _HIGHER_IS_BETTER else value - base)
+            )
+        if value is None or samples < gate.min_samples:
+            results.append(GateResult(gate.metric, value, gate.threshold, None, samples, base))
+            continue
+        if gate.metric in _HIGHER_IS_BETTER and not gate.relative:
+            passed = value >= gate.threshold
+        else:
+            passed = value <= gate.threshold
+        results.append(GateResult(gate.metric, value, gate.threshold, passed, samples, base))
+    return tuple(results)
+
+
+def step(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Decision:
+    """One turn of the engine: time out silent devices, assign the stage's cohort, judge
+    the gates, advance, complete, pause or abort."""
+    if state.status in TERMINAL_STATUSES:
+        return Decision(state)
+    now = obs.now
+    events: list[Event] = []
+    idx = state.stage_index
+    stage = plan.stages[idx]
+
+    # Silent devices fail, also while paused: the timeout is about the device, not the stage.
+    failures: list[tuple[str, str]] = []
+    views: dict[str, DeviceView] = {}
+    for view in obs.devices:
+        if (
+            view.state in _IN_FLIGHT
+            and view.assigned_at is not None
+            and now - max(view.assigned_at, view.updated_at or view.assigned_at)
+            >= plan.device_timeout_s
+        ):
+            failures.append((view.device_id, "timeout"))
+            events.append(
+                Event("device_failed", "timeout", idx, {"reason": "timeout"}, view.device_id)
+            )
+            view = replace(view, state=DeviceState.FAILED)
+        views[view.device_id] = view
+    if state.status is RolloutStatus.PAUSED:
+        return Decision(state, fail=tuple(failures), events=tuple(events))
+
+    order = ordered(plan, list(views.values()))
+    want = cohort_size(stage.percent, len(order))
+    untouched = [v.device_id for v in order[:want] if v.state is None]
+
+    tokens, tokens_at = state.tokens, state.tokens_at
+    if plan.max_assignments_per_s > 0:
+        burst = max(1.0, plan.max_assignments_per_s)
+        tokens = min(burst, tokens + (now - tokens_at) * plan.max_assignments_per_s)
+        tokens_at = now
+        take = min(len(untouched), int(tokens))
+        tokens -= take
+    else:
+        take = len(untouched)
+    assign = tuple(untouched[:take])
+    state = replace(state, tokens=tokens, tokens_at=tokens_at)
+
+    touched = [v for v in order if v.state is not None]
+    cohort_count = len(touched) + len(assign)
+    settled = not untouched[take:] and not assign and all(v.state in SETTLED for v in touched)
+    failed = sum(1 for v in touched if v.state is DeviceState.FAILED)
+    failed_pct = 100.0 * failed / cohort_count if cohort_count else 0.0
+
+    if not settled:
+        if state.stage_settled_at is not None:
+            state = replace(state, stage_settled_at=None)
+        return Decision(state, assign, tuple(failures), events=tuple(events))
+
+    if state.stage_settled_at is None:
+        state = replace(state, stage_settled_at=now)
+        events.append(
+            Event("stage_settled", "engine", idx, {"devices": cohort_count, "failed": failed})
+        )
+    gates = evaluate_gates(stage.gates, obs.cohort, obs.baseline, failed_pct, cohort_count)
+    broken = [g for g in gates if g.passed is False]
+    if broken:
+        actor = "gate:" + broken[0].metric.value
+        detail = {"gates": [g.to_json() for g in broken]}
+        events.append(Event("gate_failed", actor, idx, detail))
+        if plan.on_gate_failure is GateAction.PAUSE:
+            reason = f"gate {broken[0].metric.value} failed"
+            state = replace(state, status=RolloutStatus.PAUSED, paused_reason=reason)
+            events.append(Event("paused", actor, idx, {"reason": reason}))
+            return Decision(state, fail=tuple(failures), events=tuple(events), gates=gates)
+        return _abort(
+            state,
+            order,
+            now,
+            actor,
+            events,
+            failures,
+            gates,
+            f"gate {broken[0].metric.value} failed",
+        )
+
+    if now - state.stage_settled_at < stage.min_soak_s:
+        return Decision(state, fail=tuple(failures), events=tuple(events), gates=gates)
+    if any(g.passed is None for g in gates):
+        if not state.waiting_for_data:
+            state = replace(state, waiting_for_data=True)
+            missing = [g.metric.value for g in gates if g.passed is None]
+            events.append(Event("waiting_for_telemetry", "engine", idx, {"gates": missing}))
+        return Decision(state, fail=tuple(failures), events=tuple(events), gates=gates)
+    state, more = _advance(plan, state, now, "engine", {"gates": [g.to_json() for g in gates]})
+    events.extend(more)
+    return Decision(state, fail=tuple(failures), events=tuple(events), gates=gates)
+
+
+def _advance(
+    plan: RolloutPlan, state: RolloutState, now: float, actor: str, detail: Mapping[str, Any]
+) -> tuple[RolloutState, list[Event]]:
+    idx = state.stage_index
+    if idx + 1 >= len(plan.stages):
+        done = replace(state, status=RolloutStatus.COMPLETED, paused_reason="")
+        return done, [Event("completed", actor, idx, dict(detail))]
+    nxt = replace(
+        state,
+        status=RolloutStatus.RUNNING,
+        stage_index=idx + 1,
+        stage_started_at=now,
+        stage_settled_at=None,
+        paused_reason="",
+        waiting_for_data=False,
+    )
+    return nxt, [Event("stage_advanced", actor, idx + 1, {**detail, "from_stage": idx})]
+
+
+def _abort(
+    state: RolloutState,
+    devices: Sequence[DeviceView],
+    now: float,
+    actor: str,
+    events: list[Event],
+    failures: Sequence[tuple[str, str]],
+    gates: tuple[GateResult, ...],
+    reason: str,
+) -> Decision:
+    failed_now = {d for d, _ in failures}
+    back = tuple(
+        v.device_id
+        for v in devices
+        if v.state is not None
+        and v.state is not DeviceState.ROLLED_BACK
+        and v.device_id not in failed_now
+    )
+    state = replace(state, status=RolloutStatus.ABORTED, paused_reason=reason)
+    events.append(
+        Event("aborted", actor, state.stage_index, {"reason": reason, "rollback": len(back)})
+    )
+    return Decision(state, fail=tuple(failures), rollback=back, events=tuple(events), gates=gates)
+
+
+class Command(StrEnum):
+    PAUSE = "pause"
+    RESUME = "resume"
+    PROMOTE = "promote"
+    ABORT = "abort"
+
+
+def command(
+    plan: RolloutPlan,
+    state: RolloutState,
+    cmd: Command | str,
+    actor: str,
+    now: float,
+    devices: Sequence[DeviceView] = (),
+) -> Decision:
+    """A manual action by `actor`; raises ConflictError when it makes no sense now."""
+    cmd = Command(cmd)
+    idx = state.stage_index
+    if state.status in TERMINAL_STATUSES:
+        raise ConflictError(f"cannot {cmd.value} a rollout that is {state.status.value}")
+    if cmd is Command.PAUSE:
+        if state.status is RolloutStatus.PAUSED:
+            raise ConflictError("rollout is already paused")
+        new = replace(state, status=RolloutStatus.PAUSED, paused_reason=f"paused by {actor}")
+        return Decision(new, events=(Event("paused", actor, idx, {"reason": "manual"}),))
+    if cmd is Command.RESUME:
+        if state.status is RolloutStatus.RUNNING:
+            raise ConflictError("rollout is not paused")
+        # The gates judge the telemetry from here on, and the stage soaks afresh, so a resume
+        # after a gate failure is a deliberate second look rather than an instant re-failure.
+        new = replace(
+            state,
+            status=RolloutStatus.RUNNING,
+            paused_reason="",
+            gate_window_start=now,
+            stage_settled_at=None,
+            tokens_at=now,
+            waiting_for_data=False,
+        )
+        return Decision(new, events=(Event("resumed", actor, idx),))
+    if cmd is Command.PROMOTE:
+        new, events = _advance(plan, state, now, actor, {"manual": True})
+        if new.status is RolloutStatus.RUNNING:
+            new = replace(new, tokens_at=now)
+        return Decision(new, events=tuple(events))
+    return _abort(state, ordered(plan, devices), now, actor, [], (), (), f"aborted by {actor}")
+
+
+class ReportKind(StrEnum):
+    PROGRESS = "PROGRESS"
+    VERIFIED = "VERIFIED"
+    ACTIVATED = "ACTIVATED"
+    HEALTHY = "HEALTHY"
+    FAILED = "FAILED"
+    REFUSED = "REFUSED"
+    ROLLED_BACK = "ROLLED_BACK"
+
+
+def on_report(
+    current: DeviceState | None, kind: ReportKind | str, version: int, plan_version: int
+) -> DeviceState | None:
+    """The device's assignment state after a report; None when the report does not apply
+    (another version, an untouched device, or a device already settled)."""
+    kind = ReportKind(kind)
+    if current is None or current in SETTLED or version != plan_version:
+        return None
+    if kind is ReportKind.HEALTHY:
+        return DeviceState.SUCCEEDED
+    if kind in (ReportKind.FAILED, ReportKind.REFUSED, ReportKind.ROLLED_BACK):
+        return DeviceState.FAILED
+    if current is DeviceState.ASSIGNED:
+        return DeviceState.INSTALLING
+    return None
