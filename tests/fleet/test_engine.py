@@ -344,11 +344,11 @@ def test_plan_validation_names_the_field(kwargs: dict[str, object], field: str) 
 
 
 def test_stage_and_gate_validation() -> None:
-    with pytest.raises(ConfigError, match="stage.percent"):
+    with pytest.raises(ConfigError, match=r"stage\.percent"):
         Stage(0)
-    with pytest.raises(ConfigError, match="gate.metric"):
+    with pytest.raises(ConfigError, match=r"gate\.metric"):
         Gate.from_json({"metric": "vibes", "threshold": 1})
-    with pytest.raises(ConfigError, match="gate.relative"):
+    with pytest.raises(ConfigError, match=r"gate\.relative"):
         Gate(GateMetric.FAILED_DEVICE_PCT, 1, relative=True)
     g = Gate.from_json({"metric": "shadow_agreement", "threshold": 0.9})
     assert Gate.from_json(g.to_json()) == g

@@ -31,6 +31,7 @@ Rules:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -170,7 +171,7 @@ class RolloutPlan:
         if not self.stages:
             raise ConfigError("plan.stages", "at least one stage is needed")
         percents = [s.percent for s in self.stages]
-        if any(b <= a for a, b in zip(percents, percents[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(percents)):
             raise ConfigError("plan.stages", f"percents must increase, got {percents}")
         try:
             object.__setattr__(self, "on_gate_failure", GateAction(self.on_gate_failure))
@@ -469,7 +470,8 @@ def step(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Decision:
             f"gate {broken[0].metric.value} failed",
         )
 
-    if now - state.stage_settled_at < stage.min_soak_s:
+    settled_at = state.stage_settled_at if state.stage_settled_at is not None else now
+    if now - settled_at < stage.min_soak_s:
         return Decision(state, fail=tuple(failures), events=tuple(events), gates=gates)
     if any(g.passed is None for g in gates):
         if not state.waiting_for_data:
