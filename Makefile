@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 ZOO    ?= zoo
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Folders that hold Python code (bench/ may not exist in a fresh checkout).
+CODE   := $(wildcard protos sdk device_agents cloud tests bench)
 
 .PHONY: demo test install system-deps lint typecheck pytest zoo protos bench soak clean
 
@@ -30,8 +32,8 @@ demo: install
 test: install system-deps lint typecheck pytest
 
 lint: install
-	$(BIN)/ruff check protos sdk device_agents cloud tests bench
-	$(BIN)/ruff format --check sdk device_agents cloud tests bench
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(filter-out protos,$(CODE))
 
 typecheck: install
 	$(BIN)/mypy -p tandem.sdk -p tandem.agent -p tandem.cloud -m tandem.errors -m tandem.cli
