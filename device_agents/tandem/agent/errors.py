@@ -1,0 +1,56 @@
+"""The agent's branch of the error tree (rooted in `tandem.errors.AgentError`)::
+
+    AgentError
+    ├── RefusedError        a delivery was refused; `.code` is a stable reason code
+    ├── WarmupError         the new version failed to load or its outputs did not match
+    └── TransferError       a chunk stream could not be continued (bad chunk, disk)
+
+Refusals carry a short machine-readable code (sent in DeviceReport.reason as
+``"<code>: <detail>"``) so the fleet service can count them without parsing prose.
+"""
+
+from __future__ import annotations
+
+from tandem.errors import AgentError
+
+# Stable reason codes, the prefix of DeviceReport.reason for REFUSED reports.
+BAD_SIGNATURE = "bad_signature"
+EXPIRED = "expired"
+ROLLBACK = "rollback"
+WRONG_MODEL = "wrong_model"
+WRONG_HARDWARE = "wrong_hardware"
+WRONG_RUNTIME = "wrong_runtime"
+TOO_LARGE = "too_large"
+DIGEST_MISMATCH = "digest_mismatch"
+MALFORMED = "malformed"
+
+REFUSAL_CODES = (
+    BAD_SIGNATURE,
+    EXPIRED,
+    ROLLBACK,
+    WRONG_MODEL,
+    WRONG_HARDWARE,
+    WRONG_RUNTIME,
+    TOO_LARGE,
+    DIGEST_MISMATCH,
+    MALFORMED,
+)
+
+
+class RefusedError(AgentError):
+    """A delivery was refused; nothing of it touches the active model."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        if code not in REFUSAL_CODES:
+            raise ValueError(f"unknown refusal code {code!r}")
+        self.code = code
+        self.detail = detail
+        super().__init__(f"{code}: {detail}")
+
+
+class WarmupError(AgentError):
+    """A staged version could not be loaded, or its outputs disagree with its reference."""
+
+
+class TransferError(AgentError):
+    """A chunk stream could not be continued."""

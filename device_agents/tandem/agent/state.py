@@ -1,0 +1,115 @@
+"""The agent's persisted memory, `STORE/.agent/state.json` (atomic replace on every change).
+
+    {"models": {"digits": {"max_accepted_version": 3,
+                           "failed": [[4, "onnx-int8"]],
+                           "health": {"version": 3, "variant": "onnx-int8",
+                                      "previous": [2, "onnx-int8"], "started": 1700000000.0}}},
+     "refused": {"<manifest sha256>": "rollback: ..."}}
+
+`max_accepted_version` is also kept in the SDK's `active.json`; the agent trusts the larger
+of the two, so deleting one file cannot reopen a rollback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tandem.sdk.store import write_atomic
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+MAX_REMEMBERED_REFUSALS = 256  # manifests; oldest forgotten first
+
+
+@dataclass
+class PendingHealth:
+    version: int
+    variant: str
+    previous: tuple[int, str | None] | None
+    started: float  # unix seconds
+    rollout_id: str = ""
+
+
+@dataclass
+class ModelMemory:
+    max_accepted_version: int = 0
+    failed: set[tuple[int, str]] = field(default_factory=set)
+    health: PendingHealth | None = None
+
+
+class AgentState:
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / STATE_FILE
+        self.models: dict[str, ModelMemory] = {}
+        self.refused: dict[str, str] = {}
+
+    def load(self) -> None:
+        try:
+            doc = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "agent state %s unreadable (%s); starting from the store alone", self.path, exc
+            )
+            return
+        try:
+            for name, item in doc.get("models", {}).items():
+                health = item.get("health")
+                self.models[str(name)] = ModelMemory(
+                    max_accepted_version=int(item.get("max_accepted_version", 0)),
+                    failed={(int(v), str(var)) for v, var in item.get("failed", [])},
+                    health=_health_from_json(health) if health else None,
+                )
+            self.refused = {str(k): str(v) for k, v in doc.get("refused", {}).items()}
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            log.warning("agent state %s malformed (%s); ignoring it", self.path, exc)
+            self.models, self.refused = {}, {}
+
+    def save(self) -> None:
+        doc: dict[str, Any] = {
+            "models": {
+                name: {
+                    "max_accepted_version": memory.max_accepted_version,
+                    "failed": sorted([v, var] for v, var in memory.failed),
+                    "health": _health_to_json(memory.health) if memory.health else None,
+                }
+                for name, memory in self.models.items()
+            },
+            "refused": self.refused,
+        }
+        write_atomic(self.path, json.dumps(doc, sort_keys=True).encode())
+
+    def model(self, name: str) -> ModelMemory:
+        return self.models.setdefault(name, ModelMemory())
+
+    def remember_refusal(self, digest: str, reason: str) -> None:
+        self.refused[digest] = reason
+        while len(self.refused) > MAX_REMEMBERED_REFUSALS:
+            self.refused.pop(next(iter(self.refused)))
+
+
+def _health_to_json(health: PendingHealth) -> dict[str, Any]:
+    return {
+        "version": health.version,
+        "variant": health.variant,
+        "previous": list(health.previous) if health.previous else None,
+        "started": health.started,
+        "rollout_id": health.rollout_id,
+    }
+
+
+def _health_from_json(data: dict[str, Any]) -> PendingHealth:
+    previous = data.get("previous")
+    return PendingHealth(
+        version=int(data["version"]),
+        variant=str(data["variant"]),
+        previous=(int(previous[0]), previous[1]) if previous else None,
+        started=float(data["started"]),
+        rollout_id=str(data.get("rollout_id", "")),
+    )
