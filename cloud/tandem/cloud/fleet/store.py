@@ -1,0 +1,1202 @@
+"""The fleet's one data layer (SQLAlchemy 2): SQLite by default, PostgreSQL by URL.
+
+Everything the service knows lives here: devices and what they should run, models, versions
+and signed artifacts, rollouts with their stages, per-device assignments and the event
+history, and merged telemetry. Methods return plain frozen records, never ORM objects, and
+SQLAlchemy's errors leave as `StoreError`.
+
+SQLite runs in WAL mode with a busy timeout, so the MQTT thread, the rollout loop and the REST
+threads can share one file; PostgreSQL is what several service replicas share.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Engine,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from tandem.protos.fleet.v1 import fleet_pb2
+
+from . import engine as eng
+from .errors import ConflictError, NotFoundError, StoreError
+from .models import (
+    ArtifactRow,
+    AssignmentRow,
+    Base,
+    DesiredRow,
+    DeviceRow,
+    EventRow,
+    ModelRow,
+    RolloutRow,
+    SeenSummaryRow,
+    StageRow,
+    TelemetryRow,
+    VersionRow,
+)
+from .telemetry import Aggregate, Histogram, TelemetryStats, combine, summarize_summaries
+
+log = logging.getLogger(__name__)
+
+_IN_CHUNK = 400  # keys per IN (...) query: well under SQLite's bound-parameter limit
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+# --- records ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    online: bool
+    agent_version: str
+    tags: Mapping[str, str]
+    hardware: str
+    runtimes: tuple[str, ...]
+    active_versions: Mapping[str, int]
+    first_seen: float
+    last_seen: float
+    desired_revision: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "online": self.online,
+            "agent_version": self.agent_version,
+            "tags": dict(self.tags),
+            "hardware": self.hardware,
+            "runtimes": list(self.runtimes),
+            "active_versions": dict(self.active_versions),
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+        }
+
+
+@dataclass(frozen=True)
+class Artifact:
+    model: str
+    version: int
+    variant: str
+    runtime: str
+    hardware: str
+    manifest: bytes
+    signatures: tuple[tuple[str, bytes], ...]  # (keyid, raw signature)
+    path: str
+    stored_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "variant": self.variant,
+            "runtime": self.runtime,
+            "hardware": self.hardware,
+            "stored_bytes": self.stored_bytes,
+        }
+
+    def signed_manifest(self) -> fleet_pb2.SignedManifest:
+        return fleet_pb2.SignedManifest(
+            signed=self.manifest,
+            signatures=[fleet_pb2.Signature(keyid=k, sig=s) for k, s in self.signatures],
+        )
+
+
+@dataclass(frozen=True)
+class Desired:
+    device_id: str
+    model: str
+    version: int
+    variant: str
+    rollout_id: str
+
+
+@dataclass(frozen=True)
+class Rollout:
+    rollout_id: str
+    plan: eng.RolloutPlan
+    state: eng.RolloutState
+    baseline_version: int | None
+    selector: Mapping[str, str]
+    created_by: str
+    created_at: float
+    updated_at: float
+    last_gates: tuple[Mapping[str, Any], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        p, s = self.plan, self.state
+        return {
+            "rollout_id": self.rollout_id,
+            "model": p.model,
+            "version": p.version,
+            "baseline_version": self.baseline_version,
+            "selector": dict(self.selector),
+            "stages": [st.to_json() for st in p.stages],
+            "on_gate_failure": p.on_gate_failure.value,
+            "device_timeout_s": p.device_timeout_s,
+            "max_assignments_per_s": p.max_assignments_per_s,
+            "status": s.status.value,
+            "stage_index": s.stage_index,
+            "stage_started_at": s.stage_started_at,
+            "stage_settled_at": s.stage_settled_at,
+            "paused_reason": s.paused_reason,
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "gates": [dict(g) for g in self.last_gates],
+        }
+
+
+@dataclass(frozen=True)
+class Assignment:
+    rollout_id: str
+    device_id: str
+    stage_index: int
+    state: eng.DeviceState
+    variant: str
+    previous_version: int | None
+    reason: str
+    assigned_at: float
+    updated_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "stage_index": self.stage_index,
+            "state": self.state.value,
+            "variant": self.variant,
+            "previous_version": self.previous_version,
+            "reason": self.reason,
+            "assigned_at": self.assigned_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    id: int
+    at: float
+    rollout_id: str | None
+    device_id: str | None
+    kind: str
+    actor: str
+    stage_index: int | None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "at": self.at,
+            "rollout_id": self.rollout_id,
+            "device_id": self.device_id,
+            "kind": self.kind,
+            "actor": self.actor,
+            "stage_index": self.stage_index,
+            "detail": dict(self.detail),
+        }
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    ingested: int
+    duplicates: int
+
+
+# --- conversions --------------------------------------------------------------------------
+
+
+def _device(row: DeviceRow) -> Device:
+    return Device(
+        row.device_id,
+        row.online,
+        row.agent_version,
+        dict(row.tags or {}),
+        row.hardware,
+        tuple(row.runtimes or ()),
+        {k: int(v) for k, v in (row.active_versions or {}).items()},
+        row.first_seen,
+        row.last_seen,
+        row.desired_revision,
+    )
+
+
+def _artifact(row: ArtifactRow) -> Artifact:
+    return Artifact(
+        row.model,
+        row.version,
+        row.variant,
+        row.runtime,
+        row.hardware,
+        bytes(row.manifest),
+        tuple((s["keyid"], bytes.fromhex(s["sig"])) for s in row.signatures),
+        row.path,
+        row.stored_bytes,
+    )
+
+
+def _plan(row: RolloutRow) -> eng.RolloutPlan:
+    p = row.plan
+    return eng.RolloutPlan(
+        model=row.model,
+        version=row.version,
+        stages=tuple(eng.Stage.from_json(s) for s in p["stages"]),
+        on_gate_failure=eng.GateAction(p["on_gate_failure"]),
+        device_timeout_s=float(p["device_timeout_s"]),
+        max_assignments_per_s=float(p["max_assignments_per_s"]),
+    )
+
+
+def _state(row: RolloutRow) -> eng.RolloutState:
+    return eng.RolloutState(
+        status=eng.RolloutStatus(row.status),
+        stage_index=row.stage_index,
+        stage_started_at=row.stage_started_at,
+        stage_settled_at=row.stage_settled_at,
+        gate_window_start=row.gate_window_start,
+        paused_reason=row.paused_reason,
+        tokens=row.tokens,
+        tokens_at=row.tokens_at,
+        waiting_for_data=row.waiting_for_data,
+    )
+
+
+def _rollout(row: RolloutRow) -> Rollout:
+    return Rollout(
+        row.rollout_id,
+        _plan(row),
+        _state(row),
+        row.baseline_version,
+        dict(row.selector or {}),
+        row.created_by,
+        row.created_at,
+        row.updated_at,
+        tuple(row.last_gates or ()),
+    )
+
+
+def _assignment(row: AssignmentRow) -> Assignment:
+    return Assignment(
+        row.rollout_id,
+        row.device_id,
+        row.stage_index,
+        eng.DeviceState(row.state),
+        row.variant,
+        row.previous_version,
+        row.reason,
+        row.assigned_at,
+        row.updated_at,
+    )
+
+
+def _event(row: EventRow) -> EventRecord:
+    return EventRecord(
+        row.id,
+        row.at,
+        row.rollout_id,
+        row.device_id,
+        row.kind,
+        row.actor,
+        row.stage_index,
+        dict(row.detail or {}),
+    )
+
+
+def _aggregate(row: TelemetryRow) -> Aggregate:
+    return Aggregate(
+        device_id=row.device_id,
+        model=row.model,
+        version=row.version,
+        window_start_ms=row.window_start_ms,
+        requests=row.requests,
+        errors=row.errors,
+        fallbacks=row.fallbacks,
+        cache_hits=row.cache_hits,
+        shadow_sampled=row.shadow_sampled,
+        shadow_agreed=row.shadow_agreed,
+        counts=dict(row.counts or {}),
+        confidence=list(row.confidence or []),
+        latency_local=Histogram.from_json(row.latency_local),
+        latency_cloud=Histogram.from_json(row.latency_cloud),
+        runtime=row.runtime,
+        summaries=row.summaries,
+    )
+
+
+def _aggregate_values(agg: Aggregate, now: float) -> dict[str, Any]:
+    return {
+        "device_id": agg.device_id,
+        "model": agg.model,
+        "version": agg.version,
+        "window_start_ms": agg.window_start_ms,
+        "requests": agg.requests,
+        "errors": agg.errors,
+        "fallbacks": agg.fallbacks,
+        "cache_hits": agg.cache_hits,
+        "shadow_sampled": agg.shadow_sampled,
+        "shadow_agreed": agg.shadow_agreed,
+        "counts": agg.counts,
+        "confidence": agg.confidence,
+        "latency_local": agg.latency_local.to_json() if agg.latency_local else None,
+        "latency_cloud": agg.latency_cloud.to_json() if agg.latency_cloud else None,
+        "runtime": agg.runtime,
+        "summaries": agg.summaries,
+        "updated_at": now,
+    }
+
+
+def _chunks(items: Sequence[Any], size: int = _IN_CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+# --- the store ----------------------------------------------------------------------------
+
+
+class Store:
+    """The fleet's data layer over one SQLAlchemy engine."""
+
+    def __init__(self, url: str, *, telemetry_window_s: float = 60.0, echo: bool = False) -> None:
+        self.url = url
+        self.telemetry_window_s = telemetry_window_s
+        try:
+            if url.startswith("sqlite"):
+                self.engine: Engine = create_engine(
+                    url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30}
+                )
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            else:
+                self.engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10)
+            self.dialect = self.engine.dialect.name
+            Base.metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot open the fleet database {_redact(url)}: {exc}") from exc
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer; serializing our own writers avoids busy-retry storms.
+        self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self, write: bool = True) -> Iterator[Session]:
+        lock = self._write_lock if write else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            with self._sessions() as session, session.begin():
+                yield session
+        except (NotFoundError, ConflictError):
+            raise
+        except IntegrityError as exc:
+            raise ConflictError(f"conflicts with stored data: {exc.orig}") from exc
+        except SQLAlchemyError as exc:
+            raise StoreError(f"fleet database error: {exc}") from exc
+        finally:
+            if lock is not None:
+                lock.release()
+
+    # --- devices ---------------------------------------------------------------------------
+
+    def upsert_presence(self, p: fleet_pb2.Presence, now: float | None = None) -> bool:
+        """Records a presence message; False when it is older than what we have."""
+        now = now or time.time()
+        with self.session() as s:
+            row = s.get(DeviceRow, p.device_id)
+            if row is None:
+                row = DeviceRow(device_id=p.device_id, first_seen=now, desired_revision=0)
+                s.add(row)
+            elif p.timestamp_ms and row.presence_ms and p.timestamp_ms < row.presence_ms:
+                return False
+            row.online = p.online
+            row.last_seen = now
+            row.presence_ms = p.timestamp_ms
+            if p.online or p.agent_version:
+                # A last will carries only online=false; keep what the device said before.
+                row.agent_version = p.agent_version or row.agent_version
+                row.tags = dict(p.tags) if p.tags else dict(row.tags or {})
+                row.hardware = p.hardware or row.hardware
+                row.runtimes = list(p.runtimes) if p.runtimes else list(row.runtimes or [])
+                if p.active_versions:
+                    row.active_versions = {k: int(v) for k, v in p.active_versions.items()}
+            return True
+
+    def touch_device(self, device_id: str, now: float | None = None, **active: int) -> None:
+        now = now or time.time()
+        with self.session() as s:
+            row = s.get(DeviceRow, device_id)
+            if row is None:
+                return
+            row.last_seen = now
+            if active:
+                row.active_versions = {**(row.active_versions or {}), **active}
+
+    def device(self, device_id: str) -> Device:
+        with self.session(write=False) as s:
+            row = s.get(DeviceRow, device_id)
+            if row is None:
+                raise NotFoundError(f"no device {device_id!r}")
+            return _device(row)
+
+    def has_device(self, device_id: str) -> bool:
+        with self.session(write=False) as s:
+            return s.get(DeviceRow, device_id) is not None
+
+    def devices(
+        self, tags: Mapping[str, str] | None = None, online: bool | None = None
+    ) -> list[Device]:
+        with self.session(write=False) as s:
+            q = select(DeviceRow).order_by(DeviceRow.device_id)
+            if online is not None:
+                q = q.where(DeviceRow.online == online)
+            rows = [_device(r) for r in s.scalars(q)]
+        if tags:
+            rows = [d for d in rows if all(d.tags.get(k) == v for k, v in tags.items())]
+        return rows
+
+    # --- desired state ---------------------------------------------------------------------
+
+    def desired(self, device_id: str) -> tuple[int, list[Desired]]:
+        """(revision, models) the device should run."""
+        with self.session(write=False) as s:
+            row = s.get(DeviceRow, device_id)
+            rev = row.desired_revision if row else 0
+            rows = s.scalars(
+                select(DesiredRow)
+                .where(DesiredRow.device_id == device_id)
+                .order_by(DesiredRow.model)
+            )
+            return rev, [
+                Desired(r.device_id, r.model, r.version, r.variant, r.rollout_id) for r in rows
+            ]
+
+    def _set_desired(
+        self,
+        s: Session,
+        device_id: str,
+        model: str,
+        version: int | None,
+        variant: str,
+        rollout_id: str,
+        now: float,
+    ) -> None:
+        row = s.get(DesiredRow, (device_id, model))
+        if version is None:
+            if row is not None:
+                s.delete(row)
+        elif row is None:
+            s.add(
+                DesiredRow(
+                    device_id=device_id,
+                    model=model,
+                    version=version,
+                    variant=variant,
+                    rollout_id=rollout_id,
+                    updated_at=now,
+                )
+            )
+        else:
+            row.version, row.variant, row.rollout_id, row.updated_at = (
+                version,
+                variant,
+                rollout_id,
+                now,
+            )
+        s.execute(
+            update(DeviceRow)
+            .where(DeviceRow.device_id == device_id)
+            .values(desired_revision=DeviceRow.desired_revision + 1)
+        )
+
+    def set_desired(
+        self,
+        device_id: str,
+        model: str,
+        version: int | None,
+        variant: str = "",
+        rollout_id: str = "",
+        actor: str = "system",
+    ) -> None:
+        now = time.time()
+        with self.session() as s:
+            if s.get(DeviceRow, device_id) is None:
+                raise NotFoundError(f"no device {device_id!r}")
+            self._set_desired(s, device_id, model, version, variant, rollout_id, now)
+            s.add(
+                EventRow(
+                    at=now,
+                    device_id=device_id,
+                    kind="desired_set",
+                    actor=actor,
+                    detail={"model": model, "version": version, "variant": variant},
+                )
+            )
+
+    # --- models, versions, artifacts -------------------------------------------------------
+
+    def add_artifact(
+        self,
+        model: str,
+        version: int,
+        variant: str,
+        *,
+        runtime: str,
+        hardware: str,
+        task: str,
+        manifest: bytes,
+        signatures: Sequence[tuple[str, bytes]],
+        path: str,
+        stored_bytes: int,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Registers a signed variant; False when the identical one is there already."""
+        now = time.time()
+        with self.session() as s:
+            if s.get(ModelRow, model) is None:
+                s.add(ModelRow(name=model, task=task, created_at=now))
+                s.flush()
+            vrow = s.get(VersionRow, (model, version))
+            if vrow is None:
+                s.add(
+                    VersionRow(
+                        model=model, version=version, metrics=dict(metrics or {}), created_at=now
+                    )
+                )
+            elif metrics:
+                vrow.metrics = {**(vrow.metrics or {}), **dict(metrics)}
+            existing = s.get(ArtifactRow, (model, version, variant))
+            if existing is not None:
+                if bytes(existing.manifest) != manifest:
+                    raise ConflictError(
+                        f"{model} v{version} {variant} exists with a different manifest; "
+                        "versions are immutable, build a new version"
+                    )
+                existing.path = path
+                return False
+            s.add(
+                ArtifactRow(
+                    model=model,
+                    version=version,
+                    variant=variant,
+                    runtime=runtime,
+                    hardware=hardware,
+                    manifest=manifest,
+                    signatures=[{"keyid": k, "sig": sig.hex()} for k, sig in signatures],
+                    path=path,
+                    stored_bytes=stored_bytes,
+                    created_at=now,
+                )
+            )
+            return True
+
+    def models(self) -> list[dict[str, Any]]:
+        with self.session(write=False) as s:
+            out = []
+            for m in s.scalars(select(ModelRow).order_by(ModelRow.name)):
+                versions = s.scalars(
+                    select(VersionRow)
+                    .where(VersionRow.model == m.name)
+                    .order_by(VersionRow.version)
+                )
+                out.append(
+                    {"name": m.name, "task": m.task, "versions": [v.version for v in versions]}
+                )
+            return out
+
+    def versions(self, model: str) -> list[dict[str, Any]]:
+        with self.session(write=False) as s:
+            if s.get(ModelRow, model) is None:
+                raise NotFoundError(f"no model {model!r}")
+            out = []
+            for v in s.scalars(
+                select(VersionRow).where(VersionRow.model == model).order_by(VersionRow.version)
+            ):
+                arts = s.scalars(
+                    select(ArtifactRow)
+                    .where(ArtifactRow.model == model, ArtifactRow.version == v.version)
+                    .order_by(ArtifactRow.variant)
+                )
+                out.append(
+                    {
+                        "model": model,
+                        "version": v.version,
+                        "metrics": dict(v.metrics or {}),
+                        "created_at": v.created_at,
+                        "artifacts": [_artifact(a).to_json() for a in arts],
+                    }
+                )
+            return out
+
+    def artifact(self, model: str, version: int, variant: str) -> Artifact:
+        with self.session(write=False) as s:
+            row = s.get(ArtifactRow, (model, version, variant))
+            if row is None:
+                raise NotFoundError(f"no artifact {model} v{version} {variant}")
+            return _artifact(row)
+
+    def artifacts(self, model: str, version: int | None = None) -> list[Artifact]:
+        with self.session(write=False) as s:
+            q = select(ArtifactRow).where(ArtifactRow.model == model)
+            if version is not None:
+                q = q.where(ArtifactRow.version == version)
+            return [
+                _artifact(r)
+                for r in s.scalars(q.order_by(ArtifactRow.version, ArtifactRow.variant))
+            ]
+
+    # --- rollouts --------------------------------------------------------------------------
+
+    def create_rollout(
+        self,
+        rollout_id: str,
+        plan: eng.RolloutPlan,
+        *,
+        baseline_version: int | None,
+        selector: Mapping[str, str],
+        created_by: str,
+        now: float,
+    ) -> Rollout:
+        state = eng.RolloutState.initial(now)
+        with self.session() as s:
+            if s.get(VersionRow, (plan.model, plan.version)) is None:
+                raise NotFoundError(f"no version {plan.model} v{plan.version}")
+            active = s.scalars(
+                select(RolloutRow.rollout_id).where(
+                    RolloutRow.model == plan.model,
+                    RolloutRow.status.in_(
+                        [eng.RolloutStatus.RUNNING.value, eng.RolloutStatus.PAUSED.value]
+                    ),
+                )
+            ).first()
+            if active is not None:
+                raise ConflictError(
+                    f"rollout {active} of {plan.model} is still active; finish or abort it first"
+                )
+            row = RolloutRow(
+                rollout_id=rollout_id,
+                model=plan.model,
+                version=plan.version,
+                baseline_version=baseline_version,
+                selector=dict(selector),
+                plan={
+                    "stages": [st.to_json() for st in plan.stages],
+                    "on_gate_failure": plan.on_gate_failure.value,
+                    "device_timeout_s": plan.device_timeout_s,
+                    "max_assignments_per_s": plan.max_assignments_per_s,
+                },
+                created_by=created_by,
+                created_at=now,
+                updated_at=now,
+                last_gates=[],
+            )
+            _write_state(row, state)
+            s.add(row)
+            for i, st in enumerate(plan.stages):
+                s.add(
+                    StageRow(
+                        rollout_id=rollout_id,
+                        stage_index=i,
+                        percent=st.percent,
+                        min_soak_s=st.min_soak_s,
+                        gates=[g.to_json() for g in st.gates],
+                        started_at=now if i == 0 else None,
+                    )
+                )
+            s.add(
+                EventRow(
+                    at=now,
+                    rollout_id=rollout_id,
+                    kind="created",
+                    actor=created_by,
+                    stage_index=0,
+                    detail={
+                        "model": plan.model,
+                        "version": plan.version,
+                        "baseline_version": baseline_version,
+                    },
+                )
+            )
+            s.flush()
+            return _rollout(row)
+
+    def rollout(self, rollout_id: str) -> Rollout:
+        with self.session(write=False) as s:
+            row = s.get(RolloutRow, rollout_id)
+            if row is None:
+                raise NotFoundError(f"no rollout {rollout_id!r}")
+            return _rollout(row)
+
+    def rollouts(
+        self, status: Iterable[str] | None = None, model: str | None = None
+    ) -> list[Rollout]:
+        with self.session(write=False) as s:
+            q = select(RolloutRow).order_by(RolloutRow.created_at.desc())
+            if status is not None:
+                q = q.where(RolloutRow.status.in_(list(status)))
+            if model is not None:
+                q = q.where(RolloutRow.model == model)
+            return [_rollout(r) for r in s.scalars(q)]
+
+    def stages(self, rollout_id: str) -> list[dict[str, Any]]:
+        with self.session(write=False) as s:
+            rows = s.scalars(
+                select(StageRow)
+                .where(StageRow.rollout_id == rollout_id)
+                .order_by(StageRow.stage_index)
+            )
+            return [
+                {
+                    "stage_index": r.stage_index,
+                    "percent": r.percent,
+                    "min_soak_s": r.min_soak_s,
+                    "gates": r.gates,
+                    "started_at": r.started_at,
+                    "settled_at": r.settled_at,
+                    "ended_at": r.ended_at,
+                }
+                for r in rows
+            ]
+
+    def assignments(self, rollout_id: str) -> list[Assignment]:
+        with self.session(write=False) as s:
+            rows = s.scalars(
+                select(AssignmentRow)
+                .where(AssignmentRow.rollout_id == rollout_id)
+                .order_by(AssignmentRow.device_id)
+            )
+            return [_assignment(r) for r in rows]
+
+    def active_assignments(self, device_id: str) -> list[tuple[Rollout, Assignment]]:
+        """This device's assignments in running or paused rollouts."""
+        with self.session(write=False) as s:
+            q = (
+                select(RolloutRow, AssignmentRow)
+                .join(AssignmentRow, AssignmentRow.rollout_id == RolloutRow.rollout_id)
+                .where(
+                    AssignmentRow.device_id == device_id,
+                    RolloutRow.status.in_(
+                        [eng.RolloutStatus.RUNNING.value, eng.RolloutStatus.PAUSED.value]
+                    ),
+                )
+            )
+            return [(_rollout(r), _assignment(a)) for r, a in s.execute(q).all()]
+
+    def events(
+        self,
+        rollout_id: str | None = None,
+        since_id: int = 0,
+        limit: int = 1000,
+        device_id: str | None = None,
+    ) -> list[EventRecord]:
+        with self.session(write=False) as s:
+            q = select(EventRow).where(EventRow.id > since_id)
+            if rollout_id is not None:
+                q = q.where(EventRow.rollout_id == rollout_id)
+            if device_id is not None:
+                q = q.where(EventRow.device_id == device_id)
+            return [_event(r) for r in s.scalars(q.order_by(EventRow.id).limit(limit))]
+
+    def add_event(
+        self,
+        kind: str,
+        actor: str,
+        *,
+        rollout_id: str | None = None,
+        device_id: str | None = None,
+        stage_index: int | None = None,
+        detail: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> None:
+        with self.session() as s:
+            s.add(
+                EventRow(
+                    at=now or time.time(),
+                    rollout_id=rollout_id,
+                    device_id=device_id,
+                    kind=kind,
+                    actor=actor,
+                    stage_index=stage_index,
+                    detail=dict(detail or {}),
+                )
+            )
+
+    def apply_decision(
+        self,
+        rollout_id: str,
+        expected: eng.RolloutState,
+        decision: eng.Decision,
+        now: float,
+        *,
+        variants: Mapping[str, str],
+        previous: Mapping[str, int | None],
+        baseline_variants: Mapping[str, str],
+        fail_reasons: Mapping[str, str] | None = None,
+    ) -> list[str]:
+        """Persists one engine decision atomically; returns the devices whose desired state
+        changed (to publish). Raises ConflictError when the stored state moved meanwhile
+        (another replica or a manual command), so the caller re-reads and tries again.
+
+        `variants`: device -> variant of the new version for the devices to assign;
+        `previous`: device -> version it runs now (its baseline); `baseline_variants`:
+        device -> variant of its baseline version for devices moved back."""
+        changed: list[str] = []
+        with self.session() as s:
+            row = s.get(RolloutRow, rollout_id, with_for_update=True)
+            if row is None:
+                raise NotFoundError(f"no rollout {rollout_id!r}")
+            if _state(row) != expected:
+                raise ConflictError(f"rollout {rollout_id} changed while it was being stepped")
+            plan = _plan(row)
+            old_index = row.stage_index
+            _write_state(row, decision.state)
+            row.updated_at = now
+            if decision.gates:
+                row.last_gates = [g.to_json() for g in decision.gates]
+            for device_id in decision.assign:
+                s.add(
+                    AssignmentRow(
+                        rollout_id=rollout_id,
+                        device_id=device_id,
+                        stage_index=old_index,
+                        state=eng.DeviceState.ASSIGNED.value,
+                        variant=variants[device_id],
+                        previous_version=previous.get(device_id),
+                        reason="",
+                        assigned_at=now,
+                        updated_at=now,
+                    )
+                )
+                self._set_desired(
+                    s, device_id, plan.model, plan.version, variants[device_id], rollout_id, now
+                )
+                changed.append(device_id)
+            back: list[tuple[str, eng.DeviceState, str]] = [
+                (d, eng.DeviceState.FAILED, r) for d, r in decision.fail
+            ]
+            back += [(d, eng.DeviceState.ROLLED_BACK, "rollback") for d in decision.rollback]
+            for device_id, new_state, reason in back:
+                a = s.get(AssignmentRow, (rollout_id, device_id))
+                if a is None:
+                    continue
+                a.state, a.reason, a.updated_at = new_state.value, reason, now
+                self._move_back(s, a, plan.model, rollout_id, baseline_variants, now)
+                changed.append(device_id)
+            for e in decision.events:
+                s.add(
+                    EventRow(
+                        at=now,
+                        rollout_id=rollout_id,
+                        device_id=e.device_id,
+                        kind=e.kind,
+                        actor=e.actor,
+                        stage_index=e.stage_index,
+                        detail=dict(e.detail),
+                    )
+                )
+            self._record_stage_times(s, rollout_id, old_index, decision, now)
+        return changed
+
+    def _move_back(
+        self,
+        s: Session,
+        a: AssignmentRow,
+        model: str,
+        rollout_id: str,
+        baseline_variants: Mapping[str, str],
+        now: float,
+    ) -> None:
+        desired = s.get(DesiredRow, (a.device_id, model))
+        if desired is None or desired.rollout_id != rollout_id:
+            return  # a later rollout or a manual change owns the device now
+        version = a.previous_version
+        variant = baseline_variants.get(a.device_id, "")
+        if version is not None and not variant:
+            version = None  # no artifact for the baseline: withdraw the model instead
+        self._set_desired(s, a.device_id, model, version, variant, "", now)
+
+    def _record_stage_times(
+        self, s: Session, rollout_id: str, old_index: int, d: eng.Decision, now: float
+    ) -> None:
+        kinds = {e.kind for e in d.events}
+        cur = s.get(StageRow, (rollout_id, old_index))
+        if cur is None:
+            return
+        if "stage_settled" in kinds and cur.settled_at is None:
+            cur.settled_at = now
+        if d.state.stage_index != old_index or d.state.status in eng.TERMINAL_STATUSES:
+            cur.ended_at = cur.ended_at or now
+            nxt = s.get(StageRow, (rollout_id, d.state.stage_index))
+            if nxt is not None and nxt is not cur and nxt.started_at is None:
+                nxt.started_at = now
+
+    def report(
+        self,
+        rollout_id: str,
+        device_id: str,
+        new_state: eng.DeviceState,
+        reason: str,
+        now: float,
+        baseline_variant: str = "",
+    ) -> bool:
+        """Applies a device report to its assignment; a failure moves the device back to its
+        baseline. Returns True when the device's desired state changed."""
+        with self.session() as s:
+            a = s.get(AssignmentRow, (rollout_id, device_id))
+            r = s.get(RolloutRow, rollout_id)
+            if a is None or r is None:
+                return False
+            a.state, a.updated_at = new_state.value, now
+            if reason:
+                a.reason = reason
+            if new_state is eng.DeviceState.FAILED:
+                s.add(
+                    EventRow(
+                        at=now,
+                        rollout_id=rollout_id,
+                        device_id=device_id,
+                        kind="device_failed",
+                        actor=f"device:{device_id}",
+                        stage_index=a.stage_index,
+                        detail={"reason": reason},
+                    )
+                )
+                self._move_back(s, a, r.model, rollout_id, {device_id: baseline_variant}, now)
+                return True
+            if new_state is eng.DeviceState.SUCCEEDED:
+                d = s.get(DeviceRow, device_id)
+                if d is not None:
+                    d.active_versions = {**(d.active_versions or {}), r.model: r.version}
+            return False
+
+    def command(
+        self,
+        rollout_id: str,
+        cmd: eng.Command,
+        actor: str,
+        now: float,
+        baseline_variants: Mapping[str, str] | None = None,
+    ) -> tuple[Rollout, list[str]]:
+        """A manual command, applied under the row lock; returns the rollout and the devices
+        whose desired state changed."""
+        for _ in range(5):
+            r = self.rollout(rollout_id)
+            views = [
+                eng.DeviceView(a.device_id, a.state, a.assigned_at, a.updated_at)
+                for a in self.assignments(rollout_id)
+            ]
+            decision = eng.command(r.plan, r.state, cmd, actor, now, views)
+            try:
+                changed = self.apply_decision(
+                    rollout_id,
+                    r.state,
+                    decision,
+                    now,
+                    variants={},
+                    previous={},
+                    baseline_variants=baseline_variants or {},
+                )
+            except ConflictError:
+                continue
+            return self.rollout(rollout_id), changed
+        raise ConflictError(f"rollout {rollout_id} keeps changing; try again")
+
+    # --- telemetry -------------------------------------------------------------------------
+
+    def ingest(
+        self, summaries: Sequence[fleet_pb2.TelemetrySummary], now: float | None = None
+    ) -> IngestResult:
+        """Merges summaries into the per-device, per-version, per-window aggregates, each
+        summary_id once (also across service replicas: the id insert decides)."""
+        if not summaries:
+            return IngestResult(0, 0)
+        now = now or time.time()
+        unique: dict[str, fleet_pb2.TelemetrySummary] = {}
+        for summary in summaries:
+            if summary.summary_id and summary.device_id and summary.model:
+                unique.setdefault(summary.summary_id, summary)
+        for attempt in range(3):
+            try:
+                return self._ingest_once(list(unique.values()), len(summaries), now)
+            except ConflictError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _ingest_once(
+        self, summaries: list[fleet_pb2.TelemetrySummary], offered: int, now: float
+    ) -> IngestResult:
+        with self.session() as s:
+            fresh_ids: set[str] = set()
+            ids = [x.summary_id for x in summaries]
+            for part in _chunks(ids):
+                values = [{"summary_id": i, "received_at": now} for i in part]
+                stmt: Any
+                if self.dialect == "postgresql":
+                    stmt = postgresql.insert(SeenSummaryRow).values(values).on_conflict_do_nothing()
+                else:
+                    stmt = sqlite.insert(SeenSummaryRow).values(values).on_conflict_do_nothing()
+                fresh_ids.update(s.scalars(stmt.returning(SeenSummaryRow.summary_id)))
+            fresh = [x for x in summaries if x.summary_id in fresh_ids]
+            aggs = summarize_summaries(fresh, self.telemetry_window_s)
+            keys = list(aggs)
+            existing: dict[tuple[str, str, int, int], TelemetryRow] = {}
+            for part in _chunks(keys):
+                q = select(TelemetryRow).where(
+                    tuple_(
+                        TelemetryRow.device_id,
+                        TelemetryRow.model,
+                        TelemetryRow.version,
+                        TelemetryRow.window_start_ms,
+                    ).in_(list(part))
+                )
+                for row in s.scalars(q):
+                    existing[(row.device_id, row.model, row.version, row.window_start_ms)] = row
+            inserts: list[dict[str, Any]] = []
+            for key, agg in aggs.items():
+                current = existing.get(key)
+                if current is None:
+                    inserts.append(_aggregate_values(agg, now))
+                    continue
+                merged = _aggregate(current)
+                merged.merge(agg)
+                for k, v in _aggregate_values(merged, now).items():
+                    setattr(current, k, v)
+            if inserts:
+                s.execute(insert(TelemetryRow), inserts)
+            return IngestResult(len(fresh), offered - len(fresh))
+
+    def telemetry_rows(
+        self,
+        model: str,
+        version: int | None = None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        device_ids: Iterable[str] | None = None,
+    ) -> list[Aggregate]:
+        with self.session(write=False) as s:
+            q = select(TelemetryRow).where(TelemetryRow.model == model)
+            if version is not None:
+                q = q.where(TelemetryRow.version == version)
+            if since is not None:
+                # A window counts when it ends after `since`.
+                q = q.where(
+                    TelemetryRow.window_start_ms
+                    > int(since * 1000) - int(self.telemetry_window_s * 1000)
+                )
+            if until is not None:
+                q = q.where(TelemetryRow.window_start_ms < int(until * 1000))
+            rows = [_aggregate(r) for r in s.scalars(q)]
+        if device_ids is not None:
+            wanted = set(device_ids)
+            rows = [r for r in rows if r.device_id in wanted]
+        return rows
+
+    def telemetry_stats(
+        self,
+        model: str,
+        version: int,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        device_ids: Iterable[str] | None = None,
+    ) -> TelemetryStats:
+        rows = self.telemetry_rows(model, version, since=since, until=until, device_ids=device_ids)
+        if rows:
+            first = min(r.window_start_ms for r in rows) / 1000
+            last = max(r.window_start_ms for r in rows) / 1000 + self.telemetry_window_s
+            lo = max(first, since) if since is not None else first
+            hi = min(last, until) if until is not None else min(last, time.time())
+            span = max(hi - lo, 1e-9)
+        else:
+            span = 0.0
+        return combine(model, version, rows, span)
+
+    def telemetry_versions(self, model: str) -> list[int]:
+        with self.session(write=False) as s:
+            q = select(TelemetryRow.version).where(TelemetryRow.model == model).distinct()
+            return sorted(int(v) for v in s.scalars(q))
+
+    def telemetry_count(self) -> tuple[int, int]:
+        """(aggregate rows, ingested summary ids)."""
+        with self.session(write=False) as s:
+            rows = s.scalar(select(func.count()).select_from(TelemetryRow)) or 0
+            seen = s.scalar(select(func.count()).select_from(SeenSummaryRow)) or 0
+            return int(rows), int(seen)
+
+    def purge_telemetry(self, retention_s: float, now: float | None = None) -> int:
+        """Deletes aggregates whose window ended before the retention horizon, and the ids
+        ingested before it. Returns the number of aggregates deleted."""
+        now = now or time.time()
+        horizon = now - retention_s
+        with self.session() as s:
+            res = s.execute(
+                delete(TelemetryRow).where(
+                    TelemetryRow.window_start_ms
+                    < int(horizon * 1000) - int(self.telemetry_window_s * 1000)
+                )
+            )
+            s.execute(delete(SeenSummaryRow).where(SeenSummaryRow.received_at < horizon))
+            return int(getattr(res, "rowcount", 0) or 0)
+
+
+def _write_state(row: RolloutRow, st: eng.RolloutState) -> None:
+    row.status = st.status.value
+    row.stage_index = st.stage_index
+    row.stage_started_at = st.stage_started_at
+    row.stage_settled_at = st.stage_settled_at
+    row.gate_window_start = st.gate_window_start
+    row.paused_reason = st.paused_reason
+    row.tokens = st.tokens
+    row.tokens_at = st.tokens_at
+    row.waiting_for_data = st.waiting_for_data
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url
+
+
+__all__ = [
+    "Artifact",
+    "Assignment",
+    "Desired",
+    "Device",
+    "EventRecord",
+    "IngestResult",
+    "Rollout",
+    "Store",
+]

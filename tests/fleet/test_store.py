@@ -1,0 +1,208 @@
+"""The fleet data layer on SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tandem.cloud.fleet import engine as eng
+from tandem.cloud.fleet.errors import ConflictError, NotFoundError
+from tandem.cloud.fleet.store import Store
+from tandem.protos.fleet.v1 import fleet_pb2
+from tests.fleet.helpers import summary
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    s = Store(url, telemetry_window_s=60)
+    yield s
+    s.close()
+
+
+def presence(device_id: str, ts: int, online: bool = True, **tags: str) -> fleet_pb2.Presence:
+    return fleet_pb2.Presence(
+        device_id=device_id,
+        online=online,
+        agent_version="0.1",
+        tags=tags,
+        hardware="x86_64",
+        runtimes=["onnx", "tflite"],
+        active_versions={"digits": 1},
+        timestamp_ms=ts,
+    )
+
+
+def add_versions(store: Store, *versions: int) -> None:
+    for v in versions:
+        for variant, rt in (("onnx-int8", "onnx"), ("tflite-int8", "tflite")):
+            store.add_artifact(
+                "digits",
+                v,
+                variant,
+                runtime=rt,
+                hardware="any",
+                task="classification",
+                manifest=f"m{v}{variant}".encode(),
+                signatures=[("abcd", b"\x01" * 64)],
+                path=f"/a/{v}/{variant}",
+                stored_bytes=10,
+                metrics={"accuracy": 0.9 + v / 100},
+            )
+
+
+def test_devices_presence_and_last_will(store: Store) -> None:
+    assert store.upsert_presence(presence("d1", 1000, site="lab"))
+    assert store.upsert_presence(presence("d2", 1000, site="field"))
+    assert not store.upsert_presence(presence("d1", 500)), "older presence is ignored"
+    will = fleet_pb2.Presence(device_id="d1", online=False, timestamp_ms=2000)
+    assert store.upsert_presence(will)
+    d1 = store.device("d1")
+    assert not d1.online and d1.tags == {"site": "lab"} and d1.runtimes == ("onnx", "tflite")
+    assert d1.active_versions == {"digits": 1}
+    assert [d.device_id for d in store.devices(tags={"site": "field"})] == ["d2"]
+    assert [d.device_id for d in store.devices(online=True)] == ["d2"]
+    with pytest.raises(NotFoundError):
+        store.device("nope")
+
+
+def test_models_versions_artifacts(store: Store) -> None:
+    add_versions(store, 1, 2)
+    assert store.models() == [{"name": "digits", "task": "classification", "versions": [1, 2]}]
+    versions = store.versions("digits")
+    assert versions[1]["metrics"]["accuracy"] == pytest.approx(0.92)
+    assert {a["variant"] for a in versions[1]["artifacts"]} == {"onnx-int8", "tflite-int8"}
+    art = store.artifact("digits", 2, "onnx-int8")
+    assert art.manifest == b"m2onnx-int8" and art.signatures == (("abcd", b"\x01" * 64),)
+    assert art.signed_manifest().signatures[0].keyid == "abcd"
+    # Re-importing the same bytes is fine; other bytes under the same version are refused.
+    add_versions(store, 2)
+    with pytest.raises(ConflictError):
+        store.add_artifact(
+            "digits",
+            2,
+            "onnx-int8",
+            runtime="onnx",
+            hardware="any",
+            task="c",
+            manifest=b"other",
+            signatures=[],
+            path="/x",
+            stored_bytes=1,
+        )
+
+
+def test_rollout_lifecycle_persists_state_assignments_desired_and_events(store: Store) -> None:
+    add_versions(store, 1, 2)
+    for i in range(10):
+        store.upsert_presence(presence(f"d{i}", 1000))
+    plan = eng.RolloutPlan("digits", 2, (eng.Stage(10, 0), eng.Stage(100, 0)))
+    r = store.create_rollout(
+        "r1", plan, baseline_version=1, selector={}, created_by="alice", now=100.0
+    )
+    with pytest.raises(ConflictError):
+        store.create_rollout("r2", plan, baseline_version=1, selector={}, created_by="a", now=100.0)
+    views = [eng.DeviceView(f"d{i}") for i in range(10)]
+    d = eng.step(plan, r.state, eng.Observation(101.0, views))
+    assert len(d.assign) == 1
+    dev = d.assign[0]
+    changed = store.apply_decision(
+        "r1",
+        r.state,
+        d,
+        101.0,
+        variants={dev: "onnx-int8"},
+        previous={dev: 1},
+        baseline_variants={},
+    )
+    assert changed == [dev]
+    rev, desired = store.desired(dev)
+    assert rev == 1 and desired[0].version == 2 and desired[0].rollout_id == "r1"
+    with pytest.raises(ConflictError):  # a stale expected state is refused
+        store.apply_decision(
+            "r1", r.state, d, 101.0, variants={dev: "onnx-int8"}, previous={}, baseline_variants={}
+        )
+    assert store.report("r1", dev, eng.DeviceState.SUCCEEDED, "", 102.0) is False
+    assert store.device(dev).active_versions["digits"] == 2
+    r = store.rollout("r1")
+    assert r.state == d.state and r.plan == plan
+    [a] = store.assignments("r1")
+    assert a.state is eng.DeviceState.SUCCEEDED and a.previous_version == 1
+
+    r, changed = store.command(
+        "r1", eng.Command.ABORT, "bob", 103.0, baseline_variants={dev: "onnx-int8"}
+    )
+    assert r.state.status is eng.RolloutStatus.ABORTED and changed == [dev]
+    rev, desired = store.desired(dev)
+    assert rev == 2 and desired[0].version == 1 and desired[0].rollout_id == ""
+    kinds = [(e.kind, e.actor) for e in store.events("r1")]
+    assert kinds[0] == ("created", "alice") and kinds[-1] == ("aborted", "bob")
+    stages = store.stages("r1")
+    assert stages[0]["started_at"] == 100.0 and stages[0]["ended_at"] == 103.0
+    assert store.active_assignments(dev) == []
+
+
+def test_device_failure_report_moves_it_back(store: Store) -> None:
+    add_versions(store, 1, 2)
+    store.upsert_presence(presence("d0", 1000))
+    plan = eng.RolloutPlan("digits", 2, (eng.Stage(100, 0),))
+    r = store.create_rollout("r1", plan, baseline_version=1, selector={}, created_by="a", now=1.0)
+    d = eng.step(plan, r.state, eng.Observation(2.0, [eng.DeviceView("d0")]))
+    store.apply_decision(
+        "r1",
+        r.state,
+        d,
+        2.0,
+        variants={"d0": "tflite-int8"},
+        previous={"d0": 1},
+        baseline_variants={},
+    )
+    assert store.report(
+        "r1", "d0", eng.DeviceState.FAILED, "bad signature", 3.0, baseline_variant="tflite-int8"
+    )
+    _, desired = store.desired("d0")
+    assert (desired[0].version, desired[0].variant) == (1, "tflite-int8")
+    [a] = store.assignments("r1")
+    assert a.state is eng.DeviceState.FAILED and a.reason == "bad signature"
+    assert store.events("r1")[-1].actor == "device:d0"
+
+
+def test_telemetry_ingest_is_idempotent_and_merges_per_window(store: Store) -> None:
+    t0 = 1_700_000_000_000
+    batch = [
+        summary("d1", 2, start_ms=t0 + i * 10_000, requests=100, errors=i, fallbacks=10)
+        for i in range(3)
+    ]
+    batch.append(summary("d2", 2, start_ms=t0, requests=50, latency_ms=8.0))
+    res = store.ingest(batch)
+    assert (res.ingested, res.duplicates) == (4, 0)
+    again = store.ingest(batch + [batch[0]])
+    assert (again.ingested, again.duplicates) == (0, 5)
+    rows, seen = store.telemetry_count()
+    assert (rows, seen) == (2, 4), "three d1 summaries merged into one 60 s window"
+    stats = store.telemetry_stats("digits", 2)
+    assert stats.requests == 350 and stats.errors == 3 and stats.devices == 2
+    assert stats.fallback_rate == pytest.approx(40 / 350)
+    assert stats.agreement == 1.0
+    # 300 requests at 2 ms, 50 at 8 ms: p95 sits at 8 ms (within a bucket's growth).
+    assert stats.p95_latency_ms == pytest.approx(8.0, rel=0.1)
+    assert stats.p50_latency_ms == pytest.approx(2.0, rel=0.1)
+    only_d1 = store.telemetry_stats("digits", 2, device_ids=["d1"])
+    assert only_d1.requests == 300 and only_d1.p95_latency_ms == pytest.approx(2.0, rel=0.1)
+    assert store.telemetry_versions("digits") == [2]
+
+
+def test_telemetry_retention(store: Store) -> None:
+    now = time.time()
+    old = summary("d1", 1, start_ms=int((now - 7200) * 1000))
+    new = summary("d1", 1, start_ms=int(now * 1000))
+    store.ingest([old], now=now - 7200)
+    store.ingest([new], now=now)
+    assert store.purge_telemetry(retention_s=3600, now=now) == 1
+    assert store.telemetry_count() == (1, 1)
