@@ -159,7 +159,14 @@ class OpenVinoBackend(Backend):
         try:
             model = core.read_model(str(path))
             compiled = core.compile_model(
-                model, device, {"INFERENCE_NUM_THREADS": _threads(config)}
+                model,
+                device,
+                {
+                    "INFERENCE_NUM_THREADS": _threads(config),
+                    # The cloud tier serves the full-precision model: no silent bf16 on CPUs
+                    # that have it (the config's `precision` parameter can ask for it).
+                    "INFERENCE_PRECISION_HINT": config.parameters.get("precision", "f32"),
+                },
             )
         except Exception as exc:
             raise BackendError(f"{config.name}: openvino cannot load {path}: {exc}") from exc
