@@ -1,0 +1,390 @@
+"""The cloud client: Open Inference Protocol (V2) over gRPC, sync and async.
+
+One `CloudClient` talks to one or more endpoints. Calls spread round-robin over the endpoints
+whose circuit breaker lets them through; a retryable failure (UNAVAILABLE, RESOURCE_EXHAUSTED,
+ABORTED: the server did not run the request) is retried on the next endpoint after a capped,
+jittered exponential backoff, within the call's one overall deadline. Tensors travel as
+`raw_input_contents` (little-endian bytes, no per-element encoding). grpc's exceptions are
+translated into the `CloudError` branch at this boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from tandem.errors import (
+    CloudError,
+    CloudRejectedError,
+    CloudTimeoutError,
+    CloudUnavailableError,
+    ConfigError,
+)
+from tandem.protos.inference import grpc_predict_v2_pb2 as pb
+from tandem.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from tandem.sdk.artifacts import DATATYPES, TensorSpec, datatype_of
+from tandem.sdk.errors import CircuitOpenError, CloudInputError
+from tandem.sdk.resilience import DEFAULT_FAILURE_CODES, BreakerConfig, CircuitBreaker, Retry
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """Where the cloud tier is and how to call it."""
+
+    endpoints: tuple[str, ...]  # "host:port", one or more
+    model: str = ""  # model name on the server ("" = the client's model name)
+    model_version: str = ""  # "" = the server's default version
+    timeout_ms: float = 2000.0  # per-call deadline, retries included (milliseconds)
+    token: str | None = None  # bearer token sent as `authorization: Bearer <token>`
+    tls: bool = False  # use TLS (system roots unless root_certificates is set)
+    root_certificates: str | None = None  # PEM file path of the CA to trust
+    server_name: str | None = None  # TLS name to check when it differs from the host
+    retry: Retry = field(default_factory=Retry)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    max_message_bytes: int = 64 << 20  # gRPC send/receive limit (bytes)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.endpoints, str):
+            object.__setattr__(self, "endpoints", (self.endpoints,))
+        if not self.endpoints:
+            raise ConfigError("endpoints", "at least one host:port is needed")
+        for endpoint in self.endpoints:
+            host, sep, port = endpoint.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ConfigError("endpoints", f"{endpoint!r} is not host:port")
+        if self.timeout_ms <= 0:
+            raise ConfigError("timeout_ms", f"must be > 0 milliseconds, got {self.timeout_ms}")
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("token", "is empty")
+        if self.root_certificates is not None and not self.tls:
+            raise ConfigError("root_certificates", "given but tls is False")
+        if self.max_message_bytes <= 0:
+            raise ConfigError("max_message_bytes", "must be > 0 bytes")
+
+
+@dataclass(frozen=True)
+class CloudAnswer:
+    outputs: Arrays
+    endpoint: str
+    model_version: str
+    attempts: int
+    elapsed_ms: float
+
+
+def translate(exc: grpc.RpcError, endpoint: str) -> CloudError:
+    """grpc's error -> ours, most specific first."""
+    code = exc.code() if hasattr(exc, "code") else None
+    name = code.name if code is not None else "UNKNOWN"
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    message = f"{endpoint}: {name}: {details}"
+    if name == "DEADLINE_EXCEEDED":
+        return CloudTimeoutError(message)
+    if name == "UNAVAILABLE":
+        return CloudUnavailableError(message)
+    if name == "INVALID_ARGUMENT":
+        return CloudInputError(message, code=name)
+    return CloudRejectedError(message, code=name)
+
+
+def encode_request(model: str, version: str, feeds: Mapping[str, np.ndarray[Any, Any]]) -> Any:
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    for name, array in feeds.items():
+        request.inputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
+        request.raw_input_contents.append(
+            array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        )
+    return request
+
+
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+def decode_response(response: Any) -> Arrays:
+    outputs: Arrays = {}
+    raw = response.raw_output_contents
+    for i, tensor in enumerate(response.outputs):
+        dtype = DATATYPES.get(tensor.datatype)
+        if dtype is None:
+            raise CloudRejectedError(
+                f"output {tensor.name!r}: unsupported datatype {tensor.datatype}"
+            )
+        shape = tuple(tensor.shape)
+        if i < len(raw):
+            array = np.frombuffer(raw[i], dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+        else:
+            values = getattr(tensor.contents, _CONTENTS.get(tensor.datatype, "fp32_contents"))
+            array = np.asarray(values, dtype=dtype)
+        try:
+            outputs[tensor.name] = array.reshape(shape)
+        except ValueError as exc:
+            raise CloudRejectedError(
+                f"output {tensor.name!r}: {array.size} values do not fit shape {list(shape)}"
+            ) from exc
+    return outputs
+
+
+class Endpoint:
+    """One server address: its channels, stubs and breaker."""
+
+    def __init__(self, address: str, config: CloudConfig) -> None:
+        self.address = address
+        self.config = config
+        self.breaker = CircuitBreaker(config.breaker)
+        self.lock = threading.Lock()
+        self._options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.enable_retries", 0),  # retries are ours, with our breaker in the loop
+        ]
+        if config.server_name:
+            self._options.append(("grpc.ssl_target_name_override", config.server_name))
+        self._channel: grpc.Channel | None = None
+        self._stub: Any = None
+        self._aio_channel: Any = None
+        self._aio_stub: Any = None
+        self._aio_loop: asyncio.AbstractEventLoop | None = None
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        roots = (
+            Path(self.config.root_certificates).read_bytes()
+            if self.config.root_certificates
+            else None
+        )
+        return grpc.ssl_channel_credentials(root_certificates=roots)
+
+    @property
+    def stub(self) -> Any:
+        if self._stub is None:
+            with self.lock:
+                if self._stub is None:
+                    if self.config.tls:
+                        channel = grpc.secure_channel(
+                            self.address, self._credentials(), self._options
+                        )
+                    else:
+                        channel = grpc.insecure_channel(self.address, self._options)
+                    self._channel = channel
+                    self._stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        return self._stub
+
+    def aio_stub(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._aio_stub is None or self._aio_loop is not loop:
+            if self.config.tls:
+                channel = grpc.aio.secure_channel(self.address, self._credentials(), self._options)
+            else:
+                channel = grpc.aio.insecure_channel(self.address, self._options)
+            self._aio_channel, self._aio_loop = channel, loop
+            self._aio_stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        return self._aio_stub
+
+    # Breaker transitions: each swaps in the next immutable value under the lock.
+    def admit(self, now: float) -> bool:
+        with self.lock:
+            if not self.breaker.allows(now):
+                return False
+            self.breaker = self.breaker.before_call(now)
+            return True
+
+    def record(self, code: str | None, now: float) -> None:
+        with self.lock:
+            if code is None:
+                self.breaker = self.breaker.on_success(now)
+            elif code in DEFAULT_FAILURE_CODES:
+                self.breaker = self.breaker.on_failure(now)
+            else:
+                self.breaker = self.breaker.on_ignored(now)
+
+    def state(self) -> str:
+        return self.breaker.current_state(time.monotonic())
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = self._stub = None
+
+    async def aclose(self) -> None:
+        if self._aio_channel is not None:
+            await self._aio_channel.close()
+        self._aio_channel = self._aio_stub = None
+
+
+class CloudClient:
+    """Calls `ModelInfer` on the cloud tier with deadlines, retries and breakers."""
+
+    def __init__(self, config: CloudConfig, model: str) -> None:
+        self.config = config
+        self.model = config.model or model
+        self.endpoints = [Endpoint(a, config) for a in config.endpoints]
+        self._rr = itertools.count()
+        self._rng = random.Random()
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {config.token}"),) if config.token else ()
+        )
+        self.calls = 0
+
+    def breaker_states(self) -> dict[str, str]:
+        return {e.address: e.state() for e in self.endpoints}
+
+    def available(self) -> bool:
+        now = time.monotonic()
+        return any(e.breaker.allows(now) for e in self.endpoints)
+
+    def _pick(self, now: float, avoid: Endpoint | None) -> Endpoint:
+        n = len(self.endpoints)
+        start = next(self._rr)
+        fallback: Endpoint | None = None
+        for i in range(n):
+            endpoint = self.endpoints[(start + i) % n]
+            if endpoint is avoid and n > 1:
+                fallback = endpoint
+                continue
+            if endpoint.admit(now):
+                return endpoint
+        if fallback is not None and fallback.admit(now):
+            return fallback
+        states = ", ".join(f"{e.address}={e.state()}" for e in self.endpoints)
+        raise CircuitOpenError(f"no cloud endpoint may be called: breakers {states}")
+
+    def _deadline(self, timeout_ms: float | None) -> float:
+        return time.monotonic() + (timeout_ms or self.config.timeout_ms) / 1e3
+
+    def infer(
+        self, feeds: Mapping[str, np.ndarray[Any, Any]], *, timeout_ms: float | None = None
+    ) -> CloudAnswer:
+        request = encode_request(self.model, self.config.model_version, feeds)
+        deadline = self._deadline(timeout_ms)
+        retry = self.config.retry
+        start = time.perf_counter()
+        last: Endpoint | None = None
+        while True:
+            now = time.monotonic()
+            remaining = deadline - now
+            if remaining <= 0:
+                raise CloudTimeoutError(f"cloud deadline spent after {len(retry.history)} attempts")
+            endpoint = self._pick(now, last)
+            last = endpoint
+            try:
+                response = endpoint.stub.ModelInfer(
+                    request, timeout=remaining, metadata=self._metadata
+                )
+            except grpc.RpcError as exc:
+                error = translate(exc, endpoint.address)
+                code = exc.code().name if exc.code() is not None else "UNKNOWN"
+                endpoint.record(code, time.monotonic())
+                if not retry.can_retry(code):
+                    raise error from exc
+                retry = retry.increment(code)
+                wait = min(retry.get_backoff_time(self._rng), max(0.0, deadline - time.monotonic()))
+                log.debug("retrying after %s from %s in %.3fs", code, endpoint.address, wait)
+                time.sleep(wait)
+                continue
+            endpoint.record(None, time.monotonic())
+            self.calls += 1
+            return CloudAnswer(
+                decode_response(response),
+                endpoint.address,
+                response.model_version,
+                len(retry.history) + 1,
+                (time.perf_counter() - start) * 1e3,
+            )
+
+    async def ainfer(
+        self, feeds: Mapping[str, np.ndarray[Any, Any]], *, timeout_ms: float | None = None
+    ) -> CloudAnswer:
+        request = encode_request(self.model, self.config.model_version, feeds)
+        deadline = self._deadline(timeout_ms)
+        retry = self.config.retry
+        start = time.perf_counter()
+        last: Endpoint | None = None
+        while True:
+            now = time.monotonic()
+            remaining = deadline - now
+            if remaining <= 0:
+                raise CloudTimeoutError(f"cloud deadline spent after {len(retry.history)} attempts")
+            endpoint = self._pick(now, last)
+            last = endpoint
+            try:
+                response = await endpoint.aio_stub().ModelInfer(
+                    request, timeout=remaining, metadata=self._metadata
+                )
+            except grpc.RpcError as exc:
+                code_obj = exc.code() if hasattr(exc, "code") else None
+                code = code_obj.name if code_obj is not None else "UNKNOWN"
+                endpoint.record(code, time.monotonic())
+                error = translate(exc, endpoint.address)
+                if not retry.can_retry(code):
+                    raise error from exc
+                retry = retry.increment(code)
+                wait = min(retry.get_backoff_time(self._rng), max(0.0, deadline - time.monotonic()))
+                await asyncio.sleep(wait)
+                continue
+            except asyncio.CancelledError:
+                endpoint.record("CANCELLED", time.monotonic())
+                raise
+            endpoint.record(None, time.monotonic())
+            self.calls += 1
+            return CloudAnswer(
+                decode_response(response),
+                endpoint.address,
+                response.model_version,
+                len(retry.history) + 1,
+                (time.perf_counter() - start) * 1e3,
+            )
+
+    def metadata(
+        self, timeout_ms: float | None = None
+    ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """The model's inputs and outputs as the server describes them."""
+        endpoint = self._pick(time.monotonic(), None)
+        try:
+            response = endpoint.stub.ModelMetadata(
+                pb.ModelMetadataRequest(name=self.model, version=self.config.model_version),
+                timeout=(timeout_ms or self.config.timeout_ms) / 1e3,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            endpoint.record(exc.code().name if exc.code() else "UNKNOWN", time.monotonic())
+            raise translate(exc, endpoint.address) from exc
+        endpoint.record(None, time.monotonic())
+
+        def specs(items: Sequence[Any]) -> list[TensorSpec]:
+            return [TensorSpec(t.name, t.datatype, tuple(int(d) for d in t.shape)) for t in items]
+
+        return specs(response.inputs), specs(response.outputs)
+
+    def close(self) -> None:
+        for endpoint in self.endpoints:
+            endpoint.close()
+
+    async def aclose(self) -> None:
+        for endpoint in self.endpoints:
+            await endpoint.aclose()
+        self.close()

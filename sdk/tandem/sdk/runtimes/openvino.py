@@ -1,0 +1,64 @@
+"""OpenVINO: compiles the IR (or ONNX) for the best device it offers, CPU by default."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tandem.errors import RuntimeBackendError
+from tandem.sdk.artifacts import Manifest
+from tandem.sdk.runtimes.base import Arrays, Runtime, register_runtime
+
+
+@register_runtime
+class OpenVINORuntime(Runtime):
+    name = "openvino"
+    packages = ("openvino",)
+    extra = "openvino"
+
+    def __init__(self, manifest: Manifest, model_dir: Path, compiled: Any, device: str) -> None:
+        super().__init__(manifest, model_dir)
+        self.compiled = compiled
+        self.device = device
+        self._local = threading.local()
+        self._ports = [compiled.output(i) for i in range(len(compiled.outputs))]
+
+    @classmethod
+    def devices(cls) -> tuple[str, ...]:
+        ov = cls.import_package()
+        return tuple(ov.Core().available_devices)
+
+    @classmethod
+    def load(
+        cls, manifest: Manifest, model_dir: Path, *, device: str = "CPU", threads: int = 1, **_: Any
+    ) -> OpenVINORuntime:
+        ov = cls.import_package()
+        try:
+            core = ov.Core()
+            model = core.read_model(str(model_dir / manifest.entrypoint))
+            config = {"INFERENCE_NUM_THREADS": threads} if device == "CPU" else {}
+            compiled = core.compile_model(model, device, config)
+        except RuntimeError as exc:
+            raise RuntimeBackendError(f"OpenVINO cannot load {manifest.entrypoint}: {exc}") from exc
+        return cls(manifest, model_dir, compiled, device)
+
+    def run(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> Arrays:
+        # One infer request per thread: a request is not safe to share.
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        try:
+            results = request.infer(dict(feeds))
+        except RuntimeError as exc:
+            raise RuntimeBackendError(f"OpenVINO run failed: {exc}") from exc
+        return {
+            name: np.array(results[port], copy=True)
+            for name, port in zip(self.output_names, self._ports, strict=True)
+        }
+
+    def describe(self) -> str:
+        return f"openvino[{self.device}]"
