@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import io
@@ -159,7 +160,12 @@ def stdlib_sentences(stdlib_dir: Path | None = None) -> list[str]:
     40 to 200 characters and at least 6 words and no code characters; duplicates (ignoring
     case) are dropped, first occurrence wins. The set depends only on the Python version.
     """
-    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
+    return list(_stdlib_sentences(Path(stdlib_dir or sysconfig.get_paths()["stdlib"])))
+
+
+@functools.lru_cache(maxsize=4)
+def _stdlib_sentences(root: Path) -> tuple[str, ...]:
+    # Parsing the whole standard library takes a second or two; builds and tests ask often.
     sentences: list[str] = []
     seen: set[str] = set()
     for path in sorted(root.glob("*.py")):
@@ -175,7 +181,7 @@ def stdlib_sentences(stdlib_dir: Path | None = None) -> list[str]:
                 continue
             seen.add(sentence.lower())
             sentences.append(sentence)
-    return sentences
+    return tuple(sentences)
 
 
 def _first_sentence(docstring: str | None) -> str | None:
