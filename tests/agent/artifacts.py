@@ -63,7 +63,6 @@ class Signer:
 
 
 def _onnx_model(backbone_seed: int, head_seed: int) -> bytes:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng_b = np.random.default_rng(backbone_seed)
@@ -141,8 +140,9 @@ def build_variant(
     """Writes `out/<model>/<version>/<variant>/` and returns it with its signed manifest."""
     folder = out / model / str(version) / variant
     folder.mkdir(parents=True, exist_ok=True)
-    onnx_bytes = _onnx_model(backbone_seed=1, head_seed=head_seed if head_seed is not None
-                             else 100 + version)
+    onnx_bytes = _onnx_model(
+        backbone_seed=1, head_seed=head_seed if head_seed is not None else 100 + version
+    )
     reference = _reference(onnx_bytes)
     if wrong_reference:
         # Outputs no runtime will reproduce: warm-up must fail.

@@ -64,27 +64,42 @@ class AgentProcess:
 
     def argv(self) -> list[str]:
         return [
-            TANDEM, "agent", "run",
-            "--device-id", self.device_id,
-            "--broker", self.broker.url,
-            "--username", self.device_id,
-            "--password", USERS[self.device_id],
-            "--store", str(self.store),
-            "--trusted-key", str(self.trusted_key),
-            "--tag", "site=lab",
-            "--tag", "ring=canary",
-            "--health-window", "1.5",
-            "--health-probe-interval", "0.5",
-            "--stall-timeout", "2",
-            "--telemetry-interval", "0.5",
+            TANDEM,
+            "agent",
+            "run",
+            "--device-id",
+            self.device_id,
+            "--broker",
+            self.broker.url,
+            "--username",
+            self.device_id,
+            "--password",
+            USERS[self.device_id],
+            "--store",
+            str(self.store),
+            "--trusted-key",
+            str(self.trusted_key),
+            "--tag",
+            "site=lab",
+            "--tag",
+            "ring=canary",
+            "--health-window",
+            "1.5",
+            "--health-probe-interval",
+            "0.5",
+            "--stall-timeout",
+            "2",
+            "--telemetry-interval",
+            "0.5",
             *self.extra,
         ]
 
     def start(self) -> AgentProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         log.close()
         return self
 

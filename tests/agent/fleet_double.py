@@ -8,6 +8,7 @@ Knobs let a test interrupt a transfer (stop after N chunks) or corrupt data in f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import threading
@@ -50,8 +51,9 @@ class FleetDouble:
         self._lock = threading.Lock()
         self._work: queue.Queue[fleet_pb2.ChunkRequest | None] = queue.Queue()
         self._revision = 0
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fleet-double",
-                                  protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="fleet-double", protocol=mqtt.MQTTv5
+        )
         self.client.username_pw_set(self.user, self.password)
         self.client.reconnect_delay_set(1, 2)
         self.client.on_connect = self._on_connect
@@ -72,21 +74,28 @@ class FleetDouble:
 
     # --- MQTT
 
-    def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: object,
-                    _p: object) -> None:
-        client.subscribe([
-            (topics.all_devices(topics.CHUNK_REQUEST), 1),
-            (topics.all_devices(topics.REPORTS), 1),
-            (topics.all_devices(topics.PRESENCE), 1),
-            (topics.all_devices(topics.TELEMETRY), 1),
-        ])
+    def _on_connect(
+        self, client: mqtt.Client, _u: object, _f: object, rc: object, _p: object
+    ) -> None:
+        client.subscribe(
+            [
+                (topics.all_devices(topics.CHUNK_REQUEST), 1),
+                (topics.all_devices(topics.REPORTS), 1),
+                (topics.all_devices(topics.PRESENCE), 1),
+                (topics.all_devices(topics.TELEMETRY), 1),
+            ]
+        )
         # A broker without persistence forgets retained messages: publish them again, as the
         # real service does after a broker restart.
         with self._lock:
             desired = list(self.desired.items())
         for device_id, state in desired:
-            client.publish(topics.device_topic(device_id, topics.DESIRED),
-                           state.SerializeToString(), qos=1, retain=True)
+            client.publish(
+                topics.device_topic(device_id, topics.DESIRED),
+                state.SerializeToString(),
+                qos=1,
+                retain=True,
+            )
         self._connected.set()
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
@@ -94,10 +103,8 @@ class FleetDouble:
         if parsed is None:
             return
         device_id, leaf = parsed
-        try:
+        with contextlib.suppress(DecodeError, zstandard.ZstdError):  # garbage is dropped
             self._record(device_id, leaf, msg.payload)
-        except (DecodeError, zstandard.ZstdError):
-            pass  # the service drops garbage too
 
     def _record(self, device_id: str, leaf: str, payload: bytes) -> None:
         with self._lock:
@@ -121,13 +128,22 @@ class FleetDouble:
         manifest = read_manifest_unverified(path)
         self.variants[(manifest.model, manifest.version, manifest.variant)] = path
 
-    def set_desired(self, device_id: str, built: BuiltVariant, *, rollout_id: str = "r1",
-                    delta_base_version: int = 0, signed: bytes | None = None,
-                    signatures: tuple[tuple[str, bytes], ...] | None = None) -> None:
+    def set_desired(
+        self,
+        device_id: str,
+        built: BuiltVariant,
+        *,
+        rollout_id: str = "r1",
+        delta_base_version: int = 0,
+        signed: bytes | None = None,
+        signatures: tuple[tuple[str, bytes], ...] | None = None,
+    ) -> None:
         self.offer(built)
         self._revision += 1
-        sigs = signatures if signatures is not None else tuple(
-            (s.keyid, s.sig) for s in built.signatures
+        sigs = (
+            signatures
+            if signatures is not None
+            else tuple((s.keyid, s.sig) for s in built.signatures)
         )
         state = fleet_pb2.DesiredState(
             device_id=device_id,
@@ -148,12 +164,17 @@ class FleetDouble:
         )
         with self._lock:
             self.desired[device_id] = state
-        self.client.publish(topics.device_topic(device_id, topics.DESIRED),
-                            state.SerializeToString(), qos=1, retain=True).wait_for_publish(5)
+        self.client.publish(
+            topics.device_topic(device_id, topics.DESIRED),
+            state.SerializeToString(),
+            qos=1,
+            retain=True,
+        ).wait_for_publish(5)
 
     def publish_raw(self, device_id: str, leaf: str, payload: bytes) -> None:
-        self.client.publish(topics.device_topic(device_id, leaf), payload,
-                            qos=1).wait_for_publish(5)
+        self.client.publish(topics.device_topic(device_id, leaf), payload, qos=1).wait_for_publish(
+            5
+        )
 
     # --- chunks
 
@@ -168,10 +189,12 @@ class FleetDouble:
             if base_path is not None:
                 base_entry = read_manifest_unverified(base_path).file(request.file)
                 old = zstandard.ZstdDecompressor().decompress(
-                    (base_path / base_entry.stored_as).read_bytes())
+                    (base_path / base_entry.stored_as).read_bytes()
+                )
                 new = zstandard.ZstdDecompressor().decompress(full)
                 dictionary = zstandard.ZstdCompressionDict(
-                    old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+                    old, dict_type=zstandard.DICT_TYPE_RAWCONTENT
+                )
                 delta = zstandard.ZstdCompressor(dict_data=dictionary).compress(new)
                 if len(delta) < len(full):
                     return delta, True, request.have_version
@@ -195,14 +218,21 @@ class FleetDouble:
                         if self.chunk_budget <= 0:
                             break
                         self.chunk_budget -= 1
-                piece = data[offset: offset + self.chunk_size]
+                piece = data[offset : offset + self.chunk_size]
                 if self.corrupt:
                     piece = bytes([piece[0] ^ 0xFF]) + piece[1:]
                 chunk = fleet_pb2.ArtifactChunk(
-                    transfer_id=request.transfer_id, model=request.model,
-                    version=request.version, variant=request.variant, file=request.file,
-                    offset=offset, data=piece, total_size=len(data), sha256=digest,
-                    is_delta=is_delta, delta_base_version=base,
+                    transfer_id=request.transfer_id,
+                    model=request.model,
+                    version=request.version,
+                    variant=request.variant,
+                    file=request.file,
+                    offset=offset,
+                    data=piece,
+                    total_size=len(data),
+                    sha256=digest,
+                    is_delta=is_delta,
+                    delta_base_version=base,
                 )
                 with self._lock:
                     self.sent.append(chunk)
@@ -211,14 +241,17 @@ class FleetDouble:
 
     # --- waiting
 
-    def wait_report(self, device_id: str, kind: int, version: int | None = None,
-                    timeout: float = 30.0) -> fleet_pb2.DeviceReport:
+    def wait_report(
+        self, device_id: str, kind: int, version: int | None = None, timeout: float = 30.0
+    ) -> fleet_pb2.DeviceReport:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
                 for report in self.reports:
-                    if report.device_id == device_id and report.kind == kind and (
-                        version is None or report.version == version
+                    if (
+                        report.device_id == device_id
+                        and report.kind == kind
+                        and (version is None or report.version == version)
                     ):
                         return report
             time.sleep(0.05)
@@ -228,5 +261,8 @@ class FleetDouble:
 
     def kinds(self, device_id: str, version: int | None = None) -> list[str]:
         with self._lock:
-            return [Kind.Name(r.kind) for r in self.reports
-                    if r.device_id == device_id and (version is None or r.version == version)]
+            return [
+                Kind.Name(r.kind)
+                for r in self.reports
+                if r.device_id == device_id and (version is None or r.version == version)
+            ]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from tandem.protos.fleet.v1 import fleet_pb2
+from tandem.sdk.telemetry import TelemetryConfig, TelemetryRecorder
 from tests.agent.artifacts import Signer, build_variant
 from tests.agent.conftest import AgentProcess
 from tests.agent.fleet_double import FleetDouble, Kind
@@ -23,21 +23,21 @@ def active(store: Path, model: str = "digits") -> dict[str, object] | None:
 
 
 def spool_summary(store: Path, version: int, *, requests: int, errors: int) -> str:
-    spool = store / ".telemetry-spool"
-    spool.mkdir(parents=True, exist_ok=True)
-    summary = fleet_pb2.TelemetrySummary(
-        summary_id=uuid.uuid4().hex, model="digits", version=version,
-        requests=requests, errors=errors, runtime="onnx",
-        counts={"local/ok": requests - errors, "local/error": errors},
+    """What the app's SDK does: record requests, flush a summary into the agent's spool."""
+    recorder = TelemetryRecorder(
+        TelemetryConfig(spool_dir=store / ".telemetry-spool", interval_s=3600)
     )
-    tmp = spool / f".{summary.summary_id}.tmp"
-    tmp.write_bytes(summary.SerializeToString())
-    tmp.rename(spool / f"{summary.summary_id}.pb")
-    return summary.summary_id
+    for i in range(requests):
+        outcome = "error" if i < errors else "ok"
+        recorder.record("digits", version, "onnx", "local", outcome, 0.2, None, 0.9, False, False)
+    (summary,) = recorder.flush()
+    return str(summary.summary_id)
 
 
 def test_delivery_activation_health_delta_and_return_to_baseline(
-    fleet: FleetDouble, signer: Signer, agent_factory: Callable[..., AgentProcess],
+    fleet: FleetDouble,
+    signer: Signer,
+    agent_factory: Callable[..., AgentProcess],
     tmp_path: Path,
 ) -> None:
     v1 = build_variant(tmp_path / "zoo", signer, version=1)
@@ -50,20 +50,33 @@ def test_delivery_activation_health_delta_and_return_to_baseline(
     fleet.set_desired("dev-1", v1)
     fleet.wait_report("dev-1", Kind.HEALTHY, 1, timeout=40)
     assert fleet.kinds("dev-1", 1)[-3:] == ["VERIFIED", "ACTIVATED", "HEALTHY"]
-    assert active(agent.store) == {"version": 1, "variant": "onnx-int8", "previous": None,
-                                   "max_accepted_version": 1}
+    assert active(agent.store) == {
+        "version": 1,
+        "variant": "onnx-int8",
+        "previous": None,
+        "max_accepted_version": 1,
+    }
     installed = agent.store / "digits" / "1" / "onnx-int8" / "model.onnx"
     v1_model = v1.manifest.file("model.onnx")
     assert hashlib.sha256(installed.read_bytes()).hexdigest() == v1_model.sha256
-    wait_until(lambda: fleet.presence["dev-1"].active_versions.get("digits") == 1, 10,
-               message="presence shows v1")
+    wait_until(
+        lambda: fleet.presence["dev-1"].active_versions.get("digits") == 1,
+        10,
+        message="presence shows v1",
+    )
 
     # Telemetry: spooled summaries arrive as zstd batches and leave the spool after PUBACK.
     ids = {spool_summary(agent.store, 1, requests=10, errors=0) for _ in range(3)}
-    wait_until(lambda: ids <= {s.summary_id for b in fleet.telemetry for s in b.summaries}, 15,
-               message="telemetry shipped")
-    wait_until(lambda: not list((agent.store / ".telemetry-spool").glob("*.pb")), 10,
-               message="spool emptied")
+    wait_until(
+        lambda: ids <= {s.summary_id for b in fleet.telemetry for s in b.summaries},
+        15,
+        message="telemetry shipped",
+    )
+    wait_until(
+        lambda: not list((agent.store / ".telemetry-spool").glob("*.pb*")),
+        10,
+        message="spool emptied",
+    )
     assert all(s.device_id == "dev-1" for b in fleet.telemetry for s in b.summaries)
 
     # v2 comes as a delta against v1 (only the head changed) and is smaller than the full file.
@@ -92,7 +105,9 @@ def test_delivery_activation_health_delta_and_return_to_baseline(
 
 
 def test_failed_health_rolls_back_by_itself(
-    fleet: FleetDouble, signer: Signer, agent_factory: Callable[..., AgentProcess],
+    fleet: FleetDouble,
+    signer: Signer,
+    agent_factory: Callable[..., AgentProcess],
     tmp_path: Path,
 ) -> None:
     v1 = build_variant(tmp_path / "zoo", signer, version=1)
@@ -116,7 +131,9 @@ def test_failed_health_rolls_back_by_itself(
 
 
 def test_resume_after_agent_kill_mid_transfer(
-    fleet: FleetDouble, signer: Signer, agent_factory: Callable[..., AgentProcess],
+    fleet: FleetDouble,
+    signer: Signer,
+    agent_factory: Callable[..., AgentProcess],
     tmp_path: Path,
 ) -> None:
     v1 = build_variant(tmp_path / "zoo", signer, version=1)
@@ -147,20 +164,26 @@ def test_resume_after_agent_kill_mid_transfer(
     sent_after = [c for c in fleet.sent if c.file == "model.onnx" and c.offset < offset]
     assert len(sent_after) == 6  # the first chunks were never sent twice
     installed = agent.store / "digits" / "1" / "onnx-int8" / "model.onnx"
-    assert hashlib.sha256(installed.read_bytes()).hexdigest() == v1.manifest.file(
-        "model.onnx").sha256
+    assert (
+        hashlib.sha256(installed.read_bytes()).hexdigest() == v1.manifest.file("model.onnx").sha256
+    )
 
 
 def test_resume_after_broker_restart_mid_transfer(
-    fleet: FleetDouble, signer: Signer, agent_factory: Callable[..., AgentProcess],
+    fleet: FleetDouble,
+    signer: Signer,
+    agent_factory: Callable[..., AgentProcess],
     tmp_path: Path,
 ) -> None:
     v1 = build_variant(tmp_path / "zoo", signer, version=1)
     fleet.chunk_budget = 5
     agent = agent_factory("dev-1")
     fleet.set_desired("dev-1", v1)
-    wait_until(lambda: len([c for c in fleet.sent if c.file == "model.onnx"]) >= 5, 30,
-               message="first chunks sent")
+    wait_until(
+        lambda: len([c for c in fleet.sent if c.file == "model.onnx"]) >= 5,
+        30,
+        message="first chunks sent",
+    )
     time.sleep(0.5)
     before = len(fleet.requests)
     fleet.broker.restart()  # no persistence: retained state and sessions are gone
@@ -172,7 +195,9 @@ def test_resume_after_broker_restart_mid_transfer(
 
 
 def test_garbage_on_every_topic_is_dropped(
-    fleet: FleetDouble, signer: Signer, agent_factory: Callable[..., AgentProcess],
+    fleet: FleetDouble,
+    signer: Signer,
+    agent_factory: Callable[..., AgentProcess],
     tmp_path: Path,
 ) -> None:
     v1 = build_variant(tmp_path / "zoo", signer, version=1)
@@ -185,12 +210,22 @@ def test_garbage_on_every_topic_is_dropped(
     (spool / "empty.pb").write_bytes(b"")
     fleet.publish_raw("dev-1", "desired", b"\x0a\xff\xff\xff garbage")
     fleet.publish_raw("dev-1", "chunks", b"\x00\x01\x02 garbage")
-    fleet.publish_raw("dev-1", "chunks", fleet_pb2.ArtifactChunk(
-        transfer_id="nope", file="../../etc/passwd", data=b"x", total_size=1).SerializeToString())
-    fleet.publish_raw("dev-1", "desired", fleet_pb2.DesiredState(
-        device_id="dev-1", revision=0,
-        models=[fleet_pb2.DesiredModel(model="../evil", version=1, variant="x")],
-    ).SerializeToString())
+    fleet.publish_raw(
+        "dev-1",
+        "chunks",
+        fleet_pb2.ArtifactChunk(
+            transfer_id="nope", file="../../etc/passwd", data=b"x", total_size=1
+        ).SerializeToString(),
+    )
+    fleet.publish_raw(
+        "dev-1",
+        "desired",
+        fleet_pb2.DesiredState(
+            device_id="dev-1",
+            revision=0,
+            models=[fleet_pb2.DesiredModel(model="../evil", version=1, variant="x")],
+        ).SerializeToString(),
+    )
     wait_until(lambda: not any(spool.iterdir()), 10, message="garbage spool files consumed")
     assert agent.alive
     # Still fully working afterwards.
