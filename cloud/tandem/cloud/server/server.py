@@ -48,6 +48,33 @@ class ServerState:
         return self.started and not self.draining
 
 
+class _Health(HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 whose Watch streams end after reporting NOT_SERVING at shutdown, so
+    they do not hold the drain open until the grace period runs out."""
+
+    async def Watch(self, request: Any, context: Any) -> None:
+        condition = self._server_watchers[request.service]
+        self._watcher_count_by_service[request.service] += 1
+        last = None
+        try:
+            async with condition:
+                while True:
+                    status = self._server_status.get(
+                        request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                    )
+                    if status != last:
+                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                    if self._gracefully_shutting_down:
+                        return
+                    await condition.wait()
+        finally:
+            self._watcher_count_by_service[request.service] -= 1
+            if self._watcher_count_by_service[request.service] == 0:
+                del self._server_watchers[request.service]
+                del self._watcher_count_by_service[request.service]
+
+
 def _grpc_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None or config.tls_key is None:
         return None
@@ -113,7 +140,7 @@ async def run_server(config: ServerConfig, ready: asyncio.Event | None = None) -
         metrics.serve(config.host, config.metrics_port) if config.metrics_port else None
     )
 
-    health = HealthServicer()
+    health = _Health()
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
