@@ -1,0 +1,201 @@
+"""Artifact delivery: the bytes that answer a device's ChunkRequest.
+
+For each requested file the service sends one *payload*, in chunks from the requested offset
+to its end (so a transfer resumes from the last chunk the device kept):
+
+- the stored file as built (`FileEntry.stored_as`, zstd-compressed; the device checks
+  `stored_sha256` and decompresses), or
+- a zstd *delta* when the device offers a version it has (`ChunkRequest.have_version`,
+  `accept_delta`) whose same-named file of the same variant the service holds: the new
+  uncompressed file compressed with the old uncompressed file as a raw-content dictionary.
+  The device decompresses it with its old file as the dictionary and checks the manifest's
+  `sha256` of the result. The delta is used only when smaller than the stored file.
+
+Payloads are deterministic, so a resumed transfer continues with the same bytes; they are
+cached (bounded by bytes) because computing a delta costs far more than sending it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from tandem.errors import ArtifactError
+from tandem.protos.fleet.v1 import fleet_pb2
+from tandem.sdk.artifacts import FileEntry, Manifest
+
+from .errors import NotFoundError
+from .store import Artifact
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 64 * 1024  # bytes of payload per ArtifactChunk
+# Uncompressed file size up to which a delta is attempted (bytes): a raw-content dictionary
+# of the old file is held in memory, and compressing against it costs CPU per new byte.
+MAX_DELTA_SOURCE = 512 * 1024 * 1024
+DELTA_LEVEL = 19
+
+
+@dataclass(frozen=True)
+class Payload:
+    data: bytes
+    sha256: str
+    is_delta: bool
+    base_version: int
+    full_size: int  # bytes of the stored (non-delta) file, for comparison and reports
+
+
+def manifest_of(artifact: Artifact) -> Manifest:
+    import json
+
+    try:
+        return Manifest.from_json(json.loads(artifact.manifest))
+    except (ValueError, ArtifactError) as exc:
+        raise NotFoundError(
+            f"stored manifest of {artifact.model} v{artifact.version} is bad"
+        ) from exc
+
+
+def find_file(manifest: Manifest, name: str) -> FileEntry:
+    for entry in manifest.files:
+        if name in (entry.name, entry.stored_as):
+            return entry
+    raise NotFoundError(
+        f"{manifest.model} v{manifest.version} {manifest.variant}: no file {name!r}"
+    )
+
+
+def _decompressed(path: Path, entry: FileEntry) -> bytes:
+    with zstandard.ZstdDecompressor().stream_reader(path.read_bytes()) as reader:
+        data = reader.read(entry.size + 1)
+    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise NotFoundError(f"{path} does not decompress to its manifest's digest")
+    return data
+
+
+def make_delta(old: bytes, new: bytes, level: int = DELTA_LEVEL) -> bytes:
+    """zstd of `new` with `old` as a raw-content dictionary (what the agent reverses)."""
+    dictionary = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    return zstandard.ZstdCompressor(level=level, dict_data=dictionary).compress(new)
+
+
+def apply_delta(old: bytes, delta: bytes, max_size: int) -> bytes:
+    dictionary = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    with zstandard.ZstdDecompressor(dict_data=dictionary).stream_reader(delta) as reader:
+        return reader.read(max_size + 1)
+
+
+class Delivery:
+    """Builds and caches payloads; thread-safe."""
+
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, cache_bytes: int = 256 << 20) -> None:
+        if chunk_size < 1024:
+            raise ValueError(f"chunk_size must be >= 1024 bytes, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[tuple[object, ...], Payload] = OrderedDict()
+        self._cached = 0
+        self._lock = threading.Lock()
+        self._building: dict[tuple[object, ...], threading.Lock] = {}
+
+    def payload(self, artifact: Artifact, file: str, base: Artifact | None = None) -> Payload:
+        """The payload for `file` of `artifact`, a delta against `base` when that is smaller."""
+        key = (
+            artifact.model,
+            artifact.version,
+            artifact.variant,
+            file,
+            base.version if base else 0,
+        )
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+            building = self._building.setdefault(key, threading.Lock())
+        with building:  # one builder per payload; the others wait for its result
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    return hit
+            result = self._build(artifact, file, base)
+            with self._lock:
+                self._cache[key] = result
+                self._cached += len(result.data)
+                while self._cached > self.cache_bytes and len(self._cache) > 1:
+                    _, old = self._cache.popitem(last=False)
+                    self._cached -= len(old.data)
+                self._building.pop(key, None)
+            return result
+
+    def _build(self, artifact: Artifact, file: str, base: Artifact | None) -> Payload:
+        manifest = manifest_of(artifact)
+        entry = find_file(manifest, file)
+        stored_path = Path(artifact.path) / entry.stored_as
+        try:
+            stored = stored_path.read_bytes()
+        except OSError as exc:
+            raise NotFoundError(f"artifact file {stored_path} is missing: {exc}") from exc
+        full = Payload(stored, hashlib.sha256(stored).hexdigest(), False, 0, len(stored))
+        if base is None or base.version == artifact.version:
+            return full
+        try:
+            base_entry = find_file(manifest_of(base), entry.name)
+        except NotFoundError:
+            return full
+        if max(entry.size, base_entry.size) > MAX_DELTA_SOURCE:
+            return full
+        try:
+            old = _decompressed(Path(base.path) / base_entry.stored_as, base_entry)
+            new = _decompressed(stored_path, entry)
+        except (OSError, NotFoundError, zstandard.ZstdError) as exc:
+            log.warning("no delta for %s v%s %s: %s", artifact.model, artifact.version, file, exc)
+            return full
+        delta = make_delta(old, new)
+        log.info(
+            "delta %s v%s->v%s %s %s: %d bytes vs %d full",
+            artifact.model,
+            base.version,
+            artifact.version,
+            artifact.variant,
+            entry.name,
+            len(delta),
+            len(stored),
+        )
+        if len(delta) >= len(stored):
+            return full
+        return Payload(delta, hashlib.sha256(delta).hexdigest(), True, base.version, len(stored))
+
+    def chunks(
+        self, request: fleet_pb2.ChunkRequest, payload: Payload
+    ) -> Iterator[fleet_pb2.ArtifactChunk]:
+        """The chunks from the requested offset (any byte offset) to the end. An offset at or
+        past the end gets one empty chunk at the end, so the device still learns the size and
+        digest it should have."""
+        total = len(payload.data)
+        offset = min(int(request.offset), total)
+        first = True
+        while offset < total or first:
+            first = False
+            end = min(offset + self.chunk_size, total)
+            yield fleet_pb2.ArtifactChunk(
+                transfer_id=request.transfer_id,
+                model=request.model,
+                version=request.version,
+                variant=request.variant,
+                file=request.file,
+                offset=offset,
+                data=payload.data[offset:end],
+                total_size=total,
+                sha256=payload.sha256,
+                is_delta=payload.is_delta,
+                delta_base_version=payload.base_version,
+            )
+            offset = end

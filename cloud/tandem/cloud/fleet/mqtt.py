@@ -1,0 +1,336 @@
+"""The fleet service's MQTT 5 session (paho-mqtt 2.x, QoS 1).
+
+Subscriptions:
+
+- ``tandem/v1/devices/+/presence``: a plain subscription, so that every replica receives the
+  retained presence of every device when it connects (shared subscriptions get no retained
+  messages); the upsert is idempotent, so replicas doing the same work is harmless.
+- ``$share/<group>/tandem/v1/devices/+/{reports,telemetry,chunks/request}``: shared, so
+  replicas split the load.
+
+Work leaves paho's network thread at once: presence and reports go through one ordered
+control queue; telemetry goes to a batching writer (`telemetry_flush_s`); chunk requests to a
+small pool that streams chunks with a bounded number in flight per transfer, and a newer
+request for the same transfer cancels the older stream.
+
+Publishes: the retained DesiredState of a device whenever it changes, when the device comes
+online and when the session (re)connects (a broker without persistence loses retained
+messages on restart); and the ArtifactChunks answering a ChunkRequest.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from google.protobuf.message import DecodeError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from tandem.errors import ConfigError, FleetError
+from tandem.protos.fleet.v1 import fleet_pb2, topics
+
+from .errors import BrokerError
+from .service import FleetService
+from .telemetry import TelemetryDecodeError, decode_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    url: str  # mqtt://HOST:PORT
+    username: str = ""
+    password: str = ""
+    client_id: str = ""  # stable per replica so its session (queued QoS 1) survives restarts
+    share_group: str = topics.SHARE_GROUP
+    keepalive_s: int = 30  # seconds
+    session_expiry_s: int = 3600  # seconds the broker keeps our session while we are away
+    chunk_workers: int = 4  # threads streaming chunks
+    chunk_window: int = 32  # chunks in flight (unacknowledged) per transfer
+    host: str = field(init=False)
+    port: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+            raise ConfigError("broker", f"expected mqtt://HOST:PORT, got {self.url!r}")
+        object.__setattr__(self, "host", parts.hostname)
+        object.__setattr__(self, "port", parts.port or 1883)
+        if not self.client_id:
+            object.__setattr__(self, "client_id", f"tandem-fleet-{uuid.uuid4().hex[:8]}")
+        if self.chunk_workers < 1:
+            raise ConfigError("chunk_workers", "must be >= 1")
+        if self.chunk_window < 1:
+            raise ConfigError("chunk_window", "must be >= 1")
+
+
+class MqttLink:
+    """Connects a `FleetService` to the broker."""
+
+    def __init__(self, service: FleetService, settings: BrokerSettings) -> None:
+        self.service = service
+        self.settings = settings
+        self.stats: dict[str, int] = {
+            "presence": 0,
+            "reports": 0,
+            "telemetry_messages": 0,
+            "summaries_ingested": 0,
+            "summaries_duplicate": 0,
+            "dropped": 0,
+            "chunks_sent": 0,
+            "desired_published": 0,
+        }
+        self._known: set[str] = {d.device_id for d in service.store.devices()}
+        self._control: queue.Queue[tuple[str, str, bytes] | None] = queue.Queue()
+        self._telemetry: queue.Queue[tuple[str, bytes] | None] = queue.Queue(
+            maxsize=max(1, service.config.telemetry_queue // 10)
+        )
+        self._chunks = ThreadPoolExecutor(settings.chunk_workers, "fleet-chunks")
+        self._streams: dict[tuple[str, str, str], int] = {}
+        self._streams_lock = threading.Lock()
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
+            client_id=settings.client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        if settings.username:
+            self.client.username_pw_set(settings.username, settings.password)
+        self.client.max_inflight_messages_set(200)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(1, 5)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        service.on_desired_changed = self.publish_desired
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self, timeout: float = 15.0) -> None:
+        for target, name in (
+            (self._control_loop, "fleet-control"),
+            (self._ingest_loop, "fleet-ingest"),
+        ):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        try:
+            self.client.connect_async(
+                self.settings.host,
+                self.settings.port,
+                self.settings.keepalive_s,
+                clean_start=False,
+                properties=props,
+            )
+        except (OSError, ValueError) as exc:
+            raise BrokerError(f"cannot reach the broker at {self.settings.url}: {exc}") from exc
+        self.client.loop_start()
+        if not self._connected.wait(timeout):
+            self.stop()
+            raise BrokerError(f"no MQTT session with {self.settings.url} after {timeout}s")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._control.put(None)
+        try:
+            self._telemetry.put(None, timeout=5)
+        except queue.Full:
+            log.warning("telemetry queue full at shutdown; pending summaries are dropped")
+        for t in self._threads:
+            t.join(10)
+        self._chunks.shutdown(wait=False, cancel_futures=True)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # --- paho callbacks (network thread: hand off, never block) ------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any, _props: Any
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the fleet session: %s", reason_code)
+            return
+        group = self.settings.share_group
+        opts = SubscribeOptions(qos=topics.QOS)
+        client.subscribe(
+            [
+                (topics.all_devices(topics.PRESENCE), opts),
+                (topics.shared(topics.all_devices(topics.REPORTS), group), opts),
+                (topics.shared(topics.all_devices(topics.TELEMETRY), group), opts),
+                (topics.shared(topics.all_devices(topics.CHUNK_REQUEST), group), opts),
+            ]
+        )
+        log.info("fleet MQTT session up at %s as %s", self.settings.url, self.settings.client_id)
+        self._control.put(("republish", "", b""))
+        self._connected.set()
+
+    def _on_disconnect(
+        self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any, _props: Any
+    ) -> None:
+        self._connected.clear()
+        if not self._stopping.is_set():
+            log.warning("fleet MQTT session lost (%s); reconnecting", reason_code)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        parsed = topics.parse_device_topic(msg.topic)
+        if parsed is None:
+            self._drop("message on unexpected topic %r", msg.topic)
+            return
+        device_id, leaf = parsed
+        payload = bytes(msg.payload)
+        if leaf == topics.PRESENCE:
+            self._control.put(("presence", device_id, payload))
+        elif leaf == topics.REPORTS:
+            self._control.put(("report", device_id, payload))
+        elif leaf == topics.TELEMETRY:
+            try:
+                self._telemetry.put((device_id, payload), timeout=1.0)
+            except queue.Full:
+                self._drop("telemetry from %s: ingest queue full", device_id)
+        elif leaf == topics.CHUNK_REQUEST:
+            if device_id not in self._known:
+                self._drop("chunk request from unknown device %r", device_id)
+                return
+            self._chunks.submit(self._serve_chunks, device_id, payload)
+        else:
+            self._drop("message on unexpected leaf %r", msg.topic)
+
+    def _drop(self, fmt: str, *args: object) -> None:
+        self.stats["dropped"] += 1
+        log.warning("dropped " + fmt, *args)
+
+    # --- workers ---------------------------------------------------------------------------
+
+    def _control_loop(self) -> None:
+        while True:
+            item = self._control.get()
+            if item is None:
+                return
+            kind, device_id, payload = item
+            try:
+                if kind == "republish":
+                    for d in self.service.store.devices():
+                        if d.desired_revision:
+                            self.publish_desired(d.device_id)
+                elif kind == "presence":
+                    self.stats["presence"] += 1
+                    if self.service.handle_presence(device_id, payload):
+                        self._known.add(device_id)
+                        self.publish_desired(device_id)
+                    elif self.service.store.has_device(device_id):
+                        self._known.add(device_id)
+                elif kind == "report":
+                    self.stats["reports"] += 1
+                    self.service.handle_report(device_id, payload)
+            except DecodeError as exc:
+                self._drop("garbage %s payload from %s: %s", kind, device_id, exc)
+            except FleetError as exc:
+                log.error("handling %s from %s failed: %s", kind, device_id, exc)
+            except Exception:
+                log.exception("handling %s from %s failed", kind, device_id)
+
+    def _ingest_loop(self) -> None:
+        flush_s = self.service.config.telemetry_flush_s
+        batch_limit = 20_000
+        done = False
+        while not done:
+            item = self._telemetry.get()
+            if item is None:
+                return
+            pending: list[fleet_pb2.TelemetrySummary] = []
+            deadline = time.monotonic() + flush_s
+            while True:
+                if item is None:
+                    done = True
+                    break
+                device_id, payload = item
+                self.stats["telemetry_messages"] += 1
+                if device_id not in self._known:
+                    self._drop("telemetry from unknown device %r", device_id)
+                else:
+                    try:
+                        pending.extend(
+                            self.service.handle_telemetry(device_id, decode_batch(payload))
+                        )
+                    except TelemetryDecodeError as exc:
+                        self._drop("garbage telemetry from %s: %s", device_id, exc)
+                if len(pending) >= batch_limit:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    item = self._telemetry.get(timeout=left)
+                except queue.Empty:
+                    break
+            if pending:
+                try:
+                    result = self.service.ingest(pending)
+                    self.stats["summaries_ingested"] += result.ingested
+                    self.stats["summaries_duplicate"] += result.duplicates
+                except FleetError as exc:
+                    log.error("telemetry ingest of %d summaries failed: %s", len(pending), exc)
+
+    def _serve_chunks(self, device_id: str, payload: bytes) -> None:
+        try:
+            req = fleet_pb2.ChunkRequest()
+            req.ParseFromString(payload)
+        except DecodeError as exc:
+            self._drop("garbage chunk request from %s: %s", device_id, exc)
+            return
+        key = (device_id, req.transfer_id, req.file)
+        with self._streams_lock:
+            generation = self._streams.get(key, 0) + 1
+            self._streams[key] = generation
+        topic = topics.device_topic(device_id, topics.CHUNKS)
+        in_flight: deque[mqtt.MQTTMessageInfo] = deque()
+        try:
+            for chunk in self.service.chunks_for(device_id, payload):
+                if self._streams.get(key) != generation or self._stopping.is_set():
+                    log.info("chunk stream %s superseded at %d", key, chunk.offset)
+                    return
+                while len(in_flight) >= self.settings.chunk_window:
+                    in_flight.popleft().wait_for_publish(30)
+                in_flight.append(
+                    self.client.publish(topic, chunk.SerializeToString(), qos=topics.QOS)
+                )
+                self.stats["chunks_sent"] += 1
+        except FleetError as exc:
+            log.error("cannot serve chunks to %s: %s", device_id, exc)
+        except (RuntimeError, ValueError) as exc:  # paho: not connected / queue problems
+            log.warning("chunk stream to %s interrupted: %s", device_id, exc)
+        finally:
+            with self._streams_lock:
+                if self._streams.get(key) == generation:
+                    self._streams.pop(key, None)
+
+    # --- publishing ------------------------------------------------------------------------
+
+    def publish_desired(self, device_id: str) -> None:
+        msg = self.service.desired_state(device_id)
+        self.client.publish(
+            topics.device_topic(device_id, topics.DESIRED),
+            msg.SerializeToString(),
+            qos=topics.QOS,
+            retain=True,
+        )
+        self.stats["desired_published"] += 1
