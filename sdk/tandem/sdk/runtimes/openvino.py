@@ -34,13 +34,24 @@ class OpenVINORuntime(Runtime):
 
     @classmethod
     def load(
-        cls, manifest: Manifest, model_dir: Path, *, device: str = "CPU", threads: int = 1, **_: Any
+        cls,
+        manifest: Manifest,
+        model_dir: Path,
+        *,
+        device: str = "CPU",
+        threads: int = 1,
+        precision: str = "f32",
+        **_: Any,
     ) -> OpenVINORuntime:
         ov = cls.import_package()
         try:
             core = ov.Core()
             model = core.read_model(str(model_dir / manifest.entrypoint))
-            config = {"INFERENCE_NUM_THREADS": threads} if device == "CPU" else {}
+            # Pinned to f32: on CPUs with bf16 units OpenVINO would otherwise run an fp32 model
+            # in bf16 and drift from the reference outputs (INT8 layers stay INT8 either way).
+            config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
+            if device == "CPU":
+                config["INFERENCE_NUM_THREADS"] = threads
             compiled = core.compile_model(model, device, config)
         except RuntimeError as exc:
             raise RuntimeBackendError(f"OpenVINO cannot load {manifest.entrypoint}: {exc}") from exc
