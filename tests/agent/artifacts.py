@@ -135,6 +135,7 @@ def build_variant(
     head_seed: int | None = None,
     expires: datetime | None = None,
     wrong_reference: bool = False,
+    claimed_size: int | None = None,
     manifest_changes: dict[str, Any] | None = None,
 ) -> BuiltVariant:
     """Writes `out/<model>/<version>/<variant>/` and returns it with its signed manifest."""
@@ -155,6 +156,8 @@ def build_variant(
     for name, data in (("model.onnx", onnx_bytes), ("reference.npz", reference)):
         entry, stored = _entry(name, data)
         (folder / entry.stored_as).write_bytes(stored)
+        if claimed_size is not None and name == "model.onnx":
+            entry = replace(entry, size=claimed_size)
         entries.append(entry)
     now = datetime.now(UTC).replace(microsecond=0)
     manifest = Manifest(

@@ -136,6 +136,7 @@ class FleetDouble:
         rollout_id: str = "r1",
         delta_base_version: int = 0,
         signed: bytes | None = None,
+        model: str | None = None,
         signatures: tuple[tuple[str, bytes], ...] | None = None,
     ) -> None:
         self.offer(built)
@@ -150,7 +151,7 @@ class FleetDouble:
             revision=self._revision,
             models=[
                 fleet_pb2.DesiredModel(
-                    model=built.manifest.model,
+                    model=model or built.manifest.model,
                     version=built.manifest.version,
                     variant=built.manifest.variant,
                     manifest=fleet_pb2.SignedManifest(
@@ -242,12 +243,18 @@ class FleetDouble:
     # --- waiting
 
     def wait_report(
-        self, device_id: str, kind: int, version: int | None = None, timeout: float = 30.0
+        self,
+        device_id: str,
+        kind: int,
+        version: int | None = None,
+        timeout: float = 30.0,
+        after: int = 0,
     ) -> fleet_pb2.DeviceReport:
+        """The first matching report at index `after` or later in `self.reports`."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                for report in self.reports:
+                for report in self.reports[after:]:
                     if (
                         report.device_id == device_id
                         and report.kind == kind

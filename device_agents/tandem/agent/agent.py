@@ -391,12 +391,12 @@ class Agent:
             if decision.action is Action.REACTIVATE:
                 await self._activate(model, offer.version, offer.variant, offer.rollout_id)
                 continue
-            if offer.digest in self.state.refused:
+            if offer.offer_key in self.state.refused:
                 log.debug(
                     "%s v%d was refused before: %s",
                     model,
                     offer.version,
-                    self.state.refused[offer.digest],
+                    self.state.refused[offer.offer_key],
                 )
                 continue
             if await self._begin_install(offer, local):
@@ -435,7 +435,7 @@ class Agent:
 
     def _refuse(self, offer: Offer, exc: RefusedError) -> None:
         log.warning("refused %s v%d %s: %s", offer.model, offer.version, offer.variant, exc)
-        self.state.remember_refusal(offer.digest, str(exc))
+        self.state.remember_refusal(offer.offer_key, str(exc))
         self.state.save()
         self._report(Kind.REFUSED, offer, reason=str(exc))
 
@@ -603,12 +603,17 @@ class Agent:
         dest = self.store.model_dir(offer.model) / str(offer.version) / offer.variant
         await asyncio.to_thread(delivery.staging.install_into, dest)
         self._delivery = None
-        await self._activate(offer.model, offer.version, offer.variant, offer.rollout_id)
+        await self._activate(
+            offer.model, offer.version, offer.variant, offer.rollout_id, fresh=True
+        )
         await self._reconcile()
 
     # --- activation, health, rollback -----------------------------------------------------
 
-    async def _activate(self, model: str, version: int, variant: str, rollout_id: str) -> None:
+    async def _activate(
+        self, model: str, version: int, variant: str, rollout_id: str, *, fresh: bool = False
+    ) -> None:
+        """Warms up an installed variant and switches to it (`fresh`: just installed)."""
         variant_dir = self.store.model_dir(model) / str(version) / variant
         offer_like = _Ref(model, version, variant, rollout_id)
         try:
@@ -621,6 +626,9 @@ class Agent:
             memory = self.state.model(model)
             memory.failed.add((version, variant))
             self.state.save()
+            if fresh:
+                # Never used, never will be: do not keep it on the device's disk.
+                shutil.rmtree(variant_dir, ignore_errors=True)
             self._report(Kind.FAILED, offer_like, reason=f"warmup: {exc}")
             return
         old_watch = self._watches.pop(model, None)

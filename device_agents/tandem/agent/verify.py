@@ -42,6 +42,18 @@ class Offer:
         return hashlib.sha256(self.signed).hexdigest()
 
     @property
+    def offer_key(self) -> str:
+        """Identifies the manifest AND its signatures: what a refusal is remembered by.
+
+        Keyed on the signatures too, so a copy of a good manifest refused for a bad signature
+        never blocks the same manifest correctly signed.
+        """
+        digest = hashlib.sha256(self.signed)
+        for entry in self.signatures:
+            digest.update(entry.keyid.encode() + b"\0" + entry.sig)
+        return digest.hexdigest()
+
+    @property
     def transfer_id(self) -> str:
         return self.digest[:16]
 
