@@ -154,8 +154,30 @@ def slow_config(name: str = "slow", **extra: Any) -> dict[str, Any]:
     return config
 
 
+def seqsum_onnx(path: Path) -> None:
+    """`tokens` INT64 [-1, -1] -> `total` FP32 [-1, 1]: each row's sum (a variable length)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["tokens"], ["as_float"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceSum", ["as_float", "axis1"], ["total"], keepdims=1),
+        ],
+        "seqsum",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["N", "L"])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
 def build_test_repository(root: Path) -> Path:
-    """digits (onnx), digits_pt (TorchScript), digits_ov (OpenVINO), digits_nobatch, slow."""
+    """digits (onnx), digits_pt (TorchScript), digits_ov (OpenVINO), digits_nobatch, seqsum
+    (variable length INT64), slow."""
     write_config(root / "digits", digits_config("digits"))
     digits_onnx(root / "digits" / "1" / "model.onnx")
     write_config(root / "digits_pt", digits_config("digits_pt", backend="pytorch"))
@@ -166,6 +188,11 @@ def build_test_repository(root: Path) -> Path:
     del nobatch["dynamic_batching"]
     write_config(root / "digits_nobatch", nobatch)
     digits_onnx(root / "digits_nobatch" / "1" / "model.onnx")
+    seqsum = digits_config("seqsum")
+    seqsum["input"] = [{"name": "tokens", "datatype": "INT64", "dims": [-1]}]
+    seqsum["output"] = [{"name": "total", "datatype": "FP32", "dims": [1]}]
+    write_config(root / "seqsum", seqsum)
+    seqsum_onnx(root / "seqsum" / "1" / "model.onnx")
     write_config(root / "slow", slow_config())
     slow_onnx(root / "slow" / "1" / "model.onnx")
     return root

@@ -84,6 +84,26 @@ def test_concurrent_mixed_batch_sizes_get_exactly_their_rows(server: ServerProce
     assert batches < len(requests), (batches, len(requests))
 
 
+def test_variable_length_requests_batch_only_with_equal_shapes(server: ServerProcess) -> None:
+    stub = server.stub()
+    rng = np.random.default_rng(4)
+    cases = []
+    for _ in range(96):
+        rows, length = int(rng.integers(1, 5)), int(rng.integers(1, 4)) * 8
+        cases.append(rng.integers(0, 1000, size=(rows, length)).astype(np.int64))
+
+    def call(tokens: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        request = pb.ModelInferRequest(model_name="seqsum")
+        tensor = request.inputs.add(name="tokens", datatype="INT64", shape=tokens.shape)
+        tensor.contents.int64_contents.extend(tokens.ravel().tolist())
+        return y_of(stub.ModelInfer(request))
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(call, cases))
+    for tokens, total in zip(cases, results, strict=True):
+        np.testing.assert_array_equal(total, tokens.sum(axis=1, keepdims=True).astype(np.float32))
+
+
 def test_full_queue_is_refused_at_once_and_others_complete(
     server: ServerProcess,
 ) -> None:

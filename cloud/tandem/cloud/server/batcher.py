@@ -43,6 +43,7 @@ class _Pending:
     future: asyncio.Future[Outputs]
     enqueued: float  # time.monotonic() at arrival
     deadline: float | None  # time.monotonic() past which it must not be computed
+    shape_key: tuple[tuple[int, ...], ...] | None  # non-batch dims, when some are variable
 
 
 class Batcher:
@@ -59,6 +60,9 @@ class Batcher:
         self._max_rows = config.max_batch_size if batching is not None else 0
         self._delay = batching.max_queue_delay_us / 1e6 if batching is not None else 0.0
         self._preferred = frozenset(batching.preferred_batch_sizes if batching else ())
+        # Requests only share a batch when their tensors can be stacked: with a variable
+        # non-batch dimension (e.g. sequence length) only requests of equal shapes batch.
+        self._variable = any(-1 in t.dims for t in config.inputs)
         self._arrived = asyncio.Event()
         self._forming = asyncio.Lock()
         self._closing = False
@@ -88,7 +92,10 @@ class Batcher:
         now = time.monotonic()
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
         deadline = now + timeout_s if timeout_s is not None else None
-        self._queue.append(_Pending(inputs, rows, future, now, deadline))
+        shape_key = (
+            tuple(inputs[t.name].shape[1:] for t in self.config.inputs) if self._variable else None
+        )
+        self._queue.append(_Pending(inputs, rows, future, now, deadline, shape_key))
         self._metrics.queue_depth.set(len(self._queue))
         self._arrived.set()
         return future
@@ -142,7 +149,10 @@ class Batcher:
         """(requests, rows, full): the longest queue prefix whose rows fit in one batch."""
         rows = 0
         count = 0
+        key = self._queue[0].shape_key
         for pending in self._queue:
+            if pending.shape_key != key:
+                return count, rows, True  # the next one cannot join this batch: run it
             if rows + pending.rows > self._max_rows:
                 return count, rows, True
             rows += pending.rows
