@@ -179,8 +179,9 @@ def _manifest_numbers(manifest: bytes) -> dict[str, Any]:
     files = doc.get("files")
     if isinstance(files, list):
         sizes = [f.get("size") for f in files if isinstance(f, Mapping)]
-        if sizes and all(isinstance(x, int) for x in sizes):
-            out.setdefault("size_bytes", sum(sizes))
+        ints = [x for x in sizes if isinstance(x, int)]
+        if ints and len(ints) == len(sizes):
+            out.setdefault("size_bytes", sum(ints))
     return out
 
 
