@@ -51,7 +51,8 @@ def make_store(
     for version in versions:
         for variant in variants:
             shutil.copytree(
-                artifacts / "digits" / str(version) / variant, root / "digits" / str(version) / variant
+                artifacts / "digits" / str(version) / variant,
+                root / "digits" / str(version) / variant,
             )
     store = ModelStore(root)
     if active is not None:
@@ -103,8 +104,18 @@ class ServeProcess:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"serve-{self.port}.log"
         command = [
-            str(TANDEM), "serve", "--repository", str(repository), "--grpc-port", str(self.port),
-            "--http-port", "0", "--metrics-port", "0", "--no-access-log", *args,
+            str(TANDEM),
+            "serve",
+            "--repository",
+            str(repository),
+            "--grpc-port",
+            str(self.port),
+            "--http-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--no-access-log",
+            *args,
         ]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

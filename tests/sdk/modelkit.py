@@ -237,7 +237,12 @@ def _build(out: Path, versions: tuple[int, ...]) -> None:
                 "model.xml",
                 fp32_ref,
             ),
-            "tflite-fp32": ("tflite", {"model.tflite": vdir / "model.tflite"}, "model.tflite", fp32_ref),
+            "tflite-fp32": (
+                "tflite",
+                {"model.tflite": vdir / "model.tflite"},
+                "model.tflite",
+                fp32_ref,
+            ),
             "torch-fp32": ("torch", {"model.pt": vdir / "model.pt"}, "model.pt", fp32_ref),
         }
         for variant, (runtime, payload, entry, ref_out) in specs.items():

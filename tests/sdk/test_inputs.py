@@ -29,10 +29,14 @@ def client(clients: Callable[..., Client], artifacts: Path) -> Client:
         ({}, r"input tensor 'pixels' is missing: expected float32 \[\?, 64\], got nothing"),
         ({"pixels": GOOD.astype(np.float64)}, r"'pixels': expected dtype float32, got float64"),
         ({"pixels": GOOD.astype(np.int64)}, r"'pixels': expected dtype float32, got int64"),
-        ({"pixels": np.zeros((2, 63), np.float32)},
-         r"'pixels': expected shape \[\?, 64\], got \[2, 63\] \(dimension 1 must be 64\)"),
-        ({"pixels": np.zeros((1, 2, 64), np.float32)},
-         r"'pixels': expected shape \[\?, 64\] \(rank 2\), got \[1, 2, 64\]"),
+        (
+            {"pixels": np.zeros((2, 63), np.float32)},
+            r"'pixels': expected shape \[\?, 64\], got \[2, 63\] \(dimension 1 must be 64\)",
+        ),
+        (
+            {"pixels": np.zeros((1, 2, 64), np.float32)},
+            r"'pixels': expected shape \[\?, 64\] \(rank 2\), got \[1, 2, 64\]",
+        ),
         ({"pixels": np.zeros((0, 64), np.float32)}, r"'pixels': empty batch, got shape \[0, 64\]"),
         ({"pixels": [[0.0] * 64]}, r"'pixels': expected a numpy array of float32, got list"),
         ([1, 2, 3], r"inputs: expected a numpy array or a dict .* got list"),
@@ -58,7 +62,10 @@ def test_good_inputs_single_array_single_row_and_non_contiguous(client: Client) 
 
 def test_single_array_for_a_multi_input_model_is_refused() -> None:
     sig = Signature(
-        [TensorSpec("input_ids", "INT64", (-1, -1)), TensorSpec("attention_mask", "INT64", (-1, -1))],
+        [
+            TensorSpec("input_ids", "INT64", (-1, -1)),
+            TensorSpec("attention_mask", "INT64", (-1, -1)),
+        ],
         [TensorSpec("embedding", "FP32", (-1, 384))],
         task="embedding",
     )

@@ -55,8 +55,12 @@ def test_retry_jitter_stays_within_the_capped_backoff() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"total": -1}, "total"), ({"backoff_factor": -1}, "backoff_factor"),
-     ({"backoff_factor": 1.0, "backoff_max": 0.5}, "backoff_max"), ({"jitter": "half"}, "jitter")],
+    [
+        ({"total": -1}, "total"),
+        ({"backoff_factor": -1}, "backoff_factor"),
+        ({"backoff_factor": 1.0, "backoff_max": 0.5}, "backoff_max"),
+        ({"jitter": "half"}, "jitter"),
+    ],
 )
 def test_retry_config_names_the_bad_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -68,8 +72,15 @@ def test_retry_config_names_the_bad_field(kwargs: dict[str, object], field: str)
 
 
 def test_breaker_opens_on_failure_ratio_then_half_opens_then_closes() -> None:
-    config = BreakerConfig(window_s=10, min_calls=4, failure_ratio=0.5, consecutive_failures=100,
-                           open_s=2.0, half_open_calls=1, close_after=2)
+    config = BreakerConfig(
+        window_s=10,
+        min_calls=4,
+        failure_ratio=0.5,
+        consecutive_failures=100,
+        open_s=2.0,
+        half_open_calls=1,
+        close_after=2,
+    )
     b = CircuitBreaker(config)
     b = b.on_success(0.0).on_success(0.1).on_failure(0.2)
     assert b.current_state(0.2) == "closed"  # 1/3, fewer than min_calls
@@ -173,8 +184,9 @@ def test_deadline_exceeded_is_a_timeout(v2: V2Server) -> None:
 
 
 def test_breaker_opens_refuses_without_calling_then_recovers(v2: V2Server) -> None:
-    breaker = BreakerConfig(consecutive_failures=3, min_calls=100, max_outcomes=256, open_s=0.3,
-                            close_after=1)
+    breaker = BreakerConfig(
+        consecutive_failures=3, min_calls=100, max_outcomes=256, open_s=0.3, close_after=1
+    )
     client = _client(v2.address, retry=Retry.disabled(), breaker=breaker)
     v2.script.fail_always = "UNAVAILABLE"
     for _ in range(3):
@@ -206,8 +218,9 @@ def test_calls_spread_over_endpoints_and_skip_unhealthy_ones(
     # it is skipped altogether.
     dead = f"127.0.0.1:{free_port()}"
     breaker = BreakerConfig(consecutive_failures=2, min_calls=100, max_outcomes=256, open_s=60)
-    client2 = _client(dead, a.address, retry=Retry(total=1, backoff_factor=0.0, backoff_max=0.0),
-                      breaker=breaker)
+    client2 = _client(
+        dead, a.address, retry=Retry(total=1, backoff_factor=0.0, backoff_max=0.0), breaker=breaker
+    )
     before = a.servicer.infer_calls
     for _ in range(10):
         assert client2.infer({"pixels": X}).endpoint == a.address

@@ -23,12 +23,18 @@ from tandem.sdk.local import (
 from tandem.sdk.runtimes import Runtime, get_runtime, register_runtime, runtime_names
 from tandem.sdk.runtimes.base import _REGISTRY
 
-VARIANTS = {"onnx": "onnx-int8", "openvino": "openvino-fp32", "tflite": "tflite-fp32",
-            "torch": "torch-fp32"}
+VARIANTS = {
+    "onnx": "onnx-int8",
+    "openvino": "openvino-fp32",
+    "tflite": "tflite-fp32",
+    "torch": "torch-fp32",
+}
 
 
 @pytest.mark.parametrize("runtime", sorted(VARIANTS))
-def test_each_runtime_matches_reference_outputs(artifacts: Path, tmp_path: Path, runtime: str) -> None:
+def test_each_runtime_matches_reference_outputs(
+    artifacts: Path, tmp_path: Path, runtime: str
+) -> None:
     variant = load_variant(artifacts / "digits" / "2" / VARIANTS[runtime])
     unpacked = unpack_to_cache(variant, tmp_path)
     # A build's artifacts folder is never written into: payloads unpack into the cache.
@@ -121,7 +127,9 @@ def test_forced_runtime_and_variant(artifacts: Path, tmp_path: Path) -> None:
         )
         assert model.runtime_name == expected == selection.runtime
     with pytest.raises(NoLocalModelError, match="no variant for runtime 'tflite-int8'"):
-        RuntimeSelector(tmp_path, SelectionConfig(runtime="tflite-int8")).choose(_variants(artifacts))
+        RuntimeSelector(tmp_path, SelectionConfig(runtime="tflite-int8")).choose(
+            _variants(artifacts)
+        )
 
 
 def test_outputs_that_disagree_with_the_reference_are_rejected(

@@ -58,20 +58,20 @@ class V2Double(pb_grpc.GRPCInferenceServiceServicer):
         if token is not None and metadata.get("authorization") != f"Bearer {token}":
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing bearer token")
 
-    def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def ServerLive(self, request: Any, context: Any) -> Any:
         return pb.ServerLiveResponse(live=True)
 
-    def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def ServerReady(self, request: Any, context: Any) -> Any:
         return pb.ServerReadyResponse(ready=True)
 
-    def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def ModelMetadata(self, request: Any, context: Any) -> Any:
         self._check(context)
         response = pb.ModelMetadataResponse(name=request.name, versions=["7"], platform="double")
         response.inputs.add(name="pixels", datatype="FP32", shape=[-1, 64])
         response.outputs.add(name="logits", datatype="FP32", shape=[-1, 10])
         return response
 
-    def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def ModelInfer(self, request: Any, context: Any) -> Any:
         self._check(context)
         with self.lock:
             self.infer_calls += 1

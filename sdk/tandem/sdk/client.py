@@ -31,6 +31,7 @@ from tandem.errors import (
     ClientClosedError,
     CloudError,
     ConfigError,
+    InputError,
     NoLocalModelError,
     TandemError,
 )
@@ -291,8 +292,14 @@ class Client:
         signature = model.signature if model is not None else self.signature()
         if signature is not None:
             return signature.prepare(inputs)
+        if self.cloud is None:
+            assert self.local_models is not None
+            self.local_models.require()  # raises NoLocalModelError, saying why
         if isinstance(inputs, np.ndarray):
-            raise ConfigError("inputs", "the model's input names are unknown: pass a dict")
+            raise InputError(
+                "the model's input names are unknown (no local model, no cloud "
+                "metadata): pass a dict of arrays by name"
+            )
         return dict(inputs)
 
     def infer(self, inputs: Mapping[str, np.ndarray[Any, Any]] | np.ndarray[Any, Any]) -> Result:

@@ -260,7 +260,7 @@ class TelemetryRecorder:
         agg.counts[f"{path}/{outcome}"] += 1
         if runtime:
             agg.runtime = runtime
-        if outcome != "ok":
+        if outcome not in ("ok", "hit"):
             agg.errors += 1
         if fallback:
             agg.fallbacks += 1
