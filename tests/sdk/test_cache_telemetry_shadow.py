@@ -257,7 +257,7 @@ def test_shadow_sampling_reports_agreement(
     wait_until(lambda: c.shadow is not None and c.shadow.sampled == 20, timeout=10)
     assert c.shadow.agreed == 10
     c.close()
-    summary = [s for f in spool.iterdir() for s in read_spool_file(f)][0]
+    summary = next(s for f in spool.iterdir() for s in read_spool_file(f))
     assert (summary.shadow_sampled, summary.shadow_agreed) == (20, 10)
 
     few = clients(

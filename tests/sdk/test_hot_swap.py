@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -64,7 +65,7 @@ def test_swap_under_concurrent_load(
     # Each thread saw versions change in runs (no interleaving noise within a thread beyond the
     # three flips): count the changes.
     for s in seen:
-        changes = sum(1 for a, b in zip(s, s[1:], strict=False) if a != b)
+        changes = sum(1 for a, b in itertools.pairwise(s) if a != b)
         assert changes <= 3
 
 
