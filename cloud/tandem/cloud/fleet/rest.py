@@ -61,25 +61,33 @@ class DesiredIn(BaseModel):
     variant: str | None = None
 
 
+_bearer = HTTPBearer(auto_error=False)
+
+
+def _actor(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The user name behind the bearer token (the actor recorded in events), or 401."""
+    tokens: Mapping[str, str] = request.app.state.tokens
+    if creds is not None:
+        for token, user in tokens.items():
+            if hmac.compare_digest(creds.credentials.encode(), token.encode()):
+                return user
+    raise HTTPException(
+        401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+User = Annotated[str, Depends(_actor)]
+
+
 def create_app(service: FleetService, tokens: Mapping[str, str] | None = None) -> FastAPI:
     """The REST app; `tokens` maps bearer token -> user name (the actor in events)."""
     tokens = dict(tokens if tokens is not None else service.config.api_tokens)
     app = FastAPI(title="tandem fleet", version="1")
     app.state.service = service
-    bearer = HTTPBearer(auto_error=False)
-
-    def actor(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> str:
-        if creds is not None:
-            for token, user in tokens.items():
-                if hmac.compare_digest(creds.credentials.encode(), token.encode()):
-                    return user
-        raise HTTPException(
-            401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
-        )
-
-    User = Annotated[str, Depends(actor)]
+    app.state.tokens = tokens
 
     @app.exception_handler(FleetError)
     async def _fleet_error(_request: Request, exc: FleetError) -> JSONResponse:

@@ -1,0 +1,193 @@
+"""Fleet fixtures: a Mosquitto started from `tandem fleet broker-config` output, a fake zoo,
+and the fleet service as a real `tandem fleet serve` process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tandem.cloud.fleet.broker_config import BrokerConfig, Written, write_broker_config
+from tests.fleet.helpers import fake_zoo
+from tests.support.mosquitto import MOSQUITTO
+from tests.support.processes import free_port, stop_process, wait_for_port, wait_until
+
+TANDEM = str(Path(sys.executable).parent / "tandem")
+TOKEN = "test-token"
+
+
+@dataclass
+class GeneratedBroker:
+    host: str
+    port: int
+    out: Path
+    written: Written
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.written.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for_port(self.port, self.host, proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+
+@pytest.fixture
+def generated_broker(tmp_path: Path) -> Iterator[Callable[[list[str]], GeneratedBroker]]:
+    brokers: list[GeneratedBroker] = []
+
+    def make(device_ids: list[str]) -> GeneratedBroker:
+        port = free_port()
+        out = tmp_path / f"broker-{len(brokers)}"
+        written = write_broker_config(
+            BrokerConfig(out, "127.0.0.1", port, persistence=False), device_ids
+        )
+        b = GeneratedBroker("127.0.0.1", port, out, written)
+        b.start()
+        brokers.append(b)
+        return b
+
+    yield make
+    for b in brokers:
+        b.stop()
+
+
+@pytest.fixture
+def zoo(tmp_path: Path) -> Path:
+    return fake_zoo(tmp_path / "zoo")
+
+
+@dataclass
+class ServiceProcess:
+    args: list[str]
+    rest_port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    http: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.http = httpx.Client(
+            base_url=f"http://127.0.0.1:{self.rest_port}/api/v1",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=10,
+        )
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            self.args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        wait_for_port(self.rest_port, proc=self.proc, timeout=30)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if kill:
+            self.proc.kill()
+            self.proc.wait(10)
+        else:
+            stop_process(self.proc)
+        self.proc = None
+
+    def get(self, path: str, **kw: object) -> object:
+        r = self.http.get(path, **kw)  # type: ignore[arg-type]
+        r.raise_for_status()
+        return r.json()
+
+    def post(self, path: str, json: object = None) -> object:
+        r = self.http.post(path, json=json)
+        assert r.status_code < 300, r.text
+        return r.json()
+
+    def rollout(self, rollout_id: str) -> dict[str, object]:
+        data = self.get(f"/rollouts/{rollout_id}")
+        assert isinstance(data, dict)
+        return data
+
+    def wait_rollout(self, rollout_id: str, status: str, timeout: float = 60) -> dict[str, object]:
+        wait_until(
+            lambda: self.rollout(rollout_id)["status"] == status,
+            timeout=timeout,
+            interval=0.2,
+            message=f"rollout {rollout_id} {status}: {self.log_tail()}",
+        )
+        return self.rollout(rollout_id)
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+
+@pytest.fixture
+def fleet_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    started: list[ServiceProcess] = []
+
+    def make(
+        broker: GeneratedBroker, zoo: Path | None = None, *extra: str, db: str | None = None
+    ) -> ServiceProcess:
+        rest_port = free_port()
+        args = [
+            TANDEM,
+            "fleet",
+            "serve",
+            "--broker",
+            broker.url,
+            "--username",
+            "tandem-fleet",
+            "--password-file",
+            str(broker.written.fleet_password_file),
+            "--client-id",
+            "tandem-fleet-test",
+            "--db",
+            db or f"sqlite:///{tmp_path / 'fleet.db'}",
+            "--artifacts",
+            str(tmp_path / "fleet-artifacts"),
+            "--rest-port",
+            str(rest_port),
+            "--api-token",
+            f"alice:{TOKEN}",
+            "--tick",
+            "0.1",
+            "--telemetry-window",
+            "1",
+            *extra,
+        ]
+        if zoo is not None:
+            args += ["--zoo", str(zoo)]
+        svc = ServiceProcess(args, rest_port, tmp_path / "fleet-service.log")
+        svc.start()
+        started.append(svc)
+        return svc
+
+    yield make
+    for svc in started:
+        svc.stop()
+        svc.http.close()
+
+
+def wait_devices(svc: ServiceProcess, n: int, timeout: float = 30) -> None:
+    def online() -> bool:
+        devices = svc.get("/devices", params={"online": True})
+        assert isinstance(devices, list)
+        return len(devices) >= n
+
+    wait_until(online, timeout=timeout, interval=0.2, message=f"{n} devices online")
+    time.sleep(0.2)
