@@ -207,4 +207,7 @@ def create_app(service: FleetService, tokens: Mapping[str, str] | None = None) -
         )
         return result
 
+    from tandem.cloud.console.api import mount_console  # the web console (issue 6)
+
+    mount_console(app, service, tokens=tokens)
     return app
