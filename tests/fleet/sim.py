@@ -17,6 +17,7 @@ checks out. That is what the rollout benchmark measures: the service and the bro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import itertools
@@ -144,10 +145,8 @@ class SimFleet:
         if self._thread is not None:
             self._thread.join(10)
         for dev in self.devices.values():
-            try:
+            with contextlib.suppress(Exception):
                 dev.client.disconnect()
-            except Exception:  # noqa: BLE001 - best effort at teardown
-                pass
         self._sel.close()
 
     def call(self, fn: Callable[[], None]) -> None:
@@ -192,22 +191,16 @@ class SimFleet:
 
     def _on_socket_close(self, client: Any, dev: SimDevice, sock: Any) -> None:
         self._by_sock.pop(sock, None)
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(sock)
-        except (KeyError, ValueError):
-            pass
 
     def _on_register_write(self, client: Any, dev: SimDevice, sock: Any) -> None:
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self._sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, dev)
-        except (KeyError, ValueError):
-            pass
 
     def _on_unregister_write(self, client: Any, dev: SimDevice, sock: Any) -> None:
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self._sel.modify(sock, selectors.EVENT_READ, dev)
-        except (KeyError, ValueError):
-            pass
 
     def _loop(self) -> None:
         last_misc = 0.0
@@ -278,7 +271,7 @@ class SimFleet:
                 self._on_desired(dev, msg.payload)
             elif msg.topic.endswith("/" + topics.CHUNKS):
                 self._on_chunk(dev, msg.payload)
-        except Exception as exc:  # noqa: BLE001 - record and keep simulating
+        except Exception as exc:  # record and keep simulating
             log.exception("sim device %s", dev.device_id)
             self.errors.append(f"{dev.device_id}: {exc!r}")
 

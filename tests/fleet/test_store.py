@@ -182,7 +182,7 @@ def test_telemetry_ingest_is_idempotent_and_merges_per_window(store: Store) -> N
     batch.append(summary("d2", 2, start_ms=t0, requests=50, latency_ms=8.0))
     res = store.ingest(batch)
     assert (res.ingested, res.duplicates) == (4, 0)
-    again = store.ingest(batch + [batch[0]])
+    again = store.ingest([*batch, batch[0]])
     assert (again.ingested, again.duplicates) == (0, 5)
     rows, seen = store.telemetry_count()
     assert (rows, seen) == (2, 4), "three d1 summaries merged into one 60 s window"
