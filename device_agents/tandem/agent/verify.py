@@ -143,17 +143,17 @@ def check_offer(
             errors.WRONG_MODEL,
             f"manifest is for model {manifest.model!r}, desired state names {offer.model!r}",
         )
-    if manifest.version < state.max_accepted_version:
-        raise RefusedError(
-            errors.ROLLBACK,
-            f"{manifest.model} v{manifest.version} is older than v{state.max_accepted_version}, "
-            "which this device already accepted",
-        )
     if manifest.version != offer.version or manifest.variant != offer.variant:
         raise RefusedError(
             errors.WRONG_MODEL,
             f"desired state names v{offer.version} {offer.variant} but the signed manifest is "
             f"v{manifest.version} {manifest.variant}",
+        )
+    if manifest.version < state.max_accepted_version:
+        raise RefusedError(
+            errors.ROLLBACK,
+            f"{manifest.model} v{manifest.version} is older than v{state.max_accepted_version}, "
+            "which this device already accepted",
         )
     if manifest.hardware not in ("any", facts.hardware):
         raise RefusedError(
