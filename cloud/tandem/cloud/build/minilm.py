@@ -65,6 +65,7 @@ from tandem.cloud.build.packaging import (
     write_repository_model,
     write_variant,
 )
+from tandem.cloud.build.runners import load_runner
 from tandem.errors import ConfigError
 from tandem.sdk.artifacts import TensorSpec
 
@@ -393,11 +394,7 @@ def export_torchscript(embedder: Any, sample: Mapping[str, Array], path: Path) -
 
 
 def load_torchscript(path: Path) -> Runner:
-    import torch
-
-    module = torch.jit.load(str(path))  # type: ignore[no-untyped-call]
-    module.eval()
-    return lambda feed: torch_embed(module, feed)
+    return embedding_runner("torch", path, threads=1)
 
 
 # --- quantization ---------------------------------------------------------------------------
@@ -482,48 +479,35 @@ def quantize_openvino(
 # --- running and measuring ------------------------------------------------------------------
 
 
+def embedding_runner(runtime: str, path: Path, threads: int) -> Runner:
+    """`path` in `runtime` ("onnx", "openvino", "torch"), returning the embedding array.
+
+    The shared build runners set the session options (`threads` intra-op threads, one
+    inter-op thread), so minilm's latencies are taken the same way as every other model's.
+    """
+    try:
+        run = load_runner(
+            runtime,
+            path,
+            [spec.name for spec in INPUTS],
+            [spec.name for spec in OUTPUTS],
+            threads=threads,
+        )
+    except (RuntimeError, ValueError, OSError) as exc:  # the runtimes' own load errors
+        raise ExportError(f"minilm: {runtime} cannot load {path.name}: {exc}") from exc
+
+    def embed(feed: Mapping[str, Array]) -> Array:
+        return np.asarray(run(feed)["embedding"], dtype=np.float32)
+
+    return embed
+
+
 def onnx_runner(path: Path, threads: int) -> Runner:
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise ModelUnavailableError(
-            "minilm needs onnxruntime: pip install 'tandem[build]'"
-        ) from exc
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's own error types
-        raise ExportError(f"minilm: onnxruntime cannot load {path.name}: {exc}") from exc
-
-    def run(feed: Mapping[str, Array]) -> Array:
-        return np.asarray(session.run(["embedding"], dict(feed))[0], dtype=np.float32)
-
-    return run
+    return embedding_runner("onnx", path, threads)
 
 
 def openvino_runner(path: Path, threads: int) -> Runner:
-    try:
-        import openvino as ov
-    except ImportError as exc:
-        raise ModelUnavailableError("minilm needs openvino: pip install 'tandem[build]'") from exc
-    try:
-        compiled = ov.Core().compile_model(
-            str(path),
-            "CPU",
-            {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"},
-        )
-    except RuntimeError as exc:
-        raise ExportError(f"minilm: OpenVINO cannot compile {path.name}: {exc}") from exc
-    request = compiled.create_infer_request()
-
-    def run(feed: Mapping[str, Array]) -> Array:
-        result = request.infer(dict(feed))
-        return np.asarray(result[compiled.output(0)], dtype=np.float32).copy()
-
-    return run
+    return embedding_runner("openvino", path, threads)
 
 
 def embed_all(runner: Runner, batches: Sequence[Feed]) -> Array:
