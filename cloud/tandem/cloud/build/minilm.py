@@ -772,10 +772,13 @@ def build(ctx: BuildContext) -> dict[str, Any]:
             metrics=metrics,
         )
         model_names = set(spec["model_files"])
+        # Threads and sequence length are the same for every variant: the model-level
+        # metrics hold them, the variant table does not repeat them.
+        shared = {"latency_threads", "max_sequence_length"}
         variants[variant] = {
             "runtime": spec["runtime"],
             "precision": "int8",
-            **metrics,
+            **{k: v for k, v in metrics.items() if k not in shared},
             "size_bytes": sum(f.size for f in written.manifest.files if f.name in model_names),
             "stored_bytes": sum(f.stored_size for f in written.manifest.files),
             "quantization": spec["method"],
