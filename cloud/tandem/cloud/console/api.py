@@ -191,12 +191,12 @@ def console_router(
             )
         return summary
 
-    stream_auth = bearer_checker(tokens, allow_query=True)
-
-    @pages.get("/console/api/stream")
+    @pages.get(
+        "/console/api/stream",
+        dependencies=[Depends(bearer_checker(tokens, allow_query=True))],
+    )
     async def stream(
         request: Request,
-        _user: Annotated[str, Depends(stream_auth)],
         since_id: Annotated[int | None, Query(ge=0)] = None,
     ) -> StreamingResponse:
         last_seen = request.headers.get("last-event-id", "")

@@ -23,6 +23,9 @@ function h(tag, attrs, ...children) {
   }
   return el;
 }
+function fill(el, ...kids) {
+  el.replaceChildren(...kids.flat().filter((k) => k !== null && k !== undefined && k !== false));
+}
 const svgNS = "http://www.w3.org/2000/svg";
 function s(tag, attrs, ...children) {
   const el = document.createElementNS(svgNS, tag);
@@ -200,7 +203,7 @@ async function fleetPage(params) {
         h("td", {}, d.agent_version || "–"),
         h("td", {}, fmt.ago(d.last_seen)));
     });
-    root.replaceChildren(
+    fill(root, 
       h("div", { class: "head" }, h("h1", {}, "Fleet"), h("span", { class: "spacer" }), tagSelect, onlineSelect),
       h("div", { class: "row" },
         h("div", { class: "card" }, h("h3", {}, "Devices"), h("div", { class: "stat", id: "device-count" }, data.total)),
@@ -255,7 +258,7 @@ async function modelPage(name) {
       Object.keys(v.metrics).length ? h("details", {}, h("summary", { class: "muted" }, "build report metrics"),
         h("table", {}, h("tbody", {}, Object.entries(v.metrics).map(([k, x]) =>
           h("tr", {}, h("td", { class: "mono" }, k), h("td", { class: "num" }, typeof x === "number" ? +x.toFixed(5) : String(x))))))) : null));
-    root.replaceChildren(h("div", { class: "head" }, h("h1", {}, `Model ${m.name}`), h("span", { class: "muted" }, m.task)), cards);
+    fill(root, h("div", { class: "head" }, h("h1", {}, `Model ${m.name}`), h("span", { class: "muted" }, m.task)), ...cards);
   }
   await draw();
 }
@@ -276,7 +279,7 @@ async function rolloutsPage() {
       h("td", {}, `${r.stage_index + 1} / ${r.stages.length} (${r.stages[r.stage_index].percent}%)`),
       h("td", {}, Object.entries(r.selector).map(([k, v]) => h("span", { class: "tag" }, `${k}=${v}`))),
       h("td", {}, r.created_by), h("td", {}, fmt.ago(r.created_at))));
-    root.replaceChildren(
+    fill(root, 
       h("div", { class: "head" }, h("h1", {}, "Rollouts"), h("span", { class: "spacer" }),
         h("a", { class: "button", id: "new-rollout", href: "#/rollouts/new" }, "New rollout")),
       h("div", { class: "card" }, h("table", { id: "rollouts" },
@@ -481,7 +484,7 @@ async function rolloutPage(id) {
       h("td", {}, fmt.time(e.at)), h("td", {}, e.kind), h("td", { class: "mono" }, e.actor),
       h("td", { class: "num" }, e.stage_index === null ? "" : e.stage_index + 1), h("td", { class: "mono" }, e.device_id || ""),
       h("td", { class: "mono" }, Object.keys(e.detail).length ? JSON.stringify(e.detail).slice(0, 160) : "")));
-    root.replaceChildren(
+    fill(root, 
       h("div", { class: "head" },
         h("h1", {}, `Rollout ${r.model} v${r.version}`),
         badge(r.status), h("span", { class: "mono muted" }, r.rollout_id),
