@@ -135,7 +135,7 @@ def test_prefer_cloud_falls_back_when_cloud_is_down_slow_or_open(
         endpoints=(v2.address,),
         retry=Retry.disabled(),
         timeout_ms=100,
-        breaker=BreakerConfig(consecutive_failures=2, min_calls=100, max_outcomes=256, open_s=60),
+        breaker=BreakerConfig(consecutive_failures=2, min_calls=100, open_s=60),
     )
     c = clients(artifacts=artifacts, cloud=cloud, policy="prefer_cloud", runtime="onnx")
     assert c.infer(x).source == "cloud"

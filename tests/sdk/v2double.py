@@ -116,3 +116,30 @@ class V2Server:
 
     def stop(self) -> None:
         self.server.stop(grace=None)
+
+
+def echo_compute(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Returns the input as the output: a V2 server that does no work (wire cost only)."""
+    return {"logits": inputs["pixels"]}
+
+
+def main() -> None:
+    """Runs the double as its own process: `python -m tests.sdk.v2double --port P [--echo]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--echo", action="store_true")
+    args = parser.parse_args()
+    servicer = V2Double()
+    if args.echo:
+        servicer.script.compute = echo_compute
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{args.port}")
+    server.start()
+    server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    main()

@@ -83,22 +83,22 @@ class BreakerConfig:
     """When a breaker opens, how long it stays open, and how it closes again."""
 
     window_s: float = 10.0  # seconds of outcomes that count
+    buckets: int = 10  # the window is kept as this many counters (bounds memory and cost)
     min_calls: int = 5  # fewer outcomes than this in the window never open the breaker
     failure_ratio: float = 0.5  # open when failures / calls in the window reach this
     consecutive_failures: int = 5  # ...or when this many calls fail in a row
     open_s: float = 2.0  # seconds open before trial calls are let through
     half_open_calls: int = 1  # trial calls allowed at once while half-open
     close_after: int = 2  # successful trial calls that close the breaker
-    max_outcomes: int = 256  # outcomes kept in the window (bounds memory)
 
     def __post_init__(self) -> None:
         positive = {
             "window_s": self.window_s,
+            "buckets": self.buckets,
             "min_calls": self.min_calls,
             "consecutive_failures": self.consecutive_failures,
             "half_open_calls": self.half_open_calls,
             "close_after": self.close_after,
-            "max_outcomes": self.max_outcomes,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -107,26 +107,49 @@ class BreakerConfig:
             raise ConfigError("failure_ratio", f"must be in (0, 1], got {self.failure_ratio}")
         if self.open_s < 0:
             raise ConfigError("open_s", f"must be >= 0 seconds, got {self.open_s}")
-        if self.min_calls > self.max_outcomes:
-            raise ConfigError("min_calls", "must be <= max_outcomes")
+
+    @property
+    def bucket_s(self) -> float:
+        return self.window_s / self.buckets
+
+
+# One window bucket: (bucket number = floor(time / bucket_s), successes, failures).
+Bucket = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
 class CircuitBreaker:
-    """One endpoint's breaker: closed (calls flow), open (calls refused), half-open (trials)."""
+    """One endpoint's breaker: closed (calls flow), open (calls refused), half-open (trials).
+
+    The window is a short tuple of per-bucket counters, so recording an outcome costs the
+    same however many calls the window holds.
+    """
 
     config: BreakerConfig = field(default_factory=BreakerConfig)
     state: BreakerState = "closed"
-    outcomes: tuple[tuple[float, bool], ...] = ()  # (monotonic time, ok) within the window
+    outcomes: tuple[Bucket, ...] = ()
     consecutive: int = 0  # failures in a row
     opened_at: float = 0.0
     trials_in_flight: int = 0
     trial_successes: int = 0
 
-    def _trim(self, now: float) -> tuple[tuple[float, bool], ...]:
-        horizon = now - self.config.window_s
-        kept = tuple(o for o in self.outcomes if o[0] >= horizon)
-        return kept[-self.config.max_outcomes :]
+    def _record(self, now: float, ok: bool) -> tuple[Bucket, ...]:
+        index = int(now // self.config.bucket_s)
+        kept = self.outcomes
+        horizon = index - self.config.buckets + 1
+        if kept and kept[0][0] < horizon:
+            kept = tuple(b for b in kept if b[0] >= horizon)
+        if kept and kept[-1][0] == index:
+            _, successes, failures = kept[-1]
+            return (*kept[:-1], (index, successes + ok, failures + (not ok)))
+        return (*kept, (index, int(ok), int(not ok)))
+
+    def counts(self) -> tuple[int, int]:
+        """(calls, failures) in the window as last recorded."""
+        return (
+            sum(b[1] + b[2] for b in self.outcomes),
+            sum(b[2] for b in self.outcomes),
+        )
 
     def current_state(self, now: float) -> BreakerState:
         """The state as seen at `now` (open turns half-open once open_s has passed)."""
@@ -144,13 +167,16 @@ class CircuitBreaker:
 
     def before_call(self, now: float) -> CircuitBreaker:
         """The breaker after admitting one call (check `allows` first)."""
-        state = self.current_state(now)
-        if state == "half_open":
+        if self.state == "closed":
+            return self
+        if self.current_state(now) == "half_open":
             return replace(self, state="half_open", trials_in_flight=self.trials_in_flight + 1)
         return self
 
     def on_success(self, now: float) -> CircuitBreaker:
-        if self.state == "half_open" or self.current_state(now) == "half_open":
+        if self.state == "closed":
+            return CircuitBreaker(self.config, "closed", self._record(now, True), 0)
+        if self.current_state(now) == "half_open":
             successes = self.trial_successes + 1
             if successes >= self.config.close_after:
                 return CircuitBreaker(self.config)
@@ -160,22 +186,22 @@ class CircuitBreaker:
                 trials_in_flight=max(0, self.trials_in_flight - 1),
                 trial_successes=successes,
             )
-        return replace(self, outcomes=(*self._trim(now), (now, True)), consecutive=0)
+        return self
 
     def on_failure(self, now: float) -> CircuitBreaker:
-        if self.state == "half_open" or self.current_state(now) == "half_open":
-            return self._open(now)
-        if self.state == "open":
+        if self.state != "closed":
+            if self.current_state(now) == "half_open":
+                return self._open(now)
             return self
-        outcomes = (*self._trim(now), (now, False))
+        outcomes = self._record(now, False)
         consecutive = self.consecutive + 1
-        failures = sum(1 for _, ok in outcomes if not ok)
+        calls = sum(b[1] + b[2] for b in outcomes)
+        failures = sum(b[2] for b in outcomes)
         if consecutive >= self.config.consecutive_failures or (
-            len(outcomes) >= self.config.min_calls
-            and failures / len(outcomes) >= self.config.failure_ratio
+            calls >= self.config.min_calls and failures / calls >= self.config.failure_ratio
         ):
             return self._open(now)
-        return replace(self, outcomes=outcomes, consecutive=consecutive)
+        return CircuitBreaker(self.config, "closed", outcomes, consecutive)
 
     def on_ignored(self, now: float) -> CircuitBreaker:
         """A call that neither proves nor disproves health (e.g. the caller's bad input)."""
