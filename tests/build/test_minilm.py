@@ -302,30 +302,67 @@ def test_reference_outputs_reproduce_with_the_variants_runtime(
     np.testing.assert_allclose(np.linalg.norm(actual, axis=1), 1.0, atol=1e-3)
 
 
+@pytest.fixture(scope="module")
+def subset() -> list[str]:
+    sentences = minilm.evaluation_sentences()[::SUBSET_STEP]
+    assert len(sentences) >= 60
+    return sentences
+
+
+@pytest.fixture(scope="module")
+def fp32_subset(zoo: Path, subset: list[str]) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """The subset in batches of 16 (raw tokenizer from the model package) and its FP32
+    embeddings from the cloud repository's model.onnx."""
+    tokenizer = minilm.load_tokenizer(minilm.model_dir() / "tokenizer.json")
+    feeds = [minilm.tokenize(tokenizer, subset[i : i + 16]) for i in range(0, len(subset), 16)]
+    fp32 = _onnx_embedder(zoo / "repository" / "minilm" / "1" / "model.onnx")
+    return feeds, np.concatenate([fp32(feed) for feed in feeds])
+
+
 def test_cosine_recomputed_from_the_artifacts(
-    zoo: Path, unpacked: Path, entry: dict[str, Any]
+    unpacked: Path,
+    entry: dict[str, Any],
+    subset: list[str],
+    fp32_subset: tuple[list[dict[str, np.ndarray]], np.ndarray],
 ) -> None:
     """INT8 variants against the cloud FP32 model, tokenized with the shipped tokenizer."""
-    subset = minilm.evaluation_sentences()[::SUBSET_STEP]
-    assert len(subset) >= 60
-    fp32 = _onnx_embedder(zoo / "repository" / "minilm" / "1" / "model.onnx")
+    feeds, fp32 = fp32_subset
     for variant in VARIANTS:
         folder = unpacked / variant
         tokenizer = _shipped_tokenizer(folder)
         int8 = _variant_embedder(folder, variant)
-        fp32_parts, int8_parts = [], []
-        for start in range(0, len(subset), 16):
+        parts = []
+        for start, expected in zip(range(0, len(subset), 16), feeds, strict=True):
             encodings = tokenizer.encode_batch(subset[start : start + 16])
             feed = {
                 "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
                 "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
             }
-            fp32_parts.append(fp32(feed))
-            int8_parts.append(int8(feed))
-        cosines = minilm.cosine_similarities(np.concatenate(int8_parts), np.concatenate(fp32_parts))
+            # The shipped tokenizer tokenizes exactly as the build did.
+            np.testing.assert_array_equal(feed["input_ids"], expected["input_ids"])
+            parts.append(int8(feed))
+        cosines = minilm.cosine_similarities(np.concatenate(parts), fp32)
         assert cosines.mean() >= 0.98, (variant, cosines.mean())
         # The subset agrees with the figure the report quotes for the whole set.
         assert cosines.mean() == pytest.approx(entry["variants"][variant]["cosine_mean"], abs=0.01)
+
+
+def test_gate_refuses_a_per_tensor_quantization(
+    zoo: Path, tmp_path: Path, fp32_subset: tuple[list[dict[str, np.ndarray]], np.ndarray]
+) -> None:
+    """The gate can fail: per-tensor weight scales lose too much, and the build says so."""
+    coarse = tmp_path / "per-tensor.onnx"
+    minilm.quantize_onnx(
+        zoo / "repository" / "minilm" / "1" / "model.onnx", coarse, tmp_path, per_channel=False
+    )
+    feeds, fp32 = fp32_subset
+    int8 = _onnx_embedder(coarse)
+    cosines = minilm.cosine_similarities(np.concatenate([int8(f) for f in feeds]), fp32)
+    with pytest.raises(minilm.QualityGateError, match=r"below the 0\.98 gate"):
+        minilm.check_cosine_gate("onnx-int8-per-tensor", cosines)
+    with pytest.raises(minilm.QualityGateError):
+        minilm.check_cosine_gate("empty", np.array([]))
+    minilm.check_cosine_gate("identical", np.ones(10))
 
 
 def test_unchanged_rebuild_comes_from_the_cache(zoo: Path) -> None:
