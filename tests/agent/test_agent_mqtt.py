@@ -112,7 +112,7 @@ def test_failed_health_rolls_back_by_itself(
 ) -> None:
     v1 = build_variant(tmp_path / "zoo", signer, version=1)
     v2 = build_variant(tmp_path / "zoo", signer, version=2)
-    agent = agent_factory("dev-1", "--health-window", "6")
+    agent = agent_factory("dev-1", "--health-window", "4")
     fleet.set_desired("dev-1", v1)
     fleet.wait_report("dev-1", Kind.HEALTHY, 1, timeout=40)
     fleet.set_desired("dev-1", v2)
@@ -162,7 +162,7 @@ def test_resume_after_agent_kill_mid_transfer(
     resumed = [r for r in fleet.requests[before:] if r.file == "model.onnx"]
     assert resumed[0].offset == offset
     sent_after = [c for c in fleet.sent if c.file == "model.onnx" and c.offset < offset]
-    assert len(sent_after) == 6  # the first chunks were never sent twice
+    assert len(sent_after) == offset // fleet.chunk_size  # bytes on disk were never sent twice
     installed = agent.store / "digits" / "1" / "onnx-int8" / "model.onnx"
     assert (
         hashlib.sha256(installed.read_bytes()).hexdigest() == v1.manifest.file("model.onnx").sha256
@@ -233,3 +233,31 @@ def test_garbage_on_every_topic_is_dropped(
     fleet.wait_report("dev-1", Kind.HEALTHY, 1, timeout=40)
     assert not (tmp_path / "evil").exists() and not (agent.store.parent / "evil").exists()
     assert "garbage" in agent.log() or "dropped" in agent.log()
+
+
+def test_resume_after_fleet_service_restart_mid_transfer(
+    fleet: FleetDouble,
+    signer: Signer,
+    agent_factory: Callable[..., AgentProcess],
+    tmp_path: Path,
+) -> None:
+    v1 = build_variant(tmp_path / "zoo", signer, version=1)
+    fleet.chunk_budget = 5
+    agent = agent_factory("dev-1")
+    fleet.set_desired("dev-1", v1)
+    wait_until(
+        lambda: len([c for c in fleet.sent if c.file == "model.onnx"]) >= 5,
+        30,
+        message="first chunks sent",
+    )
+    fleet.close()  # the service dies with the rest of the stream unsent
+    replacement = FleetDouble(fleet.broker)
+    try:
+        replacement.offer(v1)  # knows the artifact, has not been asked for anything yet
+        # The agent's stall timer asks again from its offset; the new service answers.
+        replacement.wait_report("dev-1", Kind.HEALTHY, 1, timeout=40)
+        resumed = [r for r in replacement.requests if r.file == "model.onnx"]
+        assert resumed and resumed[0].offset == 5 * fleet.chunk_size
+        assert agent.alive
+    finally:
+        replacement.close()

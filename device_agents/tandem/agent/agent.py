@@ -409,6 +409,7 @@ class Agent:
         except RefusedError as exc:
             self._refuse(offer, exc)
             return False
+        self._drop_other_staging(offer.transfer_id)
         staging = Staging(self._staging_root, offer.transfer_id, manifest)
         staging.open(offer.signed, signatures_to_bytes(offer.signatures))
         base = delta_base(offer, local)
@@ -432,6 +433,14 @@ class Agent:
         )
         await self._continue(delivery)
         return True
+
+    def _drop_other_staging(self, keep: str) -> None:
+        """One delivery at a time: leftovers of abandoned ones only take disk space."""
+        if not self._staging_root.is_dir():
+            return
+        for folder in self._staging_root.iterdir():
+            if folder.name != keep:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _refuse(self, offer: Offer, exc: RefusedError) -> None:
         log.warning("refused %s v%d %s: %s", offer.model, offer.version, offer.variant, exc)
@@ -702,16 +711,24 @@ class Agent:
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(_TICK_S)
-            delivery = self._delivery
-            if (
-                delivery is not None
-                and self._connected.is_set()
-                and time.monotonic() - delivery.last_activity > self.config.stall_timeout_s
-            ):
-                log.info("no chunk for %.1fs: asking again", self.config.stall_timeout_s)
-                self._request_next(delivery, force=True)
-            for model, watch in list(self._watches.items()):
-                await self._check_health(model, watch)
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one failed tick (a full disk, say) must not end the timers
+                log.exception("agent: timer tick failed")
+
+    async def _tick(self) -> None:
+        delivery = self._delivery
+        if (
+            delivery is not None
+            and self._connected.is_set()
+            and time.monotonic() - delivery.last_activity > self.config.stall_timeout_s
+        ):
+            log.info("no chunk for %.1fs: asking again", self.config.stall_timeout_s)
+            self._request_next(delivery, force=True)
+        for model, watch in list(self._watches.items()):
+            await self._check_health(model, watch)
 
     async def _check_health(self, model: str, watch: _Watch) -> None:
         now = time.monotonic()
