@@ -471,7 +471,7 @@ async function rolloutPage(id) {
         h("td", { class: "mono" }, g.metric),
         h("td", { class: "num" }, gateValue(g.metric, g.value)),
         h("td", { class: "num" }, (g.metric === "shadow_agreement" ? "≥ " : "≤ ") + gateValue(g.metric, g.threshold)),
-        h("td", { class: "num" }, gateValue(g.metric === "p95_latency_ratio" ? "" : g.metric, g.baseline)),
+        h("td", { class: "num" }, g.metric === "p95_latency_ratio" ? fmt.ms(g.baseline) : gateValue(g.metric, g.baseline)),
         h("td", { class: "num" }, g.samples),
         h("td", {}, g.passed === true ? badge("pass") : g.passed === false ? badge("fail") : badge("waiting"))));
     const limits = {};
@@ -483,7 +483,7 @@ async function rolloutPage(id) {
     const events = d.events.map((e) => h("tr", { "data-kind": e.kind },
       h("td", {}, fmt.time(e.at)), h("td", {}, e.kind), h("td", { class: "mono" }, e.actor),
       h("td", { class: "num" }, e.stage_index === null ? "" : e.stage_index + 1), h("td", { class: "mono" }, e.device_id || ""),
-      h("td", { class: "mono" }, Object.keys(e.detail).length ? JSON.stringify(e.detail).slice(0, 160) : "")));
+      h("td", { class: "mono" }, Object.keys(e.detail).length ? JSON.stringify(e.detail).slice(0, 140) : "")));
     fill(root, 
       h("div", { class: "head" },
         h("h1", {}, `Rollout ${r.model} v${r.version}`),
