@@ -151,6 +151,12 @@ def _gate_value(metric: str, v: float | None) -> str:
     return _pct(v)
 
 
+def _baseline(metric: str, v: float | None) -> str:
+    if metric == "p95_latency_ratio":  # the ratio's baseline is the baseline's p95 itself
+        return "-" if v is None else f"{v:.2f} ms"
+    return _gate_value(metric, v)
+
+
 def rollouts_table(rollouts: Sequence[Mapping[str, Any]]) -> Table:
     table = Table(title="Rollouts", title_justify="left")
     for col in ("rollout", "model", "version", "baseline", "status", "stage", "targets", "by"):
@@ -235,9 +241,7 @@ def rollout_view(detail: Mapping[str, Any]) -> Group:
             g["metric"],
             _gate_value(g["metric"], g.get("value")),
             f"{op} {_gate_value(g['metric'], g['threshold'])}",
-            _gate_value(
-                "" if g["metric"] == "p95_latency_ratio" else g["metric"], g.get("baseline")
-            ),
+            _baseline(g["metric"], g.get("baseline")),
             str(g.get("samples", 0)),
             result,
         )
