@@ -16,8 +16,7 @@ from sqlalchemy import case, func, select
 
 from tandem.cloud.fleet import engine as eng
 from tandem.cloud.fleet.models import DeviceRow, EventRow, RolloutRow, TelemetryRow
-from tandem.cloud.fleet.service import pick_variant
-from tandem.cloud.fleet.store import Device, Rollout, Store
+from tandem.cloud.fleet.store import Device, Rollout, Store, pick_variant
 from tandem.cloud.fleet.telemetry import Aggregate, Histogram, combine
 
 # How far back the rollout charts reach before the rollout started (seconds): the baseline
