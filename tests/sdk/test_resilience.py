@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from tandem.errors import (
 from tandem.sdk.cloud import CloudClient, CloudConfig
 from tandem.sdk.errors import CircuitOpenError, CloudInputError
 from tandem.sdk.resilience import BreakerConfig, CircuitBreaker, Retry
-from tests.sdk.v2double import V2Server, default_compute
+from tests.sdk.v2double import V2Server, default_compute, self_signed
 from tests.support.processes import free_port
 
 X = np.random.default_rng(3).uniform(0, 16, (4, 64)).astype(np.float32)
@@ -263,3 +264,36 @@ def test_cloud_config_validation() -> None:
         with pytest.raises(ConfigError) as info:
             CloudConfig(**kwargs)  # type: ignore[arg-type]
         assert info.value.field == field
+
+
+def test_tls_with_a_pinned_ca_and_server_name(tmp_path: Path) -> None:
+    key, cert = self_signed("tandem-test")
+    server = V2Server(tls=(key, cert))
+    try:
+        ca = tmp_path / "ca.pem"
+        ca.write_bytes(cert)
+        client = _client(
+            server.address,
+            tls=True,
+            root_certificates=str(ca),
+            server_name="tandem-test",
+            token="t",
+        )
+        answer = client.infer({"pixels": X})
+        assert answer.outputs["logits"].shape == (4, 10)
+        assert server.servicer.metadata_seen[-1]["authorization"] == "Bearer t"
+        client.close()
+        # Plaintext against a TLS server, or TLS trusting another CA, does not connect.
+        _, other = self_signed("someone-else")
+        wrong_ca = tmp_path / "other.pem"
+        wrong_ca.write_bytes(other)
+        for kwargs in (
+            {},
+            {"tls": True, "root_certificates": str(wrong_ca), "server_name": "tandem-test"},
+        ):
+            bad = _client(server.address, retry=Retry.disabled(), timeout_ms=1000, **kwargs)
+            with pytest.raises(CloudUnavailableError):
+                bad.infer({"pixels": X})
+            bad.close()
+    finally:
+        server.stop()

@@ -98,12 +98,17 @@ class V2Double(pb_grpc.GRPCInferenceServiceServicer):
 
 
 class V2Server:
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[bytes, bytes] | None = None) -> None:
+        """`tls`: (private key PEM, certificate chain PEM) to serve over TLS."""
         self.servicer = V2Double()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         self.port = free_port()
-        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        if tls is None:
+            self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        else:
+            credentials = grpc.ssl_server_credentials([tls])
+            self.server.add_secure_port(f"127.0.0.1:{self.port}", credentials)
         self.server.start()
 
     @property
@@ -143,3 +148,41 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def self_signed(name: str = "tandem-test") -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM) for `name` and 127.0.0.1, signed by itself."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
