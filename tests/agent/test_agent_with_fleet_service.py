@@ -1,0 +1,153 @@
+"""Interop: real `tandem agent run` processes against the real fleet service
+(`tandem fleet serve`) on a Mosquitto configured by `tandem fleet broker-config`.
+
+The fleet's own tests simulate devices; this one checks that the agent and the service
+agree on the wire: rollouts complete on agent reports, the second version travels as a
+delta, and an abort returns the touched devices to the baseline they already have.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.agent.artifacts import Signer, build_variant
+from tests.support.processes import stop_process, wait_until
+
+pytest.importorskip("tandem.cloud.fleet.service")
+from tests.fleet.conftest import (
+    GeneratedBroker,
+    ServiceProcess,
+    fleet_service,
+    generated_broker,
+    wait_devices,
+)
+
+__all__ = ["fleet_service", "generated_broker"]  # fixtures, used by name
+TANDEM = str(Path(sys.executable).with_name("tandem"))
+DEVICES = ["dev-a", "dev-b", "dev-c"]
+
+
+@pytest.fixture
+def zoo(tmp_path: Path) -> Path:
+    root = tmp_path / "zoo"
+    signer = Signer.create(root / "keys")
+    build_variant(root / "artifacts", signer, version=1)
+    build_variant(root / "artifacts", signer, version=2)
+    (root / "report.json").write_text(json.dumps({"models": {"digits": {}}}))
+    return root
+
+
+@pytest.fixture
+def agents(
+    generated_broker: Callable[[list[str]], GeneratedBroker], zoo: Path, tmp_path: Path
+) -> Iterator[tuple[GeneratedBroker, dict[str, Path]]]:
+    broker = generated_broker(DEVICES)
+    procs: list[subprocess.Popen[bytes]] = []
+    stores = {d: tmp_path / f"store-{d}" for d in DEVICES}
+    for device in DEVICES:
+        with (tmp_path / f"agent-{device}.log").open("wb") as log:
+            procs.append(
+                subprocess.Popen(
+                    [
+                        TANDEM,
+                        "agent",
+                        "run",
+                        "--device-id",
+                        device,
+                        "--broker",
+                        broker.url,
+                        "--username",
+                        device,
+                        "--password",
+                        broker.written.device_passwords[device],
+                        "--store",
+                        str(stores[device]),
+                        "--trusted-key",
+                        str(zoo / "keys/signing.pub"),
+                        "--tag",
+                        "site=lab",
+                        "--runtime",
+                        "onnx",
+                        "--health-window",
+                        "1",
+                        "--health-probe-interval",
+                        "0.3",
+                        "--telemetry-interval",
+                        "0.5",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+    yield broker, stores
+    for proc in procs:
+        stop_process(proc)
+
+
+def active_version(store: Path) -> int | None:
+    path = store / "digits" / "active.json"
+    return int(json.loads(path.read_text())["version"]) if path.exists() else None
+
+
+def test_rollouts_and_abort_between_agents_and_the_fleet_service(
+    agents: tuple[GeneratedBroker, dict[str, Path]],
+    fleet_service: Callable[..., ServiceProcess],
+    zoo: Path,
+) -> None:
+    broker, stores = agents
+    svc = fleet_service(broker, zoo, "--trusted-key", str(zoo / "keys/signing.pub"))
+    wait_devices(svc, len(DEVICES))
+    selector = {"site": "lab"}
+
+    first = svc.post(
+        "/rollouts",
+        {"model": "digits", "version": 1, "selector": selector, "stages": [{"percent": 100}]},
+    )
+    assert isinstance(first, dict)
+    done = svc.wait_rollout(str(first["rollout_id"]), "completed", timeout=60)
+    assert done["device_states"] == {"succeeded": len(DEVICES)}
+    assert all(active_version(s) == 1 for s in stores.values())
+
+    # v2 to a first cohort that soaks long enough to abort it by hand.
+    second = svc.post(
+        "/rollouts",
+        {
+            "model": "digits",
+            "version": 2,
+            "selector": selector,
+            "stages": [{"percent": 34, "min_soak_s": 120}, {"percent": 100}],
+        },
+    )
+    assert isinstance(second, dict)
+    rid = str(second["rollout_id"])
+
+    def cohort() -> set[str]:
+        rows = svc.get(f"/rollouts/{rid}/devices")
+        assert isinstance(rows, list)
+        return {str(r["device_id"]) for r in rows}
+
+    def cohort_healthy() -> bool:
+        touched = cohort()
+        return bool(touched) and all(active_version(stores[d]) == 2 for d in touched)
+
+    wait_until(cohort_healthy, 40, message=f"first cohort on v2: {svc.log_tail()}")
+    touched = cohort()
+    assert 0 < len(touched) < len(DEVICES)
+    svc.post(f"/rollouts/{rid}/abort")
+    wait_until(
+        lambda: all(active_version(s) == 1 for s in stores.values()),
+        40,
+        message=f"back on the baseline: {svc.log_tail()}",
+    )
+    # Nobody outside the cohort ever received v2; the cohort went back without a refusal.
+    for name, store in stores.items():
+        assert (store / "digits" / "2").exists() == (name in touched)
+    rollout = svc.rollout(rid)
+    assert rollout["status"] == "aborted", rollout
