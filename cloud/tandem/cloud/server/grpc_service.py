@@ -14,7 +14,7 @@ from grpc import aio
 from tandem.protos.inference import grpc_predict_v2_pb2 as pb
 from tandem.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from .context import log_access, new_context, token_matches
+from .context import access_log, current_request, log_access, new_context, token_matches
 from .errors import (
     BackendError,
     InvalidInputError,
@@ -145,6 +145,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.ModelInferResponse:
         metrics = self._metrics
+        if current_request.get() is None and access_log.isEnabledFor(logging.INFO):
+            new_context("grpc", "ModelInfer", context.peer())
         metrics.inflight.inc()
         mv = None
         rows = 0
