@@ -58,11 +58,15 @@ def add_versions(store: Store, *versions: int) -> None:
 
 
 def test_devices_presence_and_last_will(store: Store) -> None:
-    assert store.upsert_presence(presence("d1", 1000, site="lab"))
-    assert store.upsert_presence(presence("d2", 1000, site="field"))
-    assert not store.upsert_presence(presence("d1", 500)), "older presence is ignored"
+    assert store.upsert_presence(presence("d1", 1000, site="lab")).came_online
+    assert store.upsert_presence(presence("d2", 1000, site="field")).came_online
+    assert not store.upsert_presence(presence("d1", 500)).accepted, "older presence ignored"
+    assert not store.upsert_presence(presence("d1", 1500)).came_online, "was online already"
     will = fleet_pb2.Presence(device_id="d1", online=False, timestamp_ms=2000)
-    assert store.upsert_presence(will)
+    assert store.upsert_presence(will).accepted
+    assert store.upsert_presence(presence("d1", 2500)).came_online
+    will.timestamp_ms = 3000
+    assert store.upsert_presence(will).accepted
     d1 = store.device("d1")
     assert not d1.online and d1.tags == {"site": "lab"} and d1.runtimes == ("onnx", "tflite")
     assert d1.active_versions == {"digits": 1}
@@ -128,7 +132,12 @@ def test_rollout_lifecycle_persists_state_assignments_desired_and_events(store: 
         store.apply_decision(
             "r1", r.state, d, 101.0, variants={dev: "onnx-int8"}, previous={}, baseline_variants={}
         )
-    assert store.report("r1", dev, eng.DeviceState.SUCCEEDED, "", 102.0) is False
+    out = store.apply_report(dev, eng.ReportKind.PROGRESS, "digits", 2, now=101.5)
+    assert out.known and not out.desired_changed
+    assert store.assignments("r1")[0].state is eng.DeviceState.INSTALLING
+    out = store.apply_report(dev, eng.ReportKind.HEALTHY, "digits", 2, now=102.0)
+    assert out.known and not out.desired_changed
+    assert not store.apply_report("ghost", eng.ReportKind.HEALTHY, "digits", 2, now=1).known
     assert store.device(dev).active_versions["digits"] == 2
     r = store.rollout("r1")
     assert r.state == d.state and r.plan == plan
@@ -150,7 +159,9 @@ def test_rollout_lifecycle_persists_state_assignments_desired_and_events(store: 
 
 def test_device_failure_report_moves_it_back(store: Store) -> None:
     add_versions(store, 1, 2)
-    store.upsert_presence(presence("d0", 1000))
+    p = presence("d0", 1000)
+    p.runtimes[:] = ["tflite", "onnx"]
+    store.upsert_presence(p)
     plan = eng.RolloutPlan("digits", 2, (eng.Stage(100, 0),))
     r = store.create_rollout("r1", plan, baseline_version=1, selector={}, created_by="a", now=1.0)
     d = eng.step(plan, r.state, eng.Observation(2.0, [eng.DeviceView("d0")]))
@@ -163,9 +174,10 @@ def test_device_failure_report_moves_it_back(store: Store) -> None:
         previous={"d0": 1},
         baseline_variants={},
     )
-    assert store.report(
-        "r1", "d0", eng.DeviceState.FAILED, "bad signature", 3.0, baseline_variant="tflite-int8"
+    out = store.apply_report(
+        "d0", eng.ReportKind.REFUSED, "digits", 2, reason="bad signature", now=3.0
     )
+    assert out.desired_changed
     _, desired = store.desired("d0")
     assert (desired[0].version, desired[0].variant) == (1, "tflite-int8")
     [a] = store.assignments("r1")

@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,15 +229,15 @@ class MqttLink:
             kind, device_id, payload = item
             try:
                 if kind == "republish":
-                    for d in self.service.store.devices():
-                        if d.desired_revision:
-                            self.publish_desired(d.device_id)
+                    self.publish_desired(
+                        [d.device_id for d in self.service.store.devices() if d.desired_revision]
+                    )
                 elif kind == "presence":
                     self.stats["presence"] += 1
                     if self.service.handle_presence(device_id, payload):
                         self._known.add(device_id)
-                        self.publish_desired(device_id)
-                    elif self.service.store.has_device(device_id):
+                        self.publish_desired([device_id])
+                    elif device_id not in self._known and self.service.store.has_device(device_id):
                         self._known.add(device_id)
                 elif kind == "report":
                     self.stats["reports"] += 1
@@ -325,12 +326,14 @@ class MqttLink:
 
     # --- publishing ------------------------------------------------------------------------
 
-    def publish_desired(self, device_id: str) -> None:
-        msg = self.service.desired_state(device_id)
-        self.client.publish(
-            topics.device_topic(device_id, topics.DESIRED),
-            msg.SerializeToString(),
-            qos=topics.QOS,
-            retain=True,
-        )
-        self.stats["desired_published"] += 1
+    def publish_desired(self, device_ids: Sequence[str]) -> None:
+        """Publishes the retained DesiredState of each device."""
+        for i in range(0, len(device_ids), 500):
+            for msg in self.service.desired_states(device_ids[i : i + 500]):
+                self.client.publish(
+                    topics.device_topic(msg.device_id, topics.DESIRED),
+                    msg.SerializeToString(),
+                    qos=topics.QOS,
+                    retain=True,
+                )
+                self.stats["desired_published"] += 1

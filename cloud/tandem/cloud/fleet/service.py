@@ -2,7 +2,7 @@
 
 It owns the store, imports signed artifacts, turns rollouts with the pure engine, and
 decides what each device should run. It does no MQTT itself: whenever a device's desired
-state changes it calls `on_desired_changed(device_id)`, which the MQTT link (`mqtt.py`) sets
+state changes it calls `on_desired_changed(device_ids)`, which the MQTT link (`mqtt.py`) sets
 to publish the retained DesiredState.
 
 Device messages arrive through `handle_presence`, `handle_report`, `handle_telemetry` and
@@ -39,7 +39,7 @@ from tandem.sdk.artifacts import (
 from . import engine as eng
 from .delivery import DEFAULT_CHUNK_SIZE, Delivery
 from .errors import ConflictError, ImportRefusedError, NotFoundError
-from .store import Artifact, Device, IngestResult, Rollout, Store
+from .store import Artifact, Device, IngestResult, Rollout, Store, pick_variant
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ REPORT_KINDS = {
     fleet_pb2.DeviceReport.REFUSED: eng.ReportKind.REFUSED,
     fleet_pb2.DeviceReport.ROLLED_BACK: eng.ReportKind.ROLLED_BACK,
 }
-HARDWARE_ANY = "any"
 
 
 @dataclass(frozen=True)
@@ -132,13 +131,15 @@ class FleetService:
         self.clock = clock
         self.store = Store(config.db_url, telemetry_window_s=config.telemetry_window_s)
         self.delivery = Delivery(config.chunk_size)
-        self.on_desired_changed: Callable[[str], None] = lambda _device_id: None
+        # Called with the devices whose desired state changed; the MQTT link publishes them.
+        self.on_desired_changed: Callable[[Sequence[str]], None] = lambda _device_ids: None
         self._trusted = (
             TrustedKeys(load_public_key_raw(p) for p in config.trusted_keys)
             if config.trusted_keys
             else None
         )
         self._engine_lock = threading.Lock()
+        self._artifacts: dict[tuple[str, int, str], Artifact] = {}
         config.artifacts_dir.mkdir(parents=True, exist_ok=True)
 
     def close(self) -> None:
@@ -447,11 +448,13 @@ class FleetService:
         return out
 
     def _publish(self, device_ids: Sequence[str]) -> None:
-        for device_id in dict.fromkeys(device_ids):
-            try:
-                self.on_desired_changed(device_id)
-            except Exception:
-                log.exception("publishing desired state of %s failed", device_id)
+        ids = list(dict.fromkeys(device_ids))
+        if not ids:
+            return
+        try:
+            self.on_desired_changed(ids)
+        except Exception:  # a publish hook must never break the engine
+            log.exception("publishing the desired state of %d devices failed", len(ids))
 
     def run_engine(self, stop: threading.Event) -> None:
         """Turns the engine every `tick_s` and purges old telemetry hourly, until `stop`."""
@@ -468,44 +471,57 @@ class FleetService:
 
     # --- desired state ---------------------------------------------------------------------
 
+    def artifact(self, model: str, version: int, variant: str) -> Artifact:
+        """An artifact record, cached: versions are immutable once imported."""
+        key = (model, version, variant)
+        art = self._artifacts.get(key)
+        if art is None:
+            art = self.store.artifact(model, version, variant)
+            self._artifacts[key] = art
+        return art
+
     def desired_state(self, device_id: str) -> fleet_pb2.DesiredState:
-        revision, rows = self.store.desired(device_id)
-        try:
-            active = self.store.device(device_id).active_versions
-        except NotFoundError:
-            active = {}
-        msg = fleet_pb2.DesiredState(device_id=device_id, revision=revision)
-        for row in rows:
-            try:
-                art = self.store.artifact(row.model, row.version, row.variant)
-            except NotFoundError:
-                log.error(
-                    "desired %s v%d %s for %s has no artifact",
-                    row.model,
-                    row.version,
-                    row.variant,
-                    device_id,
-                )
-                continue
-            base = active.get(row.model)
-            delta_base = 0
-            if base and base != row.version:
+        return self.desired_states([device_id])[0]
+
+    def desired_states(self, device_ids: Sequence[str]) -> list[fleet_pb2.DesiredState]:
+        """The retained DesiredState message of each device (same order)."""
+        views = self.store.desired_views(device_ids)
+        out = []
+        for device_id in device_ids:
+            revision, rows, active = views.get(device_id, (0, [], {}))
+            msg = fleet_pb2.DesiredState(device_id=device_id, revision=revision)
+            for row in rows:
                 try:
-                    self.store.artifact(row.model, base, row.variant)
-                    delta_base = base
+                    art = self.artifact(row.model, row.version, row.variant)
                 except NotFoundError:
-                    pass
-            msg.models.append(
-                fleet_pb2.DesiredModel(
-                    model=row.model,
-                    version=row.version,
-                    variant=row.variant,
-                    manifest=art.signed_manifest(),
-                    rollout_id=row.rollout_id,
-                    delta_base_version=delta_base,
+                    log.error(
+                        "desired %s v%d %s for %s has no artifact",
+                        row.model,
+                        row.version,
+                        row.variant,
+                        device_id,
+                    )
+                    continue
+                base = active.get(row.model)
+                delta_base = 0
+                if base and base != row.version:
+                    try:
+                        self.artifact(row.model, base, row.variant)
+                        delta_base = base
+                    except NotFoundError:
+                        pass
+                msg.models.append(
+                    fleet_pb2.DesiredModel(
+                        model=row.model,
+                        version=row.version,
+                        variant=row.variant,
+                        manifest=art.signed_manifest(),
+                        rollout_id=row.rollout_id,
+                        delta_base_version=delta_base,
+                    )
                 )
-            )
-        return msg
+            out.append(msg)
+        return out
 
     def set_desired(
         self,
@@ -533,9 +549,7 @@ class FleetService:
         if p.device_id != topic_device:
             log.warning("dropped presence for %r on the topic of %r", p.device_id, topic_device)
             return False
-        if not self.store.upsert_presence(p, self.clock()):
-            return False
-        return p.online
+        return self.store.upsert_presence(p, self.clock()).came_online
 
     def handle_report(self, topic_device: str, payload: bytes) -> None:
         report = fleet_pb2.DeviceReport()
@@ -543,44 +557,24 @@ class FleetService:
         if report.device_id != topic_device:
             log.warning("dropped report for %r on the topic of %r", report.device_id, topic_device)
             return
-        if not self.store.has_device(topic_device):
-            log.warning("dropped report from unknown device %r", topic_device)
-            return
         kind = REPORT_KINDS.get(report.kind)
         if kind is None:
             log.warning("dropped report of unknown kind %d from %s", report.kind, topic_device)
             return
-        now = self.clock()
-        if kind is not eng.ReportKind.PROGRESS:
-            self.store.add_event(
-                f"report:{kind.value.lower()}",
-                f"device:{topic_device}",
-                rollout_id=report.rollout_id or None,
-                device_id=topic_device,
-                detail={
-                    "model": report.model,
-                    "version": report.version,
-                    "variant": report.variant,
-                    "reason": report.reason,
-                },
-                now=now,
-            )
-        if kind is eng.ReportKind.HEALTHY:
-            self.store.touch_device(topic_device, now, **{report.model: int(report.version)})
-        changed: list[str] = []
-        with self._engine_lock:
-            for rollout, a in self.store.active_assignments(topic_device):
-                if rollout.plan.model != report.model:
-                    continue
-                new_state = eng.on_report(a.state, kind, int(report.version), rollout.plan.version)
-                if new_state is None:
-                    continue
-                baseline = self._baseline_variants(rollout, [topic_device]).get(topic_device, "")
-                if self.store.report(
-                    rollout.rollout_id, topic_device, new_state, report.reason, now, baseline
-                ):
-                    changed.append(topic_device)
-        self._publish(changed)
+        outcome = self.store.apply_report(
+            topic_device,
+            kind,
+            report.model,
+            int(report.version),
+            rollout_id=report.rollout_id,
+            variant=report.variant,
+            reason=report.reason,
+            now=self.clock(),
+        )
+        if not outcome.known:
+            log.warning("dropped report from unknown device %r", topic_device)
+        elif outcome.desired_changed:
+            self._publish([topic_device])
 
     def handle_telemetry(
         self, topic_device: str, summaries: Sequence[fleet_pb2.TelemetrySummary]
@@ -619,24 +613,15 @@ class FleetService:
                 req.variant,
             )
             return iter(())
-        artifact = self.store.artifact(req.model, req.version, req.variant)
+        artifact = self.artifact(req.model, req.version, req.variant)
         base = None
         if req.accept_delta and req.have_version and req.have_version != req.version:
             try:
-                base = self.store.artifact(req.model, req.have_version, req.variant)
+                base = self.artifact(req.model, req.have_version, req.variant)
             except NotFoundError:
                 base = None
         payload_ = self.delivery.payload(artifact, req.file, base)
         return self.delivery.chunks(req, payload_)
-
-
-def pick_variant(device: Device, artifacts: Sequence[Artifact]) -> str | None:
-    """The variant for a device: its runtimes in its order of preference, matching hardware."""
-    for runtime in device.runtimes:
-        for art in artifacts:
-            if art.runtime == runtime and art.hardware in (HARDWARE_ANY, device.hardware):
-                return art.variant
-    return None
 
 
 def _version_stats(stats: Any) -> eng.VersionStats:

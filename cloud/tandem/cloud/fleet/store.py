@@ -218,6 +218,30 @@ class EventRecord:
 
 
 @dataclass(frozen=True)
+class PresenceUpdate:
+    accepted: bool  # False: older than the presence we have
+    came_online: bool  # new device, or offline before
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    known: bool  # False: no such device (the report was dropped)
+    desired_changed: bool  # the device was moved back to its baseline
+
+
+HARDWARE_ANY = "any"
+
+
+def pick_variant(device: Device, artifacts: Sequence[Artifact]) -> str | None:
+    """The variant for a device: its runtimes in its order of preference, matching hardware."""
+    for runtime in device.runtimes:
+        for art in artifacts:
+            if art.runtime == runtime and art.hardware in (HARDWARE_ANY, device.hardware):
+                return art.variant
+    return None
+
+
+@dataclass(frozen=True)
 class IngestResult:
     ingested: int
     duplicates: int
@@ -418,16 +442,19 @@ class Store:
 
     # --- devices ---------------------------------------------------------------------------
 
-    def upsert_presence(self, p: fleet_pb2.Presence, now: float | None = None) -> bool:
-        """Records a presence message; False when it is older than what we have."""
+    def upsert_presence(self, p: fleet_pb2.Presence, now: float | None = None) -> PresenceUpdate:
+        """Records a presence message (ignored when older than what we have)."""
         now = now or time.time()
         with self.session() as s:
             row = s.get(DeviceRow, p.device_id)
+            was_online = False
             if row is None:
                 row = DeviceRow(device_id=p.device_id, first_seen=now, desired_revision=0)
                 s.add(row)
             elif p.timestamp_ms and row.presence_ms and p.timestamp_ms < row.presence_ms:
-                return False
+                return PresenceUpdate(False, False)
+            else:
+                was_online = row.online
             row.online = p.online
             row.last_seen = now
             row.presence_ms = p.timestamp_ms
@@ -439,17 +466,7 @@ class Store:
                 row.runtimes = list(p.runtimes) if p.runtimes else list(row.runtimes or [])
                 if p.active_versions:
                     row.active_versions = {k: int(v) for k, v in p.active_versions.items()}
-            return True
-
-    def touch_device(self, device_id: str, now: float | None = None, **active: int) -> None:
-        now = now or time.time()
-        with self.session() as s:
-            row = s.get(DeviceRow, device_id)
-            if row is None:
-                return
-            row.last_seen = now
-            if active:
-                row.active_versions = {**(row.active_versions or {}), **active}
+            return PresenceUpdate(True, p.online and not was_online)
 
     def device(self, device_id: str) -> Device:
         with self.session(write=False) as s:
@@ -500,33 +517,55 @@ class Store:
         rollout_id: str,
         now: float,
     ) -> None:
-        row = s.get(DesiredRow, (device_id, model))
-        if version is None:
-            if row is not None:
-                s.delete(row)
-        elif row is None:
-            s.add(
-                DesiredRow(
-                    device_id=device_id,
-                    model=model,
-                    version=version,
-                    variant=variant,
-                    rollout_id=rollout_id,
-                    updated_at=now,
+        self._set_desired_many(s, model, [(device_id, version, variant, rollout_id)], now)
+
+    def _set_desired_many(
+        self,
+        s: Session,
+        model: str,
+        items: Sequence[tuple[str, int | None, str, str]],
+        now: float,
+    ) -> None:
+        """Sets (device, version or None, variant, rollout_id) for one model, bumping each
+        device's desired revision; a few statements whatever the number of devices."""
+        ids = [item[0] for item in items]
+        with s.no_autoflush:
+            existing: dict[str, DesiredRow] = {}
+            for part in _chunks(ids):
+                q = select(DesiredRow).where(
+                    DesiredRow.model == model, DesiredRow.device_id.in_(list(part))
                 )
+                existing.update((r.device_id, r) for r in s.scalars(q))
+            for device_id, version, variant, rollout_id in items:
+                row = existing.get(device_id)
+                if version is None:
+                    if row is not None:
+                        s.delete(row)
+                elif row is None:
+                    s.add(
+                        DesiredRow(
+                            device_id=device_id,
+                            model=model,
+                            version=version,
+                            variant=variant,
+                            rollout_id=rollout_id,
+                            updated_at=now,
+                        )
+                    )
+                else:
+                    row.version, row.variant, row.rollout_id, row.updated_at = (
+                        version,
+                        variant,
+                        rollout_id,
+                        now,
+                    )
+        for part in _chunks(ids):
+            s.execute(
+                update(DeviceRow)
+                .where(DeviceRow.device_id.in_(list(part)))
+                .values(desired_revision=DeviceRow.desired_revision + 1)
+                .execution_options(synchronize_session="fetch")
             )
-        else:
-            row.version, row.variant, row.rollout_id, row.updated_at = (
-                version,
-                variant,
-                rollout_id,
-                now,
-            )
-        s.execute(
-            update(DeviceRow)
-            .where(DeviceRow.device_id == device_id)
-            .values(desired_revision=DeviceRow.desired_revision + 1)
-        )
 
     def set_desired(
         self,
@@ -872,35 +911,44 @@ class Store:
             row.updated_at = now
             if decision.gates:
                 row.last_gates = [g.to_json() for g in decision.gates]
-            for device_id in decision.assign:
-                s.add(
-                    AssignmentRow(
-                        rollout_id=rollout_id,
-                        device_id=device_id,
-                        stage_index=old_index,
-                        state=eng.DeviceState.ASSIGNED.value,
-                        variant=variants[device_id],
-                        previous_version=previous.get(device_id),
-                        reason="",
-                        assigned_at=now,
-                        updated_at=now,
-                    )
+            s.add_all(
+                AssignmentRow(
+                    rollout_id=rollout_id,
+                    device_id=device_id,
+                    stage_index=old_index,
+                    state=eng.DeviceState.ASSIGNED.value,
+                    variant=variants[device_id],
+                    previous_version=previous.get(device_id),
+                    reason="",
+                    assigned_at=now,
+                    updated_at=now,
                 )
-                self._set_desired(
-                    s, device_id, plan.model, plan.version, variants[device_id], rollout_id, now
+                for device_id in decision.assign
+            )
+            self._set_desired_many(
+                s,
+                plan.model,
+                [(d, plan.version, variants[d], rollout_id) for d in decision.assign],
+                now,
+            )
+            changed.extend(decision.assign)
+            back: dict[str, tuple[eng.DeviceState, str]] = {
+                d: (eng.DeviceState.FAILED, r) for d, r in decision.fail
+            }
+            back.update((d, (eng.DeviceState.ROLLED_BACK, "rollback")) for d in decision.rollback)
+            moved: list[AssignmentRow] = []
+            for part in _chunks(list(back)):
+                q = select(AssignmentRow).where(
+                    AssignmentRow.rollout_id == rollout_id,
+                    AssignmentRow.device_id.in_(list(part)),
                 )
-                changed.append(device_id)
-            back: list[tuple[str, eng.DeviceState, str]] = [
-                (d, eng.DeviceState.FAILED, r) for d, r in decision.fail
-            ]
-            back += [(d, eng.DeviceState.ROLLED_BACK, "rollback") for d in decision.rollback]
-            for device_id, new_state, reason in back:
-                a = s.get(AssignmentRow, (rollout_id, device_id))
-                if a is None:
-                    continue
-                a.state, a.reason, a.updated_at = new_state.value, reason, now
-                self._move_back(s, a, plan.model, rollout_id, baseline_variants, now)
-                changed.append(device_id)
+                for a in s.scalars(q):
+                    new_state, reason = back[a.device_id]
+                    a.state, a.reason, a.updated_at = new_state.value, reason, now
+                    moved.append(a)
+            changed.extend(
+                self._move_back_many(s, moved, plan.model, rollout_id, baseline_variants, now)
+            )
             for e in decision.events:
                 s.add(
                     EventRow(
@@ -925,14 +973,42 @@ class Store:
         baseline_variants: Mapping[str, str],
         now: float,
     ) -> None:
-        desired = s.get(DesiredRow, (a.device_id, model))
-        if desired is None or desired.rollout_id != rollout_id:
-            return  # a later rollout or a manual change owns the device now
-        version = a.previous_version
-        variant = baseline_variants.get(a.device_id, "")
-        if version is not None and not variant:
-            version = None  # no artifact for the baseline: withdraw the model instead
-        self._set_desired(s, a.device_id, model, version, variant, "", now)
+        self._move_back_many(s, [a], model, rollout_id, baseline_variants, now)
+
+    def _move_back_many(
+        self,
+        s: Session,
+        assignments: Sequence[AssignmentRow],
+        model: str,
+        rollout_id: str,
+        baseline_variants: Mapping[str, str],
+        now: float,
+    ) -> list[str]:
+        """Points each device back at the version it ran before (its assignment's
+        previous_version); returns the devices whose desired state changed."""
+        owned: set[str] = set()
+        ids = [a.device_id for a in assignments]
+        with s.no_autoflush:
+            for part in _chunks(ids):
+                q = select(DesiredRow.device_id).where(
+                    DesiredRow.model == model,
+                    DesiredRow.rollout_id == rollout_id,
+                    DesiredRow.device_id.in_(list(part)),
+                )
+                # A later rollout or a manual change may own a device now: leave it alone.
+                owned.update(s.scalars(q))
+        items: list[tuple[str, int | None, str, str]] = []
+        for a in assignments:
+            if a.device_id not in owned:
+                continue
+            version = a.previous_version
+            variant = baseline_variants.get(a.device_id, "")
+            if version is not None and not variant:
+                version = None  # no artifact for the baseline: withdraw the model instead
+            items.append((a.device_id, version, variant, ""))
+        if items:
+            self._set_desired_many(s, model, items, now)
+        return [item[0] for item in items]
 
     def _record_stage_times(
         self, s: Session, rollout_id: str, old_index: int, d: eng.Decision, now: float
@@ -949,44 +1025,126 @@ class Store:
             if nxt is not None and nxt is not cur and nxt.started_at is None:
                 nxt.started_at = now
 
-    def report(
+    def apply_report(
         self,
-        rollout_id: str,
         device_id: str,
-        new_state: eng.DeviceState,
-        reason: str,
+        kind: eng.ReportKind,
+        model: str,
+        version: int,
+        *,
+        rollout_id: str = "",
+        variant: str = "",
+        reason: str = "",
         now: float,
-        baseline_variant: str = "",
-    ) -> bool:
-        """Applies a device report to its assignment; a failure moves the device back to its
-        baseline. Returns True when the device's desired state changed."""
+    ) -> ReportOutcome:
+        """One device report in one transaction: the event, the device's active version, and
+        the assignment transition (`engine.on_report`) in every active rollout of the model;
+        a failure moves the device back to its baseline."""
         with self.session() as s:
-            a = s.get(AssignmentRow, (rollout_id, device_id))
-            r = s.get(RolloutRow, rollout_id)
-            if a is None or r is None:
-                return False
-            a.state, a.updated_at = new_state.value, now
-            if reason:
-                a.reason = reason
-            if new_state is eng.DeviceState.FAILED:
+            dev = s.get(DeviceRow, device_id)
+            if dev is None:
+                return ReportOutcome(known=False, desired_changed=False)
+            dev.last_seen = now
+            if kind is not eng.ReportKind.PROGRESS:
                 s.add(
                     EventRow(
                         at=now,
-                        rollout_id=rollout_id,
+                        rollout_id=rollout_id or None,
                         device_id=device_id,
-                        kind="device_failed",
+                        kind=f"report:{kind.value.lower()}",
                         actor=f"device:{device_id}",
-                        stage_index=a.stage_index,
-                        detail={"reason": reason},
+                        detail={
+                            "model": model,
+                            "version": version,
+                            "variant": variant,
+                            "reason": reason,
+                        },
                     )
                 )
-                self._move_back(s, a, r.model, rollout_id, {device_id: baseline_variant}, now)
-                return True
-            if new_state is eng.DeviceState.SUCCEEDED:
-                d = s.get(DeviceRow, device_id)
-                if d is not None:
-                    d.active_versions = {**(d.active_versions or {}), r.model: r.version}
-            return False
+            if kind is eng.ReportKind.HEALTHY:
+                dev.active_versions = {**(dev.active_versions or {}), model: version}
+            q = (
+                select(RolloutRow, AssignmentRow)
+                .join(AssignmentRow, AssignmentRow.rollout_id == RolloutRow.rollout_id)
+                .where(
+                    AssignmentRow.device_id == device_id,
+                    RolloutRow.model == model,
+                    RolloutRow.status.in_(
+                        [eng.RolloutStatus.RUNNING.value, eng.RolloutStatus.PAUSED.value]
+                    ),
+                )
+            )
+            changed = False
+            for r, a in s.execute(q).all():
+                new_state = eng.on_report(eng.DeviceState(a.state), kind, version, r.version)
+                if new_state is None:
+                    continue
+                a.state, a.updated_at = new_state.value, now
+                if reason:
+                    a.reason = reason
+                if new_state is eng.DeviceState.FAILED:
+                    s.add(
+                        EventRow(
+                            at=now,
+                            rollout_id=r.rollout_id,
+                            device_id=device_id,
+                            kind="device_failed",
+                            actor=f"device:{device_id}",
+                            stage_index=a.stage_index,
+                            detail={"reason": reason or kind.value.lower()},
+                        )
+                    )
+                    base = ""
+                    if a.previous_version is not None:
+                        base = self._variant_in(s, _device(dev), model, a.previous_version) or ""
+                    self._move_back(s, a, model, r.rollout_id, {device_id: base}, now)
+                    changed = True
+            return ReportOutcome(known=True, desired_changed=changed)
+
+    def _variant_in(self, s: Session, device: Device, model: str, version: int) -> str | None:
+        rows = s.scalars(
+            select(ArtifactRow).where(ArtifactRow.model == model, ArtifactRow.version == version)
+        )
+        return pick_variant(device, [_artifact(r) for r in rows])
+
+    def desired_views(
+        self, device_ids: Sequence[str]
+    ) -> dict[str, tuple[int, list[Desired], dict[str, int]]]:
+        """`desired_view` for many devices in a few queries."""
+        out: dict[str, tuple[int, list[Desired], dict[str, int]]] = {}
+        with self.session(write=False) as s:
+            for part in _chunks(list(dict.fromkeys(device_ids))):
+                for row in s.scalars(select(DeviceRow).where(DeviceRow.device_id.in_(list(part)))):
+                    active = {k: int(v) for k, v in (row.active_versions or {}).items()}
+                    out[row.device_id] = (row.desired_revision, [], active)
+                q = (
+                    select(DesiredRow)
+                    .where(DesiredRow.device_id.in_(list(part)))
+                    .order_by(DesiredRow.device_id, DesiredRow.model)
+                )
+                for r in s.scalars(q):
+                    if r.device_id in out:
+                        out[r.device_id][1].append(
+                            Desired(r.device_id, r.model, r.version, r.variant, r.rollout_id)
+                        )
+        return out
+
+    def desired_view(self, device_id: str) -> tuple[int, list[Desired], dict[str, int]]:
+        """(revision, desired models, active versions) of a device, in one read."""
+        with self.session(write=False) as s:
+            row = s.get(DeviceRow, device_id)
+            rows = s.scalars(
+                select(DesiredRow)
+                .where(DesiredRow.device_id == device_id)
+                .order_by(DesiredRow.model)
+            )
+            desired = [
+                Desired(r.device_id, r.model, r.version, r.variant, r.rollout_id) for r in rows
+            ]
+            if row is None:
+                return 0, desired, {}
+            active = {k: int(v) for k, v in (row.active_versions or {}).items()}
+            return row.desired_revision, desired, active
 
     def command(
         self,
