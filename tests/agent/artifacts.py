@@ -62,13 +62,13 @@ class Signer:
         return SignatureEntry(self.keyid, self.key.sign(signed))
 
 
-def _onnx_model(backbone_seed: int, head_seed: int) -> bytes:
+def _onnx_model(backbone_seed: int, head_seed: int, hidden: int = HIDDEN) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     rng_b = np.random.default_rng(backbone_seed)
     rng_h = np.random.default_rng(head_seed)
-    w1 = (rng_b.standard_normal((64, HIDDEN)) * 0.05).astype(np.float32)
-    w2 = (rng_h.standard_normal((HIDDEN, 10)) * 0.05).astype(np.float32)
+    w1 = (rng_b.standard_normal((64, hidden)) * 0.05).astype(np.float32)
+    w2 = (rng_h.standard_normal((hidden, 10)) * 0.05).astype(np.float32)
     b2 = (rng_h.standard_normal(10) * 0.1).astype(np.float32)
     graph = helper.make_graph(
         [
@@ -136,13 +136,16 @@ def build_variant(
     expires: datetime | None = None,
     wrong_reference: bool = False,
     claimed_size: int | None = None,
+    hidden: int = HIDDEN,
     manifest_changes: dict[str, Any] | None = None,
 ) -> BuiltVariant:
     """Writes `out/<model>/<version>/<variant>/` and returns it with its signed manifest."""
     folder = out / model / str(version) / variant
     folder.mkdir(parents=True, exist_ok=True)
     onnx_bytes = _onnx_model(
-        backbone_seed=1, head_seed=head_seed if head_seed is not None else 100 + version
+        backbone_seed=1,
+        head_seed=head_seed if head_seed is not None else 100 + version,
+        hidden=hidden,
     )
     reference = _reference(onnx_bytes)
     if wrong_reference:
