@@ -1,0 +1,635 @@
+"""The demo's story, step by step, against real processes.
+
+1. the models: digits v1 in the zoo, a retrained v2 and a deliberately bad v3 (cached);
+2. the processes: Mosquitto with a generated password file and ACL, the cloud tier
+   (`tandem serve`), the fleet service (`tandem fleet serve`, SQLite in the work dir) and one
+   device-simulator process per runtime hosting real agents and SDK clients;
+3. every device is given v1 through the fleet (signed, chunked over MQTT, verified, warmed
+   up, health-checked), while the apps send traffic with the cascade policy;
+4. v2 is rolled out in stages to every device;
+5. v3 is rolled out with the same gates: they stop it at the first stage and the devices it
+   touched go back to v2;
+6. the summary, checked against what the devices themselves saw.
+
+Everything talks over loopback on ports the OS picks. Every child process is supervised
+(`processes.Supervisor`): Ctrl-C, SIGTERM, an error or a normal end stop them all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+from tandem.cloud.fleet.broker_config import BrokerConfig, device_ids_for, write_broker_config
+
+from .config import RUNTIMES, DemoConfig
+from .errors import PrerequisiteError, StoryError
+from .processes import Child, Supervisor, free_port
+from .summary import RolloutSummary, Summary, render, rollout_summary, traffic_summary
+from .zoo import StoryZoo
+
+log = logging.getLogger(__name__)
+
+MODEL = "digits"
+MARKER = ".tandem-demo"
+MOSQUITTO_PATHS = (
+    "/usr/sbin/mosquitto",
+    "/usr/local/sbin/mosquitto",
+    "/opt/homebrew/sbin/mosquitto",
+)
+
+
+def find_mosquitto() -> str:
+    """The Mosquitto binary, or a PrerequisiteError saying how to install it.
+
+    The fleet speaks MQTT 5 (shared subscriptions, session expiry, reason codes); the Python
+    brokers on PyPI (amqtt 0.12) speak MQTT 3.1.1 only, so none can stand in for Mosquitto.
+    """
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for path in MOSQUITTO_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    raise PrerequisiteError(
+        "the demo needs an MQTT 5 broker and found no Mosquitto: install it with "
+        "`sudo apt-get install mosquitto` (Debian/Ubuntu), `brew install mosquitto` (macOS) "
+        "or `make system-deps`. (No embedded Python broker is used: amqtt, the one on PyPI, "
+        "speaks MQTT 3.1.1 only, and the fleet and agents speak MQTT 5.)"
+    )
+
+
+def mosquitto_version(binary: str) -> str:
+    try:
+        out = subprocess.run(
+            [binary, "-h"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown version"
+    match = re.search(r"mosquitto version (\S+)", out)
+    return match.group(1) if match else "unknown version"
+
+
+def tandem_command() -> list[str]:
+    """How to run `tandem` with this interpreter's installation."""
+    script = Path(sys.executable).parent / "tandem"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from tandem.cli import main; main()"]
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Creates the work dir; a non-empty one is reused only when an earlier demo made it."""
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / MARKER).exists():
+            raise StoryError(
+                f"{workdir} is not empty and was not made by `tandem demo`: pick another "
+                "--workdir (the demo clears its work dir before each run)"
+            )
+        for item in workdir.iterdir():
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("made by `tandem demo`; cleared at the start of each run\n")
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def stage_plan(config: DemoConfig) -> list[dict[str, Any]]:
+    """10% / 50% / 100%, each soaking `config.soak_s`, every stage under the same gates.
+
+    The gates judge the new version's telemetry in the stage's cohort: shadow agreement with
+    the cloud model (field accuracy without labels), the share of requests the cascade had to
+    send to the cloud compared with the baseline version, and the error rate.
+    """
+    gates = [
+        {"metric": "shadow_agreement", "threshold": 0.9, "min_samples": 12},
+        {"metric": "fallback_rate", "threshold": 0.25, "min_samples": 30, "relative": True},
+        {"metric": "error_rate", "threshold": 0.05, "min_samples": 30},
+    ]
+    return [
+        {"percent": percent, "min_soak_s": config.soak_s, "gates": gates}
+        for percent in (10, 50, 100)
+    ]
+
+
+class Story:
+    """Runs the demo once; `run()` returns the summary (and writes summary.json)."""
+
+    def __init__(self, config: DemoConfig, console: Console) -> None:
+        self.config = config
+        self.console = console
+        self.work = config.workdir
+        self.token = secrets.token_urlsafe(18)
+        self.supervisor: Supervisor | None = None
+        self.children: dict[str, Child] = {}
+        self.ports: dict[str, int] = {}
+        self.http: httpx.Client | None = None
+        self.broker_name = ""
+        self.console_url = ""
+        self.device_ids = device_ids_for(config.devices)
+        self.started = time.monotonic()
+        self.traffic_started: float | None = None
+        self.rollouts: list[RolloutSummary] = []
+        self.problems: list[str] = []
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        self.console.print(text)
+
+    def _record_children(self) -> None:
+        doc = {
+            "demo_pid": os.getpid(),
+            "children": [
+                {"name": c.name, "pid": c.pid, "args": c.args} for c in self.children.values()
+            ],
+            "ports": self.ports,
+        }
+        (self.work / "children.json").write_text(json.dumps(doc, indent=2))
+
+    def _start(self, name: str, args: list[str], port: int | None = None) -> Child:
+        assert self.supervisor is not None
+        child = self.supervisor.start(name, args)
+        self.children[name] = child
+        self._record_children()
+        if port is not None:
+            self.supervisor.wait_for_port(child, port, timeout_s=90)
+        return child
+
+    def api(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        assert self.http is not None
+        try:
+            response = self.http.request(method, path, json=body, params=params or None)
+        except httpx.HTTPError as exc:
+            raise StoryError(f"fleet REST {method} {path} failed: {exc}") from exc
+        if response.status_code >= 300:
+            raise StoryError(
+                f"fleet REST {method} {path}: {response.status_code} {response.text[:500]}"
+            )
+        return response.json()
+
+    def wait(
+        self,
+        what: str,
+        done: Callable[[], tuple[int, int] | bool],
+        timeout_s: float,
+        interval_s: float = 0.5,
+    ) -> None:
+        """Polls `done` (True, or (completed, total)) under a progress bar."""
+        assert self.supervisor is not None
+        deadline = time.monotonic() + timeout_s
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=self.console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task(what, total=None)
+            while True:
+                self.supervisor.check()
+                state = done()
+                if isinstance(state, tuple):
+                    progress.update(task, completed=state[0], total=state[1])
+                    if state[0] >= state[1]:
+                        return
+                elif state:
+                    return
+                if time.monotonic() > deadline:
+                    raise StoryError(f"{what}: not done after {timeout_s:.0f}s")
+                time.sleep(interval_s)
+
+    def device_stats(self) -> dict[str, dict[str, Any]]:
+        devices: dict[str, dict[str, Any]] = {}
+        for path in sorted((self.work / "sim").glob("*.json")):
+            try:
+                doc = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            devices.update(doc.get("devices") or {})
+        return devices
+
+    # --- steps -----------------------------------------------------------------------------
+
+    def build(self, dataset: Path) -> StoryZoo:
+        """Builds the story's models in a child process (torch and JAX stay out of this one)."""
+        self.say(f"[bold]1. models[/] in {self.config.zoo} (built once, then cached)")
+        assert self.supervisor is not None
+        child = self.supervisor.start(
+            "build",
+            [sys.executable, "-m", "tandem.cloud.demo.zoo", str(self.config.zoo), str(dataset)],
+            capture_stdout=True,
+        )
+        self.children["build"] = child
+        self._record_children()
+        story: StoryZoo | None = None
+        assert child.proc.stdout is not None
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=self.console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("checking the build cache", total=None)
+            for line in child.proc.stdout:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("event") == "progress":
+                    progress.update(
+                        task,
+                        description=f"{event['model']}: {event['step']}",
+                        completed=event["completed"],
+                        total=event["total"] or None,
+                    )
+                elif event.get("event") == "done":
+                    story = StoryZoo.from_json(event["story"])
+        code = child.proc.wait()
+        if code != 0 or story is None:
+            raise StoryError(
+                f"building the models failed (status {code}); log {child.log_path}:\n"
+                f"{child.log_tail(3000)}"
+            )
+        built = ", ".join(story.built) if story.built else "nothing (all cached)"
+        self.say(f"   built {built}")
+        labels = {1: "the first student", 2: "a retrained student", 3: "a bad student"}
+        for version, entry in sorted(story.reports.items()):
+            metrics = entry.get("metrics") or {}
+            acc = metrics.get("student_fp32_accuracy")
+            shown = f"{100 * float(acc):.1f}%" if isinstance(acc, int | float) else "?"
+            self.say(
+                f"   digits v{version}: {labels.get(version, '')} "
+                f"({metrics.get('student_variant', 'normal')}), test accuracy {shown}"
+            )
+        return story
+
+    def start_broker(self) -> dict[str, str]:
+        binary = find_mosquitto()
+        port = free_port(self.config.host)
+        self.ports["mqtt"] = port
+        written = write_broker_config(
+            BrokerConfig(self.work / "broker", self.config.host, port, persistence=False),
+            self.device_ids,
+        )
+        self._start("mosquitto", [binary, "-c", str(written.conf)], port)
+        self.broker_name = (
+            f"Mosquitto {mosquitto_version(binary)} ({binary}) on mqtt://{self.config.host}:{port}"
+            f", {len(written.device_passwords)} device identities + ACL"
+        )
+        self.say(f"   MQTT broker: {self.broker_name}")
+        self._fleet_password_file = written.fleet_password_file
+        return written.device_passwords
+
+    def start_cloud(self) -> None:
+        port = free_port(self.config.host)
+        self.ports["grpc"] = port
+        args = [
+            *tandem_command(),
+            "serve",
+            "--repository",
+            str(self.config.zoo / "repository"),
+            "--host",
+            self.config.host,
+            "--grpc-port",
+            str(port),
+            "--http-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--model",
+            MODEL,
+            "--no-access-log",
+        ]
+        self._start("cloud", args, port)
+        self.say(f"   cloud tier: tandem serve (V2 gRPC) on {self.config.host}:{port}")
+
+    def start_fleet(self, story: StoryZoo) -> None:
+        port = free_port(self.config.host)
+        self.ports["fleet_rest"] = port
+        args = [
+            *tandem_command(),
+            "fleet",
+            "serve",
+            "--broker",
+            f"mqtt://{self.config.host}:{self.ports['mqtt']}",
+            "--username",
+            "tandem-fleet",
+            "--password-file",
+            str(self._fleet_password_file),
+            "--client-id",
+            "tandem-fleet-demo",
+            "--db",
+            f"sqlite:///{self.work / 'fleet.db'}",
+            "--artifacts",
+            str(self.work / "fleet-artifacts"),
+            "--trusted-key",
+            str(story.public_key),
+            "--zoo",
+            str(story.zoo),
+            "--rest-host",
+            self.config.host,
+            "--rest-port",
+            str(port),
+            "--api-token",
+            f"demo:{self.token}",
+            "--tick",
+            "0.2",
+            "--telemetry-window",
+            "1",
+        ]
+        self._start("fleet", args, port)
+        base = f"http://{self.config.host}:{port}"
+        self.http = httpx.Client(
+            base_url=f"{base}/api/v1",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=15,
+        )
+        for version in (2, 3):
+            self.api("POST", "/models/import", {"zoo": str(story.versions[version])})
+        self.console_url = f"{base}/console/?token={self.token}"
+        self.say(f"   fleet service: tandem fleet serve, SQLite {self.work / 'fleet.db'}")
+        self.say(f"\n   [bold]console:[/] {self.console_url}\n")
+
+    def start_devices(self, passwords: Mapping[str, str], dataset: Path, story: StoryZoo) -> None:
+        by_runtime: dict[str, list[dict[str, Any]]] = {}
+        for i, device_id in enumerate(self.device_ids):
+            runtime = self.config.runtime_of(i)
+            by_runtime.setdefault(runtime, []).append(
+                {
+                    "device_id": device_id,
+                    "password": passwords[device_id],
+                    "runtime": runtime,
+                    "store": str(self.work / "devices" / device_id / "store"),
+                    "tags": {"site": "demo", "runtime": runtime},
+                }
+            )
+        (self.work / "sim").mkdir(exist_ok=True)
+        specs = self.work / "specs"
+        specs.mkdir(exist_ok=True)
+        for runtime in RUNTIMES:
+            devices = by_runtime.get(runtime)
+            if not devices:
+                continue
+            spec = {
+                "broker_host": self.config.host,
+                "broker_port": self.ports["mqtt"],
+                "trusted_key": str(story.public_key),
+                "cloud": f"{self.config.host}:{self.ports['grpc']}",
+                "dataset": str(dataset),
+                "stats": str(self.work / "sim" / f"{runtime}.json"),
+                "devices": devices,
+                "rate_per_s": self.config.rate_per_s,
+                "shadow_fraction": self.config.shadow_fraction,
+                "max_accuracy_loss": self.config.max_accuracy_loss,
+                "telemetry_interval_s": 1.0,
+                "health_window_s": self.config.health_window_s,
+            }
+            path = specs / f"{runtime}.json"
+            _write_private(path, json.dumps(spec, indent=2))
+            self._start(
+                f"devices-{runtime}",
+                [sys.executable, "-m", "tandem.cloud.demo.devices", str(path)],
+            )
+        counts = ", ".join(f"{len(v)} {k}" for k, v in by_runtime.items())
+        self.say(
+            f"   devices: {len(self.device_ids)} simulated ({counts}), one process per runtime, "
+            "each device a real agent + SDK client"
+        )
+
+    def wait_online(self) -> None:
+        def online() -> tuple[int, int]:
+            devices = self.api("GET", "/devices", online="true")
+            return len(devices), len(self.device_ids)
+
+        self.wait("devices connecting to the broker", online, timeout_s=180)
+        self.traffic_started = time.monotonic()
+        self.say(
+            f"   {len(self.device_ids)} devices online; apps calling client.infer with "
+            f"policy=cascade, shadow {100 * self.config.shadow_fraction:.0f}%, "
+            f"{self.config.rate_per_s:g} req/s each"
+        )
+
+    def provision(self) -> None:
+        self.say("[bold]3. provisioning[/]: every device gets digits v1 from the fleet")
+        for device_id in self.device_ids:
+            self.api("PUT", f"/devices/{device_id}/desired", {"model": MODEL, "version": 1})
+
+        def installed() -> tuple[int, int]:
+            devices = self.api("GET", "/devices")
+            on_v1 = sum(1 for d in devices if (d.get("active_versions") or {}).get(MODEL) == 1)
+            return on_v1, len(self.device_ids)
+
+        self.wait("v1: download, verify, warm up, health window", installed, timeout_s=180)
+        self.say(f"   all {len(self.device_ids)} devices run v1 (signed, verified, healthy)")
+
+    def rollout(self, version: int, expect: str) -> RolloutSummary:
+        body = {
+            "model": MODEL,
+            "version": version,
+            "selector": {"site": "demo"},
+            "stages": stage_plan(self.config),
+            "device_timeout_s": 120,
+        }
+        started = time.monotonic()
+        created = self.api("POST", "/rollouts", body)
+        rid = str(created["rollout_id"])
+        stages = created["stages"]
+        self.say(
+            f"   rollout {rid}: v{version} over v{created['baseline_version']}, stages "
+            + " / ".join(f"{s['percent']:g}%" for s in stages)
+            + f", soak {self.config.soak_s:g}s each; expected: {expect}"
+        )
+        final: dict[str, Any] = created
+        deadline = time.monotonic() + self.config.stage_timeout_s * len(stages)
+        assert self.supervisor is not None
+        with Progress(
+            TextColumn("   {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+            console=self.console,
+        ) as progress:
+            tasks = [
+                progress.add_task(f"stage {i + 1} ({s['percent']:g}%)", total=None, note="")
+                for i, s in enumerate(stages)
+            ]
+            while True:
+                self.supervisor.check()
+                final = self.api("GET", f"/rollouts/{rid}")
+                devices = self.api("GET", f"/rollouts/{rid}/devices")
+                for i, task in enumerate(tasks):
+                    mine = [d for d in devices if d.get("stage_index") == i]
+                    ok = sum(1 for d in mine if d.get("state") == "succeeded")
+                    back = sum(1 for d in mine if d.get("state") in ("rolled_back", "failed"))
+                    note = f"rolled back {back}" if back else ""
+                    if i == final["stage_index"] and final["status"] == "running":
+                        gates = final.get("gates") or []
+                        note = ", ".join(
+                            f"{g['metric']}="
+                            + ("…" if g.get("value") is None else f"{float(g['value']):.2f}")
+                            for g in gates
+                        )
+                    progress.update(
+                        task, completed=ok, total=max(len(mine), 1) if mine else None, note=note
+                    )
+                if final["status"] in ("completed", "aborted", "paused"):
+                    break
+                if time.monotonic() > deadline:
+                    raise StoryError(f"rollout {rid} still {final['status']} after the timeout")
+                time.sleep(0.5)
+        events = self.api("GET", f"/rollouts/{rid}/events")
+        if final["status"] != "completed":
+            self.wait_rolled_back(rid, int(final["baseline_version"]))
+            final = self.api("GET", f"/rollouts/{rid}")
+        devices = self.api("GET", f"/rollouts/{rid}/devices")
+        summary = rollout_summary(
+            final, devices, events, self.device_stats(), time.monotonic() - started
+        )
+        self.say(self.describe(summary))
+        return summary
+
+    def wait_rolled_back(self, rid: str, baseline: int) -> None:
+        """Until every device the rollout touched runs the baseline again (fleet and device)."""
+
+        def back() -> tuple[int, int]:
+            touched = [d["device_id"] for d in self.api("GET", f"/rollouts/{rid}/devices")]
+            stats = self.device_stats()
+            fleet = {d["device_id"]: d for d in self.api("GET", "/devices")}
+            ok = sum(
+                1
+                for d in touched
+                if (fleet.get(d, {}).get("active_versions") or {}).get(MODEL) == baseline
+                and stats.get(d, {}).get("active_version") == baseline
+            )
+            return ok, len(touched)
+
+        self.wait(f"touched devices back on v{baseline}", back, timeout_s=120)
+
+    def describe(self, r: RolloutSummary) -> str:
+        if r.status == "completed":
+            return (
+                f"   [green]v{r.version} completed[/]: {r.stages_reached}/{r.stages_total} stages, "
+                f"{r.device_states.get('succeeded', 0)} devices healthy on v{r.version} "
+                f"in {r.seconds:.0f}s"
+            )
+        gates = "; ".join(
+            f"{g['metric']} {float(g['value']):.3f} vs {g['threshold']}"
+            for g in r.failed_gates
+            if g.get("value") is not None
+        )
+        return (
+            f"   [red]v{r.version} {r.status}[/] at stage {r.stages_reached}/{r.stages_total} "
+            f"by {r.stopped_by or 'the engine'} ({gates}); {r.rolled_back} device(s) rolled back "
+            f"to v{r.baseline_version}; devices outside the first cohort that got "
+            f"v{r.version}: {len(r.outside_first_cohort_with_version)}"
+        )
+
+    def check(self) -> None:
+        """What the story promises; anything else is reported, and the exit status is 1."""
+        good, bad = self.rollouts
+        if good.status != "completed":
+            self.problems.append(f"v{good.version} did not complete: {good.status}")
+        elif good.device_states.get("succeeded", 0) != len(self.device_ids):
+            self.problems.append(f"v{good.version} is not healthy on every device")
+        if bad.status not in ("aborted", "paused") or bad.stages_reached != 1:
+            self.problems.append(
+                f"v{bad.version} was not stopped at the first stage "
+                f"({bad.status}, stage {bad.stages_reached})"
+            )
+        if bad.outside_first_cohort_with_version:
+            self.problems.append(
+                f"devices outside the first cohort got v{bad.version}: "
+                f"{bad.outside_first_cohort_with_version}"
+            )
+        if sorted(bad.back_on_baseline) != sorted(bad.first_cohort):
+            self.problems.append(f"first cohort not back on v{bad.baseline_version}")
+
+    # --- the whole story -------------------------------------------------------------------
+
+    def run(self, wait_forever: Callable[[], None]) -> Summary:
+        config = self.config
+        prepare_workdir(self.work)
+        self.supervisor = Supervisor(self.work / "logs")
+        self.say(f"[bold]tandem demo[/]: {config.devices} devices, work dir {self.work}")
+        try:
+            dataset = self.work / "digits-test.npz"
+            story = self.build(dataset)
+            self.say("[bold]2. processes[/] (loopback, ports picked by the OS)")
+            passwords = self.start_broker()
+            self.start_cloud()
+            self.start_fleet(story)
+            self.start_devices(passwords, dataset, story)
+            self.wait_online()
+            self.provision()
+            self.say("[bold]4. rollout of v2[/] (a retrained student) through every stage")
+            self.rollouts.append(self.rollout(2, "completes"))
+            self.say("[bold]5. rollout of v3[/] (a bad student) under the same gates")
+            self.rollouts.append(self.rollout(3, "the gates stop it at stage 1"))
+            self.check()
+            remaining = config.duration_s - (time.monotonic() - (self.traffic_started or 0.0))
+            if remaining > 0:
+                self.wait(
+                    f"traffic until {config.duration_s:g}s",
+                    lambda: time.monotonic() - (self.traffic_started or 0.0) >= config.duration_s,
+                    timeout_s=remaining + 30,
+                )
+            if not config.keep_running:
+                self.stop_devices()
+            summary = self.summary()
+            self.console.print(render(summary))
+            if config.keep_running:
+                self.say(
+                    f"\neverything stays up; console: {self.console_url}\n"
+                    "Ctrl-C stops every process the demo started."
+                )
+                wait_forever()
+            return summary
+        finally:
+            if self.http is not None:
+                self.http.close()
+            self.supervisor.stop_all()
+
+    def stop_devices(self) -> None:
+        """Stops the simulators first, so their final stats include every request."""
+        assert self.supervisor is not None
+        for name, child in self.children.items():
+            if name.startswith("devices-"):
+                self.supervisor.stop(child, timeout_s=20)
+
+    def summary(self) -> Summary:
+        summary = Summary(
+            broker=self.broker_name,
+            console_url=self.console_url,
+            traffic=traffic_summary(self.device_stats()),
+            rollouts=self.rollouts,
+            elapsed_s=round(time.monotonic() - self.started, 1),
+        )
+        doc = summary.to_json()
+        doc["problems"] = self.problems
+        (self.work / "summary.json").write_text(json.dumps(doc, indent=2))
+        return summary
