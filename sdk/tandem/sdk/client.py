@@ -138,7 +138,10 @@ class Client:
         self._lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._thresholds: dict[tuple[int, float], float] = {}
-        self._latency = {"local": LatencyWindow(), "cloud": LatencyWindow()}
+        window = self.policy.window if isinstance(self.policy, Deadline) else 256
+        self._latency = {"local": LatencyWindow(window), "cloud": LatencyWindow(window)}
+        # Only the deadline policy learns from latencies; others skip the bookkeeping.
+        self._track_latency = isinstance(self.policy, Deadline)
         self._cloud_signature: Signature | None = None
 
         self.telemetry = TelemetryRecorder(telemetry or TelemetryConfig())
@@ -181,16 +184,16 @@ class Client:
         start = _perf()
         outputs = model.run(feeds)
         elapsed = (_perf() - start) * 1e3
-        self._latency["local"].add(elapsed)
-        return Result(
-            outputs, "local", model.runtime_name, model.version, model.signature, local_ms=elapsed
-        )
+        if self._track_latency:
+            self._latency["local"].add(elapsed)
+        return Result(outputs, "local", model.runtime_name, model.version, model.signature, elapsed)
 
     def remote(self, feeds: Arrays, timeout_ms: float | None = None) -> Result:
         if self.cloud is None:
             raise ConfigError("cloud", "this client has no cloud endpoint")
         answer = self.cloud.infer(feeds, timeout_ms=timeout_ms)
-        self._latency["cloud"].add(answer.elapsed_ms)
+        if self._track_latency:
+            self._latency["cloud"].add(answer.elapsed_ms)
         return self._cloud_result(answer)
 
     async def alocal(self, feeds: Arrays, model: LocalModel | None) -> Result:
@@ -200,7 +203,8 @@ class Client:
         if self.cloud is None:
             raise ConfigError("cloud", "this client has no cloud endpoint")
         answer = await self.cloud.ainfer(feeds, timeout_ms=timeout_ms)
-        self._latency["cloud"].add(answer.elapsed_ms)
+        if self._track_latency:
+            self._latency["cloud"].add(answer.elapsed_ms)
         return self._cloud_result(answer)
 
     def _cloud_result(self, answer: Any) -> Result:
@@ -309,11 +313,13 @@ class Client:
         start = _perf()
         models = self.local_models
         model = models.current if models is not None else None
-        feeds = self._prepare(inputs, model)
-        version = model.version if model is not None else 0
+        if model is not None:
+            feeds = model.signature.prepare(inputs)
+        else:
+            feeds = self._prepare(inputs, None)
         key = None
         if self._cache_on:
-            key = cache_key(version, feeds)
+            key = cache_key(model.version if model is not None else 0, feeds)
             hit = self.cache.get(key)
             if hit is not None:
                 return self._from_cache(hit, model, start)

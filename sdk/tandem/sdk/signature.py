@@ -51,6 +51,12 @@ class Signature:
             )
             for t in self.inputs
         )
+        first = self._checks[0] if self._checks else None
+        self._fast = (
+            (first[0], first[1], first[2], first[3])
+            if self._single is not None and first is not None and first[5]
+            else None
+        )
         # The first output of a classifier holds its logits.
         self.logits_name = (
             self.outputs[0].name if task == "classification" and self.outputs else None
@@ -62,6 +68,18 @@ class Signature:
     def prepare(self, inputs: Mapping[str, Any] | np.ndarray[Any, Any]) -> Arrays:
         """Checks `inputs`; returns C-contiguous arrays by input name (a batch dim is added to
         a single sample whose rank is one less than the model's batched input)."""
+        fast = self._fast
+        if fast is not None and type(inputs) is np.ndarray:
+            # The common call: one input, already the right dtype, rank and layout.
+            name, dtype, rank, fixed = fast
+            if inputs.dtype == dtype and inputs.ndim == rank and inputs.flags.c_contiguous:
+                shape = inputs.shape
+                for axis, size in fixed:
+                    if shape[axis] != size:
+                        break
+                else:
+                    if shape[0]:
+                        return {name: inputs}
         if isinstance(inputs, np.ndarray):
             if self._single is None:
                 raise InputError(

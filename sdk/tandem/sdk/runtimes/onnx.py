@@ -34,6 +34,7 @@ class OnnxRuntime(Runtime):
         self.session = session
         self._run = session.run
         self.providers = tuple(session.get_providers())
+        self._single_output = self.output_names[0] if len(self.output_names) == 1 else None
 
     @classmethod
     def available_providers(cls) -> tuple[str, ...]:
@@ -73,6 +74,8 @@ class OnnxRuntime(Runtime):
             outputs = self._run(self.output_names, feeds)
         except Exception as exc:
             raise RuntimeBackendError(f"onnxruntime run failed: {exc}") from exc
+        if self._single_output is not None:
+            return {self._single_output: outputs[0]}
         return dict(zip(self.output_names, outputs, strict=True))
 
     def describe(self) -> str:
