@@ -137,8 +137,7 @@ def test_pages_and_a_rollout_created_from_the_form_advance_live(
     assert page.locator("#gates .badge.pass").count() == 4
     # The charts have the new version's points against the baseline's.
     page.wait_for_function(
-        "document.querySelector(\"[data-chart='p95_latency_ms']\")"
-        ".dataset.points > 2"
+        "document.querySelector(\"[data-chart='p95_latency_ms']\").dataset.points > 2"
     )
     assert page.locator("[data-chart='p95_latency_ms'] path.new").count() == 1
     assert page.locator("[data-chart='p95_latency_ms'] path.base").count() == 1
@@ -151,9 +150,7 @@ def test_pages_and_a_rollout_created_from_the_form_advance_live(
     expect_text(page, "#devices tbody tr >> nth=0", r"digits v2")
 
 
-def test_pause_resume_promote_and_abort_with_confirmation(
-    fleet: ConsoleFleet, page: Any
-) -> None:
+def test_pause_resume_promote_and_abort_with_confirmation(fleet: ConsoleFleet, page: Any) -> None:
     # A long first-stage soak keeps the rollout in stage 1 until someone acts.
     plan = quick_plan(2)
     plan["stages"] = [

@@ -38,10 +38,7 @@ PROFILES = {
 
 
 def _acl() -> str:
-    return (
-        f"user {FLEET_USER}\ntopic readwrite #\n\n"
-        "pattern readwrite tandem/v1/devices/%u/#\n"
-    )
+    return f"user {FLEET_USER}\ntopic readwrite #\n\npattern readwrite tandem/v1/devices/%u/#\n"
 
 
 class ConsoleFleet:
@@ -58,9 +55,7 @@ class ConsoleFleet:
         self.device_ids = [f"dev-{i:02d}" for i in range(devices)]
         passwords = {d: secrets.token_urlsafe(12) for d in self.device_ids}
         fleet_password = secrets.token_urlsafe(12)
-        self.broker = mosquitto_factory(
-            users={FLEET_USER: fleet_password, **passwords}, acl=_acl()
-        )
+        self.broker = mosquitto_factory(users={FLEET_USER: fleet_password, **passwords}, acl=_acl())
         zoo = fake_zoo(tmp / "zoo", versions=(1, 2, 3), size=20_000)
         self.rest_port = free_port()
         self.url = f"http://127.0.0.1:{self.rest_port}"
