@@ -99,9 +99,13 @@ def _write_variant(
     payload: dict[str, Path],
     entrypoint: str,
     reference: dict[str, np.ndarray],
-    validation: dict[str, np.ndarray],
+    validation: dict[str, np.ndarray] | None,
     temperature: float,
     signing_key: Any,
+    model: str = "digits",
+    task: str = "classification",
+    inputs: tuple[Any, ...] | None = None,
+    outputs: tuple[Any, ...] | None = None,
 ) -> None:
     import io
 
@@ -119,6 +123,8 @@ def _write_variant(
     folder.mkdir(parents=True, exist_ok=True)
     blobs: dict[str, bytes] = {name: path.read_bytes() for name, path in payload.items()}
     for name, arrays in (("reference.npz", reference), ("validation.npz", validation)):
+        if arrays is None:
+            continue
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         blobs[name] = buf.getvalue()
@@ -138,22 +144,24 @@ def _write_variant(
         )
     now = datetime.now(UTC).replace(microsecond=0)
     manifest = Manifest(
-        model="digits",
+        model=model,
         version=version,
         variant=variant,
         runtime=runtime,
         hardware="any",
         precision="int8" if "int8" in variant else "fp32",
-        task="classification",
+        task=task,
         created=now,
         expires=now + timedelta(days=365),
         entrypoint=entrypoint,
         files=tuple(entries),
-        inputs=(TensorSpec("pixels", "FP32", (-1, 64)),),
-        outputs=(TensorSpec("logits", "FP32", (-1, 10)),),
-        calibration={"method": "temperature", "temperature": temperature},
+        inputs=inputs or (TensorSpec("pixels", "FP32", (-1, 64)),),
+        outputs=outputs or (TensorSpec("logits", "FP32", (-1, 10)),),
+        calibration={"method": "temperature", "temperature": temperature}
+        if task == "classification"
+        else None,
         reference="reference.npz",
-        validation="validation.npz",
+        validation="validation.npz" if validation is not None else None,
         metrics={},
     )
     from cryptography.hazmat.primitives import serialization

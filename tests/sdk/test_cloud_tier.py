@@ -24,7 +24,9 @@ def _teacher(models: Path, x: np.ndarray) -> np.ndarray:
 
 
 def test_cloud_only_matches_the_teacher(
-    clients: Factory, models: Path, cloud_server: ServeProcess,
+    clients: Factory,
+    models: Path,
+    cloud_server: ServeProcess,
     test_set: tuple[np.ndarray, np.ndarray],
 ) -> None:
     c = clients(artifacts=None, cloud=cloud_server.address, policy="cloud_only")
@@ -37,7 +39,9 @@ def test_cloud_only_matches_the_teacher(
 
 
 def test_async_cloud_calls_against_the_server(
-    clients: Factory, models: Path, cloud_server: ServeProcess,
+    clients: Factory,
+    models: Path,
+    cloud_server: ServeProcess,
     test_set: tuple[np.ndarray, np.ndarray],
 ) -> None:
     async def main() -> list[np.ndarray]:
@@ -47,18 +51,26 @@ def test_async_cloud_calls_against_the_server(
         return [r.output[0] for r in results]
 
     rows = asyncio.run(main())
-    np.testing.assert_allclose(np.stack(rows), _teacher(models, test_set[0][:16]), rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.stack(rows), _teacher(models, test_set[0][:16]), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_cascade_answers_most_locally_and_keeps_cloud_accuracy(
-    clients: Factory, artifacts: Path, cloud_server: ServeProcess,
+    clients: Factory,
+    artifacts: Path,
+    cloud_server: ServeProcess,
     test_set: tuple[np.ndarray, np.ndarray],
 ) -> None:
     x, y = test_set
     cloud = clients(artifacts=None, cloud=cloud_server.address, policy="cloud_only")
-    cascade = clients(artifacts=artifacts, cloud=cloud_server.address, policy="cascade",
-                      max_accuracy_loss=0.005, runtime="onnx")
+    cascade = clients(
+        artifacts=artifacts,
+        cloud=cloud_server.address,
+        policy="cascade",
+        max_accuracy_loss=0.005,
+        runtime="onnx",
+    )
     cloud_pred = np.array([cloud.infer(row).output[0].argmax() for row in x])
     results = [cascade.infer(row) for row in x]
     cascade_pred = np.array([r.output[0].argmax() for r in results])
@@ -70,13 +82,19 @@ def test_cascade_answers_most_locally_and_keeps_cloud_accuracy(
 
 
 def test_prefer_cloud_survives_the_server_going_away(
-    clients: Factory, artifacts: Path, models: Path, tmp_path: Path,
+    clients: Factory,
+    artifacts: Path,
+    models: Path,
+    tmp_path: Path,
     test_set: tuple[np.ndarray, np.ndarray],
 ) -> None:
     server = ServeProcess(models / "repository", tmp_path / "serve")
     try:
-        config = CloudConfig(endpoints=(server.address,), timeout_ms=500,
-                             retry=Retry(total=1, backoff_factor=0.01, backoff_max=0.02))
+        config = CloudConfig(
+            endpoints=(server.address,),
+            timeout_ms=500,
+            retry=Retry(total=1, backoff_factor=0.01, backoff_max=0.02),
+        )
         c = clients(artifacts=artifacts, cloud=config, policy="prefer_cloud", runtime="onnx")
         assert c.infer(test_set[0][:2]).source == "cloud"
     finally:

@@ -20,6 +20,7 @@ import numpy as np
 
 from tandem.protos.inference import grpc_predict_v2_pb2 as pb
 from tandem.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from tandem.sdk.artifacts import DATATYPES
 from tests.support.processes import free_port
 
 Compute = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -83,9 +84,10 @@ class V2Double(pb_grpc.GRPCInferenceServiceServicer):
             context.abort(getattr(grpc.StatusCode, code), f"scripted {code}")
         inputs = {}
         for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True):
-            if tensor.datatype != "FP32":
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {tensor.name!r}: not FP32")
-            inputs[tensor.name] = np.frombuffer(raw, dtype="<f4").reshape(tuple(tensor.shape))
+            dtype = DATATYPES.get(tensor.datatype)
+            if dtype is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {tensor.name!r}: datatype")
+            inputs[tensor.name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.shape))
         outputs = self.script.compute(inputs)
         response = pb.ModelInferResponse(
             model_name=request.model_name, model_version=self.script.model_version, id=request.id
