@@ -179,11 +179,11 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
             server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(
     test_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    """One server over the test repository, shared by a module's tests."""
+    """One server over the test repository, shared by the session's tests."""
     proc = start_server(test_repository, tmp_path_factory.mktemp("server"))
     yield proc
     proc.stop()
