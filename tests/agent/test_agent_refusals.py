@@ -83,6 +83,12 @@ def test_every_refusal_is_reported_and_leaves_the_active_model_alone(
         )
         assert report.reason.startswith(code + ":"), (code, report.reason)
         assert active_path.read_bytes() == baseline, code
+    # The same refused offer under a new desired revision hears the answer again.
+    expired = cases[2][1]
+    before = len(fleet.reports)
+    fleet.set_desired("dev-1", expired)
+    again = fleet.wait_report("dev-1", Kind.REFUSED, 3, timeout=20, after=before)
+    assert again.reason.startswith("expired:")
     # None of those asked for a single byte.
     assert {r.version for r in fleet.requests} == {2}
 

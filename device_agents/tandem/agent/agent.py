@@ -122,6 +122,7 @@ class Agent:
         self._watches: dict[str, _Watch] = {}
         self._seen_summaries: deque[str] = deque(maxlen=4096)
         self._failed_mids: set[int] = set()
+        self._refusals_reported: dict[str, int] = {}  # offer key -> desired revision
         self.error: BaseException | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -376,6 +377,7 @@ class Agent:
                 delivery.staging.discard()
                 self._delivery = None
             else:
+                delivery.offer = wanted  # same manifest; the rollout id may be new
                 return  # one delivery at a time; the rest follow when it ends
         for model in sorted(self._desired):
             offer = self._desired[model]
@@ -392,12 +394,11 @@ class Agent:
                 await self._activate(model, offer.version, offer.variant, offer.rollout_id)
                 continue
             if offer.offer_key in self.state.refused:
-                log.debug(
-                    "%s v%d was refused before: %s",
-                    model,
-                    offer.version,
-                    self.state.refused[offer.offer_key],
-                )
+                # Refused before: no new verification, but a new revision of the desired
+                # state hears the answer again (the service may have missed the first one).
+                if self._refusals_reported.get(offer.offer_key) != self._revision:
+                    self._refusals_reported[offer.offer_key] = self._revision
+                    self._report(Kind.REFUSED, offer, reason=self.state.refused[offer.offer_key])
                 continue
             if await self._begin_install(offer, local):
                 return
@@ -446,6 +447,7 @@ class Agent:
         log.warning("refused %s v%d %s: %s", offer.model, offer.version, offer.variant, exc)
         self.state.remember_refusal(offer.offer_key, str(exc))
         self.state.save()
+        self._refusals_reported[offer.offer_key] = self._revision
         self._report(Kind.REFUSED, offer, reason=str(exc))
 
     # --- transfer ------------------------------------------------------------------------
