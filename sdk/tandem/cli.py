@@ -45,8 +45,13 @@ def _register_subcommands() -> None:
             continue
         try:
             sub = ep.load()
-        except MissingDependencyError as exc:
-            message = str(exc)
+        except (MissingDependencyError, ImportError, AttributeError) as exc:
+            # One broken or uninstalled plugin must not take the whole command down.
+            message = (
+                str(exc)
+                if isinstance(exc, MissingDependencyError)
+                else f"`tandem {ep.name}` could not be loaded ({ep.value}): {exc}"
+            )
 
             def _missing(message: str = message) -> None:
                 typer.secho(message, fg="red", err=True)
