@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -261,3 +263,52 @@ def test_resume_after_fleet_service_restart_mid_transfer(
         assert agent.alive
     finally:
         replacement.close()
+
+
+def test_health_window_survives_an_agent_restart(
+    fleet: FleetDouble,
+    signer: Signer,
+    agent_factory: Callable[..., AgentProcess],
+    tmp_path: Path,
+) -> None:
+    v1 = build_variant(tmp_path / "zoo", signer, version=1)
+    agent = agent_factory("dev-1", "--health-window", "5")
+    fleet.set_desired("dev-1", v1)
+    fleet.wait_report("dev-1", Kind.ACTIVATED, 1, timeout=40)
+    agent.kill()  # inside the health window
+    state = json.loads((agent.store / ".agent" / "state.json").read_text())
+    assert state["models"]["digits"]["health"]["version"] == 1
+    agent.start()
+    fleet.wait_report("dev-1", Kind.HEALTHY, 1, timeout=30)
+    assert fleet.kinds("dev-1", 1).count("ACTIVATED") == 1  # resumed, not re-activated
+    state = json.loads((agent.store / ".agent" / "state.json").read_text())
+    assert state["models"]["digits"]["health"] is None
+
+
+def test_telemetry_is_deleted_only_after_puback(
+    fleet: FleetDouble,
+    signer: Signer,
+    agent_factory: Callable[..., AgentProcess],
+) -> None:
+    agent = agent_factory("dev-1")
+    wait_until(lambda: "dev-1" in fleet.presence, 20, message="presence")
+    broker = fleet.broker.proc
+    assert broker is not None
+    os.kill(broker.pid, signal.SIGSTOP)  # connections stay up, nothing is acknowledged
+    try:
+        summary_id = spool_summary(agent.store, 1, requests=5, errors=0)
+        time.sleep(2.0)  # several shipping rounds: published, never acknowledged
+        assert list((agent.store / ".telemetry-spool").glob("*.pb.zst"))
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+    wait_until(
+        lambda: summary_id in {s.summary_id for b in fleet.telemetry for s in b.summaries},
+        30,
+        message="shipped once the broker answers",
+    )
+    wait_until(
+        lambda: not list((agent.store / ".telemetry-spool").glob("*.pb.zst")),
+        10,
+        message="deleted after PUBACK",
+    )
+    assert agent.alive

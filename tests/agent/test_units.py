@@ -128,6 +128,7 @@ def config(tmp_path: Path, **changes: object) -> AgentConfig:
         ("max_error_rate", 1.5),
         ("reconnect_min_s", 60.0),
         ("tags", {"a=b": "c"}),
+        ("runtimes", ("onnx", "coreml")),
     ],
 )
 def test_config_names_the_wrong_field(tmp_path: Path, field: str, value: object) -> None:
@@ -145,3 +146,29 @@ def test_config_defaults_and_broker_urls(tmp_path: Path) -> None:
         with pytest.raises(ConfigError):
             BrokerAddress.parse(bad)
     assert os.fspath(c.agent_dir).endswith(".agent")
+
+
+def test_cli_reports_a_bad_config_by_field(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    tandem = str(Path(sys.executable).with_name("tandem"))
+    done = subprocess.run(
+        [
+            tandem,
+            "agent",
+            "run",
+            "--device-id",
+            "../x",
+            "--broker",
+            "mqtt://127.0.0.1:1",
+            "--store",
+            str(tmp_path),
+            "--trusted-key",
+            str(tmp_path / "k.pub"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "device_id" in done.stderr

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from tandem.errors import ConfigError
 from tandem.protos.fleet.v1 import topics
+from tandem.sdk.artifacts import RUNTIMES
 
 AGENT_VERSION = "0.1.0"
 
@@ -92,6 +93,9 @@ class AgentConfig:
                 raise ConfigError("tags", f"tag {key!r} value must be a string")
         if self.runtimes is not None:
             object.__setattr__(self, "runtimes", tuple(self.runtimes))
+            unknown = sorted(set(self.runtimes) - set(RUNTIMES))
+            if unknown:
+                raise ConfigError("runtimes", f"unknown {unknown}; known: {list(RUNTIMES)}")
         positive: dict[str, float] = {
             "max_payload_bytes": self.max_payload_bytes,
             "stall_timeout_s": self.stall_timeout_s,
