@@ -222,32 +222,53 @@ class MqttLink:
     # --- workers ---------------------------------------------------------------------------
 
     def _control_loop(self) -> None:
+        """Presence and reports, in arrival order, applied in batches: whatever queued up
+        while the previous batch was written goes into one transaction."""
         while True:
             item = self._control.get()
-            if item is None:
+            batch = [item]
+            while item is not None and len(batch) < 500:
+                try:
+                    item = self._control.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(item)
+            stop = batch[-1] is None
+            runs: list[tuple[str, list[tuple[str, bytes]]]] = []
+            for entry in batch:
+                if entry is None:
+                    break
+                kind, device_id, payload = entry
+                if runs and runs[-1][0] == kind:
+                    runs[-1][1].append((device_id, payload))
+                else:
+                    runs.append((kind, [(device_id, payload)]))
+            for kind, items in runs:
+                self._handle_run(kind, items)
+            if stop:
                 return
-            kind, device_id, payload = item
-            try:
-                if kind == "republish":
-                    self.publish_desired(
-                        [d.device_id for d in self.service.store.devices() if d.desired_revision]
-                    )
-                elif kind == "presence":
-                    self.stats["presence"] += 1
-                    if self.service.handle_presence(device_id, payload):
+
+    def _handle_run(self, kind: str, items: list[tuple[str, bytes]]) -> None:
+        try:
+            if kind == "republish":
+                self.publish_desired(
+                    [d.device_id for d in self.service.store.devices() if d.desired_revision]
+                )
+            elif kind == "presence":
+                self.stats["presence"] += len(items)
+                online = self.service.handle_presences(items)
+                for device_id, _ in items:
+                    if device_id not in self._known and self.service.store.has_device(device_id):
                         self._known.add(device_id)
-                        self.publish_desired([device_id])
-                    elif device_id not in self._known and self.service.store.has_device(device_id):
-                        self._known.add(device_id)
-                elif kind == "report":
-                    self.stats["reports"] += 1
-                    self.service.handle_report(device_id, payload)
-            except DecodeError as exc:
-                self._drop("garbage %s payload from %s: %s", kind, device_id, exc)
-            except FleetError as exc:
-                log.error("handling %s from %s failed: %s", kind, device_id, exc)
-            except Exception:
-                log.exception("handling %s from %s failed", kind, device_id)
+                if online:
+                    self.publish_desired(sorted(online))
+            elif kind == "report":
+                self.stats["reports"] += len(items)
+                self.service.handle_reports(items)
+        except FleetError as exc:
+            log.error("handling %d %s messages failed: %s", len(items), kind, exc)
+        except Exception:  # one bad batch must not stop the loop
+            log.exception("handling %d %s messages failed", len(items), kind)
 
     def _ingest_loop(self) -> None:
         flush_s = self.service.config.telemetry_flush_s

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from tandem.errors import ArtifactError, ConfigError
 from tandem.protos.fleet.v1 import fleet_pb2, topics
 from tandem.sdk.artifacts import (
@@ -39,7 +41,7 @@ from tandem.sdk.artifacts import (
 from . import engine as eng
 from .delivery import DEFAULT_CHUNK_SIZE, Delivery
 from .errors import ConflictError, ImportRefusedError, NotFoundError
-from .store import Artifact, Device, IngestResult, Rollout, Store, pick_variant
+from .store import Artifact, Device, IngestResult, ReportIn, Rollout, Store, pick_variant
 
 log = logging.getLogger(__name__)
 
@@ -543,38 +545,73 @@ class FleetService:
     # --- device messages -------------------------------------------------------------------
 
     def handle_presence(self, topic_device: str, payload: bytes) -> bool:
-        """Returns True when the device should get its desired state (re)published."""
-        p = fleet_pb2.Presence()
-        p.ParseFromString(payload)
-        if p.device_id != topic_device:
-            log.warning("dropped presence for %r on the topic of %r", p.device_id, topic_device)
-            return False
-        return self.store.upsert_presence(p, self.clock()).came_online
+        """True when the device came online (its desired state should be republished)."""
+        return topic_device in self.handle_presences([(topic_device, payload)])
+
+    def handle_presences(self, items: Sequence[tuple[str, bytes]]) -> set[str]:
+        """Presence messages as (topic device, payload), in one transaction; returns the
+        devices that came online. Garbage and spoofed payloads are dropped and logged."""
+        parsed = []
+        for topic_device, payload in items:
+            p = fleet_pb2.Presence()
+            try:
+                p.ParseFromString(payload)
+            except DecodeError as exc:
+                log.warning("dropped garbage presence payload from %s: %s", topic_device, exc)
+                continue
+            if p.device_id != topic_device:
+                log.warning("dropped presence for %r on the topic of %r", p.device_id, topic_device)
+                continue
+            parsed.append(p)
+        if not parsed:
+            return set()
+        results = self.store.upsert_presences(parsed, self.clock())
+        return {p.device_id for p, r in zip(parsed, results, strict=True) if r.came_online}
 
     def handle_report(self, topic_device: str, payload: bytes) -> None:
-        report = fleet_pb2.DeviceReport()
-        report.ParseFromString(payload)
-        if report.device_id != topic_device:
-            log.warning("dropped report for %r on the topic of %r", report.device_id, topic_device)
+        self.handle_reports([(topic_device, payload)])
+
+    def handle_reports(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Device reports as (topic device, payload), in one transaction; devices that a
+        failure moved back get their desired state published."""
+        parsed: list[ReportIn] = []
+        for topic_device, payload in items:
+            report = fleet_pb2.DeviceReport()
+            try:
+                report.ParseFromString(payload)
+            except DecodeError as exc:
+                log.warning("dropped garbage report payload from %s: %s", topic_device, exc)
+                continue
+            if report.device_id != topic_device:
+                log.warning(
+                    "dropped report for %r on the topic of %r", report.device_id, topic_device
+                )
+                continue
+            kind = REPORT_KINDS.get(report.kind)
+            if kind is None:
+                log.warning("dropped report of unknown kind %d from %s", report.kind, topic_device)
+                continue
+            parsed.append(
+                ReportIn(
+                    topic_device,
+                    kind,
+                    report.model,
+                    int(report.version),
+                    report.rollout_id,
+                    report.variant,
+                    report.reason,
+                )
+            )
+        if not parsed:
             return
-        kind = REPORT_KINDS.get(report.kind)
-        if kind is None:
-            log.warning("dropped report of unknown kind %d from %s", report.kind, topic_device)
-            return
-        outcome = self.store.apply_report(
-            topic_device,
-            kind,
-            report.model,
-            int(report.version),
-            rollout_id=report.rollout_id,
-            variant=report.variant,
-            reason=report.reason,
-            now=self.clock(),
-        )
-        if not outcome.known:
-            log.warning("dropped report from unknown device %r", topic_device)
-        elif outcome.desired_changed:
-            self._publish([topic_device])
+        outcomes = self.store.apply_reports(parsed, self.clock())
+        changed = []
+        for r, outcome in zip(parsed, outcomes, strict=True):
+            if not outcome.known:
+                log.warning("dropped report from unknown device %r", r.device_id)
+            elif outcome.desired_changed:
+                changed.append(r.device_id)
+        self._publish(changed)
 
     def handle_telemetry(
         self, topic_device: str, summaries: Sequence[fleet_pb2.TelemetrySummary]

@@ -224,6 +224,17 @@ class PresenceUpdate:
 
 
 @dataclass(frozen=True)
+class ReportIn:
+    device_id: str
+    kind: eng.ReportKind
+    model: str
+    version: int
+    rollout_id: str = ""
+    variant: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class ReportOutcome:
     known: bool  # False: no such device (the report was dropped)
     desired_changed: bool  # the device was moved back to its baseline
@@ -250,7 +261,8 @@ class IngestResult:
 # --- conversions --------------------------------------------------------------------------
 
 
-def _device(row: DeviceRow) -> Device:
+def _device(row: Any) -> Device:
+    # An ORM row or a Core row (bulk reads skip the ORM's per-object cost).
     return Device(
         row.device_id,
         row.online,
@@ -319,7 +331,7 @@ def _rollout(row: RolloutRow) -> Rollout:
     )
 
 
-def _assignment(row: AssignmentRow) -> Assignment:
+def _assignment(row: Any) -> Assignment:
     return Assignment(
         row.rollout_id,
         row.device_id,
@@ -444,29 +456,38 @@ class Store:
 
     def upsert_presence(self, p: fleet_pb2.Presence, now: float | None = None) -> PresenceUpdate:
         """Records a presence message (ignored when older than what we have)."""
+        return self.upsert_presences([p], now)[0]
+
+    def upsert_presences(
+        self, presences: Sequence[fleet_pb2.Presence], now: float | None = None
+    ) -> list[PresenceUpdate]:
+        """Many presence messages in one transaction (in order)."""
         now = now or time.time()
         with self.session() as s:
-            row = s.get(DeviceRow, p.device_id)
-            was_online = False
-            if row is None:
-                row = DeviceRow(device_id=p.device_id, first_seen=now, desired_revision=0)
-                s.add(row)
-            elif p.timestamp_ms and row.presence_ms and p.timestamp_ms < row.presence_ms:
-                return PresenceUpdate(False, False)
-            else:
-                was_online = row.online
-            row.online = p.online
-            row.last_seen = now
-            row.presence_ms = p.timestamp_ms
-            if p.online or p.agent_version:
-                # A last will carries only online=false; keep what the device said before.
-                row.agent_version = p.agent_version or row.agent_version
-                row.tags = dict(p.tags) if p.tags else dict(row.tags or {})
-                row.hardware = p.hardware or row.hardware
-                row.runtimes = list(p.runtimes) if p.runtimes else list(row.runtimes or [])
-                if p.active_versions:
-                    row.active_versions = {k: int(v) for k, v in p.active_versions.items()}
-            return PresenceUpdate(True, p.online and not was_online)
+            return [self._upsert_presence_in(s, p, now) for p in presences]
+
+    def _upsert_presence_in(self, s: Session, p: fleet_pb2.Presence, now: float) -> PresenceUpdate:
+        row = s.get(DeviceRow, p.device_id)
+        was_online = False
+        if row is None:
+            row = DeviceRow(device_id=p.device_id, first_seen=now, desired_revision=0)
+            s.add(row)
+        elif p.timestamp_ms and row.presence_ms and p.timestamp_ms < row.presence_ms:
+            return PresenceUpdate(False, False)
+        else:
+            was_online = row.online
+        row.online = p.online
+        row.last_seen = now
+        row.presence_ms = p.timestamp_ms
+        if p.online or p.agent_version:
+            # A last will carries only online=false; keep what the device said before.
+            row.agent_version = p.agent_version or row.agent_version
+            row.tags = dict(p.tags) if p.tags else dict(row.tags or {})
+            row.hardware = p.hardware or row.hardware
+            row.runtimes = list(p.runtimes) if p.runtimes else list(row.runtimes or [])
+            if p.active_versions:
+                row.active_versions = {k: int(v) for k, v in p.active_versions.items()}
+        return PresenceUpdate(True, p.online and not was_online)
 
     def device(self, device_id: str) -> Device:
         with self.session(write=False) as s:
@@ -483,10 +504,11 @@ class Store:
         self, tags: Mapping[str, str] | None = None, online: bool | None = None
     ) -> list[Device]:
         with self.session(write=False) as s:
-            q = select(DeviceRow).order_by(DeviceRow.device_id)
+            table = DeviceRow.__table__
+            q = select(table).order_by(table.c.device_id)
             if online is not None:
-                q = q.where(DeviceRow.online == online)
-            rows = [_device(r) for r in s.scalars(q)]
+                q = q.where(table.c.online == online)
+            rows = [_device(r) for r in s.execute(q)]
         if tags:
             rows = [d for d in rows if all(d.tags.get(k) == v for k, v in tags.items())]
         return rows
@@ -818,12 +840,9 @@ class Store:
 
     def assignments(self, rollout_id: str) -> list[Assignment]:
         with self.session(write=False) as s:
-            rows = s.scalars(
-                select(AssignmentRow)
-                .where(AssignmentRow.rollout_id == rollout_id)
-                .order_by(AssignmentRow.device_id)
-            )
-            return [_assignment(r) for r in rows]
+            table = AssignmentRow.__table__
+            q = select(table).where(table.c.rollout_id == rollout_id).order_by(table.c.device_id)
+            return [_assignment(r) for r in s.execute(q)]
 
     def active_assignments(self, device_id: str) -> list[tuple[Rollout, Assignment]]:
         """This device's assignments in running or paused rollouts."""
@@ -1037,69 +1056,79 @@ class Store:
         reason: str = "",
         now: float,
     ) -> ReportOutcome:
-        """One device report in one transaction: the event, the device's active version, and
-        the assignment transition (`engine.on_report`) in every active rollout of the model;
-        a failure moves the device back to its baseline."""
+        """One device report: the event, the device's active version, and the assignment
+        transition (`engine.on_report`) in every active rollout of the model; a failure moves
+        the device back to its baseline."""
+        report = ReportIn(device_id, kind, model, version, rollout_id, variant, reason)
+        return self.apply_reports([report], now)[0]
+
+    def apply_reports(self, reports: Sequence[ReportIn], now: float) -> list[ReportOutcome]:
+        """Many reports in one transaction (in order)."""
         with self.session() as s:
-            dev = s.get(DeviceRow, device_id)
-            if dev is None:
-                return ReportOutcome(known=False, desired_changed=False)
-            dev.last_seen = now
-            if kind is not eng.ReportKind.PROGRESS:
+            return [self._apply_report_in(s, r, now) for r in reports]
+
+    def _apply_report_in(self, s: Session, r_in: ReportIn, now: float) -> ReportOutcome:
+        device_id, kind, model, version = r_in.device_id, r_in.kind, r_in.model, r_in.version
+        rollout_id, variant, reason = r_in.rollout_id, r_in.variant, r_in.reason
+        dev = s.get(DeviceRow, device_id)
+        if dev is None:
+            return ReportOutcome(known=False, desired_changed=False)
+        dev.last_seen = now
+        if kind is not eng.ReportKind.PROGRESS:
+            s.add(
+                EventRow(
+                    at=now,
+                    rollout_id=rollout_id or None,
+                    device_id=device_id,
+                    kind=f"report:{kind.value.lower()}",
+                    actor=f"device:{device_id}",
+                    detail={
+                        "model": model,
+                        "version": version,
+                        "variant": variant,
+                        "reason": reason,
+                    },
+                )
+            )
+        if kind is eng.ReportKind.HEALTHY:
+            dev.active_versions = {**(dev.active_versions or {}), model: version}
+        q = (
+            select(RolloutRow, AssignmentRow)
+            .join(AssignmentRow, AssignmentRow.rollout_id == RolloutRow.rollout_id)
+            .where(
+                AssignmentRow.device_id == device_id,
+                RolloutRow.model == model,
+                RolloutRow.status.in_(
+                    [eng.RolloutStatus.RUNNING.value, eng.RolloutStatus.PAUSED.value]
+                ),
+            )
+        )
+        changed = False
+        for r, a in s.execute(q).all():
+            new_state = eng.on_report(eng.DeviceState(a.state), kind, version, r.version)
+            if new_state is None:
+                continue
+            a.state, a.updated_at = new_state.value, now
+            if reason:
+                a.reason = reason
+            if new_state is eng.DeviceState.FAILED:
                 s.add(
                     EventRow(
                         at=now,
-                        rollout_id=rollout_id or None,
+                        rollout_id=r.rollout_id,
                         device_id=device_id,
-                        kind=f"report:{kind.value.lower()}",
+                        kind="device_failed",
                         actor=f"device:{device_id}",
-                        detail={
-                            "model": model,
-                            "version": version,
-                            "variant": variant,
-                            "reason": reason,
-                        },
+                        stage_index=a.stage_index,
+                        detail={"reason": reason or kind.value.lower()},
                     )
                 )
-            if kind is eng.ReportKind.HEALTHY:
-                dev.active_versions = {**(dev.active_versions or {}), model: version}
-            q = (
-                select(RolloutRow, AssignmentRow)
-                .join(AssignmentRow, AssignmentRow.rollout_id == RolloutRow.rollout_id)
-                .where(
-                    AssignmentRow.device_id == device_id,
-                    RolloutRow.model == model,
-                    RolloutRow.status.in_(
-                        [eng.RolloutStatus.RUNNING.value, eng.RolloutStatus.PAUSED.value]
-                    ),
-                )
-            )
-            changed = False
-            for r, a in s.execute(q).all():
-                new_state = eng.on_report(eng.DeviceState(a.state), kind, version, r.version)
-                if new_state is None:
-                    continue
-                a.state, a.updated_at = new_state.value, now
-                if reason:
-                    a.reason = reason
-                if new_state is eng.DeviceState.FAILED:
-                    s.add(
-                        EventRow(
-                            at=now,
-                            rollout_id=r.rollout_id,
-                            device_id=device_id,
-                            kind="device_failed",
-                            actor=f"device:{device_id}",
-                            stage_index=a.stage_index,
-                            detail={"reason": reason or kind.value.lower()},
-                        )
-                    )
-                    base = ""
-                    if a.previous_version is not None:
-                        base = self._variant_in(s, _device(dev), model, a.previous_version) or ""
-                    self._move_back(s, a, model, r.rollout_id, {device_id: base}, now)
-                    changed = True
-            return ReportOutcome(known=True, desired_changed=changed)
+                base = ""
+                if a.previous_version is not None:
+                    base = self._variant_in(s, _device(dev), model, a.previous_version) or ""
+                self._move_back(s, a, model, r.rollout_id, {device_id: base}, now)
+                changed = True
+        return ReportOutcome(known=True, desired_changed=changed)
 
     def _variant_in(self, s: Session, device: Device, model: str, version: int) -> str | None:
         rows = s.scalars(
