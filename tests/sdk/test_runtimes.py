@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -155,3 +156,37 @@ def test_outputs_that_disagree_with_the_reference_are_rejected(
     np.savez(loaded.unpacked / "reference.npz", **wrong)
     with pytest.raises(Exception, match="differs from the reference"):
         check_against_reference(loaded, SelectionConfig())
+
+
+@pytest.mark.parametrize(
+    ("runtime", "hidden", "extra"),
+    [
+        ("onnx", ("onnxruntime",), "onnx"),
+        ("tflite", ("ai_edge_litert", "tflite_runtime"), "tflite"),
+        ("openvino", ("openvino",), "openvino"),
+        ("torch", ("torch",), "torch"),
+    ],
+)
+def test_a_missing_runtime_package_names_its_extra(
+    artifacts: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    runtime: str,
+    hidden: tuple[str, ...],
+    extra: str,
+) -> None:
+    for package in hidden:
+        monkeypatch.setitem(sys.modules, package, None)  # `import package` now fails
+    cls = get_runtime(runtime)
+    assert not cls.is_installed()
+    variant = load_variant(artifacts / "digits" / "2" / VARIANTS[runtime])
+    with pytest.raises(MissingDependencyError) as info:
+        cls.load(variant.manifest, tmp_path)
+    assert f"pip install 'tandem[{extra}]'" in str(info.value)
+    # Auto-selection skips it, saying why, and picks among the others.
+    model, selection = RuntimeSelector(
+        tmp_path, SelectionConfig(remember=False, timed_runs=1, warmup_runs=0)
+    ).choose(_variants(artifacts))
+    reasons = {c.runtime: c.rejected for c in selection.candidates}
+    assert f"tandem[{extra}]" in str(reasons[runtime])
+    assert model.runtime_name != runtime
