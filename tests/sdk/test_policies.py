@@ -341,3 +341,12 @@ def test_client_lifecycle(clients: Factory, artifacts: Path, x: np.ndarray, tmp_
     with pytest.raises(ConfigError) as info:
         Client("", artifacts=artifacts)
     assert info.value.field == "model"
+    for kwargs, field in (
+        ({"artifacts": artifacts, "policy": "cloud_only"}, "cloud"),
+        ({"cloud": "127.0.0.1:1", "policy": "local_only"}, "artifacts"),
+        ({"artifacts": artifacts, "shadow": 0.5}, "shadow"),
+        ({"artifacts": artifacts, "policy": "cascade", "threshold": 1.5}, "threshold"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            Client("digits", cache_dir=tmp_path / "c", **kwargs)  # type: ignore[arg-type]
+        assert info.value.field == field

@@ -132,6 +132,13 @@ class Client:
         self._cache_on = self.cache.enabled
         if isinstance(shadow, float | int):
             shadow = ShadowConfig(fraction=float(shadow))
+        # Everything that can be refused is refused before any thread starts.
+        if shadow is not None and shadow.fraction > 0 and self.cloud_config is None:
+            raise ConfigError("shadow", "shadow sampling needs a cloud endpoint")
+        if self.policy.name == "cloud_only" and self.cloud_config is None:
+            raise ConfigError("cloud", "policy 'cloud_only' needs a cloud endpoint")
+        if self.policy.name == "local_only" and artifacts is None:
+            raise ConfigError("artifacts", "policy 'local_only' needs a local model store")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
         self._state = "open"
@@ -165,8 +172,6 @@ class Client:
             self.local_models.start()
         self.shadow: ShadowSampler | None = None
         if shadow is not None and shadow.fraction > 0:
-            if self.cloud is None:
-                raise ConfigError("shadow", "shadow sampling needs a cloud endpoint")
             self.shadow = ShadowSampler(shadow, self._shadow_call, self.telemetry.record_shadow)
         self._shadow_offer = self.shadow.offer if self.shadow is not None else None
 
