@@ -338,7 +338,14 @@ class Agent:
             return
         self._revision = desired.revision
         offers: dict[str, Offer] = {}
-        for item in desired.models:
+        limit = self.config.max_desired_models
+        if len(desired.models) > limit:
+            log.warning(
+                "desired state names %d models; only the first %d are considered",
+                len(desired.models),
+                limit,
+            )
+        for item in desired.models[:limit]:
             try:
                 offers[item.model] = _offer_from_proto(item)
             except (ValueError, ArtifactError) as exc:

@@ -56,6 +56,7 @@ class AgentConfig:
     stall_timeout_s: float = 10.0  # seconds without a chunk before re-requesting
     progress_every_bytes: int = 1024 * 1024  # bytes between PROGRESS reports
     delivery_attempts: int = 3  # full-file retries after a digest mismatch before refusing
+    max_desired_models: int = 64  # models one desired state may name; the rest are dropped
 
     # --- activation and health
     warmup_rtol: float = 1e-3  # relative tolerance, outputs vs the artifact's reference
@@ -101,6 +102,7 @@ class AgentConfig:
             "stall_timeout_s": self.stall_timeout_s,
             "progress_every_bytes": self.progress_every_bytes,
             "delivery_attempts": self.delivery_attempts,
+            "max_desired_models": self.max_desired_models,
             "health_probe_interval_s": self.health_probe_interval_s,
             "telemetry_interval_s": self.telemetry_interval_s,
             "telemetry_batch_max": self.telemetry_batch_max,
