@@ -57,6 +57,10 @@ class CloudConfig:
     retry: Retry = field(default_factory=Retry)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     max_message_bytes: int = 64 << 20  # gRPC send/receive limit (bytes)
+    # Longest wait between reconnect attempts to a dead endpoint. gRPC's own default grows
+    # to 120 s, so a server back after a restart stayed unused long after its breaker let
+    # calls through again; bounded, it is found again within this (plus the breaker's open_s).
+    reconnect_backoff_max_ms: float = 500.0
 
     def __post_init__(self) -> None:
         if isinstance(self.endpoints, str):
@@ -75,6 +79,8 @@ class CloudConfig:
             raise ConfigError("root_certificates", "given but tls is False")
         if self.max_message_bytes <= 0:
             raise ConfigError("max_message_bytes", "must be > 0 bytes")
+        if self.reconnect_backoff_max_ms < 100:
+            raise ConfigError("reconnect_backoff_max_ms", "must be >= 100 milliseconds")
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,9 @@ class Endpoint:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.enable_retries", 0),  # retries are ours, with our breaker in the loop
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", int(config.reconnect_backoff_max_ms)),
         ]
         if config.server_name:
             self._options.append(("grpc.ssl_target_name_override", config.server_name))

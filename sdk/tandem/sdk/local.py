@@ -33,6 +33,7 @@ from tandem.errors import (
     TandemError,
 )
 from tandem.sdk.artifacts import (
+    TensorSpec,
     TrustedKeys,
     Variant,
     load_npz,
@@ -96,11 +97,26 @@ class LocalModel:
         self.runtime = runtime
         self.runtime_name = runtime.name
         self.unpacked = unpacked
+        inputs = manifest.inputs
+        # A variant exported for batch 1 (LiteRT flatbuffers often are) still takes batches:
+        # the runtime resizes its input where it can, else the rows run one by one.
+        self.batch_one = bool(inputs) and all(len(t.shape) >= 2 and t.shape[0] == 1 for t in inputs)
+        if self.batch_one:
+            inputs = tuple(TensorSpec(t.name, t.datatype, (-1, *t.shape[1:])) for t in inputs)
         self.signature = Signature(
-            manifest.inputs, manifest.outputs, task=manifest.task, temperature=manifest.temperature
+            inputs, manifest.outputs, task=manifest.task, temperature=manifest.temperature
         )
         self.run = runtime.run
+        if self.batch_one and not runtime.resizes_batch:
+            self.run = self._run_rows
         self._validation: tuple[Arrays, np.ndarray[Any, Any]] | None = None
+
+    def _run_rows(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> Arrays:
+        rows = next(iter(feeds.values())).shape[0]
+        if rows == 1:
+            return self.runtime.run(feeds)
+        parts = [self.runtime.run({k: v[i : i + 1] for k, v in feeds.items()}) for i in range(rows)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def reference(self) -> tuple[Arrays, Arrays]:
         if not self.manifest.reference:

@@ -36,6 +36,8 @@ class Runtime(ABC):
     name: ClassVar[str]  # the manifest's `runtime` value this class loads
     packages: ClassVar[tuple[str, ...]]  # import names, first found wins
     extra: ClassVar[str]  # the tandem extra that installs it
+    # Whether `run` takes any batch size even when the model was exported for batch 1.
+    resizes_batch: ClassVar[bool] = False
 
     def __init__(self, manifest: Manifest, model_dir: Path) -> None:
         self.manifest = manifest

@@ -42,6 +42,7 @@ class LiteRTRuntime(Runtime):
     name = "tflite"
     packages = ("ai_edge_litert", "tflite_runtime")
     extra = "tflite"
+    resizes_batch = True
 
     def __init__(self, manifest: Manifest, model_dir: Path, interpreter: Any) -> None:
         super().__init__(manifest, model_dir)
@@ -50,9 +51,12 @@ class LiteRTRuntime(Runtime):
         self.input_names = tuple(t.name for t in manifest.inputs)
         self._inputs = _match(interpreter.get_input_details(), self.input_names)
         self._outputs = _match(interpreter.get_output_details(), self.output_names)
+        self._fixed_shape = False
+        self._resized_ok = False
         self._shapes = {
             name: tuple(d["shape"]) for name, d in zip(self.input_names, self._inputs, strict=True)
         }
+        self._original = dict(self._shapes)
 
     @classmethod
     def load(
@@ -75,29 +79,57 @@ class LiteRTRuntime(Runtime):
         return cls(manifest, model_dir, interpreter)
 
     def run(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> Arrays:
-        it = self.interpreter
         with self._lock:
+            if self._fixed_shape:
+                return self._run_rows(feeds)
             try:
-                resized = False
-                for name, detail in zip(self.input_names, self._inputs, strict=True):
-                    shape = feeds[name].shape
-                    if self._shapes[name] != shape:
-                        it.resize_tensor_input(detail["index"], list(shape))
-                        self._shapes[name] = shape
-                        resized = True
-                if resized:
-                    it.allocate_tensors()
-                for name, detail in zip(self.input_names, self._inputs, strict=True):
-                    it.set_tensor(detail["index"], _quantize(feeds[name], detail))
-                it.invoke()
-                return {
-                    name: _dequantize(it.get_tensor(detail["index"]), detail, spec.dtype)
-                    for name, detail, spec in zip(
-                        self.output_names, self._outputs, self.manifest.outputs, strict=True
-                    )
-                }
-            except (ValueError, RuntimeError) as exc:
-                raise RuntimeBackendError(f"LiteRT run failed: {exc}") from exc
+                return self._run(feeds)
+            except RuntimeBackendError:
+                if self._resized_ok:
+                    raise
+                # This model does not resize: serve batches one row at a time from now on.
+                self._fixed_shape = True
+                self._restore_shapes()
+                return self._run_rows(feeds)
+
+    def _restore_shapes(self) -> None:
+        it = self.interpreter
+        for name, detail in zip(self.input_names, self._inputs, strict=True):
+            it.resize_tensor_input(detail["index"], list(self._original[name]))
+            self._shapes[name] = self._original[name]
+        it.allocate_tensors()
+
+    def _run_rows(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> Arrays:
+        rows = next(iter(feeds.values())).shape[0]
+        parts = [self._run({k: v[i : i + 1] for k, v in feeds.items()}) for i in range(rows)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in self.output_names}
+
+    def _run(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> Arrays:
+        it = self.interpreter
+        try:
+            resized = False
+            for name, detail in zip(self.input_names, self._inputs, strict=True):
+                shape = feeds[name].shape
+                if self._shapes[name] != shape:
+                    it.resize_tensor_input(detail["index"], list(shape))
+                    self._shapes[name] = shape
+                    resized = True
+            if resized:
+                it.allocate_tensors()
+            for name, detail in zip(self.input_names, self._inputs, strict=True):
+                it.set_tensor(detail["index"], _quantize(feeds[name], detail))
+            it.invoke()
+            outputs = {
+                name: _dequantize(it.get_tensor(detail["index"]), detail, spec.dtype)
+                for name, detail, spec in zip(
+                    self.output_names, self._outputs, self.manifest.outputs, strict=True
+                )
+            }
+        except (ValueError, RuntimeError) as exc:
+            raise RuntimeBackendError(f"LiteRT run failed: {exc}") from exc
+        if self._shapes != self._original:
+            self._resized_ok = True
+        return outputs
 
 
 def _quantize(array: np.ndarray[Any, Any], detail: dict[str, Any]) -> np.ndarray[Any, Any]:
