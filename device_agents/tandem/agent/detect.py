@@ -7,7 +7,12 @@ a small device); it only asks whether the package could be imported.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import platform
+
+from tandem.errors import TandemError
+
+log = logging.getLogger(__name__)
 
 # Manifest runtime name -> packages any of which provides it.
 RUNTIME_PACKAGES: dict[str, tuple[str, ...]] = {
@@ -33,6 +38,22 @@ def _importable(package: str) -> bool:
 
 
 def detect_runtimes() -> tuple[str, ...]:
+    """The runtimes the SDK's registry reports installed (plugins included), else our table."""
+    try:
+        from tandem.sdk.runtimes import get_runtime, runtime_names
+    except ImportError:
+        return _detect_from_table()
+    found: list[str] = []
+    for name in runtime_names():
+        try:
+            if get_runtime(name).is_installed():
+                found.append(name)
+        except (TandemError, ImportError, ValueError) as exc:
+            log.debug("runtime %s not usable here: %s", name, exc)
+    return tuple(found)
+
+
+def _detect_from_table() -> tuple[str, ...]:
     return tuple(
         runtime
         for runtime, packages in RUNTIME_PACKAGES.items()
