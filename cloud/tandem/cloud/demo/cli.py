@@ -51,6 +51,8 @@ def demo(
     if root.level > logging.DEBUG:  # `tandem -v demo` keeps the INFO logs
         root.setLevel(logging.WARNING)
     console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = 120  # logs and pipes: fewer wrapped lines than the default 80
     try:
         config = DemoConfig(
             zoo=zoo,

@@ -130,6 +130,14 @@ class Supervisor:
         log.info("started %s (pid %d): %s", name, proc.pid, " ".join(args))
         return child
 
+    def finished(self, child: Child) -> None:
+        """A child that was meant to end (a build) and did: no longer watched."""
+        with self._lock:
+            if child in self.children:
+                self.children.remove(child)
+        with contextlib.suppress(OSError):
+            child._log.close()
+
     def pids(self) -> list[int]:
         return [c.pid for c in self.children]
 

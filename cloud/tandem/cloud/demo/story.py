@@ -39,7 +39,14 @@ from tandem.cloud.fleet.broker_config import BrokerConfig, device_ids_for, write
 from .config import RUNTIMES, DemoConfig
 from .errors import PrerequisiteError, StoryError
 from .processes import Child, Supervisor, free_port
-from .summary import RolloutSummary, Summary, render, rollout_summary, traffic_summary
+from .summary import (
+    RolloutSummary,
+    Summary,
+    gate_text,
+    render,
+    rollout_summary,
+    traffic_summary,
+)
 from .zoo import StoryZoo
 
 log = logging.getLogger(__name__)
@@ -270,6 +277,7 @@ class Story:
                 elif event.get("event") == "done":
                     story = StoryZoo.from_json(event["story"])
         code = child.proc.wait()
+        self.supervisor.finished(child)
         if code != 0 or story is None:
             raise StoryError(
                 f"building the models failed (status {code}); log {child.log_path}:\n"
@@ -494,9 +502,9 @@ class Story:
                             + ("…" if g.get("value") is None else f"{float(g['value']):.2f}")
                             for g in gates
                         )
-                    progress.update(
-                        task, completed=ok, total=max(len(mine), 1) if mine else None, note=note
-                    )
+                    if not mine and i > final["stage_index"]:
+                        note = "not reached"
+                    progress.update(task, completed=ok, total=max(len(mine), 1), note=note)
                 if final["status"] in ("completed", "aborted", "paused"):
                     break
                 if time.monotonic() > deadline:
@@ -537,11 +545,7 @@ class Story:
                 f"{r.device_states.get('succeeded', 0)} devices healthy on v{r.version} "
                 f"in {r.seconds:.0f}s"
             )
-        gates = "; ".join(
-            f"{g['metric']} {float(g['value']):.3f} vs {g['threshold']}"
-            for g in r.failed_gates
-            if g.get("value") is not None
-        )
+        gates = "; ".join(gate_text(g) for g in r.failed_gates)
         return (
             f"   [red]v{r.version} {r.status}[/] at stage {r.stages_reached}/{r.stages_total} "
             f"by {r.stopped_by or 'the engine'} ({gates}); {r.rolled_back} device(s) rolled back "

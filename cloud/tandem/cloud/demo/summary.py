@@ -132,8 +132,20 @@ def rollout_summary(
     stage_devices = [int(s.get("devices", 0)) for s in stages]
     reached = max((i + 1 for i, n in enumerate(stage_devices) if n > 0), default=0)
     first_cohort = sorted(str(a["device_id"]) for a in assignments if a.get("stage_index") == 0)
+    relative = {
+        str(g.get("metric")): bool(g.get("relative"))
+        for s in stages
+        for g in (s.get("gates") or [])
+    }
     gate_events = [e for e in events if e.get("kind") == "gate_failed"]
-    failed_gates = list(gate_events[0]["detail"].get("gates", [])) if gate_events else []
+    failed_gates = [
+        {**g, "relative": relative.get(str(g.get("metric")), False)}
+        for g in (gate_events[0]["detail"].get("gates", []) if gate_events else [])
+    ]
+    gates = [
+        {**g, "relative": relative.get(str(g.get("metric")), False)}
+        for g in (rollout.get("gates") or [])
+    ]
     aborted = [e for e in events if e.get("kind") == "aborted"]
     rolled_back = (
         int(aborted[0]["detail"].get("rollback", 0))
@@ -157,7 +169,7 @@ def rollout_summary(
         stage_percents=[float(s.get("percent", 0)) for s in stages],
         stage_devices=stage_devices,
         device_states=dict(rollout.get("device_states") or {}),
-        gates=list(rollout.get("gates") or []),
+        gates=gates,
         failed_gates=failed_gates,
         stopped_by=str(gate_events[0]["actor"]) if gate_events else None,
         rolled_back=rolled_back,
@@ -177,18 +189,29 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _gate_text(gate: Mapping[str, Any]) -> str:
+def gate_text(gate: Mapping[str, Any]) -> str:
+    """`fallback_rate 1.000 (baseline 0.038): +0.962, limit +0.25 FAIL (n=32)`."""
     value = gate.get("value")
     metric = str(gate.get("metric"))
-    shown = "n/a" if value is None else f"{float(value):.3f}"
-    op = ">=" if metric == "shadow_agreement" else "<="
-    verdict = {True: "pass", False: "FAIL", None: "waiting"}[gate.get("passed")]
     base = gate.get("baseline")
+    threshold = float(gate.get("threshold", 0))
+    verdict = {True: "pass", False: "FAIL", None: "waiting for data"}[gate.get("passed")]
+    samples = f"n={gate.get('samples', 0)}"
+    higher_better = metric == "shadow_agreement"
+    if value is None:
+        return f"{metric}: no data yet ({verdict}, {samples})"
+    value = float(value)
+    if gate.get("relative") and isinstance(base, int | float):
+        # The engine judges the difference to the baseline version; show both sides.
+        own = base - value if higher_better else base + value
+        sign = "-" if higher_better else "+"
+        return (
+            f"{metric} {own:.3f} vs baseline {float(base):.3f}: {sign}{abs(value):.3f}, "
+            f"limit {sign}{threshold:g} {verdict} ({samples})"
+        )
+    op = ">=" if higher_better else "<="
     baseline = f", baseline {float(base):.3f}" if isinstance(base, int | float) else ""
-    return (
-        f"{metric} {shown} {op} {gate.get('threshold')} "
-        f"({verdict}, n={gate.get('samples', 0)}{baseline})"
-    )
+    return f"{metric} {value:.3f} {op} {threshold:g} {verdict} ({samples}{baseline})"
 
 
 def render(summary: Summary) -> Group:
@@ -227,8 +250,8 @@ def render(summary: Summary) -> Group:
             f"v{r.version} (from v{r.baseline_version})",
             outcome,
             stages,
-            "\n".join(_gate_text(g) for g in gates) or "-",
+            "\n".join(gate_text(g) for g in gates) or "-",
             str(r.rolled_back),
-            str(len(r.outside_first_cohort_with_version)),
+            "-" if r.status == "completed" else str(len(r.outside_first_cohort_with_version)),
         )
     return Group(traffic, rollouts)
