@@ -15,7 +15,6 @@ thread, and each caller gets exactly its own rows of every output back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -63,7 +62,12 @@ class Batcher:
         # Requests only share a batch when their tensors can be stacked: with a variable
         # non-batch dimension (e.g. sequence length) only requests of equal shapes batch.
         self._variable = any(-1 in t.dims for t in config.inputs)
-        self._arrived = asyncio.Event()
+        self._queued_rows = 0  # rows of everything in the queue
+        # The forming worker sleeps on `_waiter`; an arrival wakes it only once the queue
+        # holds `_wake_at` rows (the next preferred size, or a full batch), so a batch of 64
+        # costs one wake-up, not 64.
+        self._waiter: asyncio.Future[None] | None = None
+        self._wake_at = 1
         self._forming = asyncio.Lock()
         self._closing = False
         self._executors = [
@@ -96,14 +100,34 @@ class Batcher:
             tuple(inputs[t.name].shape[1:] for t in self.config.inputs) if self._variable else None
         )
         self._queue.append(_Pending(inputs, rows, future, now, deadline, shape_key))
+        self._queued_rows += rows
         self._metrics.queue_depth.set(len(self._queue))
-        self._arrived.set()
+        if self._waiter is not None and self._queued_rows >= self._wake_at:
+            self._wake()
         return future
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _sleep(self, wake_at_rows: int, timeout_s: float | None) -> None:
+        """Sleeps until the queue holds `wake_at_rows` rows, `timeout_s` passes, or close."""
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        self._wake_at = wake_at_rows
+        timer = loop.call_later(timeout_s, self._wake) if timeout_s is not None else None
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     async def close(self) -> None:
         """Stops accepting, computes what is queued, then frees the instances."""
         self._closing = True
-        self._arrived.set()
+        self._wake()
         await asyncio.gather(*self._workers, return_exceptions=True)
         for executor in self._executors:
             executor.shutdown(wait=True)
@@ -125,11 +149,10 @@ class Batcher:
             if not self._queue:
                 if self._closing:
                     return None
-                self._arrived.clear()
-                await self._arrived.wait()
+                await self._sleep(1, None)
                 continue
             if not self._batching:
-                return [self._queue.popleft()]
+                return self._take(1)
             count, rows, full = self._formable()
             best = count
             if not full and rows not in self._preferred and self._preferred:
@@ -141,9 +164,11 @@ class Batcher:
                 return self._take(best if best > 0 else count)
             if now >= ready_at or self._closing:
                 return self._take(count)
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), ready_at - now)
+            if self._variable:
+                wake_at = self._queued_rows + 1  # any arrival may change what can batch
+            else:
+                wake_at = min([p for p in self._preferred if p > rows] + [self._max_rows])
+            await self._sleep(max(wake_at, self._queued_rows + 1), ready_at - now)
 
     def _formable(self) -> tuple[int, int, bool]:
         """(requests, rows, full): the longest queue prefix whose rows fit in one batch."""
@@ -172,6 +197,7 @@ class Batcher:
 
     def _take(self, count: int) -> list[_Pending]:
         batch = [self._queue.popleft() for _ in range(count)]
+        self._queued_rows -= sum(p.rows for p in batch)
         self._metrics.queue_depth.set(len(self._queue))
         return batch
 
@@ -184,9 +210,11 @@ class Batcher:
             head = queue[0]
             if head.future.done():
                 queue.popleft()
+                self._queued_rows -= head.rows
                 dropped += 1
             elif head.deadline is not None and now >= head.deadline:
                 queue.popleft()
+                self._queued_rows -= head.rows
                 head.future.set_exception(
                     RequestTimeoutError(f"model {self.config.name!r}: request timed out in queue")
                 )
