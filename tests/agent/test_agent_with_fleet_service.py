@@ -30,15 +30,21 @@ from tests.fleet.conftest import (
 
 __all__ = ["fleet_service", "generated_broker"]  # fixtures, used by name
 TANDEM = str(Path(sys.executable).with_name("tandem"))
-DEVICES = ["dev-a", "dev-b", "dev-c"]
+# device -> its runtimes, in its order of preference
+DEVICES = {"dev-a": ["onnx"], "dev-b": ["openvino"], "dev-c": ["openvino", "onnx"]}
+VARIANT_OF = {"onnx": "onnx-int8", "openvino": "openvino-fp32"}
 
 
 @pytest.fixture
 def zoo(tmp_path: Path) -> Path:
     root = tmp_path / "zoo"
     signer = Signer.create(root / "keys")
-    build_variant(root / "artifacts", signer, version=1)
-    build_variant(root / "artifacts", signer, version=2)
+    for version in (1, 2):
+        build_variant(root / "artifacts", signer, version=version)
+        # OpenVINO reads ONNX too: a second runtime without a second model format.
+        build_variant(
+            root / "artifacts", signer, version=version, variant="openvino-fp32", runtime="openvino"
+        )
     (root / "report.json").write_text(json.dumps({"models": {"digits": {}}}))
     return root
 
@@ -47,7 +53,7 @@ def zoo(tmp_path: Path) -> Path:
 def agents(
     generated_broker: Callable[[list[str]], GeneratedBroker], zoo: Path, tmp_path: Path
 ) -> Iterator[tuple[GeneratedBroker, dict[str, Path]]]:
-    broker = generated_broker(DEVICES)
+    broker = generated_broker(list(DEVICES))
     procs: list[subprocess.Popen[bytes]] = []
     stores = {d: tmp_path / f"store-{d}" for d in DEVICES}
     for device in DEVICES:
@@ -72,8 +78,7 @@ def agents(
                         str(zoo / "keys/signing.pub"),
                         "--tag",
                         "site=lab",
-                        "--runtime",
-                        "onnx",
+                        *[arg for rt in DEVICES[device] for arg in ("--runtime", rt)],
                         "--health-window",
                         "1",
                         "--health-probe-interval",
@@ -114,6 +119,10 @@ def test_rollouts_and_abort_between_agents_and_the_fleet_service(
     done = svc.wait_rollout(str(first["rollout_id"]), "completed", timeout=60)
     assert done["device_states"] == {"succeeded": len(DEVICES)}
     assert all(active_version(s) == 1 for s in stores.values())
+    # Each device got the variant for its first runtime.
+    for device, runtimes in DEVICES.items():
+        pointer = json.loads((stores[device] / "digits" / "active.json").read_text())
+        assert pointer["variant"] == VARIANT_OF[runtimes[0]], (device, pointer)
 
     # v2 to a first cohort that soaks long enough to abort it by hand.
     second = svc.post(
