@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,10 +13,9 @@ import pytest
 
 from tandem.sdk import Client
 from tandem.sdk.store import ActivePointer, ModelStore
-from tests.conftest import ROOT
 from tests.sdk.modelkit import build_models
 from tests.sdk.v2double import V2Server
-from tests.support.processes import free_port, stop_process, wait_for_port
+from tests.support.serve import ServeProcess
 
 TANDEM = Path(sys.executable).parent / "tandem"
 
@@ -96,44 +94,6 @@ def v2_factory() -> Iterator[Callable[[], V2Server]]:
     yield make
     for server in servers:
         server.stop()
-
-
-class ServeProcess:
-    def __init__(self, repository: Path, log_dir: Path, *args: str) -> None:
-        self.port = free_port()
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"serve-{self.port}.log"
-        command = [
-            str(TANDEM),
-            "serve",
-            "--repository",
-            str(repository),
-            "--grpc-port",
-            str(self.port),
-            "--http-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--no-access-log",
-            *args,
-        ]
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        try:
-            wait_for_port(self.port, proc=self.proc, timeout=60)
-        except (TimeoutError, RuntimeError) as exc:
-            self.stop()
-            raise RuntimeError(f"tandem serve did not start: {exc}\n{self.log()}") from exc
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        stop_process(self.proc, timeout=20)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from tandem.sdk import Client, CloudConfig, Retry
 from tandem.sdk.errors import CloudInputError
-from tests.sdk.conftest import ServeProcess
+from tests.support.serve import ServeProcess
 
 Factory = Callable[..., Client]
 
