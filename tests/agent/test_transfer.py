@@ -102,7 +102,7 @@ def feed(staging: Staging, upto: int, step: int = 1000) -> None:
 
 def test_staging_resumes_from_the_persisted_offset(tmp_path: Path) -> None:
     m = staged_manifest()
-    staging = Staging(tmp_path, "abc123", m)
+    staging = Staging(tmp_path, "abc123", m, sync_every_bytes=1000)
     staging.open(m.to_bytes(), b"{}")
     feed(staging, 3000)
     # A crash after the bytes were written but before the offset was saved: extra bytes.
@@ -168,3 +168,25 @@ def test_delta_against_the_previous_file(tmp_path: Path) -> None:
     (tmp_path / "base" / "model.onnx").write_bytes(old)
     with pytest.raises(DigestError, match="past"):
         apply_delta(tmp_path / "delta", tmp_path / "base" / "model.onnx", small, tmp_path / "o3")
+
+
+def test_offsets_are_saved_only_for_synced_bytes(tmp_path: Path) -> None:
+    m = staged_manifest()
+    staging = Staging(tmp_path, "abc123", m, sync_every_bytes=10**9)
+    staging.open(m.to_bytes(), b"{}")
+    feed(staging, 3000)
+    assert staging.unsynced == 3000
+    crashed = Staging(tmp_path, "abc123", m)
+    crashed.open(m.to_bytes(), b"{}")  # nothing was synced: starts over, never trusts more
+    assert crashed.progress[ENTRY.name].offset == 0
+    assert not (crashed.path / "model.onnx.part").exists()
+    feed(crashed, 2000)
+    crashed.sync()
+    assert crashed.unsynced == 0
+    again = Staging(tmp_path, "abc123", m)
+    again.open(m.to_bytes(), b"{}")
+    assert again.progress[ENTRY.name].offset == 2000
+    feed(again, ENTRY.stored_size)  # the last chunk of a file always syncs
+    assert again.unsynced == 0
+    again.finish_file(ENTRY, None)
+    assert (again.path / "model.onnx").read_bytes() == RAW

@@ -206,6 +206,9 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self._delivery is not None:
+                with contextlib.suppress(OSError):
+                    self._delivery.staging.sync()
             await self._shutdown_client()
 
     async def _shutdown_client(self) -> None:
@@ -418,7 +421,12 @@ class Agent:
             self._refuse(offer, exc)
             return False
         self._drop_other_staging(offer.transfer_id)
-        staging = Staging(self._staging_root, offer.transfer_id, manifest)
+        staging = Staging(
+            self._staging_root,
+            offer.transfer_id,
+            manifest,
+            sync_every_bytes=self.config.sync_every_bytes,
+        )
         staging.open(offer.signed, signatures_to_bytes(offer.signatures))
         base = delta_base(offer, local)
         delivery = _Delivery(offer, manifest, staging, base_version=base)
@@ -729,6 +737,14 @@ class Agent:
 
     async def _tick(self) -> None:
         delivery = self._delivery
+        if (
+            delivery is not None
+            and delivery.staging.unsynced
+            and time.monotonic() - delivery.last_activity > self.config.sync_idle_s
+        ):
+            # The stream paused (a disconnect, a dead service): make what arrived durable so
+            # a restart resumes from here.
+            await asyncio.to_thread(delivery.staging.sync)
         if (
             delivery is not None
             and self._connected.is_set()

@@ -55,6 +55,8 @@ class AgentConfig:
     max_payload_bytes: int = 512 * 1024 * 1024  # bytes, sum of a variant's files (both forms)
     stall_timeout_s: float = 10.0  # seconds without a chunk before re-requesting
     progress_every_bytes: int = 1024 * 1024  # bytes between PROGRESS reports
+    sync_every_bytes: int = 1024 * 1024  # bytes between fsyncs: what a power cut may refetch
+    sync_idle_s: float = 0.5  # seconds a stream may pause before what arrived is synced
     delivery_attempts: int = 3  # full-file retries after a digest mismatch before refusing
     max_desired_models: int = 64  # models one desired state may name; the rest are dropped
 
@@ -101,6 +103,8 @@ class AgentConfig:
             "max_payload_bytes": self.max_payload_bytes,
             "stall_timeout_s": self.stall_timeout_s,
             "progress_every_bytes": self.progress_every_bytes,
+            "sync_every_bytes": self.sync_every_bytes,
+            "sync_idle_s": self.sync_idle_s,
             "delivery_attempts": self.delivery_attempts,
             "max_desired_models": self.max_desired_models,
             "health_probe_interval_s": self.health_probe_interval_s,
