@@ -155,7 +155,7 @@ def test_rollouts_and_abort_between_agents_and_the_fleet_service(
         40,
         message=f"back on the baseline: {svc.log_tail()}",
     )
-    # Nobody outside the cohort ever received v2; the cohort went back without a refusal.
+    # Nobody outside the cohort ever received v2; the cohort switched back to the v1 it had.
     for name, store in stores.items():
         assert (store / "digits" / "2").exists() == (name in touched)
     rollout = svc.rollout(rid)
