@@ -407,7 +407,7 @@ def minilm_payload(model: str, rows: int, seq: int = 32) -> bytes:
 
 def bench_minilm() -> dict[str, Any]:
     WORK.mkdir(parents=True, exist_ok=True)
-    source = zoo_repository(("digits", "minilm")) / "minilm"
+    source = zoo_repository(("minilm",)) / "minilm"
     repo = WORK / "minilm-repository"
     shutil.rmtree(repo, ignore_errors=True)
     zoo_config = json.loads((source / "config.json").read_text())

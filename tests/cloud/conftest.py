@@ -164,6 +164,16 @@ def test_repository() -> Path:
     return build_test_repository(root)
 
 
+@pytest.fixture(scope="session")
+def minilm_zoo() -> Path:
+    """The test zoo with minilm built (cached by the pipeline), without needing digits."""
+    from tandem.cloud.build.pipeline import build_zoo
+    from tests.conftest import TEST_ZOO
+
+    build_zoo(TEST_ZOO, models=("minilm",))
+    return TEST_ZOO
+
+
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     servers: list[ServerProcess] = []
