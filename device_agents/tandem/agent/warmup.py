@@ -1,14 +1,12 @@
 """Load a staged variant and check it against its own reference outputs.
 
-`load_runner` is the one seam to the runtimes: it uses the SDK's runtime layer when that
-is installed (`tandem.sdk.runtimes.get_runtime(name).load(manifest, folder)`), and
-otherwise loads the model directly with the runtime the manifest names. Either way it
-returns a plain callable.
+`load_runner` is the one seam to the runtimes: the SDK's runtime layer
+(`tandem.sdk.runtimes.get_runtime(name).load(manifest, folder)`), the same code the app
+will run the model with, so a version that passes here loads there too.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from tandem.agent.errors import WarmupError
-from tandem.errors import MissingDependencyError, TandemError
+from tandem.errors import TandemError
 from tandem.sdk.artifacts import Manifest, load_npz, split_reference
 
 log = logging.getLogger(__name__)
@@ -26,107 +24,25 @@ Arrays = dict[str, np.ndarray[Any, Any]]
 Runner = Callable[[Mapping[str, np.ndarray[Any, Any]]], Arrays]
 
 
-def _sdk_runner(variant_dir: Path, manifest: Manifest) -> Runner | None:
-    """The SDK's runtime for the manifest, or None where the SDK has no runtime layer."""
-    try:
-        runtimes = importlib.import_module("tandem.sdk.runtimes")
-    except ImportError:
-        return None
-    runtime_cls = runtimes.get_runtime(manifest.runtime)
-    backend = runtime_cls.load(manifest, variant_dir)
-    return lambda inputs: dict(backend.run(dict(inputs)))
-
-
-def _onnx_runner(variant_dir: Path, manifest: Manifest) -> Runner:
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise MissingDependencyError("onnxruntime", "onnx", "ONNX models") from exc
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(
-        str(variant_dir / manifest.entrypoint), options, providers=["CPUExecutionProvider"]
-    )
-    names = [o.name for o in manifest.outputs]
-
-    def run(inputs: Mapping[str, np.ndarray[Any, Any]]) -> Arrays:
-        values = session.run(names, dict(inputs))
-        return {name: np.asarray(v) for name, v in zip(names, values, strict=True)}
-
-    return run
-
-
-def _openvino_runner(variant_dir: Path, manifest: Manifest) -> Runner:
-    try:
-        import openvino as ov
-    except ImportError as exc:
-        raise MissingDependencyError("openvino", "openvino", "OpenVINO models") from exc
-    compiled = ov.Core().compile_model(str(variant_dir / manifest.entrypoint), "CPU")
-    names = [o.name for o in manifest.outputs]
-
-    def run(inputs: Mapping[str, np.ndarray[Any, Any]]) -> Arrays:
-        result = compiled(dict(inputs))
-        return {
-            name: np.asarray(result[compiled.output(name)])  # by tensor name
-            for name in names
-        }
-
-    return run
-
-
-def _tflite_runner(variant_dir: Path, manifest: Manifest) -> Runner:
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        try:
-            from tflite_runtime.interpreter import Interpreter
-        except ImportError as exc:
-            raise MissingDependencyError("ai-edge-litert", "tflite", "LiteRT models") from exc
-    interpreter = Interpreter(model_path=str(variant_dir / manifest.entrypoint))
-
-    def run(inputs: Mapping[str, np.ndarray[Any, Any]]) -> Arrays:
-        details = interpreter.get_input_details()
-        for spec, detail in zip(manifest.inputs, details, strict=False):
-            value = inputs[spec.name]
-            interpreter.resize_tensor_input(detail["index"], list(value.shape))
-        interpreter.allocate_tensors()
-        for spec, detail in zip(manifest.inputs, interpreter.get_input_details(), strict=False):
-            interpreter.set_tensor(detail["index"], inputs[spec.name])
-        interpreter.invoke()
-        outs = interpreter.get_output_details()
-        return {
-            spec.name: np.asarray(interpreter.get_tensor(d["index"]))
-            for spec, d in zip(manifest.outputs, outs, strict=False)
-        }
-
-    return run
-
-
-_DIRECT: dict[str, Callable[[Path, Manifest], Runner]] = {
-    "onnx": _onnx_runner,
-    "openvino": _openvino_runner,
-    "tflite": _tflite_runner,
-}
-
-
 def load_runner(variant_dir: Path, manifest: Manifest) -> Runner:
-    """A callable running the variant; raises WarmupError when it cannot be loaded."""
+    """A callable running the variant through the SDK's runtime for `manifest.runtime`.
+
+    Raises WarmupError when it cannot be loaded (unknown runtime, missing package, a model
+    the runtime rejects).
+    """
+    from tandem.sdk.runtimes import get_runtime
+
     try:
-        runner = _sdk_runner(variant_dir, manifest)
-        if runner is not None:
-            return runner
-        direct = _DIRECT.get(manifest.runtime)
-        if direct is None:
-            raise WarmupError(f"no loader for runtime {manifest.runtime!r} on this device")
-        return direct(variant_dir, manifest)
-    except WarmupError:
-        raise
-    except MissingDependencyError as exc:
-        raise WarmupError(str(exc)) from exc
-    except Exception as exc:  # runtimes raise anything; translate at the boundary
+        backend = get_runtime(manifest.runtime).load(manifest, variant_dir)
+    except TandemError as exc:
         raise WarmupError(
             f"{manifest.runtime} could not load {manifest.entrypoint}: {exc}"
         ) from exc
+    except Exception as exc:  # runtimes raise anything; translate at the boundary
+        raise WarmupError(
+            f"{manifest.runtime} could not load {manifest.entrypoint}: {exc!r}"
+        ) from exc
+    return lambda inputs: dict(backend.run(dict(inputs)))
 
 
 def reference_io(variant_dir: Path, manifest: Manifest) -> tuple[Arrays, Arrays]:
