@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tandem.agent import Agent, AgentConfig, BrokerAddress
@@ -211,3 +212,27 @@ def test_agent_runs_inside_an_app_process(
         agent.stop()
     assert agent.wait(5) and agent.error is None
     wait_until(lambda: not fleet.presence["dev-2"].online, 10, message="offline presence")
+
+
+def test_wrong_credentials_keep_retrying_without_crashing(
+    fleet_broker: Broker, signer: Signer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = AgentConfig(
+        device_id="dev-1",
+        broker=BrokerAddress.parse(fleet_broker.url),
+        store=tmp_path / "store",
+        trusted_keys=(signer.public_path,),
+        username="dev-1",
+        password="wrong",
+        reconnect_max_s=1.0,
+    )
+    with caplog.at_level("ERROR", logger="tandem.agent.agent"):
+        agent = Agent(config).start()
+        try:
+            wait_until(lambda: "refused the connection" in caplog.text, 10, message="refusal")
+            time.sleep(1.5)  # at least one retry
+            assert not agent.connected and agent.error is None
+            assert caplog.text.count("refused the connection") >= 2
+        finally:
+            agent.stop()
+    assert agent.wait(5)
