@@ -175,6 +175,15 @@ def test_cascade_with_a_threshold(
         sources.add(result.source)
     assert sources == {"local", "cloud"}  # the sample exercises both branches
 
+    # A failing local runtime sends the request to the cloud too.
+    model = c.current
+    assert model is not None
+    working = model.run
+    _broken(c)
+    result = c.infer(xs[0])
+    assert result.source == "cloud" and result.fallback
+    model.run = working  # type: ignore[method-assign]
+
     # An unsure answer whose escalation fails is still answered, locally, with the reason.
     v2.script.fail_always = "UNAVAILABLE"
     unsure = next(r for r in xs if (local_only.infer(r).confidence or 1) < 0.95)

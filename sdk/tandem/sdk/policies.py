@@ -188,7 +188,14 @@ class Cascade(Policy):
             result = router.remote(feeds, self.timeout_ms)
             result.fallback = True
             return result
-        local = router.local(feeds, model)
+        try:
+            local = router.local(feeds, model)
+        except LOCAL_FAILURES:
+            if not router.has_cloud:
+                raise
+            result = router.remote(feeds, self.timeout_ms)
+            result.fallback = True
+            return result
         assert model is not None
         confidence = local.compute_confidence()
         if confidence is None or confidence >= self._threshold(router, model):
@@ -210,7 +217,14 @@ class Cascade(Policy):
             result = await router.aremote(feeds, self.timeout_ms)
             result.fallback = True
             return result
-        local = await router.alocal(feeds, model)
+        try:
+            local = await router.alocal(feeds, model)
+        except LOCAL_FAILURES:
+            if not router.has_cloud:
+                raise
+            result = await router.aremote(feeds, self.timeout_ms)
+            result.fallback = True
+            return result
         assert model is not None
         confidence = local.compute_confidence()
         if confidence is None or confidence >= self._threshold(router, model):
