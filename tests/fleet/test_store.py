@@ -208,6 +208,16 @@ def test_telemetry_ingest_is_idempotent_and_merges_per_window(store: Store) -> N
     only_d1 = store.telemetry_stats("digits", 2, device_ids=["d1"])
     assert only_d1.requests == 300 and only_d1.p95_latency_ms == pytest.approx(2.0, rel=0.1)
     assert store.telemetry_versions("digits") == [2]
+    # A later batch into the same windows merges into the stored aggregates.
+    later = [
+        summary("d1", 2, start_ms=t0 + 30_000, requests=50, errors=5, latency_ms=30.0),
+        summary("d3", 2, start_ms=t0, requests=10),
+    ]
+    assert store.ingest(later).ingested == 2
+    assert store.telemetry_count() == (3, 6)
+    stats = store.telemetry_stats("digits", 2, device_ids=["d1"])
+    assert (stats.requests, stats.errors) == (350, 8)
+    assert stats.p95_latency_ms == pytest.approx(30.0, rel=0.1)
 
 
 def test_telemetry_retention(store: Store) -> None:

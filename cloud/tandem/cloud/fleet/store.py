@@ -18,10 +18,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Engine,
+    Table,
     create_engine,
     delete,
     event,
@@ -358,7 +359,7 @@ def _event(row: EventRow) -> EventRecord:
     )
 
 
-def _aggregate(row: TelemetryRow) -> Aggregate:
+def _aggregate(row: Any) -> Aggregate:
     return Aggregate(
         device_id=row.device_id,
         model=row.model,
@@ -1232,33 +1233,36 @@ class Store:
     def _ingest_once(
         self, summaries: list[fleet_pb2.TelemetrySummary], offered: int, now: float
     ) -> IngestResult:
+        # Core statements with executemany throughout: at thousands of summaries per second
+        # the ORM's per-object bookkeeping would cost more than the database.
+        seen = cast(Table, SeenSummaryRow.__table__)
+        tel = cast(Table, TelemetryRow.__table__)
         with self.session() as s:
-            fresh_ids: set[str] = set()
+            conn = s.connection()
             ids = [x.summary_id for x in summaries]
+            known: set[str] = set()
             for part in _chunks(ids):
-                values = [{"summary_id": i, "received_at": now} for i in part]
-                stmt: Any
-                if self.dialect == "postgresql":
-                    stmt = postgresql.insert(SeenSummaryRow).values(values).on_conflict_do_nothing()
-                else:
-                    stmt = sqlite.insert(SeenSummaryRow).values(values).on_conflict_do_nothing()
-                fresh_ids.update(s.scalars(stmt.returning(SeenSummaryRow.summary_id)))
-            fresh = [x for x in summaries if x.summary_id in fresh_ids]
+                q = select(seen.c.summary_id).where(seen.c.summary_id.in_(list(part)))
+                known.update(conn.execute(q).scalars())
+            fresh = [x for x in summaries if x.summary_id not in known]
+            if fresh:
+                # A replica inserting the same id meanwhile makes this fail: the caller retries
+                # and the select above then sees the id.
+                rows = [{"summary_id": x.summary_id, "received_at": now} for x in fresh]
+                conn.execute(insert(seen), rows)
             aggs = summarize_summaries(fresh, self.telemetry_window_s)
             keys = list(aggs)
-            existing: dict[tuple[str, str, int, int], TelemetryRow] = {}
+            existing: dict[tuple[str, str, int, int], Any] = {}
+            key_cols = tuple_(tel.c.device_id, tel.c.model, tel.c.version, tel.c.window_start_ms)
             for part in _chunks(keys):
-                q = select(TelemetryRow).where(
-                    tuple_(
-                        TelemetryRow.device_id,
-                        TelemetryRow.model,
-                        TelemetryRow.version,
-                        TelemetryRow.window_start_ms,
-                    ).in_(list(part))
-                )
-                for row in s.scalars(q):
+                q = select(tel).where(key_cols.in_(list(part)))
+                if self.dialect == "postgresql":
+                    # Replicas merging into the same window wait for each other, not overwrite.
+                    q = q.with_for_update()
+                for row in conn.execute(q):
                     existing[(row.device_id, row.model, row.version, row.window_start_ms)] = row
             inserts: list[dict[str, Any]] = []
+            updates: list[dict[str, Any]] = []
             for key, agg in aggs.items():
                 current = existing.get(key)
                 if current is None:
@@ -1266,10 +1270,23 @@ class Store:
                     continue
                 merged = _aggregate(current)
                 merged.merge(agg)
-                for k, v in _aggregate_values(merged, now).items():
-                    setattr(current, k, v)
+                updates.append(_aggregate_values(merged, now))
             if inserts:
-                s.execute(insert(TelemetryRow), inserts)
+                # A replica inserting the same window meanwhile fails this: the caller retries.
+                conn.execute(insert(tel), inserts)
+            if updates:
+                # Rewriting the (locked) rows as one multi-row upsert instead of one UPDATE
+                # per row: a round trip per batch, not per aggregate, on PostgreSQL.
+                dialect_insert = (
+                    postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+                )
+                upsert = dialect_insert(tel)
+                keys_ = ["device_id", "model", "version", "window_start_ms"]
+                stmt = upsert.on_conflict_do_update(
+                    index_elements=keys_,
+                    set_={c: upsert.excluded[c] for c in updates[0] if c not in keys_},
+                )
+                conn.execute(stmt, updates)
             return IngestResult(len(fresh), offered - len(fresh))
 
     def telemetry_rows(
