@@ -18,7 +18,7 @@ from tests.agent.fleet_double import FleetDouble
 from tests.support.mosquitto import Broker
 from tests.support.processes import stop_process
 
-DEVICES = ("dev-1", "dev-2", "dev-3")
+DEVICES = ("dev-1", "dev-2", "dev-3", "dev-4")
 USERS = {"admin": "admin-secret", **{d: f"{d}-secret" for d in DEVICES}}
 # What `tandem fleet broker-config` generates, in small: a device reads its desired state
 # and chunks, writes its presence, reports, telemetry and chunk requests, and nothing else.

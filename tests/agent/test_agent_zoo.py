@@ -17,7 +17,12 @@ from tests.agent.conftest import USERS
 from tests.agent.fleet_double import FleetDouble, Kind
 from tests.support.processes import wait_until
 
-VARIANTS = {"onnx-int8": "onnx", "openvino-int8": "openvino", "tflite-int8": "tflite"}
+VARIANTS = {
+    "onnx-int8": "onnx",
+    "openvino-int8": "openvino",
+    "tflite-int8": "tflite",
+    "torch-fp32": "torch",
+}
 
 
 def test_zoo_variants_install_on_their_runtimes(
@@ -30,7 +35,7 @@ def test_zoo_variants_install_on_their_runtimes(
     if not runnable:
         pytest.skip(f"no digits variant for the runtimes here ({sorted(here)})")
     agents: list[Agent] = []
-    devices = ["dev-1", "dev-2", "dev-3"]
+    devices = ["dev-1", "dev-2", "dev-3", "dev-4"]
     try:
         for device_id, (variant, runtime) in zip(devices, runnable.items(), strict=False):
             folder = version_dir / variant
