@@ -101,3 +101,24 @@ def test_prefer_cloud_survives_the_server_going_away(
         server.stop()
     result = c.infer(test_set[0][:2])
     assert result.source == "local" and result.fallback
+
+
+def test_large_batches_split_into_the_servers_max_batch(
+    clients: Factory,
+    models: Path,
+    cloud_server: ServeProcess,
+    test_set: tuple[np.ndarray, np.ndarray],
+) -> None:
+    config = CloudConfig(endpoints=(cloud_server.address,), max_batch_rows=64)
+    c = clients(artifacts=None, cloud=config, policy="cloud_only")
+    x = test_set[0][:150]
+    result = c.infer(x)
+    assert result.output.shape == (150, 10)
+    np.testing.assert_allclose(result.output, _teacher(models, x), rtol=1e-4, atol=1e-4)
+
+    async def main() -> np.ndarray:
+        out = (await c.ainfer(x)).output
+        await c.aclose()
+        return out
+
+    np.testing.assert_allclose(asyncio.run(main()), result.output, rtol=1e-6)

@@ -57,6 +57,7 @@ class CloudConfig:
     retry: Retry = field(default_factory=Retry)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     max_message_bytes: int = 64 << 20  # gRPC send/receive limit (bytes)
+    max_batch_rows: int | None = None  # split larger batches into calls of this many rows
     # Longest wait between reconnect attempts to a dead endpoint. gRPC's own default grows
     # to 120 s, so a server back after a restart stayed unused long after its breaker let
     # calls through again; bounded, it is found again within this (plus the breaker's open_s).
@@ -79,6 +80,8 @@ class CloudConfig:
             raise ConfigError("root_certificates", "given but tls is False")
         if self.max_message_bytes <= 0:
             raise ConfigError("max_message_bytes", "must be > 0 bytes")
+        if self.max_batch_rows is not None and self.max_batch_rows < 1:
+            raise ConfigError("max_batch_rows", f"must be >= 1, got {self.max_batch_rows}")
         if self.reconnect_backoff_max_ms < 100:
             raise ConfigError("reconnect_backoff_max_ms", "must be >= 100 milliseconds")
 
@@ -285,8 +288,48 @@ class CloudClient:
     def _deadline(self, timeout_ms: float | None) -> float:
         return time.monotonic() + (timeout_ms or self.config.timeout_ms) / 1e3
 
+    def _chunks(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> list[Arrays] | None:
+        limit = self.config.max_batch_rows
+        if limit is None:
+            return None
+        rows = next(iter(feeds.values())).shape[0] if feeds else 0
+        if rows <= limit:
+            return None
+        return [{k: v[i : i + limit] for k, v in feeds.items()} for i in range(0, rows, limit)]
+
+    @staticmethod
+    def _join(answers: list[CloudAnswer], elapsed_ms: float) -> CloudAnswer:
+        first = answers[0]
+        outputs = {
+            name: np.concatenate([a.outputs[name] for a in answers]) for name in first.outputs
+        }
+        return CloudAnswer(
+            outputs,
+            first.endpoint,
+            first.model_version,
+            sum(a.attempts for a in answers),
+            elapsed_ms,
+        )
+
     def infer(
         self, feeds: Mapping[str, np.ndarray[Any, Any]], *, timeout_ms: float | None = None
+    ) -> CloudAnswer:
+        chunks = self._chunks(feeds)
+        if chunks is not None:
+            # One deadline for the whole request, spent across its chunks.
+            start = time.perf_counter()
+            deadline = self._deadline(timeout_ms)
+            answers = []
+            for chunk in chunks:
+                remaining = (deadline - time.monotonic()) * 1e3
+                if remaining <= 0:
+                    raise CloudTimeoutError("cloud deadline spent between batch chunks")
+                answers.append(self._infer_one(chunk, remaining))
+            return self._join(answers, (time.perf_counter() - start) * 1e3)
+        return self._infer_one(feeds, timeout_ms)
+
+    def _infer_one(
+        self, feeds: Mapping[str, np.ndarray[Any, Any]], timeout_ms: float | None
     ) -> CloudAnswer:
         request = encode_request(self.model, self.config.model_version, feeds)
         deadline = self._deadline(timeout_ms)
@@ -327,6 +370,17 @@ class CloudClient:
 
     async def ainfer(
         self, feeds: Mapping[str, np.ndarray[Any, Any]], *, timeout_ms: float | None = None
+    ) -> CloudAnswer:
+        chunks = self._chunks(feeds)
+        if chunks is not None:
+            start = time.perf_counter()
+            budget = timeout_ms or self.config.timeout_ms
+            answers = await asyncio.gather(*(self._ainfer_one(c, budget) for c in chunks))
+            return self._join(list(answers), (time.perf_counter() - start) * 1e3)
+        return await self._ainfer_one(feeds, timeout_ms)
+
+    async def _ainfer_one(
+        self, feeds: Mapping[str, np.ndarray[Any, Any]], timeout_ms: float | None
     ) -> CloudAnswer:
         request = encode_request(self.model, self.config.model_version, feeds)
         deadline = self._deadline(timeout_ms)
