@@ -101,7 +101,7 @@ def test_python_sample_runs(
 
 
 def _tandem_commands(body: str) -> Iterator[list[str]]:
-    for raw in body.splitlines():
+    for raw in body.replace("\\\n", " ").splitlines():
         line = raw.split("#", 1)[0].strip()
         for prefix in ("tandem ", ".venv/bin/tandem "):
             if line.startswith(prefix):
