@@ -79,7 +79,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         if variants:
             keys: set[str] = set()
             for values in variants.values():
-                keys.update(k for k, v in values.items() if not isinstance(v, Mapping | list))
+                # Long strings (digests, descriptions) stay in report.json only.
+                keys.update(
+                    k
+                    for k, v in values.items()
+                    if not isinstance(v, Mapping | list)
+                    and not (isinstance(v, str) and len(v) > 16)
+                )
             columns = [k for k in _LEADING if k in keys] + sorted(keys - set(_LEADING))
             lines.append("| variant | " + " | ".join(columns) + " |")
             lines.append("| --- " * (len(columns) + 1) + "|")

@@ -1,0 +1,141 @@
+"""build_zoo's cache and report with a tiny builder, and digits' calibration maths (fast)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tandem.cloud.build import digits, pipeline
+from tandem.cloud.build.context import BuildContext, ProgressEvent
+from tandem.cloud.build.packaging import repository_config, write_repository_model, write_variant
+from tandem.sdk.artifacts import TensorSpec
+
+PIXELS = TensorSpec("pixels", "FP32", (-1, 64))
+LOGITS = TensorSpec("logits", "FP32", (-1, 10))
+
+
+class ToyBuilder:
+    """Writes a real (tiny) repository entry and one signed variant; counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[BuildContext] = []
+
+    def __call__(self, ctx: BuildContext) -> dict[str, Any]:
+        self.calls.append(ctx)
+        steps = ctx.steps(2)
+        steps.advance("writing")
+        payload = ctx.work_dir / "model.onnx"
+        payload.write_bytes(b"toy" * 100)
+        write_repository_model(
+            ctx.repository_dir,
+            ctx.model,
+            ctx.version,
+            {"model.onnx": payload},
+            repository_config(ctx.model, backend="onnxruntime", inputs=[PIXELS], outputs=[LOGITS]),
+        )
+        rows = np.zeros((2, 64), np.float32)
+        write_variant(
+            ctx.variant_dir("onnx-int8"),
+            signer=ctx.signer,
+            model=ctx.model,
+            version=ctx.version,
+            variant="onnx-int8",
+            runtime="onnx",
+            precision="int8",
+            task="classification",
+            entrypoint="model.onnx",
+            payload_files={"model.onnx": payload},
+            inputs=[PIXELS],
+            outputs=[LOGITS],
+            reference={"input.pixels": rows, "output.logits": np.zeros((2, 10), np.float32)},
+        )
+        steps.finish()
+        return {
+            "metrics": {"seed": ctx.seed, **dict(ctx.options)},
+            "variants": {"onnx-int8": {"runtime": "onnx", "accuracy": 0.5}},
+            "repository": {"backend": "onnxruntime", "files": ["model.onnx"]},
+        }
+
+
+@pytest.fixture
+def toy(monkeypatch: pytest.MonkeyPatch) -> ToyBuilder:
+    builder = ToyBuilder()
+    monkeypatch.setattr(pipeline, "load_builder", lambda name: builder)
+    return builder
+
+
+def test_cache_hit_rebuild_on_change_and_force(tmp_path: Path, toy: ToyBuilder) -> None:
+    zoo = tmp_path / "zoo"
+    events: list[ProgressEvent] = []
+    first = pipeline.build_zoo(zoo, models=("digits",), progress=events.append)
+    assert first["run"]["built"] == ["digits"] and len(toy.calls) == 1
+    assert [e.step for e in events] == ["writing", "done"]
+    assert first["models"]["digits"]["cache_key"]
+
+    second = pipeline.build_zoo(zoo, models=("digits",), progress=events.append)
+    assert second["run"]["cached"] == ["digits"] and len(toy.calls) == 1
+    assert events[-1].cached
+
+    pipeline.build_zoo(zoo, models=("digits",), options={"digits": {"student_variant": "bad"}})
+    assert len(toy.calls) == 2 and toy.calls[-1].options == {"student_variant": "bad"}
+    pipeline.build_zoo(zoo, models=("digits",), seed=3)
+    assert len(toy.calls) == 3 and toy.calls[-1].seed == 3
+    pipeline.build_zoo(zoo, models=("digits",), seed=3, force=True)
+    assert len(toy.calls) == 4
+
+    # An output that disappeared is rebuilt even though the key matches.
+    (zoo / "artifacts" / "digits" / "1" / "onnx-int8" / "model.onnx.zst").unlink()
+    pipeline.build_zoo(zoo, models=("digits",), seed=3)
+    assert len(toy.calls) == 5
+    # A new version is a separate cache record and a separate folder.
+    pipeline.build_zoo(zoo, models=("digits",), seed=3, version=2)
+    assert len(toy.calls) == 6
+    assert (zoo / "artifacts" / "digits" / "2" / "onnx-int8" / "manifest.json").exists()
+    assert (zoo / "artifacts" / "digits" / "1" / "onnx-int8" / "manifest.json").exists()
+    report = json.loads((zoo / "report.json").read_text())
+    assert report["models"]["digits"]["version"] == 2
+    assert report["signing_key"]["keyid"]
+    assert not list(zoo.glob(".work-*")), "work folders are removed after each build"
+
+
+def test_cache_key_follows_source_library_and_key_changes(toy: ToyBuilder) -> None:
+    base = {"version": 1, "seed": 0, "options": {}, "keyid": "a"}
+    key = pipeline.cache_key("digits", **base)  # type: ignore[arg-type]
+    assert key == pipeline.cache_key("digits", **base)  # type: ignore[arg-type]
+    assert key != pipeline.cache_key("digits", **{**base, "keyid": "b"})  # type: ignore[arg-type]
+    assert key != pipeline.cache_key("digits", **{**base, "version": 2})  # type: ignore[arg-type]
+    assert key != pipeline.cache_key("minilm", **base)  # type: ignore[arg-type]
+
+
+def test_fit_temperature_recovers_a_known_temperature() -> None:
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(size=(4000, 10)) * 3
+    probs = digits.softmax(true_logits)
+    labels = np.array([rng.choice(10, p=p) for p in probs])
+    # The model reports logits 2.5x too sharp: the fitted temperature should undo that.
+    fitted = digits.fit_temperature(true_logits * 2.5, labels)
+    assert fitted == pytest.approx(2.5, rel=0.1)
+    before = digits.expected_calibration_error(digits.softmax(true_logits * 2.5), labels)
+    after = digits.expected_calibration_error(digits.softmax(true_logits * 2.5, fitted), labels)
+    assert after < before / 3
+
+
+def test_bad_student_is_trained_on_shuffled_labels_and_is_bad() -> None:
+    torch = pytest.importorskip("torch")
+    split = digits.load_split()
+    torch.manual_seed(0)
+    student = digits.StudentCNN(float(split.x_train.mean()), float(split.x_train.std()))
+    shuffled = np.random.default_rng(0).permutation(split.y_train)
+    digits.train(student, split, digits.BAD_STUDENT_TRAINING, 0, labels=shuffled)
+    assert digits.accuracy(digits.predict(student, split.x_test), split.y_test) < 0.4
+
+
+def test_split_is_fixed_and_stratified() -> None:
+    a, b = digits.load_split(), digits.load_split()
+    np.testing.assert_array_equal(a.x_test, b.x_test)
+    assert a.sizes() == {"train": 1167, "validation": 270, "test": 360}
+    assert set(np.bincount(a.y_test)) <= {35, 36, 37}
