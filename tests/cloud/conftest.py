@@ -15,8 +15,10 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from tandem.protos.inference import grpc_predict_v2_pb2 as pb
@@ -156,12 +158,38 @@ def start_server(
 ServerFactory = Callable[..., ServerProcess]
 
 
+def _latest(model_dir: Path) -> Path:
+    return model_dir / str(max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit()))
+
+
 @pytest.fixture(scope="session")
-def test_repository() -> Path:
+def teacher(digits_zoo: Path) -> Path:
+    """The version folder of the zoo's digits teacher (model.onnx, model.pt)."""
+    return _latest(digits_zoo / "repository" / "digits")
+
+
+@pytest.fixture(scope="session")
+def test_repository(teacher: Path) -> Path:
     """The test model repository (built fresh once per session, a few seconds)."""
     root = ROOT / "build" / "test-cloud-repo"
     shutil.rmtree(root, ignore_errors=True)
-    return build_test_repository(root)
+    return build_test_repository(root, teacher)
+
+
+DigitsReference = Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]
+
+
+@pytest.fixture(scope="session")
+def digits_reference(teacher: Path) -> DigitsReference:
+    """The teacher's logits for some pixels, from onnxruntime run here, not by the server."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(teacher / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def reference(pixels: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        return np.asarray(session.run(None, {"pixels": pixels.astype(np.float32)})[0])
+
+    return reference
 
 
 @pytest.fixture(scope="session")

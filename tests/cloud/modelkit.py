@@ -8,6 +8,7 @@ and drain tests. The expected outputs come from numpy, independently of any runt
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ DIGITS_W = np.random.default_rng(7).standard_normal((64, 10)).astype(np.float32)
 DIGITS_B = np.linspace(-1.0, 1.0, 10, dtype=np.float32)
 
 
-def digits_reference(pixels: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+def tiny_digits_reference(pixels: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return ((pixels.astype(np.float32) / 16.0) @ DIGITS_W + DIGITS_B).astype(np.float32)
 
 
@@ -175,19 +176,27 @@ def seqsum_onnx(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def build_test_repository(root: Path) -> Path:
-    """digits (onnx), digits_pt (TorchScript), digits_ov (OpenVINO), digits_nobatch, seqsum
-    (variable length INT64), slow."""
-    write_config(root / "digits", digits_config("digits"))
-    digits_onnx(root / "digits" / "1" / "model.onnx")
-    write_config(root / "digits_pt", digits_config("digits_pt", backend="pytorch"))
-    digits_torchscript(root / "digits_pt" / "1" / "model.pt")
-    write_config(root / "digits_ov", digits_config("digits_ov", backend="openvino"))
-    digits_openvino(root / "digits" / "1" / "model.onnx", root / "digits_ov" / "1" / "model.xml")
-    nobatch = digits_config("digits_nobatch")
-    del nobatch["dynamic_batching"]
-    write_config(root / "digits_nobatch", nobatch)
-    digits_onnx(root / "digits_nobatch" / "1" / "model.onnx")
+def build_test_repository(root: Path, teacher: Path) -> Path:
+    """From the zoo's digits teacher (`teacher` = its version folder with model.onnx and
+    model.pt): digits (ONNX Runtime, the zoo's config), digits_pt (TorchScript), digits_ov
+    (OpenVINO IR converted here), digits_nobatch (no dynamic batching). Plus seqsum (variable
+    length INT64) and slow (for queue and drain tests)."""
+    zoo_config = json.loads((teacher.parent / "config.json").read_text())
+    variants: dict[str, tuple[str, dict[str, Any]]] = {
+        "digits": ("onnxruntime", {}),
+        "digits_pt": ("pytorch", {}),
+        "digits_ov": ("openvino", {}),
+        "digits_nobatch": ("onnxruntime", {"dynamic_batching": None}),
+    }
+    for name, (backend, changes) in variants.items():
+        config = dict(zoo_config, name=name, backend=backend, **changes)
+        config = {k: v for k, v in config.items() if v is not None}
+        write_config(root / name, config)
+        (root / name / "1").mkdir(parents=True)
+    for name in ("digits", "digits_nobatch"):
+        shutil.copyfile(teacher / "model.onnx", root / name / "1" / "model.onnx")
+    shutil.copyfile(teacher / "model.pt", root / "digits_pt" / "1" / "model.pt")
+    digits_openvino(teacher / "model.onnx", root / "digits_ov" / "1" / "model.xml")
     seqsum = digits_config("seqsum")
     seqsum["input"] = [{"name": "tokens", "datatype": "INT64", "dims": [-1]}]
     seqsum["output"] = [{"name": "total", "datatype": "FP32", "dims": [1]}]

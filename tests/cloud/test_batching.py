@@ -15,8 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tandem.protos.inference import grpc_predict_v2_pb2 as pb
-from tests.cloud.conftest import ServerFactory, ServerProcess
-from tests.cloud.modelkit import digits_reference
+from tests.cloud.conftest import DigitsReference, ServerFactory, ServerProcess
 
 
 def slow_request(x: np.ndarray[Any, Any], timeout_us: int | None = None) -> pb.ModelInferRequest:
@@ -34,7 +33,9 @@ def y_of(response: pb.ModelInferResponse) -> np.ndarray[Any, Any]:
     )
 
 
-def test_concurrent_mixed_batch_sizes_get_exactly_their_rows(server: ServerProcess) -> None:
+def test_concurrent_mixed_batch_sizes_get_exactly_their_rows(
+    server: ServerProcess, digits_reference: DigitsReference
+) -> None:
     stub = server.stub()
     batches_before = server.metric("tandem_inference_batch_size_count", model="digits", version="1")
     rows_before = server.metric("tandem_inference_batch_size_sum", model="digits", version="1")

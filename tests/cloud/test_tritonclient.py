@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cloud.conftest import ServerProcess
-from tests.cloud.modelkit import digits_reference
+from tests.cloud.conftest import DigitsReference, ServerProcess
 from tests.conftest import ROOT
 
 VENV = ROOT / "build" / "venvs" / "tritonclient"
@@ -94,7 +93,7 @@ def triton_python() -> Path:
 
 
 def test_triton_grpc_client_calls_the_server(
-    server: ServerProcess, triton_python: Path, tmp_path: Path
+    server: ServerProcess, triton_python: Path, tmp_path: Path, digits_reference: DigitsReference
 ) -> None:
     x = np.random.default_rng(5).integers(0, 17, size=(3, 64)).astype(np.float32)
     np.save(tmp_path / "pixels.npy", x)
