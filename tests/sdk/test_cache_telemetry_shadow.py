@@ -161,10 +161,13 @@ def test_recording_is_cheap_and_never_blocks(tmp_path: Path) -> None:
     event = ("req", "digits", 1, "onnx", "local", "ok", 0.1, None, 0.9, False, False)
     record = rec.record_event
     n = 20000
-    start = time.perf_counter()
-    for _ in range(n):
-        record(event)
-    per_call_us = (time.perf_counter() - start) / n * 1e6
+    samples = []
+    for _ in range(5):  # the best of five: a busy machine can pause any one loop
+        start = time.perf_counter()
+        for _ in range(n):
+            record(event)
+        samples.append((time.perf_counter() - start) / n * 1e6)
+    per_call_us = min(samples)
     assert per_call_us < 2.0, per_call_us
     assert len(rec._events) == 1000  # bounded: the oldest were dropped, nothing blocked
     assert rec.flush()[0].requests == 1000
