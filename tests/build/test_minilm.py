@@ -365,6 +365,23 @@ def test_gate_refuses_a_per_tensor_quantization(
     minilm.check_cosine_gate("identical", np.ones(10))
 
 
+def test_model_loads_with_the_network_switched_off(
+    monkeypatch: pytest.MonkeyPatch, fp32_subset: tuple[list[dict[str, np.ndarray]], np.ndarray]
+) -> None:
+    """The weights come from the package folder: no socket is needed to load them."""
+    import socket
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("network access attempted while loading minilm")
+
+    for name in ("socket", "create_connection", "getaddrinfo"):
+        monkeypatch.setattr(socket, name, refuse)
+    embedder = minilm.load_embedder()
+    feeds, fp32 = fp32_subset
+    embedded = minilm.torch_embed(embedder, feeds[0])
+    np.testing.assert_allclose(embedded, fp32[: len(embedded)], atol=1e-4)
+
+
 def test_unchanged_rebuild_comes_from_the_cache(zoo: Path) -> None:
     from tandem.cloud.build.pipeline import build_zoo
 

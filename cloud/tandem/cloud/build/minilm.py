@@ -307,17 +307,17 @@ def load_embedder() -> Any:
     Eager attention rather than SDPA: its traced graph is plain MatMul/Softmax, which both
     onnxruntime's quantizer and OpenVINO recognise, and it measured faster on both.
     """
-    try:
-        import torch
-        from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
-    except ImportError as exc:
-        raise ModelUnavailableError(
-            f"minilm needs {exc.name}, which is not installed: pip install 'tandem[build]'"
-        ) from exc
-
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    # Offline from the first import on: huggingface_hub reads HF_HUB_OFFLINE when imported.
     with offline():
+        try:
+            import torch
+            from transformers import AutoModel
+            from transformers.utils import logging as hf_logging
+        except ImportError as exc:
+            raise ModelUnavailableError(
+                f"minilm needs {exc.name}, which is not installed: pip install 'tandem[build]'"
+            ) from exc
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         bert = AutoModel.from_pretrained(
             str(model_dir()), attn_implementation="eager", local_files_only=True
         )
