@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.agent.conftest import agent_factory, fleet, fleet_broker, signer
+from tests.cloud.conftest import teacher
 from tests.conftest import ROOT
 from tests.fleet.conftest import fleet_service, generated_broker
 from tests.sdk.conftest import artifacts, models, test_set
@@ -22,6 +23,7 @@ __all__ = [  # fixtures, used by name
     "generated_broker",
     "models",
     "signer",
+    "teacher",
     "test_set",
 ]
 
