@@ -95,7 +95,7 @@ def infer(
     runtime: Annotated[str, typer.Option(help="auto, a runtime or a variant name.")] = "auto",
     input_paths: Annotated[
         list[str] | None,
-        typer.Option("--input", "-i", help="[name=]PATH of a .npy/.json, or a .npz by name."),
+        typer.Option("--input", "-i", help="\\[name=]PATH of a .npy/.json, or a .npz by name."),
     ] = None,
     values: Annotated[
         str | None, typer.Option(help="Comma-separated numbers for a single-input model.")
