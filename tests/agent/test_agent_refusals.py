@@ -236,3 +236,35 @@ def test_wrong_credentials_keep_retrying_without_crashing(
         finally:
             agent.stop()
     assert agent.wait(5)
+
+
+def test_old_versions_are_pruned_after_a_healthy_window(
+    fleet: FleetDouble, signer: Signer, tmp_path: Path
+) -> None:
+    config = AgentConfig(
+        device_id="dev-3",
+        broker=BrokerAddress.parse(fleet.broker.url),
+        store=tmp_path / "store",
+        trusted_keys=(signer.public_path,),
+        username="dev-3",
+        password=USERS["dev-3"],
+        health_window_s=0.3,
+        health_probe_interval_s=0.1,
+    )
+    agent = Agent(config).start()
+    try:
+        wait_until(lambda: agent.connected, 10, message="connected")
+        for version in (1, 2, 3):
+            fleet.set_desired("dev-3", build_variant(tmp_path / "zoo", signer, version=version))
+            fleet.wait_report("dev-3", Kind.HEALTHY, version, timeout=40)
+        digits = tmp_path / "store" / "digits"
+        wait_until(lambda: not (digits / "1").exists(), 10, message="v1 pruned")
+        # The active version and the one a rollback or an abort returns to stay.
+        assert sorted(p.name for p in digits.iterdir() if p.is_dir()) == ["2", "3"]
+        # An abort back to v2 finds it without a transfer.
+        before = len(fleet.requests)
+        fleet.set_desired("dev-3", build_variant(tmp_path / "zoo2", signer, version=2))
+        fleet.wait_report("dev-3", Kind.HEALTHY, 2, timeout=40)
+        assert len(fleet.requests) == before
+    finally:
+        agent.stop()

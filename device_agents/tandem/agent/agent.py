@@ -775,11 +775,39 @@ class Agent:
             self.state.save()
             log.info("%s v%d %s healthy", model, pending.version, pending.variant)
             self._report(Kind.HEALTHY, ref)
+            await asyncio.to_thread(self._prune, model)
             return
         reason = watch.health.failure or "unhealthy"
         memory.failed.add((pending.version, pending.variant))
         self.state.save()
         self._roll_back(model, pending, ref, reason)
+
+    def _prune(self, model: str) -> None:
+        """Keeps the active version and the one a rollback would return to; deletes the rest.
+
+        Runs only after a health window passed, so the SDK never loses what it uses, and a
+        rollout abort still finds its baseline (the previous version) on the device.
+        """
+        pointer = self.store.read_active(model)
+        if pointer is None:
+            return
+        keep = {(pointer.version, pointer.variant)}
+        if pointer.previous_version is not None:
+            keep.add((pointer.previous_version, pointer.previous_variant))
+        for version in self.store.versions(model):
+            version_dir = self.store.model_dir(model) / str(version)
+            for variant_dir in self.store.variant_dirs(model, version):
+                # An unpinned pointer (variant None) keeps every variant of its version.
+                if (version, variant_dir.name) not in keep and (version, None) not in keep:
+                    log.info(
+                        "%s: removing v%d %s (neither active nor previous)",
+                        model,
+                        version,
+                        variant_dir.name,
+                    )
+                    shutil.rmtree(variant_dir, ignore_errors=True)
+            if version_dir.is_dir() and not any(version_dir.iterdir()):
+                version_dir.rmdir()
 
     def _run_probe(self, model: str, watch: _Watch) -> str | None:
         try:
