@@ -33,6 +33,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -418,6 +419,9 @@ class Store:
         self.telemetry_window_s = telemetry_window_s
         try:
             if url.startswith("sqlite"):
+                database = make_url(url).database
+                if database and database != ":memory:":
+                    Path(database).parent.mkdir(parents=True, exist_ok=True)
                 self.engine: Engine = create_engine(
                     url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30}
                 )
