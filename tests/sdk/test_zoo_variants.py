@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tandem.errors import NoLocalModelError
 from tandem.sdk import Client
 from tandem.sdk.artifacts import load_npz, split_reference
 from tandem.sdk.store import ModelStore
@@ -56,3 +57,33 @@ def test_zoo_auto_selection_and_cascade(clients: Callable[..., Client], digits_z
     assert model is not None
     threshold = c.cascade_threshold(c.policy, model)  # type: ignore[arg-type]
     assert 0.0 <= threshold <= 1.0 + 1e-9
+
+
+def test_trusted_keys_verify_signatures_before_loading(
+    clients: Callable[..., Client], digits_zoo: Path, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    good = clients(
+        artifacts=digits_zoo / "artifacts",
+        policy="local_only",
+        runtime="onnx",
+        trusted_keys=[digits_zoo / "keys" / "signing.pub"],
+    )
+    assert good.current is not None
+    other = tmp_path / "other.pub"
+    other.write_bytes(
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    bad = clients(
+        artifacts=digits_zoo / "artifacts",
+        policy="local_only",
+        runtime="onnx",
+        trusted_keys=[other],
+    )
+    assert bad.current is None
+    with pytest.raises(NoLocalModelError, match="not signed by a trusted key"):
+        bad.infer(np.zeros((1, 64), np.float32))
