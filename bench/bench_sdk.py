@@ -42,9 +42,9 @@ from tandem.sdk.store import ModelStore
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.sdk.conftest import ServeProcess  # noqa: E402
 from tests.sdk.modelkit import build_models  # noqa: E402
 from tests.support.processes import free_port, stop_process, wait_for_port  # noqa: E402
+from tests.support.serve import ServeProcess  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 ZOO = ROOT / "build" / "test-zoo"
@@ -167,6 +167,13 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             + f"sdk_same_real_server_us         {r['paired_sdk_same_us']:.1f}\n"
             + f"sdk_added_over_bare_same_us     {r['paired_added_us']:.1f}\n"
             + f"ratio_sdk/bare_same_server      {ratio:.3f}  (asserted: <= 1.3)\n"
+            + "# echo + the server's own per-request time from its access log (300 calls):\n"
+            + f"log_bare_grpc_echo_us           {r['log_echo_us']:.1f}\n"
+            + f"log_server_side_us              {r['log_server_side_us']:.1f}"
+            + f"  ({r['log_server_samples']} requests)\n"
+            + f"log_sdk_cloud_us                {r['log_sdk_us']:.1f}\n"
+            + "ratio_sdk/(echo+server_side)    "
+            + f"{r['log_sdk_us'] / (r['log_echo_us'] + r['log_server_side_us']):.3f}\n"
             + "# pytest-benchmark medians (separate runs, noisier):\n"
             + f"bench_bare_grpc_echo_us         {r['echo_us']:.1f}\n"
             + f"bench_sdk_echo_us               {r['sdk_echo_us']:.1f}\n"
@@ -264,7 +271,9 @@ def test_local_client_infer(benchmark: Any, local_client: Client) -> None:
 
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    server = ServeProcess(REPOSITORY, tmp_path_factory.mktemp("serve"))
+    # The later --access-log wins over ServeProcess's --no-access-log: the server's own
+    # per-request times are read from it.
+    server = ServeProcess(REPOSITORY, tmp_path_factory.mktemp("serve"), "--access-log")
     yield server
     server.stop()
 
@@ -335,6 +344,16 @@ def test_cloud_sdk_real_server(benchmark: Any, real_server: ServeProcess, echo_s
         bare, sdk_same, added = _paired_median_us(
             _bare_call(real_server.address), lambda: client.infer(ROW), rounds=21, inner=40
         )
+        # The server's own clock for each request (queueing, batching and compute): the
+        # "server-side" part of an echo + server-side baseline, read from its access log.
+        mark = len(real_server.log().splitlines())
+        echo_call = _bare_call(echo_server)
+        sdk_times, echo_times = [], []
+        for _ in range(300):
+            echo_times.append(_timed(echo_call))
+            sdk_times.append(_timed(lambda: client.infer(ROW)))
+        time.sleep(0.5)  # the access log line is written after the response
+        server_side = _server_side_ms(real_server.log(), mark)
     REPORT.setdefault("cloud", {}).update(
         bench_sdk_real_us=benchmark.stats.stats.median * 1e6,
         paired_echo_us=echo,
@@ -342,7 +361,27 @@ def test_cloud_sdk_real_server(benchmark: Any, real_server: ServeProcess, echo_s
         paired_bare_real_us=bare,
         paired_sdk_same_us=sdk_same,
         paired_added_us=added,
+        log_echo_us=statistics.median(echo_times),
+        log_sdk_us=statistics.median(sdk_times),
+        log_server_side_us=statistics.median(server_side) * 1e3 if server_side else float("nan"),
+        log_server_samples=len(server_side),
     )
+
+
+def _server_side_ms(log: str, since_line: int) -> list[float]:
+    """`duration_ms` of every OK ModelInfer the server logged after `since_line`."""
+    durations = []
+    for line in log.splitlines()[since_line:]:
+        start = line.find("{")
+        if start < 0 or "ModelInfer" not in line:
+            continue
+        try:
+            entry = json.loads(line[start:])
+        except ValueError:
+            continue
+        if entry.get("status") == "OK":
+            durations.append(float(entry["duration_ms"]))
+    return durations
 
 
 # --- cascade vs cloud-only ------------------------------------------------------------------
