@@ -1,0 +1,80 @@
+"""The app beside each agent in the end-to-end fleet test: one SDK client per device store,
+answering digits requests locally (cloud when there is no local model yet), shadowing half
+of the local answers to the cloud tier, and spooling telemetry for its agent to ship.
+
+    python -m tests.fleet.app_traffic CLOUD_ADDR TEST_SPLIT.npz DEVICE=STORE [DEVICE=STORE ...]
+
+Runs until SIGTERM. Prints nothing; the fleet service's telemetry is what the test reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tandem.sdk.client import Client
+from tandem.sdk.shadow import ShadowConfig
+from tandem.sdk.telemetry import TelemetryConfig
+
+RATE_PER_DEVICE = 15.0  # requests per second
+
+
+def run_device(
+    device_id: str, store: Path, cloud: str, x: np.ndarray, stop: threading.Event
+) -> None:
+    client = Client(
+        "digits",
+        artifacts=store,
+        cloud=cloud,
+        policy="prefer_local",
+        shadow=ShadowConfig(fraction=0.5),
+        telemetry=TelemetryConfig(
+            spool_dir=store / ".telemetry-spool",
+            device_id=device_id,
+            interval_s=0.5,
+            drain_interval_s=0.1,
+        ),
+        cache_dir=store.parent / f"sdk-cache-{device_id}",
+        watch_interval_s=0.2,
+    )
+    rng = np.random.default_rng(abs(hash(device_id)) % 2**32)
+    try:
+        while not stop.is_set():
+            row = x[rng.integers(len(x))][None, :]
+            # The app keeps going whatever happens; the SDK's telemetry counts the errors.
+            with contextlib.suppress(Exception):
+                client.infer({"pixels": row})
+            stop.wait(1.0 / RATE_PER_DEVICE)
+    finally:
+        client.close()
+
+
+def main(argv: list[str]) -> int:
+    cloud, split = argv[0], np.load(argv[1])
+    x = split["x"].astype(np.float32)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threads = []
+    for spec in argv[2:]:
+        device_id, store = spec.split("=", 1)
+        Path(store).mkdir(parents=True, exist_ok=True)
+        t = threading.Thread(
+            target=run_device, args=(device_id, Path(store), cloud, x, stop), daemon=True
+        )
+        t.start()
+        threads.append(t)
+    while not stop.is_set():
+        time.sleep(0.2)
+    for t in threads:
+        t.join(10)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
