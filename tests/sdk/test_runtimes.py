@@ -190,3 +190,40 @@ def test_a_missing_runtime_package_names_its_extra(
     reasons = {c.runtime: c.rejected for c in selection.candidates}
     assert f"tandem[{extra}]" in str(reasons[runtime])
     assert model.runtime_name != runtime
+
+
+@pytest.mark.parametrize("runtime", sorted(VARIANTS))
+def test_each_runtime_is_safe_to_call_from_many_threads(
+    artifacts: Path, tmp_path: Path, runtime: str, test_set: tuple[np.ndarray, np.ndarray]
+) -> None:
+    import threading
+
+    from tandem.sdk import Client
+
+    with Client(
+        "digits",
+        artifacts=artifacts,
+        policy="local_only",
+        runtime=VARIANTS[runtime],
+        cache_dir=tmp_path,
+        watch_interval_s=0,
+    ) as client:
+        x = test_set[0]
+        # Different batch sizes at once: LiteRT resizes, OpenVINO keeps one request per thread.
+        batches = [x[i : i + 1 + i % 5] for i in range(40)]
+        expected = [client.infer(b).output for b in batches]
+        failures: list[str] = []
+
+        def work(offset: int) -> None:
+            for k in range(len(batches)):
+                i = (k + offset) % len(batches)
+                got = client.infer(batches[i]).output
+                if got.shape != expected[i].shape or not np.allclose(got, expected[i], atol=1e-4):
+                    failures.append(f"batch {i}: {got.shape} vs {expected[i].shape}")
+
+        threads = [threading.Thread(target=work, args=(o * 7,)) for o in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not failures, failures[:3]
