@@ -38,7 +38,7 @@ from tandem.cloud.fleet.broker_config import BrokerConfig, device_ids_for, write
 
 from .config import RUNTIMES, DemoConfig
 from .errors import PrerequisiteError, StoryError
-from .processes import Child, Supervisor, free_port
+from .processes import Child, Interrupted, Supervisor, free_port
 from .summary import (
     RolloutSummary,
     Summary,
@@ -608,10 +608,13 @@ class Story:
             self.console.print(render(summary))
             if config.keep_running:
                 self.say(
-                    f"\neverything stays up; console: {self.console_url}\n"
+                    f"\neverything stays up, traffic included; console: {self.console_url}\n"
                     "Ctrl-C stops every process the demo started."
                 )
-                wait_forever()
+                try:
+                    wait_forever()
+                except Interrupted:
+                    self.say("stopping every process the demo started")
             return summary
         finally:
             if self.http is not None:

@@ -235,17 +235,21 @@ def render(summary: Summary) -> Group:
     )
     traffic.add_row("broker", summary.broker)
     traffic.add_row("elapsed", f"{summary.elapsed_s:.0f} s")
-    rollouts = Table(title="Rollouts", title_justify="left")
-    for col in ("version", "outcome", "stages", "gates", "rolled back", "got it outside cohort 1"):
-        rollouts.add_column(col)
+    rollouts = Table(title="Rollouts", title_justify="left", expand=True)
+    rollouts.add_column("version", no_wrap=True)
+    rollouts.add_column("outcome")
+    rollouts.add_column("stages", no_wrap=True)
+    rollouts.add_column("gates (last evaluation)", ratio=1)
+    rollouts.add_column("rolled back", no_wrap=True)
+    rollouts.add_column("got it outside\ncohort 1", no_wrap=True)
     for r in summary.rollouts:
         outcome = Text(r.status, style="green" if r.status == "completed" else "red")
         if r.stopped_by:
-            outcome.append(f" by {r.stopped_by}")
-        stages = f"{r.stages_reached}/{r.stages_total} " + "/".join(
+            outcome.append(f"\nby {r.stopped_by}")
+        stages = f"{r.stages_reached}/{r.stages_total}\n" + "/".join(
             f"{p:g}%" for p in r.stage_percents
         )
-        gates = r.failed_gates or r.gates
+        gates = r.gates or r.failed_gates
         rollouts.add_row(
             f"v{r.version} (from v{r.baseline_version})",
             outcome,
