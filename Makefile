@@ -48,7 +48,7 @@ protos: install
 	$(BIN)/python -m tandem.protos.generate
 
 bench: install
-	$(BIN)/python -m pytest bench --benchmark-only -p no:randomly
+	$(BIN)/python -m pytest bench -p no:randomly
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
