@@ -33,7 +33,9 @@ pytestmark = pytest.mark.slow
 
 
 def _report(zoo: Path) -> dict[str, Any]:
-    return json.loads((zoo / "report.json").read_text())["models"]["digits"]  # type: ignore[no-any-return]
+    # Other tests may build later digits versions into the same zoo: read v1's own entry.
+    report = json.loads((zoo / "report.json").read_text())
+    return report["versions"]["digits"]["1"]  # type: ignore[no-any-return]
 
 
 def _variant(zoo: Path, name: str) -> Variant:
@@ -202,5 +204,7 @@ def test_unchanged_rebuild_is_served_from_the_cache(digits_zoo: Path) -> None:
     report = build_zoo(digits_zoo, models=("digits",))
     elapsed = time.perf_counter() - started
     assert report["run"]["cached"] == ["digits"] and report["run"]["built"] == []
-    assert elapsed < 10
+    # Other test sessions may hold the zoo lock while they build; only the work is timed.
+    assert report["run"]["seconds"] < 10
+    assert elapsed - report["run"]["lock_wait_seconds"] < 10
     assert (folder / "manifest.json").stat().st_mtime_ns == before

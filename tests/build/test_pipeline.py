@@ -98,6 +98,8 @@ def test_cache_hit_rebuild_on_change_and_force(tmp_path: Path, toy: ToyBuilder) 
     assert (zoo / "artifacts" / "digits" / "1" / "onnx-int8" / "manifest.json").exists()
     report = json.loads((zoo / "report.json").read_text())
     assert report["models"]["digits"]["version"] == 2
+    assert sorted(report["versions"]["digits"]) == ["1", "2"]
+    assert "## digits v1" in (zoo / "report.md").read_text()
     assert report["signing_key"]["keyid"]
     assert not list(zoo.glob(".work-*")), "work folders are removed after each build"
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,6 +102,26 @@ def _progress_display(models: tuple[str, ...]) -> Iterator[Any]:
         yield on_event
 
 
+@contextmanager
+def _build_logging() -> Iterator[None]:
+    """During a build the progress bars say what happens; logs show only warnings then.
+
+    Converters log every lowering step at INFO (litert-torch through the root logger, LiteRT
+    and XNNPACK from C++), which would bury the progress display. `tandem -v` keeps it all.
+    """
+    root = logging.getLogger()
+    if root.getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # C++ absl logging in LiteRT
+    previous = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
+
+
 def _format_bytes(size: Any) -> str:
     if not isinstance(size, int | float):
         return ""
@@ -180,7 +202,7 @@ def models_build(
     elif not key.exists():
         raise BuildError(f"signing key {key} does not exist (create one: tandem keys generate)")
     options = {"digits": {"student_variant": student}} if student != "normal" else None
-    with _progress_display(names) as on_event:
+    with _build_logging(), _progress_display(names) as on_event:
         report = build_zoo(
             out_dir,
             names,

@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -491,11 +492,15 @@ def quantize_tflite_int8(model: nn.Module, out_path: Path, calibration_rows: Arr
     """TFLite INT8 via litert-torch: PT2E static quantization, then conversion (batch 1)."""
     import litert_torch
     from litert_torch.quantize import pt2e_quantizer, quant_config
-    from torchao.quantization.pt2e import quantize_pt2e  # type: ignore[import-untyped]
+    from torchao.quantization.pt2e import (  # type: ignore[import-untyped]
+        move_exported_model_to_eval,
+        quantize_pt2e,
+    )
 
     sample = (torch.from_numpy(calibration_rows[:1]),)
     try:
-        with _torch_threads(1), _quiet():
+        with _torch_threads(1), _quiet(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations
             exported = torch.export.export(copy.deepcopy(model).eval(), sample).module()
             quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
                 pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
@@ -505,6 +510,10 @@ def quantize_tflite_int8(model: nn.Module, out_path: Path, calibration_rows: Arr
                 for i in range(len(calibration_rows)):
                     prepared(torch.from_numpy(calibration_rows[i : i + 1]))
             converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+            converted = move_exported_model_to_eval(converted)
+            # An exported GraphModule refuses .eval(); the graph above is already in eval
+            # form, so only the flag litert-torch checks (and warns about) is left to set.
+            converted.training = False
             edge = litert_torch.convert(
                 converted,
                 sample,

@@ -235,10 +235,13 @@ def build_zoo(
         if name not in MODELS:
             raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    waited_from = time.perf_counter()
     built: list[str] = []
     cached: list[str] = []
     with _zoo_lock(out_dir):
+        # Another process may hold the zoo; time the work, not the wait.
+        started = time.perf_counter()
+        lock_wait = started - waited_from
         signer, used_key = _signer_for(out_dir, Path(key_path) if key_path else None)
         report = load_report(out_dir)
         for name in names:
@@ -260,7 +263,10 @@ def build_zoo(
                 entry["cache_key"] = key
                 _write_record(out_dir, name, version, key, entry)
                 built.append(name)
+            # `models` holds each model's entry from its latest build; `versions` keeps one
+            # entry per built version, so building v2 does not hide what v1 measured.
             report["models"][name] = entry
+            report.setdefault("versions", {}).setdefault(name, {})[str(version)] = entry
         report["machine"] = _machine()
         report["generated"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         report["signing_key"] = {"keyid": signer.keyid, "path": str(used_key)}
@@ -270,6 +276,7 @@ def build_zoo(
         "built": built,
         "cached": cached,
         "seconds": round(time.perf_counter() - started, 3),
+        "lock_wait_seconds": round(lock_wait, 3),
     }
     return result
 

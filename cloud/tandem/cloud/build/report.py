@@ -65,8 +65,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if isinstance(machine, Mapping):
         lines += [f"Built on: {_fmt(machine)}", ""]
     models = report.get("models") or {}
-    for name in sorted(models):
-        entry = models[name]
+    versions = report.get("versions") or {}
+    entries = []
+    for name in sorted(set(models) | set(versions)):
+        by_version = versions.get(name) or {}
+        if by_version:
+            entries += [by_version[v] for v in sorted(by_version, key=int)]
+        else:
+            entries.append(models[name])
+    for entry in entries:
+        name = entry.get("model", "?")
         lines += [f"## {name} v{entry.get('version', '?')}", ""]
         if "build_seconds" in entry:
             lines += [f"Build time: {entry['build_seconds']:.1f} s", ""]
