@@ -44,6 +44,13 @@ def demo(
         typer.Option(help="Work folder for DBs, stores, logs (default: a new temp folder)."),
     ] = None,
     rate: Annotated[float, typer.Option(help="Requests per second per device.")] = 4.0,
+    broker: Annotated[
+        str,
+        typer.Option(
+            help="auto: Mosquitto when installed, else the embedded Python broker; "
+            "or mosquitto, embedded."
+        ),
+    ] = "auto",
 ) -> None:
     """Build the models, start cloud tier, broker, fleet and devices, roll out a good and a
     bad version, and print what happened. Ctrl-C stops every process it started."""
@@ -61,6 +68,7 @@ def demo(
             duration_s=duration,
             keep_running=keep_running,
             rate_per_s=rate,
+            broker=broker,
         )
     except TandemError as exc:
         raise typer.BadParameter(str(exc)) from exc

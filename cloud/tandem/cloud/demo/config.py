@@ -9,6 +9,7 @@ from pathlib import Path
 from tandem.errors import ConfigError
 
 RUNTIMES = ("onnx", "tflite", "openvino", "torch")
+BROKERS = ("auto", "mosquitto", "embedded")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class DemoConfig:
     health_window_s: float = 3.0  # seconds an agent watches a new version before HEALTHY
     stage_timeout_s: float = 180.0  # seconds a rollout may take before the story gives up
     host: str = "127.0.0.1"  # every process binds to loopback
+    broker: str = "auto"  # auto (Mosquitto when installed, else embedded), mosquitto, embedded
 
     def __post_init__(self) -> None:
         if not 1 <= self.devices <= 200:
@@ -36,6 +38,8 @@ class DemoConfig:
             raise ConfigError("shadow_fraction", f"must be in (0, 1], got {self.shadow_fraction}")
         if self.health_window_s < 0:
             raise ConfigError("health_window_s", "must be >= 0")
+        if self.broker not in BROKERS:
+            raise ConfigError("broker", f"must be one of {', '.join(BROKERS)}, got {self.broker!r}")
         object.__setattr__(self, "zoo", Path(self.zoo).absolute())
         object.__setattr__(self, "workdir", Path(self.workdir).absolute())
 

@@ -60,24 +60,22 @@ MOSQUITTO_PATHS = (
 )
 
 
-def find_mosquitto() -> str:
-    """The Mosquitto binary, or a PrerequisiteError saying how to install it.
-
-    The fleet speaks MQTT 5 (shared subscriptions, session expiry, reason codes); the Python
-    brokers on PyPI (amqtt 0.12) speak MQTT 3.1.1 only, so none can stand in for Mosquitto.
-    """
+def find_mosquitto() -> str | None:
+    """The Mosquitto binary, or None."""
     found = shutil.which("mosquitto")
     if found:
         return found
     for path in MOSQUITTO_PATHS:
         if os.access(path, os.X_OK):
             return path
-    raise PrerequisiteError(
-        "the demo needs an MQTT 5 broker and found no Mosquitto: install it with "
-        "`sudo apt-get install mosquitto` (Debian/Ubuntu), `brew install mosquitto` (macOS) "
-        "or `make system-deps`. (No embedded Python broker is used: amqtt, the one on PyPI, "
-        "speaks MQTT 3.1.1 only, and the fleet and agents speak MQTT 5.)"
-    )
+    return None
+
+
+MOSQUITTO_MISSING = (
+    "--broker mosquitto: no Mosquitto found; install it with `sudo apt-get install mosquitto` "
+    "(Debian/Ubuntu), `brew install mosquitto` (macOS) or `make system-deps`, or run with "
+    "--broker embedded"
+)
 
 
 def mosquitto_version(binary: str) -> str:
@@ -297,18 +295,38 @@ class Story:
         return story
 
     def start_broker(self) -> dict[str, str]:
-        binary = find_mosquitto()
+        """Mosquitto when installed (or asked for), else the embedded MQTT 5 broker; both
+        with the password file and ACL that `tandem fleet broker-config` writes."""
+        binary = find_mosquitto() if self.config.broker != "embedded" else None
+        if binary is None and self.config.broker == "mosquitto":
+            raise PrerequisiteError(MOSQUITTO_MISSING)
         port = free_port(self.config.host)
         self.ports["mqtt"] = port
         written = write_broker_config(
             BrokerConfig(self.work / "broker", self.config.host, port, persistence=False),
             self.device_ids,
         )
-        self._start("mosquitto", [binary, "-c", str(written.conf)], port)
-        self.broker_name = (
-            f"Mosquitto {mosquitto_version(binary)} ({binary}) on mqtt://{self.config.host}:{port}"
-            f", {len(written.device_passwords)} device identities + ACL"
-        )
+        url = f"mqtt://{self.config.host}:{port}"
+        identities = f"{len(written.device_passwords)} device identities + ACL"
+        if binary is not None:
+            self._start("mosquitto", [binary, "-c", str(written.conf)], port)
+            self.broker_name = f"Mosquitto {mosquitto_version(binary)} ({binary}) on {url}, "
+        else:
+            args = [
+                sys.executable,
+                "-m",
+                "tandem.cloud.demo.broker",
+                "--config",
+                str(written.conf.parent),
+                "--host",
+                self.config.host,
+                "--port",
+                str(port),
+            ]
+            self._start("broker", args, port)
+            why = "" if self.config.broker == "embedded" else " (no Mosquitto installed)"
+            self.broker_name = f"embedded Python MQTT 5 broker{why} on {url}, "
+        self.broker_name += identities
         self.say(f"   MQTT broker: {self.broker_name}")
         self._fleet_password_file = written.fleet_password_file
         return written.device_passwords
