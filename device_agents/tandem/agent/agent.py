@@ -427,7 +427,12 @@ class Agent:
             manifest,
             sync_every_bytes=self.config.sync_every_bytes,
         )
-        staging.open(offer.signed, signatures_to_bytes(offer.signatures))
+        try:
+            staging.open(offer.signed, signatures_to_bytes(offer.signatures))
+        except OSError as exc:
+            staging.discard()
+            self._refuse(offer, _no_space(exc))
+            return False
         base = delta_base(offer, local)
         delivery = _Delivery(offer, manifest, staging, base_version=base)
         delivery.last_activity = time.monotonic()
@@ -461,7 +466,10 @@ class Agent:
     def _refuse(self, offer: Offer, exc: RefusedError) -> None:
         log.warning("refused %s v%d %s: %s", offer.model, offer.version, offer.variant, exc)
         self.state.remember_refusal(offer.offer_key, str(exc))
-        self.state.save()
+        try:
+            self.state.save()
+        except OSError as save_exc:  # a full disk must not also swallow the report
+            log.warning("could not save the refusal: %s", save_exc)
         self._refusals_reported[offer.offer_key] = self._revision
         self._report(Kind.REFUSED, offer, reason=str(exc))
 
@@ -561,7 +569,11 @@ class Agent:
             else:
                 await self._file_failed(delivery, entry.name, decision.why)
             return
-        progress = await asyncio.to_thread(staging.append, entry.name, chunk)
+        try:
+            progress = await asyncio.to_thread(staging.append, entry.name, chunk)
+        except OSError as exc:
+            await self._storage_failed(delivery, exc)
+            return
         received = staging.bytes_received
         if received - delivery.reported_bytes >= self.config.progress_every_bytes:
             delivery.reported_bytes = received
@@ -582,6 +594,9 @@ class Agent:
         )
         try:
             await asyncio.to_thread(staging.finish_file, entry, base_dir)
+        except OSError as exc:
+            await self._storage_failed(delivery, exc)
+            return
         except DigestError as exc:
             if progress.is_delta:
                 log.warning("%s: delta failed (%s); fetching the full file", entry.name, exc)
@@ -608,6 +623,14 @@ class Agent:
         delivery.staging.restart_file(name, FileProgress(name))
         self._request_next(delivery, force=True)
 
+    async def _storage_failed(self, delivery: _Delivery, exc: OSError) -> None:
+        """The device cannot hold the delivery (disk full, file size limit, read-only store):
+        refuse it and keep the active model; retrying the same bytes would fail the same way."""
+        delivery.staging.discard()
+        self._delivery = None
+        self._refuse(delivery.offer, _no_space(exc))
+        await self._reconcile()
+
     async def _continue(self, delivery: _Delivery) -> None:
         """Requests the next file, or finishes the delivery when every file is staged."""
         if delivery.staging.next_needed() is not None:
@@ -616,6 +639,9 @@ class Agent:
         offer = delivery.offer
         try:
             await asyncio.to_thread(delivery.staging.verify_complete)
+        except OSError as exc:
+            await self._storage_failed(delivery, exc)
+            return
         except DigestError as exc:
             delivery.staging.discard()
             self._delivery = None
@@ -627,7 +653,12 @@ class Agent:
         total = delivery.staging.bytes_total
         self._report(Kind.VERIFIED, offer, bytes_received=total, bytes_total=total)
         dest = self.store.model_dir(offer.model) / str(offer.version) / offer.variant
-        await asyncio.to_thread(delivery.staging.install_into, dest)
+        try:
+            await asyncio.to_thread(delivery.staging.install_into, dest)
+        except OSError as exc:
+            shutil.rmtree(dest, ignore_errors=True)
+            await self._storage_failed(delivery, exc)
+            return
         self._delivery = None
         await self._activate(
             offer.model, offer.version, offer.variant, offer.rollout_id, fresh=True
@@ -988,3 +1019,7 @@ def _offer_from_proto(item: fleet_pb2.DesiredModel) -> Offer:
         rollout_id=item.rollout_id,
         delta_base_version=item.delta_base_version,
     )
+
+
+def _no_space(exc: OSError) -> RefusedError:
+    return RefusedError(errors.NO_SPACE, f"the store cannot hold the delivery: {exc}")

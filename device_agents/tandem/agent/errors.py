@@ -23,6 +23,7 @@ WRONG_RUNTIME = "wrong_runtime"
 TOO_LARGE = "too_large"
 DIGEST_MISMATCH = "digest_mismatch"
 MALFORMED = "malformed"
+NO_SPACE = "no_space"  # writing the delivery failed (disk full, file size limit, read-only)
 
 REFUSAL_CODES = (
     BAD_SIGNATURE,
@@ -34,6 +35,7 @@ REFUSAL_CODES = (
     TOO_LARGE,
     DIGEST_MISMATCH,
     MALFORMED,
+    NO_SPACE,
 )
 
 
