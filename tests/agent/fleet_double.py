@@ -232,15 +232,17 @@ class FleetDouble:
             data, is_delta, base = found
             digest = hashlib.sha256(data).hexdigest()
             topic = topics.device_topic(request.device_id, topics.CHUNKS)
-            offset = request.offset
-            while offset < len(data):
+            offset = min(request.offset, len(data))
+            first = True  # like the fleet service: an offset at the end gets one empty chunk
+            while offset < len(data) or first:
+                first = False
                 with self._lock:
                     if self.chunk_budget is not None:
                         if self.chunk_budget <= 0:
                             break
                         self.chunk_budget -= 1
                 piece = data[offset : offset + self.chunk_size]
-                if self.corrupt:
+                if self.corrupt and piece:
                     piece = bytes([piece[0] ^ 0xFF]) + piece[1:]
                 chunk = fleet_pb2.ArtifactChunk(
                     transfer_id=request.transfer_id,
