@@ -141,3 +141,24 @@ def test_split_is_fixed_and_stratified() -> None:
     np.testing.assert_array_equal(a.x_test, b.x_test)
     assert a.sizes() == {"train": 1167, "validation": 270, "test": 360}
     assert set(np.bincount(a.y_test)) <= {35, 36, 37}
+
+
+def test_a_failing_model_leaves_the_models_built_before_it_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tandem.cloud.build.errors import ModelUnavailableError
+
+    toy = ToyBuilder()
+
+    def builder_for(name: str) -> Any:
+        if name == "minilm":
+            raise ModelUnavailableError("minilm builder missing")
+        return toy
+
+    monkeypatch.setattr(pipeline, "load_builder", builder_for)
+    with pytest.raises(ModelUnavailableError):
+        pipeline.build_zoo(tmp_path / "zoo", models=("digits", "minilm"))
+    report = json.loads((tmp_path / "zoo" / "report.json").read_text())
+    assert list(report["models"]) == ["digits"]
+    again = pipeline.build_zoo(tmp_path / "zoo", models=("digits",))
+    assert again["run"]["cached"] == ["digits"]

@@ -244,33 +244,23 @@ def build_zoo(
         lock_wait = started - waited_from
         signer, used_key = _signer_for(out_dir, Path(key_path) if key_path else None)
         report = load_report(out_dir)
-        for name in names:
-            model_options = dict((options or {}).get(name) or {})
-            key = cache_key(
-                name, version=version, seed=seed, options=model_options, keyid=signer.keyid
-            )
-            entry = None if force else _cached_entry(out_dir, name, version, key)
-            if entry is not None:
-                log.info("%s v%d is up to date (cache key %s)", name, version, key[:12])
-                if progress is not None:
-                    progress(ProgressEvent(name, "up to date (cached)", 1, 1, cached=True))
-                cached.append(name)
-            else:
-                builder = load_builder(name)
-                entry = _build_one(
-                    out_dir, name, builder, signer, version, seed, model_options, progress
+        try:
+            for name in names:
+                model_options = dict((options or {}).get(name) or {})
+                entry, was_cached = _build_or_reuse(
+                    out_dir, name, signer, version, seed, model_options, force, progress
                 )
-                entry["cache_key"] = key
-                _write_record(out_dir, name, version, key, entry)
-                built.append(name)
-            # `models` holds each model's entry from its latest build; `versions` keeps one
-            # entry per built version, so building v2 does not hide what v1 measured.
-            report["models"][name] = entry
-            report.setdefault("versions", {}).setdefault(name, {})[str(version)] = entry
-        report["machine"] = _machine()
-        report["generated"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        report["signing_key"] = {"keyid": signer.keyid, "path": str(used_key)}
-        write_report(out_dir, report)
+                (cached if was_cached else built).append(name)
+                # `models` holds each model's entry from its latest build; `versions` keeps
+                # one entry per built version, so building v2 does not hide v1's numbers.
+                report["models"][name] = entry
+                report.setdefault("versions", {}).setdefault(name, {})[str(version)] = entry
+        finally:
+            # What was built before a failure stays usable: its report entry is written.
+            report["machine"] = _machine()
+            report["generated"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            report["signing_key"] = {"keyid": signer.keyid, "path": str(used_key)}
+            write_report(out_dir, report)
     result = dict(report)
     result["run"] = {
         "built": built,
@@ -279,6 +269,31 @@ def build_zoo(
         "lock_wait_seconds": round(lock_wait, 3),
     }
     return result
+
+
+def _build_or_reuse(
+    out_dir: Path,
+    name: str,
+    signer: Signer,
+    version: int,
+    seed: int,
+    options: Mapping[str, Any],
+    force: bool,
+    progress: ProgressCallback | None,
+) -> tuple[dict[str, Any], bool]:
+    """The model's report entry, from the cache when its key matches; True when cached."""
+    key = cache_key(name, version=version, seed=seed, options=options, keyid=signer.keyid)
+    entry = None if force else _cached_entry(out_dir, name, version, key)
+    if entry is not None:
+        log.info("%s v%d is up to date (cache key %s)", name, version, key[:12])
+        if progress is not None:
+            progress(ProgressEvent(name, "up to date (cached)", 1, 1, cached=True))
+        return entry, True
+    builder = load_builder(name)
+    entry = _build_one(out_dir, name, builder, signer, version, seed, options, progress)
+    entry["cache_key"] = key
+    _write_record(out_dir, name, version, key, entry)
+    return entry, False
 
 
 def _build_one(
