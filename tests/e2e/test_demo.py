@@ -8,12 +8,14 @@ fleet's own database is read afterwards as a second witness beside the demo's su
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -244,14 +246,22 @@ def test_workdir_is_cleared_only_when_the_demo_made_it(tmp_path: Path) -> None:
     assert sorted(p.name for p in ours.iterdir()) == [".tandem-demo"]
 
 
-def test_missing_mosquitto_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_asking_for_a_missing_mosquitto_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from rich.console import Console
+
     from tandem.cloud.demo import story
+    from tandem.cloud.demo.config import DemoConfig
     from tandem.cloud.demo.errors import PrerequisiteError
 
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setattr(story, "MOSQUITTO_PATHS", ("/nonexistent/mosquitto",))
+    assert story.find_mosquitto() is None
+    config = DemoConfig(zoo=tmp_path, workdir=tmp_path / "w", devices=2, broker="mosquitto")
+    s = story.Story(config, Console(file=io.StringIO()))
     with pytest.raises(PrerequisiteError, match="apt-get install mosquitto"):
-        story.find_mosquitto()
+        s.start_broker()
 
 
 def test_rollout_summary_catches_a_device_outside_the_cohort() -> None:
@@ -292,3 +302,198 @@ def test_rollout_summary_catches_a_device_outside_the_cohort() -> None:
     assert r.rolled_back == 1
     text = gate_text({**r.failed_gates[0], "baseline": 0.05, "samples": 40})
     assert text == ("fallback_rate 0.950 vs baseline 0.050: +0.900, limit +0.25 FAIL (n=40)")
+
+
+# --- the embedded broker (what a machine without Mosquitto gets) ---------------------------
+
+
+@pytest.fixture
+def embedded_broker(tmp_path: Path) -> Any:
+    from tandem.cloud.demo.processes import free_port
+    from tandem.cloud.fleet.broker_config import BrokerConfig, write_broker_config
+
+    port = free_port()
+    written = write_broker_config(
+        BrokerConfig(tmp_path / "broker", "127.0.0.1", port, persistence=False),
+        ["dev-a", "dev-b"],
+    )
+    log = (tmp_path / "broker.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "tandem.cloud.demo.broker"),
+            *("--config", str(written.conf.parent), "--port", str(port)),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        from tests.support.processes import wait_for_port
+
+        wait_for_port(port, proc=proc)  # type: ignore[arg-type]
+        yield port, written
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0, (tmp_path / "broker.log").read_text()
+        log.close()
+        assert "Traceback" not in (tmp_path / "broker.log").read_text()
+
+
+class Mqtt:
+    """A paho MQTT 5 client that records what it gets."""
+
+    def __init__(self, port: int, user: str, password: str, client_id: str | None = None) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.connected = threading.Event()
+        self.refused: list[str] = []
+        self.got = threading.Condition()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or user, protocol=mqtt.MQTTv5
+        )
+        self.client.username_pw_set(user, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.port = port
+
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self.refused.append(str(reason))
+        else:
+            self.connected.set()
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        with self.got:
+            self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+            self.got.notify_all()
+
+    def start(self, will: tuple[str, bytes] | None = None) -> Mqtt:
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.client.connect("127.0.0.1", self.port)
+        self.client.loop_start()
+        return self
+
+    def subscribe(self, filter_: str) -> list[int]:
+        codes: list[int] = []
+        done = threading.Event()
+
+        def on_subscribe(_c: Any, _u: Any, _mid: Any, reasons: Any, _p: Any) -> None:
+            codes.extend(int(r.value) for r in reasons)
+            done.set()
+
+        self.client.on_subscribe = on_subscribe
+        self.client.subscribe(filter_, qos=1)
+        assert done.wait(5)
+        return codes
+
+    def wait_messages(self, n: int, timeout: float = 5) -> list[tuple[str, bytes, bool]]:
+        with self.got:
+            self.got.wait_for(lambda: len(self.messages) >= n, timeout)
+            return list(self.messages)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_embedded_broker_checks_passwords_and_the_generated_acl(embedded_broker: Any) -> None:
+    port, written = embedded_broker
+    fleet_pw, devices = written.fleet_password, written.device_passwords
+    intruder = Mqtt(port, "dev-a", "wrong").start()
+    wait_until(lambda: intruder.refused, timeout=5, message="bad password refused")
+    intruder.client.loop_stop()
+
+    fleet = Mqtt(port, "tandem-fleet", fleet_pw).start()
+    assert fleet.connected.wait(5)
+    assert fleet.subscribe("tandem/v1/devices/+/presence") == [1]
+    a = Mqtt(port, "dev-a", devices["dev-a"]).start()
+    assert a.connected.wait(5)
+    # A device reads only its own subtree, and writes only its own presence/reports/...
+    assert a.subscribe("tandem/v1/devices/dev-a/desired") == [1]
+    assert a.subscribe("tandem/v1/devices/dev-b/desired") == [0x87]
+    assert a.subscribe("tandem/v1/devices/#") == [0x87]
+    a.client.publish("tandem/v1/devices/dev-b/presence", b"spoofed", qos=1).wait_for_publish(5)
+    a.client.publish("tandem/v1/devices/dev-a/desired", b"self-desired", qos=1).wait_for_publish(5)
+    a.client.publish("tandem/v1/devices/dev-a/presence", b"online", qos=1).wait_for_publish(5)
+    got = fleet.wait_messages(1)
+    time.sleep(0.3)
+    assert [(t, p) for t, p, _ in fleet.messages] == [
+        ("tandem/v1/devices/dev-a/presence", b"online")
+    ]
+    assert got
+    fleet.client.publish("tandem/v1/devices/dev-a/desired", b"v2", qos=1).wait_for_publish(5)
+    assert [p for _, p, _ in a.wait_messages(1)] == [b"v2"]
+    for c in (fleet, a):
+        c.stop()
+
+
+def test_embedded_broker_retained_will_and_shared_subscriptions(embedded_broker: Any) -> None:
+    port, written = embedded_broker
+    fleet_pw, devices = written.fleet_password, written.device_passwords
+    presence = "tandem/v1/devices/dev-a/presence"
+    a = Mqtt(port, "dev-a", devices["dev-a"]).start(will=(presence, b"offline"))
+    assert a.connected.wait(5)
+    a.client.publish(presence, b"online", qos=1, retain=True).wait_for_publish(5)
+
+    late = Mqtt(port, "tandem-fleet", fleet_pw, client_id="late").start()
+    assert late.connected.wait(5)
+    late.subscribe("tandem/v1/devices/+/presence")
+    assert late.wait_messages(1) == [(presence, b"online", True)]  # retained, flagged so
+
+    # Two replicas in one shared group split the reports; each report reaches one of them.
+    replicas = [
+        Mqtt(port, "tandem-fleet", fleet_pw, client_id=f"replica-{i}").start() for i in (1, 2)
+    ]
+    for r in replicas:
+        assert r.connected.wait(5)
+        assert r.subscribe("$share/tandem-fleet/tandem/v1/devices/+/reports") == [1]
+    for i in range(10):
+        a.client.publish("tandem/v1/devices/dev-a/reports", b"%d" % i, qos=1).wait_for_publish(5)
+    wait_until(
+        lambda: sum(len(r.messages) for r in replicas) == 10, timeout=5, message="10 reports"
+    )
+    time.sleep(0.3)
+    counts = [len(r.messages) for r in replicas]
+    assert sum(counts) == 10 and min(counts) > 0, counts
+
+    # A device that vanishes without DISCONNECT: its will (retained) goes out.
+    a.client.socket().close()
+    a.client.loop_stop()
+    wait_until(lambda: (presence, b"offline", False) in late.messages, timeout=10, message="will")
+    for c in (late, *replicas):
+        c.stop()
+
+
+def test_embedded_broker_refuses_mqtt_311_clients(embedded_broker: Any) -> None:
+    port, _written = embedded_broker
+    # CONNECT, protocol "MQTT" level 4 (3.1.1), clean session, keepalive 30, client id "old".
+    body = b"\x00\x04MQTT\x04\x02\x00\x1e" + b"\x00\x03old"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(bytes([0x10, len(body)]) + body)
+        # The 3.1.1 CONNACK "unacceptable protocol version", then the broker hangs up.
+        assert sock.recv(16) == b"\x20\x02\x00\x01"
+        assert sock.recv(16) == b""
+
+
+def test_demo_on_the_embedded_broker(digits_zoo: Path, tmp_path: Path) -> None:
+    """What a machine without Mosquitto runs (`--broker auto` picks it there)."""
+    workdir = tmp_path / "demo"
+    proc = subprocess.run(
+        [*demo_args(digits_zoo, workdir, devices=4, duration=15), "--broker", "embedded"],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "MQTT broker: embedded Python MQTT 5 broker" in out
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["problems"] == []
+    good, bad = summary["rollouts"]
+    assert good["status"] == "completed" and good["device_states"] == {"succeeded": 4}
+    assert bad["status"] == "aborted" and bad["stages_reached"] == 1
+    assert bad["outside_first_cohort_with_version"] == []
+    assert bad["back_on_baseline"] == bad["first_cohort"]
+    assert_all_stopped(workdir)

@@ -333,6 +333,7 @@ class Broker:
         self.subscriptions: list[Subscription] = []
         self.retained: dict[str, tuple[bytes, int]] = {}
         self._turns: dict[tuple[str, str], int] = {}
+        self.handlers: set[asyncio.Task[None]] = set()
 
     # --- routing
 
@@ -366,6 +367,10 @@ class Broker:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = Session(self, reader, writer)
         clean = False
+        task = asyncio.current_task()
+        if task is not None:
+            self.handlers.add(task)
+            task.add_done_callback(self.handlers.discard)
         try:
             kind, _flags, body = await asyncio.wait_for(read_packet(reader), 10)
             if kind != CONNECT or not self._connect(session, body):
@@ -518,8 +523,13 @@ async def serve(config_dir: Path, host: str, port: int) -> None:
     log.info("embedded MQTT 5 broker on %s:%d", host, port)
     async with server:
         await stop.wait()
-    for session in list(broker.sessions.values()):
-        session.close()
+        server.close()
+        # Closing the connections ends each handler on its own (EOF), so none is cancelled
+        # half-way through a read.
+        for session in list(broker.sessions.values()):
+            session.close()
+        if broker.handlers:
+            await asyncio.wait(list(broker.handlers), timeout=2)
 
 
 def main(argv: list[str] | None = None) -> int:
