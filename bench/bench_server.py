@@ -180,6 +180,48 @@ class OnnxRuntimeModel(MLModel):
 '''
 
 
+NOOP_SERVER = """
+import asyncio, sys
+import grpc
+from grpc import aio
+
+async def main(port):
+    async def infer(request, context):
+        return RESPONSE
+    handler = grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService",
+        {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)})
+    server = aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+RESPONSE = bytes.fromhex(sys.argv[2])
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+@contextmanager
+def noop_server() -> Iterator[str]:
+    """A grpc.aio server that answers ModelInfer with a fixed response and does nothing else:
+    the ceiling any Python asyncio gRPC server reaches on this machine with this client."""
+    response = pb.ModelInferResponse(model_name="digits", model_version="1")
+    response.outputs.add(name="logits", datatype="FP32", shape=[1, 10])
+    response.raw_output_contents.append(bytes(40))
+    port = free_port()
+    script = WORK / "noop_server.py"
+    script.write_text(NOOP_SERVER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(port), response.SerializeToString().hex()]
+    )
+    try:
+        wait_for_port(port, proc=proc, timeout=60)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_process(proc, timeout=10)
+
+
 def ensure_mlserver() -> Path:
     """build/venvs/mlserver with mlserver 1.7 and onnxruntime (created once, then reused)."""
     exe = MLSERVER_VENV / "bin" / "mlserver"
@@ -390,8 +432,8 @@ def rel(path: Path) -> str:
 def bench_batching() -> dict[str, Any]:
     WORK.mkdir(parents=True, exist_ok=True)
     repo, source = digits_bench_repository()
-    with tandem_server(repo, "digits", "digits_nobatch") as target:
-        off, on = interleaved(
+    with tandem_server(repo, "digits", "digits_nobatch") as target, noop_server() as noop:
+        off, on, ceiling = interleaved(
             [
                 Case(
                     f"batching off, {CONCURRENCY} clients", target, digits_payload("digits_nobatch")
@@ -399,6 +441,11 @@ def bench_batching() -> dict[str, Any]:
                 Case(
                     f"dynamic batching (2 ms; 16/32/64), {CONCURRENCY} clients",
                     target,
+                    digits_payload("digits"),
+                ),
+                Case(
+                    f"(no-op grpc.aio server, the frontend ceiling), {CONCURRENCY} clients",
+                    noop,
                     digits_payload("digits"),
                 ),
             ]
@@ -420,6 +467,10 @@ def bench_batching() -> dict[str, Any]:
         case_line(on),
         f"throughput ratio batching/off: {ratio:.2f}x (target >= 4x: "
         f"{'met' if ratio >= 4 else 'MISSED'})",
+        case_line(ceiling),
+        "# When batching off is already close to the no-op ceiling, the model is not the"
+        " bottleneck (the per-request gRPC cost in server and client is), and batching"
+        " cannot multiply throughput on this machine.",
         "",
         line(f"open loop (Poisson) at half saturation, {saturation / 2:.0f} req/s", half),
         f"p99/p50 at half saturation: {tail:.2f} (target <= 3: {'met' if tail <= 3 else 'MISSED'})",
@@ -430,6 +481,7 @@ def bench_batching() -> dict[str, Any]:
         "p99_over_p50": tail,
         "on_rps": on.median_rps,
         "off_rps": off.median_rps,
+        "noop_rps": ceiling.median_rps,
     }
 
 
@@ -442,8 +494,9 @@ def bench_mlserver() -> dict[str, Any]:
         tandem_server(repo, "digits") as ours_target,
         mlserver(onnx_file, threads, 64, 0.002, 1, "mlserver-w1") as w1_target,
         mlserver(onnx_file, threads, 64, 0.002, 0, "mlserver-w0") as w0_target,
+        noop_server() as noop,
     ):
-        ours, w1, w0 = interleaved(
+        ours, w1, w0, ceiling = interleaved(
             [
                 Case("tandem serve, dynamic batching (64, 2 ms)", ours_target, payload),
                 Case(
@@ -456,6 +509,7 @@ def bench_mlserver() -> dict[str, Any]:
                     w0_target,
                     payload,
                 ),
+                Case("(no-op grpc.aio server, the frontend ceiling)", noop, payload),
             ]
         )
     best = max((w1, w0), key=lambda c: c.median_rps)
@@ -467,6 +521,7 @@ def bench_mlserver() -> dict[str, Any]:
         f"{CONCURRENCY} clients"
     )
     lines += [f"# model: {rel(onnx_file)}", case_line(ours), case_line(w1), case_line(w0)]
+    lines += [case_line(ceiling)]
     lines += [
         f"throughput ratio tandem/MLServer (its best config): {ratio:.2f}x; p99 "
         f"{ours_p99:.2f} ms vs {best_p99:.2f} ms (target >= 2x at equal or lower p99: "

@@ -242,8 +242,11 @@ def test_http_endpoints(server: ServerProcess, digits_reference: DigitsReference
     )
     assert status == 200
     bad = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [4, 64], "data": [1.0]}]}
+    labels = {"model": "digits", "version": "1", "reason": "INVALID_ARGUMENT"}
+    failures = server.metric("tandem_inference_request_failure_total", **labels)
     status, body = http_post(f"{base}/v2/models/digits/infer", json.dumps(bad).encode())
     assert status == 400 and "'pixels'" in json.loads(body)["error"]
+    assert server.metric("tandem_inference_request_failure_total", **labels) == failures + 1
     status, _ = http_post(f"{base}/v2/models/nope/infer", json.dumps(payload).encode())
     assert status == 404
     status, _ = http_post(f"{base}/v2/models/digits/infer", b"{not json")

@@ -22,7 +22,7 @@ from .errors import (
     RepositoryError,
     RequestTimeoutError,
 )
-from .grpc_service import EXTENSIONS, SERVER_NAME, server_version
+from .grpc_service import EXTENSIONS, SERVER_NAME, server_version, status_of
 from .tensors import TensorHeader, check_headers, from_values, output_datatypes, requested_outputs
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse(result)
         except CloudServerError as exc:
             status = http_status_of(exc)
-            reason = str(status)
+            reason = status_of(exc).name  # the same reason label as over gRPC
             if mv is not None:
                 mv.metrics.failure(reason)
             else:
