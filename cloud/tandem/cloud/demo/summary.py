@@ -246,6 +246,7 @@ def render(summary: Summary) -> Group:
         outcome = Text(r.status, style="green" if r.status == "completed" else "red")
         if r.stopped_by:
             outcome.append(f"\nby {r.stopped_by}")
+        outcome.append(f"\nin {r.seconds:.0f} s", style="default")
         stages = f"{r.stages_reached}/{r.stages_total}\n" + "/".join(
             f"{p:g}%" for p in r.stage_percents
         )
