@@ -162,3 +162,11 @@ def test_a_failing_model_leaves_the_models_built_before_it_reported(
     assert list(report["models"]) == ["digits"]
     again = pipeline.build_zoo(tmp_path / "zoo", models=("digits",))
     assert again["run"]["cached"] == ["digits"]
+
+
+def test_cache_key_ignores_comments_and_docstrings_but_not_code() -> None:
+    base = b'"""Doc."""\ndef f(x):\n    """Says what."""\n    return x + 1  # why\n'
+    reworded = b'"""Other words."""\n\ndef f(x):\n    # a new comment\n    return x + 1\n'
+    changed = b'"""Doc."""\ndef f(x):\n    """Says what."""\n    return x + 2\n'
+    assert pipeline.normalised_code(base) == pipeline.normalised_code(reworded)
+    assert pipeline.normalised_code(base) != pipeline.normalised_code(changed)

@@ -3,8 +3,8 @@
 Edge variant (`artifacts/<model>/<version>/<variant>/`, format in `tandem.sdk.artifacts`):
 every payload file plus `reference.npz` (and `validation.npz`) zstd-compressed, a
 `manifest.json` holding exactly `Manifest.to_bytes()`, and `manifest.sig.json`. The folder is
-assembled beside its final place and swapped in with renames, so a reader sees the old
-variant or the new one, never a mix.
+assembled beside its final place (a dot-named staging folder) and swapped in with two
+renames, so a reader sees the old variant, the new one, or for an instant none; never a mix.
 
 Cloud repository (`repository/<model>/config.json` + `repository/<model>/<version>/...`),
 Triton-like: `config.json` holds the backend, tensors without the batch dimension, batching

