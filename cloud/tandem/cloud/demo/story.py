@@ -2,9 +2,9 @@
 
 1. the models: digits v1 in the zoo, a retrained v2 and a deliberately bad v3 (cached);
 2. the processes: an MQTT 5 broker (Mosquitto when installed, else the embedded one in
-   `broker`; both with the password file and ACL `tandem fleet broker-config` writes), the cloud tier
-   (`tandem serve`), the fleet service (`tandem fleet serve`, SQLite in the work dir) and one
-   device-simulator process per runtime hosting real agents and SDK clients;
+   `broker`; both with the password file and ACL `tandem fleet broker-config` writes), the
+   cloud tier (`tandem serve`), the fleet service (`tandem fleet serve`, SQLite in the work
+   dir) and one device-simulator process per runtime hosting real agents and SDK clients;
 3. every device is given v1 through the fleet (signed, chunked over MQTT, verified, warmed
    up, health-checked), while the apps send traffic with the cascade policy;
 4. v2 is rolled out in stages to every device;
