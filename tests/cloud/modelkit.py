@@ -179,21 +179,25 @@ def seqsum_onnx(path: Path) -> None:
 def build_test_repository(root: Path, teacher: Path) -> Path:
     """From the zoo's digits teacher (`teacher` = its version folder with model.onnx and
     model.pt): digits (ONNX Runtime, the zoo's config), digits_pt (TorchScript), digits_ov
-    (OpenVINO IR converted here), digits_nobatch (no dynamic batching). Plus seqsum (variable
-    length INT64) and slow (for queue and drain tests)."""
+    (OpenVINO IR converted here), digits_nobatch (no dynamic batching), digits_x2 (two
+    instances). Plus seqsum (variable length INT64) and slow (for queue and drain tests)."""
     zoo_config = json.loads((teacher.parent / "config.json").read_text())
     variants: dict[str, tuple[str, dict[str, Any]]] = {
         "digits": ("onnxruntime", {}),
         "digits_pt": ("pytorch", {}),
         "digits_ov": ("openvino", {}),
         "digits_nobatch": ("onnxruntime", {"dynamic_batching": None}),
+        "digits_x2": (
+            "onnxruntime",
+            {"instance_group": {"count": 2, "kind": "cpu"}, "parameters": {"threads": "1"}},
+        ),
     }
     for name, (backend, changes) in variants.items():
         config = dict(zoo_config, name=name, backend=backend, **changes)
         config = {k: v for k, v in config.items() if v is not None}
         write_config(root / name, config)
         (root / name / "1").mkdir(parents=True)
-    for name in ("digits", "digits_nobatch"):
+    for name in ("digits", "digits_nobatch", "digits_x2"):
         shutil.copyfile(teacher / "model.onnx", root / name / "1" / "model.onnx")
     shutil.copyfile(teacher / "model.pt", root / "digits_pt" / "1" / "model.pt")
     digits_openvino(teacher / "model.onnx", root / "digits_ov" / "1" / "model.xml")

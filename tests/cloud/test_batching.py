@@ -33,12 +33,13 @@ def y_of(response: pb.ModelInferResponse) -> np.ndarray[Any, Any]:
     )
 
 
+@pytest.mark.parametrize("model", ["digits", "digits_x2"])
 def test_concurrent_mixed_batch_sizes_get_exactly_their_rows(
-    server: ServerProcess, digits_reference: DigitsReference
+    model: str, server: ServerProcess, digits_reference: DigitsReference
 ) -> None:
     stub = server.stub()
-    batches_before = server.metric("tandem_inference_batch_size_count", model="digits", version="1")
-    rows_before = server.metric("tandem_inference_batch_size_sum", model="digits", version="1")
+    batches_before = server.metric("tandem_inference_batch_size_count", model=model, version="1")
+    rows_before = server.metric("tandem_inference_batch_size_sum", model=model, version="1")
     rng = np.random.default_rng(1)
     # Each request's rows are unique (request index in the first pixel), so a row that went
     # to the wrong caller, or a shifted slice, cannot match.
@@ -55,7 +56,7 @@ def test_concurrent_mixed_batch_sizes_get_exactly_their_rows(
         if index < 32:
             start.wait()
         x = requests[index]
-        request = pb.ModelInferRequest(model_name="digits")
+        request = pb.ModelInferRequest(model_name=model)
         request.inputs.add(name="pixels", datatype="FP32", shape=x.shape)
         request.raw_input_contents.append(x.tobytes())
         response = stub.ModelInfer(request)
@@ -74,12 +75,10 @@ def test_concurrent_mixed_batch_sizes_get_exactly_their_rows(
         assert logits.shape == (requests[index].shape[0], 10)
         np.testing.assert_allclose(logits, digits_reference(requests[index]), rtol=1e-4, atol=1e-4)
     batches = (
-        server.metric("tandem_inference_batch_size_count", model="digits", version="1")
+        server.metric("tandem_inference_batch_size_count", model=model, version="1")
         - batches_before
     )
-    rows = (
-        server.metric("tandem_inference_batch_size_sum", model="digits", version="1") - rows_before
-    )
+    rows = server.metric("tandem_inference_batch_size_sum", model=model, version="1") - rows_before
     assert rows == sum(x.shape[0] for x in requests)
     # Requests did share batches: fewer executions than requests.
     assert batches < len(requests), (batches, len(requests))
