@@ -25,7 +25,7 @@ import numpy as np
 
 from tandem.cloud.build.context import ProgressEvent
 from tandem.cloud.build.pipeline import build_zoo
-from tandem.cloud.build.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE
+from tandem.cloud.build.signing import PUBLIC_KEY_FILE, Signer
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,21 @@ def _share_teacher(zoo: Path, out: Path) -> None:
             tmp.replace(target)
 
 
+def _public_key(private: Path, out_dir: Path) -> Path:
+    """The public half beside the private key, or written into `out_dir` when absent."""
+    beside = private.parent / PUBLIC_KEY_FILE
+    pem = Signer.from_file(private).public_key_pem()
+    if beside.is_file() and beside.read_bytes() == pem:
+        return beside
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / PUBLIC_KEY_FILE
+    if not path.is_file() or path.read_bytes() != pem:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(pem)
+        tmp.replace(path)
+    return path
+
+
 def ensure_story_zoo(
     zoo: Path, progress: Callable[[ProgressEvent], None] | None = None
 ) -> StoryZoo:
@@ -91,17 +106,24 @@ def ensure_story_zoo(
     zoo = zoo.absolute()
     built: list[str] = []
     seed = 0
+    key: Path | None = None
     existing = zoo / "report.json"
     if existing.is_file():
+        # Same seed (so the same teacher) and same signing key as the zoo was built with:
+        # a zoo built with `--key elsewhere` must not be rebuilt under a fresh key.
         try:
-            seed = int(_digits_entry(json.loads(existing.read_text())).get("seed", 0))
-        except (OSError, ValueError):
-            seed = 0
-    result = build_zoo(zoo, (MODEL,), progress=progress, seed=seed)
+            report = json.loads(existing.read_text())
+            seed = int(_digits_entry(report).get("seed", 0))
+            used = (report.get("signing_key") or {}).get("path")
+            key = Path(used) if used and Path(used).is_file() else None
+        except (OSError, ValueError, AttributeError):
+            seed, key = 0, None
+    result = build_zoo(zoo, (MODEL,), progress=progress, seed=seed, key_path=key)
     built += [f"{m} v1" for m in result["run"]["built"]]
     reports = {1: _digits_entry(result)}
     versions = {1: zoo}
-    key = zoo / "keys" / PRIVATE_KEY_FILE
+    key = Path(result["signing_key"]["path"])
+    public = _public_key(key, zoo / STORY_DIR)
     for version, student in STORY_VERSIONS:
         out = zoo / STORY_DIR / f"v{version}"
         _share_teacher(zoo, out)
@@ -120,7 +142,7 @@ def ensure_story_zoo(
     return StoryZoo(
         zoo=zoo,
         versions=versions,
-        public_key=zoo / "keys" / PUBLIC_KEY_FILE,
+        public_key=public,
         seed=seed,
         reports=reports,
         built=tuple(built),
