@@ -3,14 +3,18 @@ fixtures (real servers, brokers, agents, fleet services) reused under their own 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from tests.agent.conftest import agent_factory, fleet, fleet_broker, signer
+from tests.agent.artifacts import Signer, build_variant
+from tests.agent.conftest import TANDEM, AgentProcess, agent_factory, fleet, fleet_broker, signer
 from tests.cloud.conftest import teacher
 from tests.conftest import ROOT
-from tests.fleet.conftest import fleet_service, generated_broker
+from tests.fleet.conftest import GeneratedBroker, fleet_service, generated_broker
 from tests.sdk.conftest import artifacts, models, test_set
 from tests.support.figures import Figures
 
@@ -36,3 +40,72 @@ def figures() -> Iterator[Figures]:
     collected = Figures(RESULTS)
     yield collected
     collected.write()
+
+
+@dataclass
+class FleetAgent(AgentProcess):
+    """`tandem agent run` on a broker set up by `tandem fleet broker-config` (its own
+    passwords), tagged site=lab, onnx only."""
+
+    password: str = ""
+
+    def argv(self) -> list[str]:
+        return [
+            TANDEM, "agent", "run",
+            "--device-id", self.device_id,
+            "--broker", self.broker.url,
+            "--username", self.device_id,
+            "--password", self.password,
+            "--store", str(self.store),
+            "--trusted-key", str(self.trusted_key),
+            "--tag", "site=lab",
+            "--runtime", "onnx",
+            "--health-window", "1",
+            "--health-probe-interval", "0.3",
+            "--stall-timeout", "2",
+            "--telemetry-interval", "0.3",
+            *self.extra,
+        ]  # fmt: skip
+
+
+@pytest.fixture
+def zoo(tmp_path: Path) -> Path:
+    """A signed zoo for the fleet service: digits v1 and v2 (real ONNX, reference outputs)."""
+    root = tmp_path / "zoo"
+    zoo_signer = Signer.create(root / "keys")
+    for version in (1, 2):
+        build_variant(root / "artifacts", zoo_signer, version=version)
+    (root / "report.json").write_text(json.dumps({"models": {"digits": {}}}))
+    return root
+
+
+FleetAgents = Callable[[list[str]], tuple[GeneratedBroker, dict[str, FleetAgent]]]
+
+
+@pytest.fixture
+def fleet_agents_factory(
+    generated_broker: Callable[[list[str]], GeneratedBroker], zoo: Path, tmp_path: Path
+) -> Iterator[FleetAgents]:
+    """A generated-ACL broker and one running agent per device id."""
+    started: list[FleetAgent] = []
+
+    def make(devices: list[str]) -> tuple[GeneratedBroker, dict[str, FleetAgent]]:
+        broker = generated_broker(devices)
+        agents = {
+            d: FleetAgent(
+                broker=broker,  # type: ignore[arg-type]  # only .url is used
+                device_id=d,
+                store=tmp_path / f"store-{d}",
+                trusted_key=zoo / "keys" / "signing.pub",
+                log_path=tmp_path / f"agent-{d}.log",
+                password=broker.written.device_passwords[d],
+            )
+            for d in devices
+        }
+        for agent in agents.values():
+            started.append(agent.start())
+        return broker, agents
+
+    yield make
+    for agent in started:
+        agent.stop()

@@ -16,77 +16,26 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tandem.cloud.fleet.models import SeenSummaryRow, TelemetryRow
 from tandem.sdk.telemetry import TelemetryConfig, TelemetryRecorder
-from tests.agent.artifacts import Signer, build_variant
-from tests.agent.conftest import TANDEM, AgentProcess
 from tests.fleet.conftest import GeneratedBroker, ServiceProcess, wait_devices
+from tests.reliability.conftest import FleetAgent, FleetAgents
 from tests.support.figures import Figures
 from tests.support.processes import wait_until
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
 
 
-@dataclass
-class FleetAgent(AgentProcess):
-    """The agent process on a broker whose passwords come from `tandem fleet broker-config`."""
-
-    password: str = ""
-
-    def argv(self) -> list[str]:
-        return [
-            TANDEM, "agent", "run",
-            "--device-id", self.device_id,
-            "--broker", self.broker.url,
-            "--username", self.device_id,
-            "--password", self.password,
-            "--store", str(self.store),
-            "--trusted-key", str(self.trusted_key),
-            "--tag", "site=lab",
-            "--health-probe-interval", "0.3",
-            "--stall-timeout", "2",
-            *self.extra,
-        ]  # fmt: skip
-
-
-@pytest.fixture
-def zoo(tmp_path: Path) -> Path:
-    root = tmp_path / "zoo"
-    signer = Signer.create(root / "keys")
-    for version in (1, 2):
-        build_variant(root / "artifacts", signer, version=version)
-    (root / "report.json").write_text(json.dumps({"models": {"digits": {}}}))
-    return root
-
-
 @pytest.fixture
 def fleet_agents(
-    generated_broker: Callable[[list[str]], GeneratedBroker], zoo: Path, tmp_path: Path
-) -> Iterator[tuple[GeneratedBroker, dict[str, FleetAgent]]]:
-    broker = generated_broker(DEVICES)
-    agents = {
-        d: FleetAgent(
-            broker=broker,  # type: ignore[arg-type]  # only .url is used
-            device_id=d,
-            store=tmp_path / f"store-{d}",
-            trusted_key=zoo / "keys" / "signing.pub",
-            log_path=tmp_path / f"agent-{d}.log",
-            extra=["--runtime", "onnx", "--telemetry-interval", "0.3", "--health-window", "1"],
-            password=broker.written.device_passwords[d],
-        )
-        for d in DEVICES
-    }
-    for agent in agents.values():
-        agent.start()
-    yield broker, agents
-    for agent in agents.values():
-        agent.stop()
+    fleet_agents_factory: FleetAgents,
+) -> tuple[GeneratedBroker, dict[str, FleetAgent]]:
+    return fleet_agents_factory(DEVICES)
 
 
 class SpoolWriter:

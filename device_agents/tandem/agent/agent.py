@@ -339,7 +339,6 @@ class Agent:
         if desired.revision < self._revision:
             log.info("stale desired state r%d < r%d ignored", desired.revision, self._revision)
             return
-        self._revision = desired.revision
         offers: dict[str, Offer] = {}
         limit = self.config.max_desired_models
         if len(desired.models) > limit:
@@ -353,8 +352,25 @@ class Agent:
                 offers[item.model] = _offer_from_proto(item)
             except (ValueError, ArtifactError) as exc:
                 log.warning("desired model %r malformed, dropped: %s", item.model, exc)
+        # The revision is not signed: only a state carrying a manifest signed by a trusted
+        # key may raise it. Otherwise one garbled or forged state with a huge revision would
+        # make the agent ignore its fleet's real desired states until it restarts.
+        if any(self._authentic(offer) for offer in offers.values()):
+            self._revision = desired.revision
+        else:
+            log.warning(
+                "desired state r%d carries no trusted manifest: its revision is not adopted",
+                desired.revision,
+            )
         self._desired = offers
         await self._reconcile()
+
+    def _authentic(self, offer: Offer) -> bool:
+        try:
+            self.trusted.verify(offer.signed, offer.signatures)
+        except ArtifactError:
+            return False
+        return True
 
     # --- reconciling desired state with the store --------------------------------------
 
