@@ -429,6 +429,28 @@ def rel(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def runtime_cpu_per_row(model: Path, batch: int, threads: int, seconds: float = 1.5) -> float:
+    """CPU microseconds per row that onnxruntime alone spends on `model` at `batch` rows
+    (all threads' CPU time, so contention from other processes does not inflate it)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).integers(0, 17, size=(batch, 64)).astype(np.float32)
+    for _ in range(5):
+        session.run(None, {"pixels": x})
+    runs = 0
+    cpu = time.process_time()
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        session.run(None, {"pixels": x})
+        runs += 1
+    return (time.process_time() - cpu) / (runs * batch) * 1e6
+
+
 def bench_batching() -> dict[str, Any]:
     WORK.mkdir(parents=True, exist_ok=True)
     repo, source = digits_bench_repository()
@@ -460,6 +482,9 @@ def bench_batching() -> dict[str, Any]:
         )
     ratio = on.median_rps / off.median_rps if off.median_rps else float("inf")
     tail = half.percentile(99) / half.percentile(50)
+    threads = max(1, os.cpu_count() or 1)
+    cpu_1 = runtime_cpu_per_row(source, 1, threads)
+    cpu_64 = runtime_cpu_per_row(source, 64, threads)
     lines = header("tandem serve: digits teacher on CPU, ONNX Runtime, 1 instance, 2 threads")
     lines += [
         f"# model: {rel(source)}",
@@ -468,6 +493,8 @@ def bench_batching() -> dict[str, Any]:
         f"throughput ratio batching/off: {ratio:.2f}x (target >= 4x: "
         f"{'met' if ratio >= 4 else 'MISSED'})",
         case_line(ceiling),
+        f"# onnxruntime alone, CPU time per row: batch 1 {cpu_1:.0f} us, batch 64 "
+        f"{cpu_64:.0f} us; a no-op grpc.aio round trip costs more than either",
         "# When batching off is already close to the no-op ceiling, the model is not the"
         " bottleneck (the per-request gRPC cost in server and client is), and batching"
         " cannot multiply throughput on this machine.",
