@@ -105,6 +105,8 @@ def test_layout_and_repository_config(digits_zoo: Path) -> None:
     assert config["version_policy"] == {"latest": {"num_versions": 1}}
     assert (repo / "1" / "model.onnx").stat().st_size > 100_000
     assert (repo / "1" / "model.pt").stat().st_size > 100_000
+    assert (repo / "1" / "model.xml").exists()
+    assert (repo / "1" / "model.bin").stat().st_size > 100_000
     variants = sorted(p.name for p in (digits_zoo / "artifacts" / "digits" / "1").iterdir())
     assert variants == sorted(VARIANTS)
     key = digits_zoo / "keys" / "signing.key"
@@ -128,6 +130,13 @@ def test_cloud_teacher_runs_with_dynamic_batches(digits_zoo: Path) -> None:
     np.testing.assert_allclose(
         scripted({"pixels": split.x_test[:16]})["logits"], logits[:16], rtol=1e-3, atol=1e-3
     )
+    ir = load_runner(
+        "openvino", digits_zoo / "repository" / "digits" / "1" / "model.xml", ["pixels"], ["logits"]
+    )
+    for batch in (1, 64):
+        np.testing.assert_allclose(
+            ir({"pixels": split.x_test[:batch]})["logits"], logits[:batch], rtol=1e-3, atol=1e-3
+        )
 
 
 def test_manifests_verify_with_the_zoo_key_and_fail_with_another(

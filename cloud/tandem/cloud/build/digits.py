@@ -13,7 +13,8 @@ INT8 (onnxruntime static QDQ, calibrated on train rows), OpenVINO IR INT8 (NNCF)
 (litert-torch's PT2E quantizer, no TensorFlow) and TorchScript FP32; fit a temperature per
 variant on that variant's validation logits; measure accuracy, ECE and batch-1 latency of
 every variant in its own runtime; package and sign. The teacher goes to the cloud repository
-as ONNX FP32 (`model.onnx`, default backend onnxruntime) and TorchScript (`model.pt`).
+as ONNX FP32 (`model.onnx`, default backend onnxruntime), TorchScript (`model.pt`) and
+OpenVINO IR FP32 (`model.xml` + `model.bin`), so an operator can switch backends in config.
 
 Options (`ctx.options`): `student_variant` = "normal" (default) or "bad" (a student trained
 on shuffled labels: a deliberately broken version for rollout tests; quality gates are
@@ -465,6 +466,19 @@ def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration_rows: Array)
     return out_path
 
 
+def export_openvino_fp32(onnx_path: Path, out_dir: Path) -> Path:
+    """OpenVINO IR at full FP32 precision (no FP16 weight compression); returns the .xml."""
+    import openvino as ov
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    xml = out_dir / "model.xml"
+    try:
+        ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
+    except Exception as exc:
+        raise ExportError(f"OpenVINO IR export failed: {exc}") from exc
+    return xml
+
+
 def quantize_openvino_int8(fp32_onnx: Path, out_dir: Path, calibration_rows: Array) -> Path:
     """OpenVINO IR INT8 via NNCF post-training quantization; returns the .xml path."""
     import nncf
@@ -703,6 +717,7 @@ def build(ctx: BuildContext) -> dict[str, Any]:
     steps.advance("exporting the teacher (ONNX, TorchScript)")
     teacher_onnx = export_onnx(teacher, work / "teacher.onnx", split.x_train)
     teacher_pt = export_torchscript(teacher, work / "teacher.pt", split.x_train)
+    teacher_xml = export_openvino_fp32(teacher_onnx, work / "teacher-openvino")
     teacher_runner = load_runner("onnx", teacher_onnx, ["pixels"], ["logits"])
     teacher_onnx_accuracy = accuracy(
         run_batched(teacher_runner, {"pixels": split.x_test})["logits"], split.y_test
@@ -831,14 +846,20 @@ def build(ctx: BuildContext) -> dict[str, Any]:
         outputs=OUTPUTS,
         parameters={
             "temperature": round(teacher_calibration.temperature, 6),
-            "torchscript_file": "model.pt",
+            "pytorch_file": "model.pt",
+            "openvino_file": "model.xml",
         },
     )
     write_repository_model(
         ctx.repository_dir,
         MODEL,
         ctx.version,
-        {"model.onnx": teacher_onnx, "model.pt": teacher_pt},
+        {
+            "model.onnx": teacher_onnx,
+            "model.pt": teacher_pt,
+            "model.xml": teacher_xml,
+            "model.bin": teacher_xml.with_suffix(".bin"),
+        },
         config,
     )
 
@@ -921,6 +942,9 @@ def build(ctx: BuildContext) -> dict[str, Any]:
         },
         "gates": gates,
         "variants": variants_report,
-        "repository": {"backend": "onnxruntime", "files": ["model.onnx", "model.pt"]},
+        "repository": {
+            "backend": "onnxruntime",
+            "files": ["model.onnx", "model.pt", "model.xml", "model.bin"],
+        },
         "notes": notes,
     }
