@@ -26,6 +26,13 @@ from .service import FleetService, RolloutRequest
 
 API = "/api/v1"
 
+# Numbers the store can hold: versions and ids are 64-bit signed in the database, times are
+# Unix seconds turned into 64-bit milliseconds. Past these a request is the caller's mistake
+# (422), not a 500 from an overflowing database parameter.
+INT64_MAX = 2**63 - 1
+MAX_UNIX_S = 1e11  # the year 5138
+Version = Annotated[int, Field(ge=1, le=INT64_MAX)]
+
 
 class GateIn(BaseModel):
     metric: str
@@ -42,10 +49,10 @@ class StageIn(BaseModel):
 
 class RolloutIn(BaseModel):
     model: str
-    version: int
+    version: Version
     stages: list[StageIn]
     selector: dict[str, str] = Field(default_factory=dict)
-    baseline_version: int | None = None
+    baseline_version: Version | None = None
     on_gate_failure: str = "abort"
     device_timeout_s: float = 600.0
     max_assignments_per_s: float = 0.0
@@ -57,7 +64,7 @@ class ImportIn(BaseModel):
 
 class DesiredIn(BaseModel):
     model: str
-    version: int | None
+    version: Version | None
     variant: str | None = None
 
 
@@ -177,7 +184,10 @@ def create_app(service: FleetService, tokens: Mapping[str, str] | None = None) -
 
     @app.get(f"{API}/rollouts/{{rollout_id}}/events")
     async def rollout_events(
-        rollout_id: str, _user: User, since_id: int = 0, limit: int = Query(1000, ge=1, le=10000)
+        rollout_id: str,
+        _user: User,
+        since_id: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
+        limit: int = Query(1000, ge=1, le=10000),
     ) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = await call(service.events, rollout_id, since_id, limit)
         return result
@@ -198,9 +208,9 @@ def create_app(service: FleetService, tokens: Mapping[str, str] | None = None) -
     async def telemetry(
         _user: User,
         model: str,
-        version: int | None = None,
-        since: float | None = None,
-        until: float | None = None,
+        version: Annotated[int | None, Query(ge=0, le=INT64_MAX)] = None,
+        since: Annotated[float | None, Query(ge=0, le=MAX_UNIX_S)] = None,
+        until: Annotated[float | None, Query(ge=0, le=MAX_UNIX_S)] = None,
     ) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = await call(
             service.telemetry, model, version, since=since, until=until
