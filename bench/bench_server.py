@@ -494,7 +494,9 @@ def bench_batching() -> dict[str, Any]:
         f"{'met' if ratio >= 4 else 'MISSED'})",
         case_line(ceiling),
         f"# onnxruntime alone, CPU time per row: batch 1 {cpu_1:.0f} us, batch 64 "
-        f"{cpu_64:.0f} us; a no-op grpc.aio round trip costs more than either",
+        f"{cpu_64:.0f} us; at the no-op ceiling one gRPC round trip takes "
+        f"{(os.cpu_count() or 1) * 1e6 / ceiling.median_rps:.0f} us of this machine's CPU "
+        "(client + server, shared with other work)",
         "# When batching off is already close to the no-op ceiling, the model is not the"
         " bottleneck (the per-request gRPC cost in server and client is), and batching"
         " cannot multiply throughput on this machine.",
