@@ -170,3 +170,56 @@ def test_cache_key_ignores_comments_and_docstrings_but_not_code() -> None:
     changed = b'"""Doc."""\ndef f(x):\n    """Says what."""\n    return x + 2\n'
     assert pipeline.normalised_code(base) == pipeline.normalised_code(reworded)
     assert pipeline.normalised_code(base) != pipeline.normalised_code(changed)
+
+
+LOCK_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+from tandem.cloud.build import pipeline
+from tests.build.test_pipeline import ToyBuilder
+
+zoo, log, me, other = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+toy = ToyBuilder()
+
+def slow_builder(ctx):
+    started = time.time()
+    time.sleep(2.0)
+    entry = toy(ctx)
+    with open(log, "a") as fh:
+        fh.write(json.dumps([started, time.time()]) + "\\n")
+    return entry
+
+pipeline.load_builder = lambda name: slow_builder
+me.touch()  # a barrier: both processes enter build_zoo together, after their imports
+deadline = time.time() + 60
+while not other.exists() and time.time() < deadline:
+    time.sleep(0.01)
+report = pipeline.build_zoo(zoo, models=("digits",))
+print(json.dumps(report["run"]))
+"""
+
+
+def test_concurrent_builds_of_one_zoo_take_turns(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    zoo, log = tmp_path / "zoo", tmp_path / "builds.log"
+    ready = [tmp_path / "ready-0", tmp_path / "ready-1"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOCK_SCRIPT, str(zoo), str(log), str(me), str(other)],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for me, other in (ready, ready[::-1])
+    ]
+    runs = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    # Exactly one process built; the other waited on the lock, then found the cache.
+    assert len(log.read_text().splitlines()) == 1
+    builder = next(r for r in runs if r["built"] == ["digits"])
+    waiter = next(r for r in runs if r["cached"] == ["digits"])
+    assert builder["lock_wait_seconds"] < 1.0
+    assert waiter["lock_wait_seconds"] > 1.0  # it really ran into the held lock
