@@ -50,5 +50,11 @@ protos: install
 bench: install
 	$(BIN)/python -m pytest bench -p no:randomly
 
+## Soak (not part of `make test`): mixed traffic and rollouts with memory and fds checked
+## flat; SOAK_SECONDS=1800 by default. Figures: bench/results/reliability-soak.txt.
+SOAK_SECONDS ?= 1800
+soak: install
+	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/python -m pytest tests/soak -p no:randomly -q
+
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

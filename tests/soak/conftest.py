@@ -1,0 +1,36 @@
+"""The soak reuses the reliability suite's fixtures (agents on a generated-ACL broker, the
+fleet service, the SDK's test models)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.reliability.conftest import (
+    artifacts,
+    fleet_agents_factory,
+    fleet_service,
+    generated_broker,
+    models,
+    zoo,
+)
+from tests.support.figures import Figures
+
+__all__ = [  # fixtures, used by name
+    "artifacts",
+    "fleet_agents_factory",
+    "fleet_service",
+    "generated_broker",
+    "models",
+    "zoo",
+]
+
+
+@pytest.fixture(scope="session")
+def figures() -> Iterator[Figures]:
+    """The soak's figures go to their own file (bench/results/reliability-soak.txt)."""
+    collected = Figures(ROOT / "bench" / "results" / "reliability-soak.txt")
+    yield collected
+    collected.write()
