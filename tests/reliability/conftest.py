@@ -69,10 +69,15 @@ class FleetAgent(AgentProcess):
 
 
 @pytest.fixture
-def zoo(tmp_path: Path) -> Path:
+def zoo_signer(tmp_path: Path) -> Signer:
+    """The zoo's signing key (trusted by the agents)."""
+    return Signer.create(tmp_path / "zoo" / "keys")
+
+
+@pytest.fixture
+def zoo(tmp_path: Path, zoo_signer: Signer) -> Path:
     """A signed zoo for the fleet service: digits v1 and v2 (real ONNX, reference outputs)."""
     root = tmp_path / "zoo"
-    zoo_signer = Signer.create(root / "keys")
     for version in (1, 2):
         build_variant(root / "artifacts", zoo_signer, version=version)
     (root / "report.json").write_text(json.dumps({"models": {"digits": {}}}))

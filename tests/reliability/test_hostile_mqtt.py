@@ -10,16 +10,19 @@ broker's ACL, and not seen by the service). Both processes must keep working: a 
 rollout still completes afterwards.
 
 Forged manifests (bad signature, replayed old version, wrong model, expired, oversized) are
-refused one by one in tests/agent/test_agent_refusals.py against a real agent process; here a
-replayed old and an oversized forged offer arrive through the real service's topics too.
+published on a device's desired-state topic with the fleet's credentials: each is refused
+with its reason code and the active model stays; the service then rolls the fleet back to v1.
+(tests/agent/test_agent_refusals.py checks every refusal code against the fleet double.)
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import zlib
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -29,6 +32,7 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tandem.protos.fleet.v1 import fleet_pb2, topics
+from tests.agent.artifacts import BuiltVariant, Signer, build_variant
 from tests.fleet.conftest import GeneratedBroker, ServiceProcess, wait_devices
 from tests.reliability.conftest import FleetAgents
 from tests.support.figures import Figures
@@ -144,10 +148,45 @@ def fuzz_topic(publisher: Publisher, topic: str, valid: bytes) -> int:
     return count
 
 
+def forged_offers(signer: Signer, out: Path) -> list[tuple[str, fleet_pb2.DesiredModel]]:
+    """(expected refusal code, desired model) for every kind of forged manifest."""
+    intruder = Signer.create(out / "intruder-keys")
+    past = datetime.now(UTC) - timedelta(hours=1)
+    cases: list[tuple[str, BuiltVariant, str]] = [
+        ("bad_signature", build_variant(out / "a", intruder, version=3), "digits"),
+        # An old version the device never installed (v2 is accepted): a replay.
+        ("rollback", build_variant(out / "b", signer, version=1, variant="onnx-fp32"), "digits"),
+        ("wrong_model", build_variant(out / "c", signer, model="faces", version=3), "digits"),
+        ("expired", build_variant(out / "d", signer, version=3, expires=past), "digits"),
+        ("too_large", build_variant(out / "e", signer, version=3, claimed_size=10**12), "digits"),
+    ]
+    return [
+        (
+            code,
+            fleet_pb2.DesiredModel(
+                model=model,
+                version=built.manifest.version,
+                variant=built.manifest.variant,
+                manifest=fleet_pb2.SignedManifest(
+                    signed=built.signed,
+                    signatures=[
+                        fleet_pb2.Signature(keyid=sig.keyid, sig=sig.sig)
+                        for sig in built.signatures
+                    ],
+                ),
+                rollout_id="forged",
+            ),
+        )
+        for code, built, model in cases
+    ]
+
+
 def test_hostile_payloads_and_impersonation_leave_agent_and_service_working(
     fleet_agents_factory: FleetAgents,
     fleet_service: type[ServiceProcess] | object,
     zoo: Path,
+    zoo_signer: Signer,
+    tmp_path: Path,
     figures: Figures,
 ) -> None:
     broker, agents = fleet_agents_factory(DEVICES)
@@ -266,6 +305,40 @@ def test_hostile_payloads_and_impersonation_leave_agent_and_service_working(
         assert isinstance(second, dict)
         done = svc.wait_rollout(str(second["rollout_id"]), "completed", timeout=60)
         assert done["device_states"] == {"succeeded": len(DEVICES)}, done
+
+        # --- forged manifests on dev-a's desired state, at the revision it already has
+        desired_topic = topics.device_topic("dev-a", topics.DESIRED)
+        current = fleet_pb2.DesiredState.FromString(fleet_user.retained(desired_topic))
+        forged_cases = forged_offers(zoo_signer, tmp_path / "forged")
+        active_path = agents["dev-a"].store / "digits" / "active.json"
+        active_before = active_path.read_bytes()
+        log_mark = len(agents["dev-a"].log())
+        for code, item in forged_cases:
+            state = fleet_pb2.DesiredState(
+                device_id="dev-a", revision=current.revision, models=[item]
+            )
+            fleet_user.publish(desired_topic, state.SerializeToString())
+            wait_until(
+                lambda code=code: f": {code}:" in agents["dev-a"].log()[log_mark:],
+                20,
+                message=f"refused {code}: {agents['dev-a'].log()[-1500:]}",
+            )
+            assert active_path.read_bytes() == active_before, code
+        # The service is still in charge of the device: back to v1 everywhere.
+        third = svc.post(
+            "/rollouts",
+            {
+                "model": "digits",
+                "version": 1,
+                "selector": {"site": "lab"},
+                "stages": [{"percent": 100}],
+            },
+        )
+        assert isinstance(third, dict)
+        done = svc.wait_rollout(str(third["rollout_id"]), "completed", timeout=60)
+        assert done["device_states"] == {"succeeded": len(DEVICES)}, done
+        for agent in agents.values():
+            assert json.loads((agent.store / "digits" / "active.json").read_text())["version"] == 1
     finally:
         for p in (fleet_user, device_a, device_b):
             p.close()
@@ -277,5 +350,6 @@ def test_hostile_payloads_and_impersonation_leave_agent_and_service_working(
         forged_state_seen_by_service=0,
         agent_crashes=0,
         service_crashes=0,
-        rollout_after_attack="completed on every device",
+        forged_manifests_refused={code: 1 for code, _ in forged_cases},
+        rollout_after_attack="v2 then back to v1, completed on every device",
     )
