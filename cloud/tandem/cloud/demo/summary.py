@@ -130,7 +130,12 @@ def rollout_summary(
     baseline = rollout.get("baseline_version")
     stages = list(rollout.get("stages") or [])
     stage_devices = [int(s.get("devices", 0)) for s in stages]
-    reached = max((i + 1 for i, n in enumerate(stage_devices) if n > 0), default=0)
+    # A completed rollout went through every stage, even those that added no device (a
+    # small fleet); otherwise the engine's stage index is where it stands or stopped.
+    if rollout["status"] == "completed":
+        reached = len(stages)
+    else:
+        reached = int(rollout.get("stage_index", 0)) + 1
     first_cohort = sorted(str(a["device_id"]) for a in assignments if a.get("stage_index") == 0)
     relative = {
         str(g.get("metric")): bool(g.get("relative"))
