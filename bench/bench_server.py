@@ -50,6 +50,9 @@ from tandem.protos.inference import grpc_predict_v2_pb2 as pb  # noqa: E402
 from tests.support.processes import free_port, stop_process, wait_for_port, wait_until  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+# Runtime threads for every server under test (ours and MLServer alike): the cores left after
+# one for the server's event loop and gRPC, as `tandem serve` defaults to.
+THREADS = max(1, (os.cpu_count() or 1) - 1)
 WORK = ROOT / "build" / "bench-server"
 ZOO = ROOT / "build" / "test-zoo"
 MLSERVER_VENV = ROOT / "build" / "venvs" / "mlserver"
@@ -92,7 +95,7 @@ def digits_bench_repository() -> tuple[Path, Path]:
         zoo_config = json.loads((source.parent.parent / "config.json").read_text())
     repo = WORK / "digits-repository"
     shutil.rmtree(repo, ignore_errors=True)
-    threads = str(max(1, (os.cpu_count() or 1)))
+    threads = str(THREADS)
     for name, batching in (("digits", DIGITS_BATCHING), ("digits_nobatch", None)):
         config = dict(
             zoo_config,
@@ -482,10 +485,11 @@ def bench_batching() -> dict[str, Any]:
         )
     ratio = on.median_rps / off.median_rps if off.median_rps else float("inf")
     tail = half.percentile(99) / half.percentile(50)
-    threads = max(1, os.cpu_count() or 1)
-    cpu_1 = runtime_cpu_per_row(source, 1, threads)
-    cpu_64 = runtime_cpu_per_row(source, 64, threads)
-    lines = header("tandem serve: digits teacher on CPU, ONNX Runtime, 1 instance, 2 threads")
+    cpu_1 = runtime_cpu_per_row(source, 1, THREADS)
+    cpu_64 = runtime_cpu_per_row(source, 64, THREADS)
+    lines = header(
+        f"tandem serve: digits teacher on CPU, ONNX Runtime, 1 instance, {THREADS} thread(s)"
+    )
     lines += [
         f"# model: {rel(source)}",
         case_line(off),
@@ -517,7 +521,7 @@ def bench_batching() -> dict[str, Any]:
 def bench_mlserver() -> dict[str, Any]:
     WORK.mkdir(parents=True, exist_ok=True)
     repo, onnx_file = digits_bench_repository()
-    threads = max(1, os.cpu_count() or 1)
+    threads = THREADS
     payload = digits_payload("digits")
     with (
         tandem_server(repo, "digits") as ours_target,
@@ -582,7 +586,7 @@ def bench_minilm() -> dict[str, Any]:
     shutil.rmtree(repo, ignore_errors=True)
     zoo_config = json.loads((source / "config.json").read_text())
     version = latest_version(source)
-    threads = str(max(1, os.cpu_count() or 1))
+    threads = str(max(1, os.cpu_count() or 1))  # compute-bound: every core
     for name, batching in (("minilm", True), ("minilm_nobatch", False)):
         config = dict(
             zoo_config,
