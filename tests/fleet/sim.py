@@ -116,6 +116,9 @@ class SimFleet:
         self.telemetry_interval_s = telemetry_interval_s
         self.install_delay_s = install_delay_s
         self.errors: list[str] = []
+        self.telemetry_sent = 0  # summaries published
+        self.telemetry_log: list[tuple[float, str]] = []  # (time, summary id) published
+        self.telemetry_paused = False
         self._sel = selectors.DefaultSelector()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -220,7 +223,7 @@ class SimFleet:
             while self._timers and self._timers[0][0] <= now:
                 _, _, fn = heapq.heappop(self._timers)
                 fn()
-            if now >= next_telemetry:
+            if now >= next_telemetry and not self.telemetry_paused:
                 next_telemetry = now + self.telemetry_interval_s
                 self._send_telemetry()
             if now - last_misc > 1.0:
@@ -423,6 +426,8 @@ class SimFleet:
                     runtime=dev.runtimes[0],
                 )
                 batch = fleet_pb2.TelemetryBatch(summaries=[s])
+                self.telemetry_sent += 1
+                self.telemetry_log.append((time.time(), s.summary_id))
                 dev.client.publish(
                     topics.device_topic(dev.device_id, topics.TELEMETRY),
                     cctx.compress(batch.SerializeToString()),

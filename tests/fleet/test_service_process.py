@@ -4,6 +4,7 @@ with simulated devices as real MQTT clients."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -185,16 +186,19 @@ def test_bad_version_stopped_at_first_stage_and_rolled_back(
         sim.stop()
 
 
-@pytest.mark.parametrize("kill", [True])
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_service_restart_mid_rollout_resumes_without_repeating_or_skipping(
     generated_broker: Callable[[list[str]], GeneratedBroker],
     fleet_service: Callable[..., ServiceProcess],
     zoo: Path,
-    kill: bool,
+    db: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """Killed (SIGKILL) between two stages, the service comes back on the same database."""
     devices = ids(10)
     broker = generated_broker(devices)
-    svc = fleet_service(broker, zoo)
+    url = request.getfixturevalue("postgres_url") if db == "postgres" else None
+    svc = fleet_service(broker, zoo, db=url)
     sim = SimFleet(broker.host, broker.port, broker.written.device_passwords, active={"digits": 1})
     sim.start()
     try:
@@ -220,7 +224,7 @@ def test_service_restart_mid_rollout_resumes_without_repeating_or_skipping(
             interval=0.1,
             message="stage 1 settled",
         )
-        svc.stop(kill=kill)
+        svc.stop(kill=True)
         svc.start()
         done = svc.wait_rollout(rid, "completed", timeout=60)
         assert done["device_states"] == {"succeeded": 10}
@@ -352,3 +356,79 @@ def test_manual_pause_resume_promote_abort_over_rest(
         assert hashlib.sha256(b"x").hexdigest()
     finally:
         sim.stop()
+
+
+def test_replicas_share_the_load_and_survive_one_stopping(
+    generated_broker: Callable[[list[str]], GeneratedBroker],
+    fleet_service: Callable[..., ServiceProcess],
+    zoo: Path,
+    tmp_path: Path,
+) -> None:
+    """Two service processes on one database and one shared subscription: telemetry is
+    ingested exactly once while both run and after one stops; the engine-less replica
+    serves the desired states the other decides."""
+    from tandem.cloud.fleet.store import Store
+
+    devices = ids(6)
+    broker = generated_broker(devices)
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    a = fleet_service(broker, zoo, db=db)
+    b = fleet_service(broker, None, "--client-id", "replica-b", "--no-engine", db=db)
+    sim = SimFleet(
+        broker.host,
+        broker.port,
+        broker.written.device_passwords,
+        active={"digits": 1},
+        telemetry_interval_s=0.1,
+        profiles={1: Profile(), 2: Profile()},
+    )
+    reader = Store(db)
+    sim.start()
+    try:
+        wait_devices(b, 6)
+        wait_until(lambda: reader.telemetry_count()[1] >= 60, timeout=20, message="ingest")
+        phases = {"a_stop": time.time()}
+        a.stop()
+        phases["a_stopped"] = time.time()
+        rid = None
+        # Replica b has no engine: a rollout created through it waits for an engine...
+        created = b.post(
+            "/rollouts", {"model": "digits", "version": 2, "stages": [{"percent": 100}]}
+        )
+        assert isinstance(created, dict)
+        rid = str(created["rollout_id"])
+        assert created["device_states"] == {"assigned": 6}, "create takes the first step"
+        b.wait_rollout(rid, "running")
+        # ...while telemetry keeps flowing through the surviving replica alone.
+        before = reader.telemetry_count()[1]
+        wait_until(
+            lambda: reader.telemetry_count()[1] >= before + 60,
+            timeout=20,
+            message="ingest after replica a stopped",
+        )
+        phases["a_start"] = time.time()
+        a.start()
+        phases["b_stop"] = time.time()
+        b.stop()
+        phases["b_stopped"] = time.time()
+        a.wait_rollout(rid, "completed", timeout=30)
+        sim.telemetry_paused = True
+        time.sleep(1.0)  # the simulation thread flushes what it published
+        sent = sim.telemetry_sent
+        try:
+            wait_until(lambda: reader.telemetry_count()[1] >= sent, timeout=20)
+        except TimeoutError:
+            import sqlalchemy as sa
+
+            with reader.engine.connect() as c:
+                have = set(c.execute(sa.text("select summary_id from telemetry_seen")).scalars())
+            missing = [t for t, i in sim.telemetry_log if i not in have]
+            raise AssertionError(
+                f"missing {len(missing)} of {sent}: at {missing} phases {phases}"
+            ) from None
+        time.sleep(0.5)
+        assert reader.telemetry_count()[1] == sent, "each summary exactly once"
+        assert all(d.active["digits"] == 2 for d in sim.devices.values())
+    finally:
+        sim.stop()
+        reader.close()

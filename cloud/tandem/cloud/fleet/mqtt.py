@@ -47,6 +47,10 @@ from .telemetry import TelemetryDecodeError, decode_batch
 
 log = logging.getLogger(__name__)
 
+# Seconds telemetry from a not-yet-registered device is held before it is dropped: its
+# presence may still be on its way through the control queue or another replica.
+UNKNOWN_HOLD_S = 2.0
+
 
 @dataclass(frozen=True)
 class BrokerSettings:
@@ -59,6 +63,7 @@ class BrokerSettings:
     session_expiry_s: int = 3600  # seconds the broker keeps our session while we are away
     chunk_workers: int = 4  # threads streaming chunks
     chunk_window: int = 32  # chunks in flight (unacknowledged) per transfer
+    leave_grace_s: float = 0.3  # seconds of silence a stopping replica waits for (x10 at most)
     host: str = field(init=False)
     port: int = field(init=False)
 
@@ -101,6 +106,7 @@ class MqttLink:
         self._streams: dict[tuple[str, str, str], int] = {}
         self._streams_lock = threading.Lock()
         self._connected = threading.Event()
+        self._last_message = time.monotonic()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.client = mqtt.Client(
@@ -146,17 +152,38 @@ class MqttLink:
             raise BrokerError(f"no MQTT session with {self.settings.url} after {timeout}s")
 
     def stop(self) -> None:
+        """Leaves the broker first (no message is taken after that), then finishes what was
+        taken: queued presence, reports and telemetry are written before the threads end."""
         self._stopping.set()
+        self._chunks.shutdown(wait=False, cancel_futures=True)
+        if self.connected:
+            # Leave the shared subscriptions first, so the broker hands the group's next
+            # messages to the other replicas, and take what is already on its way to us.
+            unsubscribed = threading.Event()
+            self.client.on_unsubscribe = lambda *_args: unsubscribed.set()
+            self.client.unsubscribe(self._shared_filters())
+            unsubscribed.wait(5)
+            # Messages the broker had already queued for us keep coming for a moment: take
+            # them until the stream goes quiet (bounded), or they would die with the session.
+            deadline = time.monotonic() + 10 * self.settings.leave_grace_s
+            while time.monotonic() < deadline:
+                if time.monotonic() - self._last_message > self.settings.leave_grace_s:
+                    break
+                time.sleep(0.05)
+        # A clean stop ends the session at the broker: otherwise it would keep queueing this
+        # replica's share of the shared subscriptions until the session expires. (After a
+        # crash the session stays, and its share is delivered when the replica returns.)
+        props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 0
+        self.client.disconnect(properties=props)
+        self.client.loop_stop()
         self._control.put(None)
         try:
-            self._telemetry.put(None, timeout=5)
+            self._telemetry.put(None, timeout=30)
         except queue.Full:
             log.warning("telemetry queue full at shutdown; pending summaries are dropped")
         for t in self._threads:
-            t.join(10)
-        self._chunks.shutdown(wait=False, cancel_futures=True)
-        self.client.disconnect()
-        self.client.loop_stop()
+            t.join(30)
 
     @property
     def connected(self) -> bool:
@@ -170,19 +197,21 @@ class MqttLink:
         if reason_code.is_failure:
             log.error("broker refused the fleet session: %s", reason_code)
             return
-        group = self.settings.share_group
         opts = SubscribeOptions(qos=topics.QOS)
         client.subscribe(
-            [
-                (topics.all_devices(topics.PRESENCE), opts),
-                (topics.shared(topics.all_devices(topics.REPORTS), group), opts),
-                (topics.shared(topics.all_devices(topics.TELEMETRY), group), opts),
-                (topics.shared(topics.all_devices(topics.CHUNK_REQUEST), group), opts),
-            ]
+            [(topics.all_devices(topics.PRESENCE), opts)]
+            + [(f, opts) for f in self._shared_filters()]
         )
         log.info("fleet MQTT session up at %s as %s", self.settings.url, self.settings.client_id)
         self._control.put(("republish", "", b""))
         self._connected.set()
+
+    def _shared_filters(self) -> list[str]:
+        group = self.settings.share_group
+        return [
+            topics.shared(topics.all_devices(leaf), group)
+            for leaf in (topics.REPORTS, topics.TELEMETRY, topics.CHUNK_REQUEST)
+        ]
 
     def _on_disconnect(
         self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any, _props: Any
@@ -192,6 +221,7 @@ class MqttLink:
             log.warning("fleet MQTT session lost (%s); reconnecting", reason_code)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._last_message = time.monotonic()
         parsed = topics.parse_device_topic(msg.topic)
         if parsed is None:
             self._drop("message on unexpected topic %r", msg.topic)
@@ -208,9 +238,6 @@ class MqttLink:
             except queue.Full:
                 self._drop("telemetry from %s: ingest queue full", device_id)
         elif leaf == topics.CHUNK_REQUEST:
-            if device_id not in self._known:
-                self._drop("chunk request from unknown device %r", device_id)
-                return
             self._chunks.submit(self._serve_chunks, device_id, payload)
         else:
             self._drop("message on unexpected leaf %r", msg.topic)
@@ -270,31 +297,42 @@ class MqttLink:
         except Exception:  # one bad batch must not stop the loop
             log.exception("handling %d %s messages failed", len(items), kind)
 
+    def _is_known(self, device_id: str) -> bool:
+        """Registered here or by another replica (the store decides; positives are cached)."""
+        if device_id in self._known:
+            return True
+        if self.service.store.has_device(device_id):
+            self._known.add(device_id)
+            return True
+        return False
+
     def _ingest_loop(self) -> None:
+        """Batches telemetry for `telemetry_flush_s` and writes each batch in one transaction.
+
+        A message from a device not registered yet is held for up to `UNKNOWN_HOLD_S`: its
+        presence may still be in the control queue (or with another replica). A batch the
+        store refuses is retried, then dropped with an error."""
         flush_s = self.service.config.telemetry_flush_s
         batch_limit = 20_000
+        held: list[tuple[float, str, bytes]] = []
         done = False
         while not done:
-            item = self._telemetry.get()
+            try:
+                item = self._telemetry.get(timeout=flush_s if held else None)
+            except queue.Empty:
+                item = ("", b"")  # nothing new: just look at the held messages again
             if item is None:
-                return
+                done = True
             pending: list[fleet_pb2.TelemetrySummary] = []
             deadline = time.monotonic() + flush_s
-            while True:
-                if item is None:
-                    done = True
-                    break
+            retry, held = held, []
+            for since, device_id, payload in retry:
+                self._take(device_id, payload, since, pending, held, final=done)
+            while item is not None:
                 device_id, payload = item
-                self.stats["telemetry_messages"] += 1
-                if device_id not in self._known:
-                    self._drop("telemetry from unknown device %r", device_id)
-                else:
-                    try:
-                        pending.extend(
-                            self.service.handle_telemetry(device_id, decode_batch(payload))
-                        )
-                    except TelemetryDecodeError as exc:
-                        self._drop("garbage telemetry from %s: %s", device_id, exc)
+                if device_id:
+                    self.stats["telemetry_messages"] += 1
+                    self._take(device_id, payload, time.monotonic(), pending, held, final=False)
                 if len(pending) >= batch_limit:
                     break
                 left = deadline - time.monotonic()
@@ -304,15 +342,52 @@ class MqttLink:
                     item = self._telemetry.get(timeout=left)
                 except queue.Empty:
                     break
+                if item is None:
+                    done = True
             if pending:
-                try:
-                    result = self.service.ingest(pending)
-                    self.stats["summaries_ingested"] += result.ingested
-                    self.stats["summaries_duplicate"] += result.duplicates
-                except FleetError as exc:
-                    log.error("telemetry ingest of %d summaries failed: %s", len(pending), exc)
+                self._ingest_with_retry(pending)
+
+    def _take(
+        self,
+        device_id: str,
+        payload: bytes,
+        since: float,
+        pending: list[fleet_pb2.TelemetrySummary],
+        held: list[tuple[float, str, bytes]],
+        final: bool,
+    ) -> None:
+        if not self._is_known(device_id):
+            if final or time.monotonic() - since > UNKNOWN_HOLD_S:
+                self._drop("telemetry from unknown device %r", device_id)
+            else:
+                held.append((since, device_id, payload))
+            return
+        try:
+            pending.extend(self.service.handle_telemetry(device_id, decode_batch(payload)))
+        except TelemetryDecodeError as exc:
+            self._drop("garbage telemetry from %s: %s", device_id, exc)
+
+    def _ingest_with_retry(self, pending: list[fleet_pb2.TelemetrySummary]) -> None:
+        for attempt in range(4):
+            try:
+                result = self.service.ingest(pending)
+            except FleetError as exc:
+                if attempt == 3:
+                    log.error(
+                        "telemetry ingest of %d summaries failed, dropped: %s", len(pending), exc
+                    )
+                    return
+                log.warning("telemetry ingest failed (%s); retrying", exc)
+                time.sleep(0.2 * 2**attempt)
+                continue
+            self.stats["summaries_ingested"] += result.ingested
+            self.stats["summaries_duplicate"] += result.duplicates
+            return
 
     def _serve_chunks(self, device_id: str, payload: bytes) -> None:
+        if not self._is_known(device_id):
+            self._drop("chunk request from unknown device %r", device_id)
+            return
         try:
             req = fleet_pb2.ChunkRequest()
             req.ParseFromString(payload)

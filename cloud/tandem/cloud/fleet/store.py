@@ -468,8 +468,15 @@ class Store:
     ) -> list[PresenceUpdate]:
         """Many presence messages in one transaction (in order)."""
         now = now or time.time()
-        with self.session() as s:
-            return [self._upsert_presence_in(s, p, now) for p in presences]
+        for attempt in range(3):
+            try:
+                with self.session() as s:
+                    return [self._upsert_presence_in(s, p, now) for p in presences]
+            except ConflictError:
+                # Another replica registered one of these devices meanwhile: now it exists.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _upsert_presence_in(self, s: Session, p: fleet_pb2.Presence, now: float) -> PresenceUpdate:
         row = s.get(DeviceRow, p.device_id)
