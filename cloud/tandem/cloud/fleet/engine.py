@@ -126,8 +126,8 @@ class Stage:
     def __post_init__(self) -> None:
         if not (0 < self.percent <= 100):
             raise ConfigError("stage.percent", f"must be in (0, 100], got {self.percent}")
-        if self.min_soak_s < 0:
-            raise ConfigError("stage.min_soak_s", f"must be >= 0, got {self.min_soak_s}")
+        if not (0 <= self.min_soak_s < math.inf):
+            raise ConfigError("stage.min_soak_s", f"must be >= 0 and finite, got {self.min_soak_s}")
         object.__setattr__(self, "gates", tuple(self.gates))
 
     def to_json(self) -> dict[str, Any]:
@@ -165,8 +165,8 @@ class RolloutPlan:
     def __post_init__(self) -> None:
         if not self.model:
             raise ConfigError("plan.model", "must not be empty")
-        if self.version < 1:
-            raise ConfigError("plan.version", f"must be >= 1, got {self.version}")
+        if not (1 <= self.version < 2**63):
+            raise ConfigError("plan.version", f"must be in 1..2**63-1, got {self.version}")
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages:
             raise ConfigError("plan.stages", "at least one stage is needed")
@@ -179,9 +179,11 @@ class RolloutPlan:
             raise ConfigError(
                 "plan.on_gate_failure", f"must be 'pause' or 'abort', got {self.on_gate_failure!r}"
             ) from None
-        if self.device_timeout_s <= 0:
-            raise ConfigError("plan.device_timeout_s", f"must be > 0, got {self.device_timeout_s}")
-        if self.max_assignments_per_s < 0:
+        if not (0 < self.device_timeout_s < math.inf):
+            raise ConfigError(
+                "plan.device_timeout_s", f"must be > 0 and finite, got {self.device_timeout_s}"
+            )
+        if not (0 <= self.max_assignments_per_s < math.inf):
             raise ConfigError(
                 "plan.max_assignments_per_s", f"must be >= 0, got {self.max_assignments_per_s}"
             )
