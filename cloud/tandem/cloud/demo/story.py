@@ -521,7 +521,9 @@ class Story:
                             + ("…" if g.get("value") is None else f"{float(g['value']):.2f}")
                             for g in gates
                         )
-                    if not mine and i > final["stage_index"]:
+                    if not mine and final["status"] == "completed":
+                        note, ok = "no devices left for this stage", 1
+                    elif not mine and i > final["stage_index"]:
                         note = "not reached"
                     progress.update(task, completed=ok, total=max(len(mine), 1), note=note)
                 if final["status"] in ("completed", "aborted", "paused"):
