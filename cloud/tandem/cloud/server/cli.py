@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from tandem.errors import ConfigError
+from tandem.errors import ConfigError, MissingDependencyError
 
 from .config import ServerConfig
 
@@ -62,7 +62,10 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="One structured log line per request.")] = True,
 ) -> None:
     """Serve a model repository over gRPC (Open Inference Protocol) and HTTP."""
-    from .server import run_server
+    try:
+        from .server import run_server
+    except ImportError as exc:  # fastapi, uvicorn, prometheus-client, grpcio-health-checking
+        raise MissingDependencyError(exc.name or str(exc), "cloud", "tandem serve") from exc
 
     if token is not None and token_file is not None:
         raise ConfigError("token", "give --token or --token-file, not both")
