@@ -127,3 +127,22 @@ def test_explicit_load_call_and_specific_version_policy(
     }
     status, _ = http_post(f"{server.http_url}/v2/repository/models/nope/load")
     assert status == 404
+
+
+def test_a_broken_model_does_not_stop_the_others(
+    tmp_path: Path, server_factory: ServerFactory
+) -> None:
+    repo = make_repo(tmp_path / "repo", {1: 0.0})
+    write_config(repo / "broken", digits_config("broken", backend="tensorrt"))
+    write_config(repo / "empty", digits_config("empty"))  # no version folder at all
+    server = server_factory(repo)
+    assert answer(server)[0] == "1"
+    status, body = http_post(f"{server.http_url}/v2/repository/index")
+    assert status == 200
+    rows = {r["name"]: r for r in json.loads(body)}
+    assert rows["digits"]["state"] == "READY"
+    assert rows["broken"]["state"] == "UNAVAILABLE" and "backend" in rows["broken"]["reason"]
+    assert rows["empty"]["state"] == "UNAVAILABLE" and "version" in rows["empty"]["reason"]
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub().ModelReady(pb.ModelReadyRequest(name="broken"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

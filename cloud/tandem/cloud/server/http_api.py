@@ -10,7 +10,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from tandem.errors import CloudServerError
+from tandem.errors import CloudServerError, TandemError
 
 from .context import log_access, new_context, token_matches
 from .errors import (
@@ -222,7 +222,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def load(name: str) -> Response:
         try:
             versions = await repo.load(name)
-        except CloudServerError as exc:
+        except TandemError as exc:
             return _error(http_status_of(exc), str(exc))
         return JSONResponse({"name": name, "versions": [str(v) for v in versions]})
 
@@ -230,7 +230,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def unload(name: str) -> Response:
         try:
             await repo.unload(name)
-        except CloudServerError as exc:
+        except TandemError as exc:
             return _error(http_status_of(exc), str(exc))
         return Response(status_code=200)
 

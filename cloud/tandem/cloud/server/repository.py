@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tandem.errors import CloudServerError
+from tandem.errors import TandemError
 
 from .backends import Backend, load_backend
 from .batcher import Batcher, Outputs
@@ -136,7 +136,7 @@ class ModelRepository:
         for name in self._model_names():
             try:
                 await self.load(name)
-            except CloudServerError as exc:
+            except TandemError as exc:
                 log.error("model %s not loaded: %s", name, exc)
 
     async def load(self, name: str) -> list[int]:
@@ -152,7 +152,7 @@ class ModelRepository:
             model = self._models.setdefault(name, _Model())
             try:
                 return await self._load_locked(name, folder, config_path, model)
-            except CloudServerError as exc:
+            except TandemError as exc:
                 model.error = str(exc)
                 raise
 
@@ -235,7 +235,7 @@ class ModelRepository:
                 continue
             try:
                 await self.load(name)
-            except CloudServerError as exc:
+            except TandemError as exc:
                 log.warning("poll: model %s not loaded: %s", name, exc)
 
     def _changed(self, name: str, model: _Model) -> bool:
