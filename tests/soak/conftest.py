@@ -15,6 +15,7 @@ from tests.reliability.conftest import (
     generated_broker,
     models,
     zoo,
+    zoo_signer,
 )
 from tests.support.figures import Figures
 
@@ -25,6 +26,7 @@ __all__ = [  # fixtures, used by name
     "generated_broker",
     "models",
     "zoo",
+    "zoo_signer",
 ]
 
 

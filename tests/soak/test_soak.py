@@ -12,6 +12,7 @@ ROLLOUT_EVERY_S. Skipped unless SOAK_SECONDS is set (it is not part of `make tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -58,6 +59,20 @@ def proc_sample(pid: int) -> tuple[float, int] | None:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024, fds
     return None
+
+
+def fd_targets(pid: int) -> dict[str, int]:
+    """What a process's descriptors point at, counted by kind (file paths kept)."""
+    found: dict[str, int] = {}
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                key = target.split(":[")[0] if ":[" in target else target
+                found[key] = found.get(key, 0) + 1
+    except OSError:
+        pass
+    return found
 
 
 @dataclass
@@ -131,7 +146,7 @@ def test_soak_mixed_traffic_and_rollouts_memory_and_fds_flat(
     rows = np.load(models / "test_set.npz")["x"]
     cloud = CloudConfig(
         endpoints=(server.address,),
-        timeout_ms=500,
+        timeout_ms=2000,
         retry=Retry(total=1, backoff_factor=0.01, backoff_max=0.05),
     )
     clients: list[Client] = []
@@ -202,6 +217,8 @@ def test_soak_mixed_traffic_and_rollouts_memory_and_fds_flat(
             version = 2 if version == 1 else 1
             if next_rollout - started >= SOAK_SECONDS:
                 time.sleep(max(0.0, started + SOAK_SECONDS - time.monotonic()))
+        # What the processes hold open at the end, for a report that shows fds growing.
+        open_files = {name: fd_targets(pid) for name, pid in pids().items()}
     finally:
         stop.set()
         for t in traffic:
@@ -237,7 +254,11 @@ def test_soak_mixed_traffic_and_rollouts_memory_and_fds_flat(
         if rss_growth > allowance:
             failures.append(f"{name}: RSS grew {rss_growth:.1f} MiB > {allowance:.1f}")
         if fd_growth > FD_ALLOWANCE:
-            failures.append(f"{name}: fds grew {fd_growth:.1f} > {FD_ALLOWANCE}")
+            failures.append(
+                f"{name}: fds grew {fd_growth:.1f} > {FD_ALLOWANCE}; "
+                f"fds over time {s.fds[:: max(1, len(s.fds) // 12)]}; "
+                f"open at the end: {open_files.get(name)}"
+            )
     errors = {k: v for k, v in counts.items() if k.startswith("error:")}
     report["app_call_errors"] = sum(errors.values())
     figures.record(f"soak: {SOAK_SECONDS:.0f} s of mixed traffic and rollouts", **report)
