@@ -40,8 +40,13 @@ RESULTS = ROOT / "bench" / "results" / "fleet_rollout.txt"
 def _run_sim(host: str, port: int, creds: dict[str, str], ready: Any, stop: Any) -> None:
     from tests.fleet.sim import SimFleet
 
-    sim = SimFleet(host, port, creds, active={"digits": 1},
-                   runtimes=lambda i: [["onnx"], ["tflite"], ["openvino", "onnx"]][i % 3])
+    sim = SimFleet(
+        host,
+        port,
+        creds,
+        active={"digits": 1},
+        runtimes=lambda i: [["onnx"], ["tflite"], ["openvino", "onnx"]][i % 3],
+    )
     sim.start(timeout=120)
     ready.set()
     stop.wait()
@@ -58,16 +63,39 @@ def test_rollout_1000_devices_under_90s(benchmark: Any, tmp_path: Path) -> None:
     )
     broker = GeneratedBroker("127.0.0.1", port, tmp_path / "broker", written)
     broker.start()
-    zoo = fake_zoo(tmp_path / "zoo", versions=(1, 2), size=20_000,
-                   runtimes=("onnx", "tflite", "openvino"))
+    zoo = fake_zoo(
+        tmp_path / "zoo", versions=(1, 2), size=20_000, runtimes=("onnx", "tflite", "openvino")
+    )
     rest_port = free_port()
-    svc = ServiceProcess([
-        TANDEM, "fleet", "serve", "--broker", broker.url, "--username", "tandem-fleet",
-        "--password-file", str(written.fleet_password_file), "--client-id", "bench-fleet",
-        "--db", f"sqlite:///{tmp_path / 'fleet.db'}", "--artifacts", str(tmp_path / "arts"),
-        "--rest-port", str(rest_port), "--api-token", f"bench:{TOKEN}", "--tick", "0.2",
-        "--zoo", str(zoo),
-    ], rest_port, tmp_path / "service.log")
+    svc = ServiceProcess(
+        [
+            TANDEM,
+            "fleet",
+            "serve",
+            "--broker",
+            broker.url,
+            "--username",
+            "tandem-fleet",
+            "--password-file",
+            str(written.fleet_password_file),
+            "--client-id",
+            "bench-fleet",
+            "--db",
+            f"sqlite:///{tmp_path / 'fleet.db'}",
+            "--artifacts",
+            str(tmp_path / "arts"),
+            "--rest-port",
+            str(rest_port),
+            "--api-token",
+            f"bench:{TOKEN}",
+            "--tick",
+            "0.2",
+            "--zoo",
+            str(zoo),
+        ],
+        rest_port,
+        tmp_path / "service.log",
+    )
     svc.start()
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
@@ -84,14 +112,22 @@ def test_rollout_1000_devices_under_90s(benchmark: Any, tmp_path: Path) -> None:
         t_connect = time.monotonic()
         for ready in readies:
             assert ready.wait(180), "simulated devices did not connect"
-        wait_until(lambda: len(svc.get("/devices", params={"online": True})) >= DEVICES,  # type: ignore[arg-type]
-                   timeout=120, interval=0.5, message="all devices registered")
+        wait_until(
+            lambda: len(svc.get("/devices", params={"online": True})) >= DEVICES,  # type: ignore[arg-type]
+            timeout=120,
+            interval=0.5,
+            message="all devices registered",
+        )
         connect_s = time.monotonic() - t_connect
         body = {
-            "model": "digits", "version": 2,
+            "model": "digits",
+            "version": 2,
             "stages": [
-                {"percent": p, "min_soak_s": SOAK_S,
-                 "gates": [{"metric": "failed_device_pct", "threshold": 1.0}]}
+                {
+                    "percent": p,
+                    "min_soak_s": SOAK_S,
+                    "gates": [{"metric": "failed_device_pct", "threshold": 1.0}],
+                }
                 for p in (1, 10, 50, 100)
             ],
             "device_timeout_s": 60,
@@ -111,9 +147,14 @@ def test_rollout_1000_devices_under_90s(benchmark: Any, tmp_path: Path) -> None:
                 if r["status"] in ("completed", "aborted", "paused"):
                     break
                 time.sleep(0.25)
-            result.update(rollout_id=rid, status=r["status"], states=states,
-                          all_devices_s=all_at, completed_s=time.monotonic() - t0,
-                          stages=r["stages"])
+            result.update(
+                rollout_id=rid,
+                status=r["status"],
+                states=states,
+                all_devices_s=all_at,
+                completed_s=time.monotonic() - t0,
+                stages=r["stages"],
+            )
 
         benchmark.pedantic(rollout, rounds=1, iterations=1)
         stages = result["stages"]
@@ -129,17 +170,22 @@ def test_rollout_1000_devices_under_90s(benchmark: Any, tmp_path: Path) -> None:
             f"status: {result['status']}  device states: {json.dumps(result['states'])}",
             f"all {DEVICES} devices HEALTHY on the new version after: "
             f"{result['all_devices_s']:.1f} s (target < {TARGET_S:.0f} s)"
-            if result["all_devices_s"] is not None else "not all devices reached the version",
+            if result["all_devices_s"] is not None
+            else "not all devices reached the version",
             f"rollout completed (incl. the last stage's soak) after: {result['completed_s']:.1f} s",
             "per stage (devices, settle time after stage start, stage duration):",
         ]
         for s in stages:
             settle = (s["settled_at"] - s["started_at"]) if s["settled_at"] else float("nan")
             dur = (s["ended_at"] - s["started_at"]) if s["ended_at"] else float("nan")
-            lines.append(f"  {s['percent']:>5.0f}%  devices={s['devices']:>4}  "
-                         f"settled={settle:5.2f} s  duration={dur:5.2f} s")
-        lines.append("machine: 2 shared CPU cores under contention from other engineers' work;"
-                     " timings are noisy (the lead re-runs them)")
+            lines.append(
+                f"  {s['percent']:>5.0f}%  devices={s['devices']:>4}  "
+                f"settled={settle:5.2f} s  duration={dur:5.2f} s"
+            )
+        lines.append(
+            "machine: 2 shared CPU cores under contention from other engineers' work;"
+            " timings are noisy (the lead re-runs them)"
+        )
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
