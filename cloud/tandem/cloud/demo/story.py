@@ -440,7 +440,7 @@ class Story:
             _write_private(path, json.dumps(spec, indent=2))
             self._start(
                 f"devices-{runtime}",
-                [sys.executable, "-m", "tandem.cloud.demo.devices", str(path)],
+                [sys.executable, "-m", "tandem.agent.simulator", str(path)],
             )
         counts = ", ".join(f"{len(v)} {k}" for k, v in by_runtime.items())
         self.say(

@@ -1,4 +1,4 @@
-"""The demo's simulated devices: `python -m tandem.cloud.demo.devices SPEC.json`.
+"""The demo's simulated devices: `python -m tandem.agent.simulator SPEC.json`.
 
 One process hosts several devices of one runtime. Each device is what a real one runs: a
 device agent (`tandem.agent.Agent`) with its own broker credentials, model store and
@@ -34,7 +34,7 @@ import numpy as np
 
 from tandem.errors import ArtifactError, ConfigError, TandemError
 
-log = logging.getLogger("tandem.demo.devices")
+log = logging.getLogger("tandem.agent.simulator")
 
 MODEL = "digits"
 
@@ -324,7 +324,7 @@ def run(sim: SimSpec) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        sys.stderr.write("usage: python -m tandem.cloud.demo.devices SPEC.json\n")
+        sys.stderr.write("usage: python -m tandem.agent.simulator SPEC.json\n")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     sim = SimSpec.from_json(json.loads(Path(args[0]).read_text()))
