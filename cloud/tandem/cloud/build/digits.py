@@ -91,6 +91,8 @@ class TrainConfig:
     kd_weight: float = 0.0  # share of the KD term; the rest is cross-entropy on labels
     label_smoothing: float = 0.0  # of the cross-entropy term
     shift_augment: bool = True  # random +-1 pixel shifts of each training image
+    rotate_degrees: float = 0.0  # > 0: also random rotations within +-this many degrees
+    scale_jitter: float = 0.0  # > 0: also random zoom by a factor within 1 +- this
 
     def __post_init__(self) -> None:
         from tandem.errors import ConfigError
@@ -103,6 +105,12 @@ class TrainConfig:
             raise ConfigError(
                 "label_smoothing", f"must be within [0, 1), got {self.label_smoothing}"
             )
+        if not 0.0 <= self.rotate_degrees <= 45.0:
+            raise ConfigError(
+                "rotate_degrees", f"must be within [0, 45], got {self.rotate_degrees}"
+            )
+        if not 0.0 <= self.scale_jitter < 0.5:
+            raise ConfigError("scale_jitter", f"must be within [0, 0.5), got {self.scale_jitter}")
         if self.kd_temperature <= 0:
             raise ConfigError("kd_temperature", f"must be > 0, got {self.kd_temperature}")
 
@@ -145,7 +153,8 @@ class DigitsSplit:
         return {"train": len(self.y_train), "validation": len(self.y_val), "test": len(self.y_test)}
 
 
-def load_split() -> DigitsSplit:
+def load_split(seed: int = SPLIT_SEED) -> DigitsSplit:
+    """The stratified train / validation / test split drawn with `seed` (SPLIT_SEED by default)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -153,13 +162,13 @@ def load_split() -> DigitsSplit:
     x = np.asarray(data.data, dtype=np.float32)
     y = np.asarray(data.target, dtype=np.int64)
     x_rest, x_test, y_rest, y_test = train_test_split(
-        x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y
+        x, y, test_size=TEST_FRACTION, random_state=seed, stratify=y
     )
     x_train, x_val, y_train, y_val = train_test_split(
         x_rest,
         y_rest,
         test_size=VALIDATION_FRACTION / (1.0 - TEST_FRACTION),
-        random_state=SPLIT_SEED,
+        random_state=seed,
         stratify=y_rest,
     )
     return DigitsSplit(x_train, y_train, x_val, y_val, x_test, y_test)
@@ -252,6 +261,40 @@ def _shift(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded[torch.arange(count)[:, None, None], rows, cols].reshape(count, 64)
 
 
+def _affine(batch: torch.Tensor, generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
+    """Rotates, zooms and shifts every image by its own random amounts (bilinear, zero fill).
+
+    Rotation within +-`rotate_degrees`, zoom within 1 +- `scale_jitter`, and (with
+    `shift_augment`) a sub-pixel shift within +-1 pixel in each direction.
+    """
+    count = batch.shape[0]
+
+    def uniform(limit: float) -> torch.Tensor:
+        return (torch.rand(count, generator=generator) * 2.0 - 1.0) * limit
+
+    angle = uniform(math.radians(config.rotate_degrees))
+    scale = 1.0 + uniform(config.scale_jitter)
+    pixel = 2.0 / 8.0  # one pixel in affine_grid's [-1, 1] coordinates
+    shift_limit = pixel if config.shift_augment else 0.0
+    tx, ty = uniform(shift_limit), uniform(shift_limit)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, tx], dim=1), torch.stack([sin, cos, ty], dim=1)], dim=1
+    )
+    images = batch.reshape(count, 1, 8, 8)
+    grid = F.affine_grid(theta, [count, 1, 8, 8], align_corners=False)
+    warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warped.reshape(count, 64)
+
+
+def _augment(batch: torch.Tensor, generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
+    if config.rotate_degrees > 0 or config.scale_jitter > 0:
+        return _affine(batch, generator, config)
+    if config.shift_augment:
+        return _shift(batch, generator)
+    return batch
+
+
 def train(
     model: nn.Module,
     split: DigitsSplit,
@@ -283,8 +326,7 @@ def train(
             for start in range(0, len(order), config.batch_size):
                 rows = order[start : start + config.batch_size]
                 x, y = x_all[rows], y_all[rows]
-                if config.shift_augment:
-                    x = _shift(x, generator)
+                x = _augment(x, generator, config)
                 logits = model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
                 if teacher is not None and config.kd_weight > 0:
@@ -617,9 +659,39 @@ def export_torchscript(model: nn.Module, path: Path, sample: Array) -> Path:
 # --- the build ---------------------------------------------------------------------------
 
 
-def _seed_for(ctx: BuildContext, purpose: str) -> int:
-    digest = hashlib.sha256(f"{MODEL}:{purpose}:{ctx.seed}".encode()).digest()
+def derive_seed(seed: int, purpose: str) -> int:
+    """The training seed of one `purpose` ("teacher", "student:v1:normal") for a build seed."""
+    digest = hashlib.sha256(f"{MODEL}:{purpose}:{seed}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def _seed_for(ctx: BuildContext, purpose: str) -> int:
+    return derive_seed(ctx.seed, purpose)
+
+
+def student_purpose(version: int, student_variant: str) -> str:
+    return f"student:v{version}:{student_variant}"
+
+
+def train_teacher(split: DigitsSplit, seed: int) -> nn.Module:
+    """A freshly initialised teacher trained on `split` (what the build caches)."""
+    mean, std = float(split.x_train.mean()), float(split.x_train.std())
+    torch.manual_seed(seed)
+    model = TeacherCNN(mean, std)
+    return train(model, split, TEACHER_TRAINING, seed)
+
+
+def train_student(
+    split: DigitsSplit, teacher: nn.Module, seed: int, student_variant: str = "normal"
+) -> nn.Module:
+    """A freshly initialised student distilled from `teacher` ("bad": on shuffled labels)."""
+    mean, std = float(split.x_train.mean()), float(split.x_train.std())
+    torch.manual_seed(seed)
+    student = StudentCNN(mean, std)
+    if student_variant == "bad":
+        shuffled = np.random.default_rng(seed).permutation(split.y_train)
+        return train(student, split, BAD_STUDENT_TRAINING, seed, labels=shuffled)
+    return train(student, split, STUDENT_TRAINING, seed, teacher=teacher)
 
 
 def _teacher_cache_key(seed: int, mean: float, std: float) -> str:
@@ -628,7 +700,10 @@ def _teacher_cache_key(seed: int, mean: float, std: float) -> str:
         "config": dataclasses.asdict(TEACHER_TRAINING),
         "source": inspect.getsource(TeacherCNN)
         + inspect.getsource(train)
-        + inspect.getsource(_shift),
+        + inspect.getsource(train_teacher)
+        + inspect.getsource(_shift)
+        + inspect.getsource(_affine)
+        + inspect.getsource(_augment),
         "split": [SPLIT_SEED, TEST_FRACTION, VALIDATION_FRACTION],
         "stats": [mean, std],
         "torch": torch.__version__,
@@ -650,9 +725,7 @@ def _teacher(ctx: BuildContext, split: DigitsSplit, mean: float, std: float) -> 
         model.eval()
         log.info("digits: teacher loaded from %s", cached)
         return model
-    torch.manual_seed(seed)
-    model = TeacherCNN(mean, std)
-    train(model, split, TEACHER_TRAINING, seed)
+    model = train_teacher(split, seed)
     tmp = cached.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, cached)
@@ -700,14 +773,8 @@ def build(ctx: BuildContext) -> dict[str, Any]:
         )
 
     steps.advance(f"distilling the student ({student_variant})")
-    student_seed = _seed_for(ctx, f"student:v{ctx.version}:{student_variant}")
-    torch.manual_seed(student_seed)
-    student = StudentCNN(mean, std)
-    if student_variant == "bad":
-        shuffled = np.random.default_rng(student_seed).permutation(split.y_train)
-        train(student, split, BAD_STUDENT_TRAINING, student_seed, labels=shuffled)
-    else:
-        train(student, split, STUDENT_TRAINING, student_seed, teacher=teacher)
+    student_seed = _seed_for(ctx, student_purpose(ctx.version, student_variant))
+    student = train_student(split, teacher, student_seed, student_variant)
     student_val = predict(student, split.x_val)
     student_test = predict(student, split.x_test)
     student_accuracy = accuracy(student_test, split.y_test)

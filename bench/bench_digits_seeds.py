@@ -1,0 +1,124 @@
+"""Do the digits accuracies hold across data splits, or only on the split the build uses?
+
+For each split seed in SPLIT_SEEDS (training seed 0, derived exactly as a build with
+`--seed 0` derives it), trains the teacher and the distilled student with the build's own
+functions (`digits.train_teacher`, `digits.train_student`, `digits.load_split(seed)`) and
+records validation and test accuracy of both and the student's drop. The exports and INT8
+variants are skipped (they track the fp32 student; the zoo tests gate them on the build's
+split). Splits train in parallel worker processes, each single-threaded like the build.
+
+Run (not part of `make test`; ~1-2 CPU-minutes per split):
+    .venv/bin/python bench/bench_digits_seeds.py [--label NAME] [--out FILE] [--workers N]
+or  .venv/bin/pytest bench/bench_digits_seeds.py -q -s
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SPLIT_SEEDS = (0, 1, 7, 42, 1797)
+TRAINING_SEED = 0
+RESULTS = Path(__file__).parent / "results" / "build_digits_seeds.txt"
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    split_seed: int
+    teacher_val: float
+    teacher_test: float
+    student_val: float
+    student_test: float
+    drop: float  # teacher_test - student_test
+    teacher_cpu_s: float
+    student_cpu_s: float
+
+
+def measure(split_seed: int, training_seed: int = TRAINING_SEED) -> SplitResult:
+    from tandem.cloud.build import digits
+
+    split = digits.load_split(split_seed)
+    started = time.process_time()
+    teacher = digits.train_teacher(split, digits.derive_seed(training_seed, "teacher"))
+    teacher_cpu = time.process_time() - started
+    started = time.process_time()
+    student = digits.train_student(
+        split,
+        teacher,
+        digits.derive_seed(training_seed, digits.student_purpose(1, "normal")),
+    )
+    student_cpu = time.process_time() - started
+
+    def acc(model: object, x: object, y: object) -> float:
+        return digits.accuracy(digits.predict(model, x), y)  # type: ignore[arg-type]
+
+    teacher_test = acc(teacher, split.x_test, split.y_test)
+    student_test = acc(student, split.x_test, split.y_test)
+    return SplitResult(
+        split_seed=split_seed,
+        teacher_val=acc(teacher, split.x_val, split.y_val),
+        teacher_test=teacher_test,
+        student_val=acc(student, split.x_val, split.y_val),
+        student_test=student_test,
+        drop=teacher_test - student_test,
+        teacher_cpu_s=teacher_cpu,
+        student_cpu_s=student_cpu,
+    )
+
+
+def run(seeds: tuple[int, ...] = SPLIT_SEEDS, workers: int = 2) -> list[SplitResult]:
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(measure, seeds))
+
+
+def table(label: str, results: list[SplitResult]) -> str:
+    lines = [
+        f"[{label}] training seed {TRAINING_SEED}",
+        "split  teacher val  teacher test  student val  student test  drop (pts)  "
+        "CPU s teacher/student",
+    ]
+    for r in results:
+        lines.append(
+            f"{r.split_seed:>5}  {r.teacher_val:>10.2%}  {r.teacher_test:>11.2%}  "
+            f"{r.student_val:>10.2%}  {r.student_test:>11.2%}  {100 * r.drop:>9.2f}  "
+            f"{r.teacher_cpu_s:>7.1f} / {r.student_cpu_s:.1f}"
+        )
+    for name, pick in (("median", statistics.median), ("min", min), ("max", max)):
+        row = {k: pick(getattr(r, k) for r in results) for k in asdict(results[0])}
+        lines.append(
+            f"{name:>6} {row['teacher_val']:>10.2%}  {row['teacher_test']:>11.2%}  "
+            f"{row['student_val']:>10.2%}  {row['student_test']:>11.2%}  "
+            f"{100 * row['drop']:>9.2f}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def test_digits_accuracies_hold_across_split_seeds() -> None:
+    results = run()
+    print(table("pytest", results))
+    assert min(r.teacher_test for r in results) >= 0.985
+    assert max(r.drop for r in results) <= 0.025
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", default="current code")
+    parser.add_argument("--out", type=Path, default=None, help="append the table to this file")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="*", default=list(SPLIT_SEEDS))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    text = table(args.label, run(tuple(args.seeds), args.workers))
+    text += f"wall {time.perf_counter() - started:.0f} s, {args.workers} workers\n"
+    print(text, end="")
+    if args.out is not None:
+        with args.out.open("a") as handle:
+            handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
