@@ -103,6 +103,7 @@ class SimFleet:
         profiles: Mapping[int, Profile] | None = None,
         telemetry_interval_s: float = 0.0,
         install_delay_s: float = 0.0,
+        silent: frozenset[str] = frozenset(),
     ) -> None:
         self.host, self.port = host, port
         self.devices = {
@@ -115,6 +116,7 @@ class SimFleet:
         self.profiles = dict(profiles or {})
         self.telemetry_interval_s = telemetry_interval_s
         self.install_delay_s = install_delay_s
+        self.silent = silent  # devices that take desired states and never answer
         self.errors: list[str] = []
         self.telemetry_sent = 0  # summaries published
         self.telemetry_log: list[tuple[float, str]] = []  # (time, summary id) published
@@ -304,7 +306,7 @@ class SimFleet:
         dev.revision = state.revision
         for m in state.models:
             dev.received.append((m.model, m.version))
-            if dev.active.get(m.model) == m.version:
+            if dev.active.get(m.model) == m.version or dev.device_id in self.silent:
                 continue
             if self.fetch:
                 self._start_transfer(dev, m)

@@ -157,10 +157,12 @@ def test_failed_device_gate_aborts_and_rolls_back_touched_devices() -> None:
         )
     d = step(f.plan, f.state, Observation(1.0, list(f.views.values())))
     assert d.state.status is RolloutStatus.ABORTED
-    assert set(d.rollback) == set(cohort), "every touched device goes back"
+    # The failed ones went back when they failed (and stay "failed"); the rest go back now.
+    assert set(d.rollback) == set(cohort[3:]), "every other touched device goes back"
     failed_events = [e for e in d.events if e.kind == "gate_failed"]
     assert failed_events and failed_events[0].actor == "gate:failed_device_pct"
     f.apply(d, 1.0)
+    assert f.count(DeviceState.FAILED) == 3 and f.count(DeviceState.ROLLED_BACK) == 7
     assert f.ever_assigned == set(cohort), "nobody outside the first cohort got the version"
     assert step(f.plan, f.state, Observation(2.0, list(f.views.values()))).assign == ()
 

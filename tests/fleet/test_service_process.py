@@ -432,3 +432,74 @@ def test_replicas_share_the_load_and_survive_one_stopping(
     finally:
         sim.stop()
         reader.close()
+
+
+def test_silent_and_failing_devices_count_as_failed_and_go_back(
+    generated_broker: Callable[[list[str]], GeneratedBroker],
+    fleet_service: Callable[..., ServiceProcess],
+    zoo: Path,
+) -> None:
+    """A device that never answers times out (actor `timeout`); one that reports FAILED
+    fails at once; both are moved back to v1, and the gate on failed devices judges them."""
+    devices = ids(8)
+    broker = generated_broker(devices)
+    svc = fleet_service(broker, zoo)
+    sim = SimFleet(
+        broker.host,
+        broker.port,
+        broker.written.device_passwords,
+        active={"digits": 1},
+        silent=frozenset({"dev-003"}),
+    )
+    sim.start()
+    try:
+        wait_devices(svc, 8)
+        body = {
+            "model": "digits",
+            "version": 2,
+            "device_timeout_s": 2,
+            "stages": [
+                {"percent": 100, "gates": [{"metric": "failed_device_pct", "threshold": 20}]}
+            ],
+        }
+        rid = str(svc.post("/rollouts", body)["rollout_id"])  # type: ignore[index]
+        done = svc.wait_rollout(rid, "completed", timeout=30)
+        assert done["device_states"] == {"succeeded": 7, "failed": 1}
+        rows = {r["device_id"]: r for r in svc.get(f"/rollouts/{rid}/devices")}  # type: ignore[union-attr]
+        assert rows["dev-003"]["state"] == "failed" and rows["dev-003"]["reason"] == "timeout"
+        desired = svc.get("/devices/dev-003")
+        assert isinstance(desired, dict) and desired["desired"][0]["version"] == 1
+        events = svc.get(f"/rollouts/{rid}/events")
+        assert isinstance(events, list)
+        assert any(
+            e["kind"] == "device_failed" and e["actor"] == "timeout" and e["device_id"] == "dev-003"
+            for e in events
+        )
+
+        # Version 3 fails on every device: the gate (> 20% failed) aborts after stage one.
+        sim.fail_versions = frozenset({3})
+        body = {
+            "model": "digits",
+            "version": 3,
+            "device_timeout_s": 5,
+            "stages": [
+                {"percent": 25, "gates": [{"metric": "failed_device_pct", "threshold": 20}]},
+                {"percent": 100},
+            ],
+        }
+        rid = str(svc.post("/rollouts", body)["rollout_id"])  # type: ignore[index]
+        done = svc.wait_rollout(rid, "aborted", timeout=30)
+        assert done["stage_index"] == 0
+        rows = {r["device_id"]: r for r in svc.get(f"/rollouts/{rid}/devices")}  # type: ignore[union-attr]
+        assert len(rows) == 2 and all(r["state"] == "failed" for r in rows.values()), rows
+        for device_id, r in rows.items():
+            assert r["reason"] == ("timeout" if device_id == "dev-003" else "simulated failure")
+        got_v3 = {d for d, dev in sim.devices.items() if ("digits", 3) in dev.received}
+        assert got_v3 == set(rows)
+        for device_id, r in rows.items():  # desired back to what each ran before (1 or 2)
+            back = svc.get(f"/devices/{device_id}")
+            assert isinstance(back, dict)
+            assert back["desired"][0]["version"] == r["previous_version"]
+            assert r["previous_version"] == (1 if device_id == "dev-003" else 2)
+    finally:
+        sim.stop()

@@ -519,8 +519,9 @@ def _abort(
     back = tuple(
         v.device_id
         for v in devices
+        # Failed devices went back when they failed, and keep "failed" with its reason.
         if v.state is not None
-        and v.state is not DeviceState.ROLLED_BACK
+        and v.state not in (DeviceState.ROLLED_BACK, DeviceState.FAILED)
         and v.device_id not in failed_now
     )
     state = replace(state, status=RolloutStatus.ABORTED, paused_reason=reason)

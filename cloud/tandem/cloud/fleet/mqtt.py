@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # Seconds telemetry from a not-yet-registered device is held before it is dropped: its
 # presence may still be on its way through the control queue or another replica.
 UNKNOWN_HOLD_S = 2.0
+_Ack = tuple[int, int] | None  # (mid, qos) of a received message, to PUBACK when handled
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,11 @@ class MqttLink:
             "desired_published": 0,
         }
         self._known: set[str] = {d.device_id for d in service.store.devices()}
-        self._control: queue.Queue[tuple[str, str, bytes] | None] = queue.Queue()
-        self._telemetry: queue.Queue[tuple[str, bytes] | None] = queue.Queue(
+        # Every queued message carries its (mid, qos): the broker gets our PUBACK only once
+        # what the message says is written (manual acks). Acked on arrival, a report or a
+        # telemetry batch taken just before a crash was lost: the device had deleted it.
+        self._control: queue.Queue[tuple[str, str, bytes, _Ack] | None] = queue.Queue()
+        self._telemetry: queue.Queue[tuple[str, bytes, _Ack] | None] = queue.Queue(
             maxsize=max(1, service.config.telemetry_queue // 10)
         )
         self._chunks = ThreadPoolExecutor(settings.chunk_workers, "fleet-chunks")
@@ -113,6 +117,7 @@ class MqttLink:
             mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
             client_id=settings.client_id,
             protocol=mqtt.MQTTv5,
+            manual_ack=True,
         )
         if settings.username:
             self.client.username_pw_set(settings.username, settings.password)
@@ -203,7 +208,7 @@ class MqttLink:
             + [(f, opts) for f in self._shared_filters()]
         )
         log.info("fleet MQTT session up at %s as %s", self.settings.url, self.settings.client_id)
-        self._control.put(("republish", "", b""))
+        self._control.put(("republish", "", b"", None))
         self._connected.set()
 
     def _shared_filters(self) -> list[str]:
@@ -225,22 +230,33 @@ class MqttLink:
         parsed = topics.parse_device_topic(msg.topic)
         if parsed is None:
             self._drop("message on unexpected topic %r", msg.topic)
+            self._ack((msg.mid, msg.qos))
             return
         device_id, leaf = parsed
         payload = bytes(msg.payload)
+        ack: _Ack = (msg.mid, msg.qos)
         if leaf == topics.PRESENCE:
-            self._control.put(("presence", device_id, payload))
+            self._control.put(("presence", device_id, payload, ack))
         elif leaf == topics.REPORTS:
-            self._control.put(("report", device_id, payload))
+            self._control.put(("report", device_id, payload, ack))
         elif leaf == topics.TELEMETRY:
             try:
-                self._telemetry.put((device_id, payload), timeout=1.0)
+                self._telemetry.put((device_id, payload, ack), timeout=1.0)
             except queue.Full:
                 self._drop("telemetry from %s: ingest queue full", device_id)
+                self._ack(ack)
         elif leaf == topics.CHUNK_REQUEST:
+            self._ack(ack)  # a device asks again when a stream stalls
             self._chunks.submit(self._serve_chunks, device_id, payload)
         else:
             self._drop("message on unexpected leaf %r", msg.topic)
+            self._ack(ack)
+
+    def _ack(self, ack: _Ack) -> None:
+        """PUBACKs a message taken care of (any thread; a lost session makes it a no-op: the
+        broker sends the message again, and handling it twice is harmless)."""
+        if ack is not None and ack[1] > 0:
+            self.client.ack(ack[0], ack[1])
 
     def _drop(self, fmt: str, *args: object) -> None:
         self.stats["dropped"] += 1
@@ -262,16 +278,20 @@ class MqttLink:
                 batch.append(item)
             stop = batch[-1] is None
             runs: list[tuple[str, list[tuple[str, bytes]]]] = []
+            acks: list[_Ack] = []
             for entry in batch:
                 if entry is None:
                     break
-                kind, device_id, payload = entry
+                kind, device_id, payload, ack = entry
+                acks.append(ack)
                 if runs and runs[-1][0] == kind:
                     runs[-1][1].append((device_id, payload))
                 else:
                     runs.append((kind, [(device_id, payload)]))
             for kind, items in runs:
                 self._handle_run(kind, items)
+            for ack in acks:
+                self._ack(ack)
             if stop:
                 return
 
@@ -314,25 +334,28 @@ class MqttLink:
         store refuses is retried, then dropped with an error."""
         flush_s = self.service.config.telemetry_flush_s
         batch_limit = 20_000
-        held: list[tuple[float, str, bytes]] = []
+        held: list[tuple[float, str, bytes, _Ack]] = []
         done = False
         while not done:
             try:
                 item = self._telemetry.get(timeout=flush_s if held else None)
             except queue.Empty:
-                item = ("", b"")  # nothing new: just look at the held messages again
+                item = ("", b"", None)  # nothing new: just look at the held messages again
             if item is None:
                 done = True
             pending: list[fleet_pb2.TelemetrySummary] = []
+            taken: list[_Ack] = []  # acked once `pending` is written
             deadline = time.monotonic() + flush_s
             retry, held = held, []
-            for since, device_id, payload in retry:
-                self._take(device_id, payload, since, pending, held, final=done)
+            for since, device_id, payload, ack in retry:
+                self._take(device_id, payload, ack, since, pending, held, taken, final=done)
             while item is not None:
-                device_id, payload = item
+                device_id, payload, ack = item
                 if device_id:
                     self.stats["telemetry_messages"] += 1
-                    self._take(device_id, payload, time.monotonic(), pending, held, final=False)
+                    self._take(
+                        device_id, payload, ack, time.monotonic(), pending, held, taken, final=False
+                    )
                 if len(pending) >= batch_limit:
                     break
                 left = deadline - time.monotonic()
@@ -346,22 +369,28 @@ class MqttLink:
                     done = True
             if pending:
                 self._ingest_with_retry(pending)
+            for ack in taken:
+                self._ack(ack)
 
     def _take(
         self,
         device_id: str,
         payload: bytes,
+        ack: _Ack,
         since: float,
         pending: list[fleet_pb2.TelemetrySummary],
-        held: list[tuple[float, str, bytes]],
+        held: list[tuple[float, str, bytes, _Ack]],
+        taken: list[_Ack],
         final: bool,
     ) -> None:
         if not self._is_known(device_id):
             if final or time.monotonic() - since > UNKNOWN_HOLD_S:
                 self._drop("telemetry from unknown device %r", device_id)
+                taken.append(ack)
             else:
-                held.append((since, device_id, payload))
+                held.append((since, device_id, payload, ack))
             return
+        taken.append(ack)
         try:
             pending.extend(self.service.handle_telemetry(device_id, decode_batch(payload)))
         except TelemetryDecodeError as exc:
