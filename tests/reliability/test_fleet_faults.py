@@ -49,6 +49,7 @@ class SpoolWriter:
         }
         self.every_s = every_s
         self.produced: dict[str, int] = {}  # summary id -> requests
+        self.when: dict[str, float] = {}  # summary id -> time.monotonic() it was spooled
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -64,6 +65,7 @@ class SpoolWriter:
                     )
                 for summary in recorder.flush():
                     self.produced[str(summary.summary_id)] = int(summary.requests)
+                    self.when[str(summary.summary_id)] = time.monotonic()
             time.sleep(self.every_s)
 
     def __enter__(self) -> SpoolWriter:
@@ -122,9 +124,11 @@ def test_fleet_service_killed_mid_rollout_and_broker_restarted_during_telemetry(
             message=f"stage 1 started: {svc.log_tail()}",
         )
         state_at_kill = svc.rollout(rid)
+        marks = {"service killed": time.monotonic()}
         svc.stop(kill=True)
         time.sleep(0.5)
         svc.start()
+        marks["service back"] = time.monotonic()
         done = svc.wait_rollout(rid, "completed", timeout=90)
         assert done["device_states"] == {"succeeded": len(DEVICES)}, done
         events = svc.get(f"/rollouts/{rid}/events")
@@ -143,6 +147,7 @@ def test_fleet_service_killed_mid_rollout_and_broker_restarted_during_telemetry(
         # --- the broker restarted twice while telemetry keeps flowing
         for _ in range(2):
             time.sleep(1.0)
+            marks[f"broker stopped {len(marks)}"] = time.monotonic()
             broker.stop()
             time.sleep(0.5)
             broker.start()
@@ -154,7 +159,22 @@ def test_fleet_service_killed_mid_rollout_and_broker_restarted_during_telemetry(
     def all_in() -> bool:
         return set(produced) <= ingested(db)[0]
 
-    wait_until(all_in, 30, interval=0.2, message="every spooled summary ingested")
+    try:
+        wait_until(all_in, 30, interval=0.2, message="every spooled summary ingested")
+    except TimeoutError:
+        missing = set(produced) - ingested(db)[0]
+        spooled = {
+            d: sorted(p.name for p in (a.store / ".telemetry-spool").iterdir())[:5]
+            for d, a in agents.items()
+        }
+        logs = {d: a.log()[-1500:] for d, a in agents.items()}
+        t0 = marks["service killed"]
+        raise AssertionError(
+            f"{len(missing)} of {len(produced)} summaries never ingested, spooled at "
+            f"{sorted(round(spool.when[m] - t0, 2) for m in missing)} s after the kill "
+            f"(events: { {k: round(v - t0, 2) for k, v in marks.items()} }); still spooled: "
+            f"{spooled}\nagents: {logs}\nservice: {svc.log_tail()}"
+        ) from None
     ids, total_requests = ingested(db)
     lost = set(produced) - ids
     extra = ids - set(produced)
@@ -170,6 +190,10 @@ def test_fleet_service_killed_mid_rollout_and_broker_restarted_during_telemetry(
         stage_advanced_events=advanced,
         devices_succeeded=done["device_states"].get("succeeded"),
         stages_repeated_or_skipped=0,
+        summaries_spooled_in_the_second_before_the_kill=sum(
+            1 for m in produced if -1.0 < spool.when[m] - marks["service killed"] < 0
+        ),
+        of_those_lost=sum(1 for m in lost if -1.0 < spool.when[m] - marks["service killed"] < 0),
     )
     figures.record(
         "broker restarted twice during telemetry (3 real agents, SDK spool)",
