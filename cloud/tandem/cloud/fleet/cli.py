@@ -129,6 +129,14 @@ def serve(
         node = FleetNode(
             config, settings, rest_host=rest_host, rest_port=rest_port, run_engine=not no_engine
         )
+        if not config.api_tokens and rest_port:
+            # Fail closed, but say so: otherwise every REST and console call is a silent 401.
+            typer.secho(
+                "warning: no --api-token or --api-token-file given: the REST API and the "
+                "console refuse every request",
+                fg="yellow",
+                err=True,
+            )
         if zoo is not None:
             imported = node.service.import_zoo(zoo)
             log.info("imported %d artifact variants from %s", len(imported), zoo)
