@@ -112,9 +112,12 @@ def test_agent_killed_at_every_step_of_a_delivery(
         assert check_device_runs_a_valid_model(store, built, signer, tmp_path / "cache") == version
         assert agent.alive
         outcomes[label] = f"ran v{running} after the kill, v{version} healthy after restart"
-    # A resumed delivery never activated twice, and nothing was refused.
+    # A resumed delivery never activated twice (a kill between the pointer switch and the
+    # ACTIVATED report loses that report; the resumed health window still says HEALTHY),
+    # and nothing was refused.
     for version in range(2, 6):
-        assert fleet.kinds("dev-1", version).count("ACTIVATED") == 1, fleet.kinds("dev-1", version)
+        kinds = fleet.kinds("dev-1", version)
+        assert kinds.count("ACTIVATED") <= 1 and kinds.count("HEALTHY") == 1, (version, kinds)
     assert "REFUSED" not in fleet.kinds("dev-1") and "FAILED" not in fleet.kinds("dev-1")
     figures.record(
         "agent SIGKILLed at every step of a delivery",

@@ -1,7 +1,7 @@
 """The cloud tier at twice its saturation throughput: it sheds with RESOURCE_EXHAUSTED, the
 requests it accepts keep a bounded latency, and it recovers fully once the surge ends.
 
-A real `tandem serve` with one CPU-bound model (about 5 ms of work per row, batches of up
+A real `tandem serve` with one CPU-bound model (about 10 ms of work per row, batches of up
 to 8, a queue of 32) and the project's load generator (`bench/loadgen.py`, asyncio gRPC, open
 loop with Poisson arrivals). The test runs the surge for OVERLOAD_SECONDS (10 by default;
 60 for the benchmark figure: `OVERLOAD_SECONDS=60 pytest tests/reliability/test_overload.py`).
@@ -36,7 +36,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     config = slow_config("work")
     config["dynamic_batching"] = {"max_queue_delay_us": 500, "max_queue_size": QUEUE}
     write_config(repository / "work", config)
-    slow_onnx(repository / "work" / "1" / "model.onnx", layers=8, width=512, copies=64)
+    slow_onnx(repository / "work" / "1" / "model.onnx", layers=8, width=512, copies=128)
     proc = start_server(repository, tmp_path_factory.mktemp("overload"), "--no-access-log")
     yield proc
     proc.stop()
@@ -64,8 +64,12 @@ def test_twice_saturation_sheds_keeps_latency_bounded_and_recovers(
     target, body = server.grpc_address, payload()
     check_once(target, body)
     calm = run_load(target, body, concurrency=2, duration_s=2, warmup_s=0.5)
-    # Saturation: closed loop with enough clients to keep full batches queued.
-    saturated = run_load(target, body, concurrency=24, duration_s=3, warmup_s=1)
+    # Saturation: the best closed-loop throughput, with a few clients (small batches, the
+    # least overhead per row here) or enough to keep full batches queued.
+    saturated = max(
+        (run_load(target, body, concurrency=c, duration_s=3, warmup_s=1) for c in (4, 24)),
+        key=lambda r: r.throughput,
+    )
     capacity = saturated.throughput
     assert capacity > 0 and not saturated.errors, summary(saturated)
 
