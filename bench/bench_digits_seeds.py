@@ -29,6 +29,7 @@ RESULTS = Path(__file__).parent / "results" / "build_digits_seeds.txt"
 @dataclass(frozen=True)
 class SplitResult:
     split_seed: int
+    training_seed: int
     teacher_val: float
     teacher_test: float
     student_val: float
@@ -39,6 +40,7 @@ class SplitResult:
 
 
 def measure(split_seed: int, training_seed: int = TRAINING_SEED) -> SplitResult:
+    """Teacher and student accuracies on one split, trained with one build seed."""
     from tandem.cloud.build import digits
 
     split = digits.load_split(split_seed)
@@ -60,6 +62,7 @@ def measure(split_seed: int, training_seed: int = TRAINING_SEED) -> SplitResult:
     student_test = acc(student, split.x_test, split.y_test)
     return SplitResult(
         split_seed=split_seed,
+        training_seed=training_seed,
         teacher_val=acc(teacher, split.x_val, split.y_val),
         teacher_test=teacher_test,
         student_val=acc(student, split.x_val, split.y_val),
@@ -70,27 +73,33 @@ def measure(split_seed: int, training_seed: int = TRAINING_SEED) -> SplitResult:
     )
 
 
-def run(seeds: tuple[int, ...] = SPLIT_SEEDS, workers: int = 2) -> list[SplitResult]:
+def run(
+    seeds: tuple[int, ...] = SPLIT_SEEDS,
+    workers: int = 2,
+    training_seeds: tuple[int, ...] = (TRAINING_SEED,),
+) -> list[SplitResult]:
+    jobs = [(s, t) for t in training_seeds for s in seeds]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(measure, seeds))
+        return list(pool.map(measure, *zip(*jobs, strict=True)))
 
 
 def table(label: str, results: list[SplitResult]) -> str:
     lines = [
-        f"[{label}] training seed {TRAINING_SEED}",
-        "split  teacher val  teacher test  student val  student test  drop (pts)  "
+        f"[{label}]",
+        "split train  teacher val  teacher test  student val  student test  drop (pts)  "
         "CPU s teacher/student",
     ]
     for r in results:
         lines.append(
-            f"{r.split_seed:>5}  {r.teacher_val:>10.2%}  {r.teacher_test:>11.2%}  "
+            f"{r.split_seed:>5} {r.training_seed:>5}  "
+            f"{r.teacher_val:>10.2%}  {r.teacher_test:>11.2%}  "
             f"{r.student_val:>10.2%}  {r.student_test:>11.2%}  {100 * r.drop:>9.2f}  "
             f"{r.teacher_cpu_s:>7.1f} / {r.student_cpu_s:.1f}"
         )
     for name, pick in (("median", statistics.median), ("min", min), ("max", max)):
         row = {k: pick(getattr(r, k) for r in results) for k in asdict(results[0])}
         lines.append(
-            f"{name:>6} {row['teacher_val']:>10.2%}  {row['teacher_test']:>11.2%}  "
+            f"{name:>12} {row['teacher_val']:>10.2%}  {row['teacher_test']:>11.2%}  "
             f"{row['student_val']:>10.2%}  {row['student_test']:>11.2%}  "
             f"{100 * row['drop']:>9.2f}"
         )
@@ -110,9 +119,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="append the table to this file")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="*", default=list(SPLIT_SEEDS))
+    parser.add_argument("--training-seeds", type=int, nargs="*", default=[TRAINING_SEED])
     args = parser.parse_args()
     started = time.perf_counter()
-    text = table(args.label, run(tuple(args.seeds), args.workers))
+    text = table(args.label, run(tuple(args.seeds), args.workers, tuple(args.training_seeds)))
     text += f"wall {time.perf_counter() - started:.0f} s, {args.workers} workers\n"
     print(text, end="")
     if args.out is not None:

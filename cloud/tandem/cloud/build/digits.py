@@ -7,14 +7,15 @@ never depends on `ctx.seed`, so accuracies of different builds and versions comp
 Tensors, the same for teacher and student: `pixels` FP32 [-1, 64] raw 0..16 pixel values
 (normalisation is the model's first layer) -> `logits` FP32 [-1, 10].
 
-Steps: train the teacher (small shifts as augmentation); distill the student from it (KL on
-temperature-softened logits plus cross-entropy on the labels); export the student to ONNX
-INT8 (onnxruntime static QDQ, calibrated on train rows), OpenVINO IR INT8 (NNCF), TFLite INT8
-(litert-torch's PT2E quantizer, no TensorFlow) and TorchScript FP32; fit a temperature per
-variant on that variant's validation logits; measure accuracy, ECE and batch-1 latency of
-every variant in its own runtime; package and sign. The teacher goes to the cloud repository
-as ONNX FP32 (`model.onnx`, default backend onnxruntime), TorchScript (`model.pt`) and
-OpenVINO IR FP32 (`model.xml` + `model.bin`), so an operator can switch backends in config.
+Steps: train the teacher (random shifts, rotations and zooms as augmentation); distill the
+student from it (KL on temperature-softened logits plus cross-entropy on the labels); export
+the student to ONNX INT8 (onnxruntime static QDQ, calibrated on train rows), OpenVINO IR INT8
+(NNCF), TFLite INT8 (litert-torch's PT2E quantizer, no TensorFlow) and TorchScript FP32; fit
+a temperature per variant on that variant's validation logits; measure accuracy, ECE and
+batch-1 latency of every variant in its own runtime; package and sign. The teacher goes to
+the cloud repository as ONNX FP32 (`model.onnx`, default backend onnxruntime), TorchScript
+(`model.pt`) and OpenVINO IR FP32 (`model.xml` + `model.bin`), so an operator can switch
+backends in config.
 
 Options (`ctx.options`): `student_variant` = "normal" (default) or "bad" (a student trained
 on shuffled labels: a deliberately broken version for rollout tests; quality gates are
@@ -68,7 +69,10 @@ INPUTS = (TensorSpec("pixels", "FP32", (-1, 64)),)
 OUTPUTS = (TensorSpec("logits", "FP32", (-1, NUM_CLASSES)),)
 VARIANTS = ("onnx-int8", "openvino-int8", "tflite-int8", "torch-fp32")
 
-SPLIT_SEED = 7  # fixed: every build and version sees the same split
+# Fixed: every build and version sees the same split. Declared, not chosen for its results:
+# the seed study (bench/bench_digits_seeds.py, bench/results/build_digits_seeds.txt) trains
+# teacher and student on split seeds 0, 1, 7, 42 and 1797 and every gate holds on each.
+SPLIT_SEED = 7
 TEST_FRACTION = 0.20
 VALIDATION_FRACTION = 0.15
 REFERENCE_ROWS = 32  # test rows whose outputs ship in each artifact
@@ -119,9 +123,23 @@ class TrainConfig:
 # temperature then corrects. Without it both are calibrated to within the noise of a
 # 360-image test set (ECE ~0.006-0.01 at ~99% accuracy) and a temperature fitted on 270
 # validation images cannot show a gain: it chases the one or two confident mistakes there.
+# Augmentation: random rotations (+-10 degrees), zooms (+-10%) and sub-pixel shifts (+-1
+# pixel). Chosen on the validation splits of the seed study (bench/bench_digits_seeds.py):
+# mean teacher validation accuracy over 5 split seeds 99.41% with integer shifts only, 99.63%
+# with this, at the same CPU cost; 60 epochs instead of 40 did not help (99.48%).
 TEACHER_TRAINING = TrainConfig(
-    epochs=40, learning_rate=2e-3, batch_size=64, weight_decay=1e-4, label_smoothing=0.1
+    epochs=40,
+    learning_rate=2e-3,
+    batch_size=64,
+    weight_decay=1e-4,
+    label_smoothing=0.1,
+    rotate_degrees=10.0,
+    scale_jitter=0.1,
 )
+# The student distils on the same augmented images (the teacher labels each one): mean
+# validation accuracy over the 5 split seeds 99.11% either way, worst split 98.89% instead
+# of 98.52% with integer shifts only; 80 epochs (99.19%) or kd_weight 0.9 (99.04%) were not
+# worth their cost.
 STUDENT_TRAINING = TrainConfig(
     epochs=60,
     learning_rate=2e-3,
@@ -129,6 +147,8 @@ STUDENT_TRAINING = TrainConfig(
     weight_decay=1e-4,
     kd_weight=0.7,
     label_smoothing=0.1,
+    rotate_degrees=10.0,
+    scale_jitter=0.1,
 )
 BAD_STUDENT_TRAINING = TrainConfig(
     epochs=15, learning_rate=2e-3, batch_size=64, weight_decay=1e-4, shift_augment=False
