@@ -357,7 +357,7 @@ class Agent:
         # make the agent ignore its fleet's real desired states until it restarts.
         if any(self._authentic(offer) for offer in offers.values()):
             self._revision = desired.revision
-        else:
+        elif desired.models:
             log.warning(
                 "desired state r%d carries no trusted manifest: its revision is not adopted",
                 desired.revision,
