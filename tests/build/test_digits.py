@@ -182,7 +182,13 @@ def test_reference_outputs_reproduce_in_each_runtime(digits_zoo: Path, tmp_path:
         got = runner({"pixels": inputs["pixels"]})["logits"]
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, outputs["logits"], rtol=1e-4, atol=1e-4, err_msg=name)
-        assert np.mean(got.argmax(1) == split.y_test[: digits.REFERENCE_ROWS]) >= 0.95
+        # The shipped file is the measured one: on the whole test split it reproduces the
+        # report's accuracy exactly (a fixed share of the 32 reference rows would be a coin
+        # toss: at 99.4% the student's 2 mistakes can both fall among them).
+        test_logits = run_batched(runner, {"pixels": split.x_test})["logits"]
+        reported = _report(digits_zoo)["variants"][name]["accuracy"]
+        assert np.mean(test_logits.argmax(1) == split.y_test) == pytest.approx(reported, abs=1e-6)
+        assert reported >= 0.985 - 0.025 - 0.010, name
         if variant.manifest.inputs[0].shape[0] == -1:
             # dynamic batch: one row and 64 rows give the same answers as row by row
             batch = runner({"pixels": split.x_test[:64]})["logits"]

@@ -739,17 +739,17 @@ def _teacher(ctx: BuildContext, split: DigitsSplit, mean: float, std: float) -> 
     """
     seed = _seed_for(ctx, "teacher")
     cached = ctx.cache_dir / f"teacher-{_teacher_cache_key(seed, mean, std)}.pt"
-    model = TeacherCNN(mean, std)
     if cached.exists():
+        model = TeacherCNN(mean, std)
         model.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True))
         model.eval()
         log.info("digits: teacher loaded from %s", cached)
         return model
-    model = train_teacher(split, seed)
+    trained = train_teacher(split, seed)
     tmp = cached.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
+    torch.save(trained.state_dict(), tmp)
     os.replace(tmp, cached)
-    return model
+    return trained
 
 
 @dataclass
