@@ -47,14 +47,16 @@ zoo: install
 protos: install
 	$(BIN)/python -m tandem.protos.generate
 
+## Benchmarks, and the reliability suite's figures, recorded into bench/results/.
 bench: install
 	$(BIN)/python -m pytest bench -p no:randomly
+	TANDEM_RECORD_RESULTS=1 OVERLOAD_SECONDS=60 $(BIN)/python -m pytest tests/reliability -q
 
 ## Soak (not part of `make test`): mixed traffic and rollouts with memory and fds checked
 ## flat; SOAK_SECONDS=1800 by default. Figures: bench/results/reliability-soak.txt.
 SOAK_SECONDS ?= 1800
 soak: install
-	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/python -m pytest tests/soak -p no:randomly -q
+	TANDEM_RECORD_RESULTS=1 SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/python -m pytest tests/soak -p no:randomly -q
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -16,7 +16,7 @@ from tests.cloud.conftest import teacher
 from tests.conftest import ROOT
 from tests.fleet.conftest import GeneratedBroker, fleet_service, generated_broker
 from tests.sdk.conftest import artifacts, models, test_set
-from tests.support.figures import Figures
+from tests.support.figures import Figures, results_path
 
 __all__ = [  # fixtures, used by name
     "agent_factory",
@@ -31,7 +31,7 @@ __all__ = [  # fixtures, used by name
     "test_set",
 ]
 
-RESULTS = ROOT / "bench" / "results" / "reliability.txt"
+RESULTS = results_path("reliability.txt")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from tests.reliability.conftest import (
     zoo,
     zoo_signer,
 )
-from tests.support.figures import Figures
+from tests.support.figures import Figures, results_path
 
 __all__ = [  # fixtures, used by name
     "artifacts",
@@ -33,6 +33,6 @@ __all__ = [  # fixtures, used by name
 @pytest.fixture(scope="session")
 def figures() -> Iterator[Figures]:
     """The soak's figures go to their own file (bench/results/reliability-soak.txt)."""
-    collected = Figures(ROOT / "bench" / "results" / "reliability-soak.txt")
+    collected = Figures(results_path("reliability-soak.txt"))
     yield collected
     collected.write()

@@ -12,6 +12,15 @@ import os
 from pathlib import Path
 
 HEADER = "# tandem reliability and security suite: figures written by tests/reliability"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def results_path(name: str) -> Path:
+    """Where a run's figures go: test-artifacts/ (ignored by git) on an ordinary test run, so
+    `make test` leaves the tree clean; bench/results/ (committed) with TANDEM_RECORD_RESULTS=1,
+    which is how the committed figures are refreshed."""
+    folder = "bench/results" if os.environ.get("TANDEM_RECORD_RESULTS") == "1" else "test-artifacts"
+    return ROOT / folder / name
 
 
 class Figures:
