@@ -13,7 +13,6 @@ import pytest
 from tests.agent.artifacts import Signer, build_variant
 from tests.agent.conftest import TANDEM, AgentProcess, agent_factory, fleet, fleet_broker, signer
 from tests.cloud.conftest import teacher
-from tests.conftest import ROOT
 from tests.fleet.conftest import GeneratedBroker, fleet_service, generated_broker
 from tests.sdk.conftest import artifacts, models, test_set
 from tests.support.figures import Figures, results_path

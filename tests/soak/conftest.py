@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ROOT
 from tests.reliability.conftest import (
     artifacts,
     fleet_agents_factory,
