@@ -15,6 +15,7 @@ SIGINT stops the traffic, flushes telemetry, stops the agents and writes the fin
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -294,6 +295,9 @@ def run(sim: SimSpec) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    # A supervisor that finds us deaf to SIGTERM sends SIGUSR1 first: dump every thread's stack
+    # to the log (from C, so it works even when a thread is stuck holding the GIL).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     data = np.load(sim.dataset)
     x = np.ascontiguousarray(data["x"], dtype=np.float32)
     y = np.asarray(data["y"]).reshape(-1)

@@ -187,7 +187,16 @@ class Supervisor:
             try:
                 child.proc.wait(remaining)
             except subprocess.TimeoutExpired:
-                log.warning("%s did not stop on SIGTERM: killing it", child.name)
+                log.warning(
+                    "%s did not stop on SIGTERM: killing it (thread stacks, where it dumps them "
+                    "on SIGUSR1, are in its log)",
+                    child.name,
+                )
+                # tandem's own children dump every thread's stack on SIGUSR1 (faulthandler,
+                # which works even when a thread holds the GIL), so a hang leaves evidence.
+                with contextlib.suppress(OSError):
+                    child.proc.send_signal(signal.SIGUSR1)
+                time.sleep(0.5)
         for child in children:
             # The leader may be gone while something it started still runs in its group.
             _signal_group(child.proc, signal.SIGKILL)

@@ -13,6 +13,22 @@ from tandem.errors import RuntimeBackendError
 from tandem.sdk.artifacts import Manifest
 from tandem.sdk.runtimes.base import Arrays, Runtime, register_runtime
 
+# One Core per process, created and used for loading under one lock. In the demo's device
+# process two agents warmed up OpenVINO models at the same moment (each creating its first
+# Core while SDK threads selected runtimes) and the process hung for good, deaf to SIGTERM;
+# serialising Core creation and model compilation removes that race. Compiled models still
+# run concurrently (one infer request per thread).
+_CORE_LOCK = threading.Lock()
+_CORE: Any = None
+
+
+def _shared_core(ov: Any) -> Any:
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            _CORE = ov.Core()
+        return _CORE
+
 
 @register_runtime
 class OpenVINORuntime(Runtime):
@@ -29,8 +45,7 @@ class OpenVINORuntime(Runtime):
 
     @classmethod
     def devices(cls) -> tuple[str, ...]:
-        ov = cls.import_package()
-        return tuple(ov.Core().available_devices)
+        return tuple(_shared_core(cls.import_package()).available_devices)
 
     @classmethod
     def load(
@@ -43,16 +58,16 @@ class OpenVINORuntime(Runtime):
         precision: str = "f32",
         **_: Any,
     ) -> OpenVINORuntime:
-        ov = cls.import_package()
+        core = _shared_core(cls.import_package())
         try:
-            core = ov.Core()
-            model = core.read_model(str(model_dir / manifest.entrypoint))
             # Pinned to f32: on CPUs with bf16 units OpenVINO would otherwise run an fp32 model
             # in bf16 and drift from the reference outputs (INT8 layers stay INT8 either way).
             config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
             if device == "CPU":
                 config["INFERENCE_NUM_THREADS"] = threads
-            compiled = core.compile_model(model, device, config)
+            with _CORE_LOCK:
+                model = core.read_model(str(model_dir / manifest.entrypoint))
+                compiled = core.compile_model(model, device, config)
         except RuntimeError as exc:
             raise RuntimeBackendError(f"OpenVINO cannot load {manifest.entrypoint}: {exc}") from exc
         return cls(manifest, model_dir, compiled, device)
