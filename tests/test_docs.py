@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import free_port, stop_process, wait_for_port
+from tests.support.serve import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 TANDEM = str(Path(sys.executable).parent / "tandem")
@@ -52,30 +52,12 @@ def test_docs_have_samples() -> None:
 
 
 @pytest.fixture(scope="module")
-def cloud_port(digits_zoo: Path) -> Iterator[int]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            TANDEM,
-            "serve",
-            "--repository",
-            str(digits_zoo / "repository"),
-            "--grpc-port",
-            str(port),
-            "--http-port",
-            str(free_port()),
-            "--metrics-port",
-            str(free_port()),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+def cloud_port(digits_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    server = ServeProcess(digits_zoo / "repository", tmp_path_factory.mktemp("docs-serve"))
     try:
-        wait_for_port(port, proc=proc, timeout=60)
-        yield port
+        yield server.port
     finally:
-        stop_process(proc)
+        server.stop()
 
 
 @pytest.mark.parametrize(("where", "code"), PYTHON_SAMPLES, ids=[w for w, _ in PYTHON_SAMPLES])
