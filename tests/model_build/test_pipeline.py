@@ -176,7 +176,7 @@ LOCK_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 from tandem.cloud.build import pipeline
-from tests.build.test_pipeline import ToyBuilder
+from tests.model_build.test_pipeline import ToyBuilder
 
 zoo, log, me, other = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
 toy = ToyBuilder()
