@@ -719,6 +719,16 @@ class Agent:
             )
         memory = self.state.model(model)
         accepted = max(memory.max_accepted_version, current.max_accepted_version if current else 0)
+        # The health window is recorded BEFORE the pointer switch. The other order leaves,
+        # for a kill between the two writes, a pointer on the new version with no window on
+        # disk: the restarted agent then finds it active, plans nothing, and never reports
+        # HEALTHY. In this order a kill between them leaves a window for a version that is
+        # not active, which `_resume_health_watches` drops, and the desired state switches
+        # to it again (REACTIVATE).
+        started = time.time()
+        pending = PendingHealth(version, variant, previous, started, rollout_id)
+        memory.health = pending
+        self.state.save()
         self.store.write_active(
             model,
             ActivePointer(
@@ -729,10 +739,6 @@ class Agent:
                 max_accepted_version=max(accepted, version),
             ),
         )
-        started = time.time()
-        pending = PendingHealth(version, variant, previous, started, rollout_id)
-        memory.health = pending
-        self.state.save()
         log.info("%s: v%d %s active (previous %s)", model, version, variant, previous)
         self._report(Kind.ACTIVATED, offer_like)
         self._publish_presence()
