@@ -136,3 +136,44 @@ def test_a_kill_at_any_write_of_an_activation_still_ends_healthy(
             [("ACTIVATED", 2), ("HEALTHY", 2)],
         ), (index, broker.reports)
 
+
+def test_a_kill_at_any_write_of_a_rollback_still_ends_on_the_old_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signer = Signer.create(tmp_path / "keys")
+    v1 = build_variant(tmp_path / "zoo", signer, version=1)
+    v2 = build_variant(tmp_path / "zoo", signer, version=2)
+    store = tmp_path / "store"
+    _install(store, v1)
+    ModelStore(store).write_active(
+        "digits", ActivePointer(version=1, variant="onnx-int8", max_accepted_version=2)
+    )
+    _install(store, v2)
+    first, first_broker = _agent(store, signer)
+    asyncio.run(_desired(first, _offer(v2), settle=False))
+    # The app's telemetry says v2 fails half of its requests: the window ends unhealthy.
+    first._watches["digits"].health.observe_summary("digits", 2, requests=40, errors=20)
+
+    snapshots: list[Path] = []
+    write_atomic = tandem.sdk.store.write_atomic
+
+    def write_then_snapshot(path: Path, data: bytes) -> None:
+        write_atomic(path, data)
+        snapshot = tmp_path / f"kill-{len(snapshots)}"
+        shutil.copytree(store, snapshot)
+        snapshots.append(snapshot)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tandem.sdk.store, "write_atomic", write_then_snapshot)
+        patch.setattr(tandem.agent.state, "write_atomic", write_then_snapshot)
+        asyncio.run(_desired(first, _offer(v2)))
+    assert first_broker.reports == [("ACTIVATED", 2), ("ROLLED_BACK", 2)]
+    assert len(snapshots) >= 2, "the rollback wrote the agent state and the pointer"
+
+    for index, snapshot in enumerate(snapshots):
+        restarted, broker = _agent(snapshot, signer)
+        asyncio.run(_desired(restarted, _offer(v2)))  # the retained state still names v2
+        pointer = ModelStore(snapshot).read_active("digits")
+        assert pointer is not None and pointer.version == 1, (index, pointer, broker.reports)
+        assert ("ACTIVATED", 2) not in broker.reports, (index, broker.reports)
+        assert (2, "onnx-int8") in restarted.state.model("digits").failed, index

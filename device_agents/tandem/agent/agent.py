@@ -777,6 +777,9 @@ class Agent:
                 memory.health = None
                 continue
             self._watch(model, pending, None)
+            if (pending.version, pending.variant) in memory.failed:
+                # Killed between marking it failed and switching back: finish the rollback.
+                self._watches[model].health.failure = "failed its health window before a restart"
 
     async def _ticker(self) -> None:
         while True:
@@ -822,18 +825,24 @@ class Agent:
         del self._watches[model]
         pending = watch.pending
         memory = self.state.model(model)
-        memory.health = None
         ref = _Ref(model, pending.version, pending.variant, pending.rollout_id)
         if verdict is Verdict.HEALTHY:
+            memory.health = None
             self.state.save()
             log.info("%s v%d %s healthy", model, pending.version, pending.variant)
             self._report(Kind.HEALTHY, ref)
             await asyncio.to_thread(self._prune, model)
             return
         reason = watch.health.failure or "unhealthy"
+        # The window stays on disk until the pointer is back: a kill between the two writes
+        # then restarts into a window for a version already marked failed, which rolls back
+        # at once (`_resume_health_watches`). Clearing it first would leave the failed
+        # version active with nothing left to take it away.
         memory.failed.add((pending.version, pending.variant))
         self.state.save()
         self._roll_back(model, pending, ref, reason)
+        memory.health = None
+        self.state.save()
 
     def _prune(self, model: str) -> None:
         """Keeps the active version and the one a rollback would return to; deletes the rest.
