@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pytest
 import zstandard
 
 from tandem.sdk import Client
@@ -59,9 +58,6 @@ def check_device_runs_a_valid_model(
     return version
 
 
-# Flaky once in a clean CI run (no HEALTHY for the during-activation kill within 60 s) and not
-# yet explained; one rerun keeps a rare timing flake from blocking CI. A real defect fails twice.
-@pytest.mark.flaky(reruns=1)
 def test_agent_killed_at_every_step_of_a_delivery(
     fleet: FleetDouble,
     signer: Signer,
