@@ -295,3 +295,15 @@ class FleetDouble:
                 for r in self.reports
                 if r.device_id == device_id and (version is None or r.version == version)
             ]
+
+    def recorded(self, device_id: str, version: int | None = None) -> list[str]:
+        """`kinds` as the fleet service records them: once per `report_id`. Reports are
+        at-least-once, so the wire may carry one twice (re-sent after a restart or a
+        reconnect because its PUBACK had not been taken in); the service drops the copy."""
+        with self._lock:
+            unique = {
+                r.report_id: Kind.Name(r.kind)
+                for r in self.reports
+                if r.device_id == device_id and (version is None or r.version == version)
+            }
+        return list(unique.values())

@@ -7,13 +7,19 @@ at that point leaves behind. A fresh agent on every snapshot, given the same (re
 desired state, must end on the new version with its health confirmed: reported HEALTHY by
 one of the two runs, never left active without a health window (the restarted agent would
 then see it active, do nothing, and never report HEALTHY).
+
+The same stand-in for the broker can withhold its PUBACKs: a report the broker never
+acknowledged stays in the agent's outbox on disk and is sent again by the next run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,19 +37,35 @@ from tests.agent.artifacts import BuiltVariant, Signer, build_variant
 Kind = fleet_pb2.DeviceReport.Kind
 
 
+@dataclass
+class _Sent:
+    """What paho's publish returns, as far as the agent looks at it."""
+
+    mid: int
+    acked: bool
+
+    def is_published(self) -> bool:
+        return self.acked
+
+
 class _Broker:
-    """Stands in for the MQTT client: keeps the reports the agent publishes."""
+    """Stands in for the MQTT client: keeps the reports the agent publishes, and
+    acknowledges them (PUBACK) unless `acks` is False."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, acks: bool = True) -> None:
+        self.acks = acks
         self.reports: list[tuple[str, int]] = []
+        self.report_ids: list[str] = []
 
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> _Sent:
         if topic.endswith("/" + topics.REPORTS):
             report = fleet_pb2.DeviceReport.FromString(payload)
             self.reports.append((Kind.Name(report.kind), report.version))
+            self.report_ids.append(report.report_id)
+        return _Sent(mid=len(self.reports), acked=self.acks)
 
 
-def _agent(store: Path, signer: Signer) -> tuple[Agent, _Broker]:
+def _agent(store: Path, signer: Signer, *, acks: bool = True) -> tuple[Agent, _Broker]:
     """An agent as `_main` starts it (state loaded, health windows resumed), minus MQTT."""
     agent = Agent(
         AgentConfig(
@@ -57,8 +79,9 @@ def _agent(store: Path, signer: Signer) -> tuple[Agent, _Broker]:
             health_probe_interval_s=0.05,
         )
     )
-    broker = _Broker()
+    broker = _Broker(acks=acks)
     agent._client = broker  # type: ignore[assignment]
+    agent._connected.set()
     agent.state.load()
     agent._resume_health_watches()
     return agent, broker
@@ -175,5 +198,110 @@ def test_a_kill_at_any_write_of_a_rollback_still_ends_on_the_old_version(
         asyncio.run(_desired(restarted, _offer(v2)))  # the retained state still names v2
         pointer = ModelStore(snapshot).read_active("digits")
         assert pointer is not None and pointer.version == 1, (index, pointer, broker.reports)
-        assert ("ACTIVATED", 2) not in broker.reports, (index, broker.reports)
+        # No second activation: an ACTIVATED here is the first run's, re-sent from its
+        # outbox (the PUBACK had not been taken in yet), with the first run's report id.
+        activated = [
+            i for i, r in zip(broker.report_ids, broker.reports, strict=True) if r[0] == "ACTIVATED"
+        ]
+        assert set(activated) <= set(first_broker.report_ids), (index, broker.reports)
         assert (2, "onnx-int8") in restarted.state.model("digits").failed, index
+
+
+async def _connected_then_tick(agent: Agent) -> None:
+    """The broker session comes up (the agent sends what its outbox holds), then one turn
+    of the timer (it takes in the PUBACKs)."""
+    await agent._handle_connected()
+    await agent._tick()
+
+
+def _queued(store: Path) -> list[str]:
+    """The report ids waiting in the agent's outbox on disk."""
+    doc = json.loads((store / ".agent" / "state.json").read_text())
+    return [
+        fleet_pb2.DeviceReport.FromString(base64.b64decode(item)).report_id
+        for item in doc.get("outbox", [])
+    ]
+
+
+def test_a_report_the_broker_never_acknowledged_is_sent_again_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """HEALTHY saved on disk, published, but no PUBACK before the kill: without an outbox
+    the restarted agent finds v2 active and healthy and never says so again, and a rollout
+    waits for it forever."""
+    signer = Signer.create(tmp_path / "keys")
+    v1 = build_variant(tmp_path / "zoo", signer, version=1)
+    v2 = build_variant(tmp_path / "zoo", signer, version=2)
+    store = tmp_path / "store"
+    _install(store, v1)
+    ModelStore(store).write_active(
+        "digits", ActivePointer(version=1, variant="onnx-int8", max_accepted_version=2)
+    )
+    _install(store, v2)
+
+    first, unacked = _agent(store, signer, acks=False)
+    asyncio.run(_desired(first, _offer(v2)))
+    assert unacked.reports == [("ACTIVATED", 2), ("HEALTHY", 2)]
+    healthy_id = unacked.report_ids[1]
+    assert healthy_id in _queued(store), "an unacknowledged HEALTHY must stay on disk"
+    assert first.state.model("digits").health is None  # the window is over: nothing resumes
+
+    # The kill: the first agent is simply dropped. The next run, given the same desired
+    # state, has nothing to install or watch, and still sends HEALTHY, with the same id.
+    restarted, broker = _agent(store, signer)
+    asyncio.run(_desired(restarted, _offer(v2)))
+    asyncio.run(_connected_then_tick(restarted))
+    assert ("HEALTHY", 2) in broker.reports, broker.reports
+    sent = zip(broker.report_ids, broker.reports, strict=True)
+    resent = [i for i, r in sent if r[0] == "HEALTHY"]
+    assert resent == [healthy_id], "re-sent as the same report, so the fleet counts it once"
+    assert ("ACTIVATED", 2) in broker.reports  # unacknowledged too, so also re-sent
+
+    # Acknowledged now: the outbox is empty on disk and a third run sends nothing.
+    assert _queued(store) == []
+    third, quiet = _agent(store, signer)
+    asyncio.run(_desired(third, _offer(v2)))
+    asyncio.run(_connected_then_tick(third))
+    assert quiet.reports == []
+
+
+def test_a_kill_after_a_rollback_moved_the_pointer_still_reports_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every disk a kill inside a rollback can leave: ROLLED_BACK reaches the fleet from
+    one of the two runs (or is waiting in the outbox the restart sends from)."""
+    signer = Signer.create(tmp_path / "keys")
+    v1 = build_variant(tmp_path / "zoo", signer, version=1)
+    v2 = build_variant(tmp_path / "zoo", signer, version=2)
+    store = tmp_path / "store"
+    _install(store, v1)
+    ModelStore(store).write_active(
+        "digits", ActivePointer(version=1, variant="onnx-int8", max_accepted_version=2)
+    )
+    _install(store, v2)
+    first, _ = _agent(store, signer, acks=False)
+    asyncio.run(_desired(first, _offer(v2), settle=False))
+    first._watches["digits"].health.observe_summary("digits", 2, requests=40, errors=20)
+
+    snapshots: list[Path] = []
+    write_atomic = tandem.sdk.store.write_atomic
+
+    def write_then_snapshot(path: Path, data: bytes) -> None:
+        write_atomic(path, data)
+        snapshot = tmp_path / f"kill-{len(snapshots)}"
+        shutil.copytree(store, snapshot)
+        snapshots.append(snapshot)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tandem.sdk.store, "write_atomic", write_then_snapshot)
+        patch.setattr(tandem.agent.state, "write_atomic", write_then_snapshot)
+        asyncio.run(_desired(first, _offer(v2)))
+    assert len(snapshots) >= 3, "failure mark, pointer back, window end with its report"
+
+    for index, snapshot in enumerate(snapshots):
+        restarted, broker = _agent(snapshot, signer)
+        asyncio.run(_desired(restarted, _offer(v2)))
+        asyncio.run(_connected_then_tick(restarted))
+        assert ("ROLLED_BACK", 2) in broker.reports, (index, broker.reports)
+        assert _queued(snapshot) == [], index
+        assert restarted.state.model("digits").health is None, index

@@ -13,6 +13,11 @@ Lifecycle of one delivery::
     HEALTHY, or switch back -> ROLLED_BACK
 
 A refused or interrupted delivery never touches `active.json` or the installed versions.
+
+Reports other than PROGRESS are at-least-once: each enters the outbox in `state.json` in
+the same atomic write as the state change it describes, and leaves it only after the
+broker's PUBACK; the timer re-sends what is unacknowledged (after a reconnect or a
+restart) with its original `report_id`, which the fleet service deduplicates on.
 """
 
 from __future__ import annotations
@@ -123,6 +128,8 @@ class Agent:
         self._seen_summaries: deque[str] = deque(maxlen=4096)
         self._failed_mids: set[int] = set()
         self._refusals_reported: dict[str, int] = {}  # offer key -> desired revision
+        # report id -> (publish in flight, monotonic time it was sent)
+        self._outbox_inflight: dict[str, tuple[mqtt.MQTTMessageInfo, float]] = {}
         self.error: BaseException | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -220,6 +227,8 @@ class Agent:
                 self.config.topic(topics.PRESENCE), self._presence(online=False), qos=1, retain=True
             )
             await self._await_puback(info, timeout=2.0)
+            # PUBACKs come in order: what was sent before the presence is acknowledged now.
+            self._collect_report_acks()
         client.disconnect()
         client.loop_stop()
 
@@ -321,6 +330,7 @@ class Agent:
     async def _handle_connected(self) -> None:
         log.info("connected to %s:%d", self.config.broker.host, self.config.broker.port)
         self._publish_presence()
+        self._send_outbox()
         delivery = self._delivery
         if delivery is not None:
             # Chunks in flight died with the old connection: ask again from what is on disk.
@@ -482,12 +492,11 @@ class Agent:
     def _refuse(self, offer: Offer, exc: RefusedError) -> None:
         log.warning("refused %s v%d %s: %s", offer.model, offer.version, offer.variant, exc)
         self.state.remember_refusal(offer.offer_key, str(exc))
-        try:
-            self.state.save()
-        except OSError as save_exc:  # a full disk must not also swallow the report
-            log.warning("could not save the refusal: %s", save_exc)
         self._refusals_reported[offer.offer_key] = self._revision
-        self._report(Kind.REFUSED, offer, reason=str(exc))
+        try:
+            self._report(Kind.REFUSED, offer, reason=str(exc))
+        except OSError as save_exc:  # a full disk: the report still goes out from memory
+            log.warning("could not save the refusal: %s", save_exc)
 
     # --- transfer ------------------------------------------------------------------------
 
@@ -665,7 +674,6 @@ class Agent:
             return
         memory = self.state.model(offer.model)
         memory.max_accepted_version = max(memory.max_accepted_version, offer.version)
-        self.state.save()
         total = delivery.staging.bytes_total
         self._report(Kind.VERIFIED, offer, bytes_received=total, bytes_total=total)
         dest = self.store.model_dir(offer.model) / str(offer.version) / offer.variant
@@ -698,11 +706,10 @@ class Agent:
             log.error("%s v%d %s failed warm-up: %s", model, version, variant, exc)
             memory = self.state.model(model)
             memory.failed.add((version, variant))
-            self.state.save()
+            self._report(Kind.FAILED, offer_like, reason=f"warmup: {exc}")
             if fresh:
                 # Never used, never will be: do not keep it on the device's disk.
                 shutil.rmtree(variant_dir, ignore_errors=True)
-            self._report(Kind.FAILED, offer_like, reason=f"warmup: {exc}")
             return
         old_watch = self._watches.pop(model, None)
         if old_watch is not None:
@@ -775,6 +782,15 @@ class Agent:
                 pending.variant,
             ):
                 memory.health = None
+                if (pending.version, pending.variant) in memory.failed:
+                    # Killed after a rollback moved the pointer back, before its report was
+                    # queued: queue it now (saved with the window's end).
+                    ref = _Ref(model, pending.version, pending.variant, pending.rollout_id)
+                    self._report(
+                        Kind.ROLLED_BACK,
+                        ref,
+                        reason="failed its health window; rolled back before a restart",
+                    )
                 continue
             self._watch(model, pending, None)
             if (pending.version, pending.variant) in memory.failed:
@@ -810,6 +826,9 @@ class Agent:
             self._request_next(delivery, force=True)
         for model, watch in list(self._watches.items()):
             await self._check_health(model, watch)
+        if self._outbox_inflight or self.state.outbox:
+            self._collect_report_acks()
+            self._send_outbox()
 
     async def _check_health(self, model: str, watch: _Watch) -> None:
         now = time.monotonic()
@@ -828,9 +847,8 @@ class Agent:
         ref = _Ref(model, pending.version, pending.variant, pending.rollout_id)
         if verdict is Verdict.HEALTHY:
             memory.health = None
-            self.state.save()
             log.info("%s v%d %s healthy", model, pending.version, pending.variant)
-            self._report(Kind.HEALTHY, ref)
+            self._report(Kind.HEALTHY, ref)  # one write: the window ends, the report is queued
             await asyncio.to_thread(self._prune, model)
             return
         reason = watch.health.failure or "unhealthy"
@@ -840,9 +858,12 @@ class Agent:
         # version active with nothing left to take it away.
         memory.failed.add((pending.version, pending.variant))
         self.state.save()
-        self._roll_back(model, pending, ref, reason)
+        where = self._roll_back(model, pending, reason)
         memory.health = None
-        self.state.save()
+        # The window ends and the report is queued in one write; a kill before it restarts
+        # into the window with the pointer already back, which queues the report then.
+        self._report(Kind.ROLLED_BACK, ref, reason=f"{reason}; {where}")
+        self._publish_presence()
 
     def _prune(self, model: str) -> None:
         """Keeps the active version and the one a rollback would return to; deletes the rest.
@@ -885,7 +906,8 @@ class Agent:
             return str(exc)
         return None
 
-    def _roll_back(self, model: str, pending: PendingHealth, ref: _Ref, reason: str) -> None:
+    def _roll_back(self, model: str, pending: PendingHealth, reason: str) -> str:
+        """Moves the pointer off a failed version; returns where the device is now."""
         current = self.store.read_active(model)
         accepted = current.max_accepted_version if current else 0
         previous = pending.previous
@@ -915,8 +937,7 @@ class Agent:
         log.error(
             "%s v%d %s unhealthy (%s): %s", model, pending.version, pending.variant, reason, where
         )
-        self._report(Kind.ROLLED_BACK, ref, reason=f"{reason}; {where}")
-        self._publish_presence()
+        return where
 
     # --- telemetry -----------------------------------------------------------------------
 
@@ -989,7 +1010,47 @@ class Agent:
             bytes_total=bytes_total,
             timestamp_ms=int(time.time() * 1000),
         )
-        self._publish(topics.REPORTS, report.SerializeToString())
+        if kind == Kind.PROGRESS:
+            # Informative only (the next one or VERIFIED supersedes it): not worth a write.
+            self._publish(topics.REPORTS, report.SerializeToString())
+            return
+        self.state.queue_report(report)
+        try:
+            # Also makes durable whatever state change the caller made just before: the
+            # change and its report land in one atomic write.
+            self.state.save()
+        finally:
+            self._send_outbox()
+
+    def _send_outbox(self) -> None:
+        """Publishes the queued reports not in flight (or in flight for too long)."""
+        if self._client is None or not self._connected.is_set():
+            return  # paho would queue them; the reconnect sends them instead
+        now = time.monotonic()
+        for report in list(self.state.outbox):
+            inflight = self._outbox_inflight.get(report.report_id)
+            if inflight is not None and now - inflight[1] < self.config.publish_timeout_s:
+                continue
+            info = self._publish(topics.REPORTS, report.SerializeToString())
+            self._outbox_inflight[report.report_id] = (info, now)
+
+    def _collect_report_acks(self) -> None:
+        """Drops the acknowledged reports from the outbox (one write for all of them)."""
+        acked = False
+        for report_id, (info, _) in list(self._outbox_inflight.items()):
+            try:
+                if not info.is_published():
+                    continue
+            except (ValueError, RuntimeError):  # paho never queued it: send it again
+                del self._outbox_inflight[report_id]
+                continue
+            del self._outbox_inflight[report_id]
+            if info.mid in self._failed_mids:
+                self._failed_mids.discard(info.mid)
+                continue  # refused by the broker: stays queued and is sent again
+            acked = self.state.report_acknowledged(report_id) or acked
+        if acked:
+            self.state.save()
 
     def active_versions(self) -> dict[str, int]:
         found: dict[str, int] = {}

@@ -4,7 +4,13 @@
                            "failed": [[4, "onnx-int8"]],
                            "health": {"version": 3, "variant": "onnx-int8",
                                       "previous": [2, "onnx-int8"], "started": 1700000000.0}}},
-     "refused": {"<manifest sha256>": "rollback: ..."}}
+     "refused": {"<manifest sha256>": "rollback: ..."},
+     "outbox": ["<base64 DeviceReport>", ...]}
+
+`outbox` holds the reports (every kind but PROGRESS) that the broker has not acknowledged
+yet. A report enters it in the same atomic write as the state change it describes, and
+leaves it after its PUBACK, so a kill at any point re-sends it after the restart (with the
+same `report_id`, which the fleet service deduplicates on) instead of losing it.
 
 `max_accepted_version` is also kept in the SDK's `active.json`; the agent trusts the larger
 of the two, so deleting one file cannot reopen a rollback.
@@ -12,18 +18,24 @@ of the two, so deleting one file cannot reopen a rollback.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
+from tandem.protos.fleet.v1 import fleet_pb2
 from tandem.sdk.store import write_atomic
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 MAX_REMEMBERED_REFUSALS = 256  # manifests; oldest forgotten first
+MAX_OUTBOX_REPORTS = 256  # reports awaiting a PUBACK; oldest dropped first
 
 
 @dataclass
@@ -47,6 +59,7 @@ class AgentState:
         self.path = folder / STATE_FILE
         self.models: dict[str, ModelMemory] = {}
         self.refused: dict[str, str] = {}
+        self.outbox: list[fleet_pb2.DeviceReport] = []
 
     def load(self) -> None:
         try:
@@ -70,6 +83,15 @@ class AgentState:
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             log.warning("agent state %s malformed (%s); ignoring it", self.path, exc)
             self.models, self.refused = {}, {}
+        self.outbox = []
+        queued = doc.get("outbox") if isinstance(doc, dict) else None
+        for item in queued if isinstance(queued, list) else []:
+            try:
+                self.outbox.append(
+                    fleet_pb2.DeviceReport.FromString(base64.b64decode(item, validate=True))
+                )
+            except (TypeError, ValueError, binascii.Error, DecodeError) as exc:
+                log.warning("agent state: unreadable queued report dropped (%s)", exc)
 
     def save(self) -> None:
         doc: dict[str, Any] = {
@@ -82,11 +104,32 @@ class AgentState:
                 for name, memory in self.models.items()
             },
             "refused": self.refused,
+            "outbox": [
+                base64.b64encode(report.SerializeToString()).decode() for report in self.outbox
+            ],
         }
         write_atomic(self.path, json.dumps(doc, sort_keys=True).encode())
 
     def model(self, name: str) -> ModelMemory:
         return self.models.setdefault(name, ModelMemory())
+
+    def queue_report(self, report: fleet_pb2.DeviceReport) -> None:
+        """Adds a report to the outbox (in memory: the next `save` makes it durable)."""
+        self.outbox.append(report)
+        while len(self.outbox) > MAX_OUTBOX_REPORTS:
+            dropped = self.outbox.pop(0)
+            log.warning(
+                "report outbox full: oldest report %s (%s v%d) dropped unsent",
+                dropped.report_id,
+                fleet_pb2.DeviceReport.Kind.Name(dropped.kind),
+                dropped.version,
+            )
+
+    def report_acknowledged(self, report_id: str) -> bool:
+        """Removes a report from the outbox; False when it was not there."""
+        before = len(self.outbox)
+        self.outbox = [r for r in self.outbox if r.report_id != report_id]
+        return len(self.outbox) != before
 
     def remember_refusal(self, digest: str, reason: str) -> None:
         self.refused[digest] = reason
