@@ -10,7 +10,7 @@ import pytest
 
 from tandem.cloud.fleet import engine as eng
 from tandem.cloud.fleet.errors import ConflictError, NotFoundError
-from tandem.cloud.fleet.store import Store
+from tandem.cloud.fleet.store import ReportIn, Store
 from tandem.protos.fleet.v1 import fleet_pb2
 from tests.fleet.helpers import summary
 
@@ -228,3 +228,78 @@ def test_telemetry_retention(store: Store) -> None:
     store.ingest([new], now=now)
     assert store.purge_telemetry(retention_s=3600, now=now) == 1
     assert store.telemetry_count() == (1, 1)
+
+
+def test_a_report_received_twice_is_applied_once(tmp_path: Path) -> None:
+    """Agents re-send a report until the broker acknowledges it (after a restart or a
+    reconnect), so HEALTHY or ROLLED_BACK may arrive twice with the same report_id: the
+    copy must not record a second event, fail the device again, bump its desired state or
+    undo what happened since (here a later presence saying the device is back on v1)."""
+    from tandem.cloud.fleet.service import FleetService, ServiceConfig
+
+    svc = FleetService(ServiceConfig(f"sqlite:///{tmp_path / 'f.db'}", tmp_path / "store"))
+    store = svc.store
+    add_versions(store, 1, 2)
+    for device_id in ("d0", "d1"):
+        store.upsert_presence(presence(device_id, 1000))
+    plan = eng.RolloutPlan("digits", 2, (eng.Stage(100, 0),))
+    r = store.create_rollout("r1", plan, baseline_version=1, selector={}, created_by="a", now=1.0)
+    d = eng.step(plan, r.state, eng.Observation(2.0, [eng.DeviceView("d0"), eng.DeviceView("d1")]))
+    store.apply_decision(
+        "r1",
+        r.state,
+        d,
+        2.0,
+        variants={"d0": "onnx-int8", "d1": "onnx-int8"},
+        previous={"d0": 1, "d1": 1},
+        baseline_variants={},
+    )
+
+    def wire(device_id: str, kind: int, report_id: str) -> tuple[str, bytes]:
+        report = fleet_pb2.DeviceReport(
+            report_id=report_id,
+            device_id=device_id,
+            kind=kind,  # type: ignore[arg-type]
+            model="digits",
+            version=2,
+            variant="onnx-int8",
+            rollout_id="r1",
+            reason="error rate 0.5; back on v1" if device_id == "d1" else "",
+        )
+        return device_id, report.SerializeToString()
+
+    healthy = wire("d0", fleet_pb2.DeviceReport.HEALTHY, "h-1")
+    rolled_back = wire("d1", fleet_pb2.DeviceReport.ROLLED_BACK, "rb-1")
+
+    def recorded() -> dict[str, int]:
+        kinds = [e.kind for e in store.events("r1")]
+        return {
+            k: kinds.count(k) for k in ("report:healthy", "report:rolled_back", "device_failed")
+        }
+
+    svc.handle_reports([healthy, rolled_back])
+    once = recorded()
+    assert once == {"report:healthy": 1, "report:rolled_back": 1, "device_failed": 1}
+    states = {a.device_id: a.state for a in store.assignments("r1")}
+    assert states == {"d0": eng.DeviceState.SUCCEEDED, "d1": eng.DeviceState.FAILED}
+    revision = store.desired("d1")[0]
+    assert store.desired("d1")[1][0].version == 1, "moved back to its baseline"
+
+    # The copies: in a later batch, and twice within one batch.
+    svc.handle_reports([rolled_back, healthy])
+    svc.handle_reports([healthy, healthy, rolled_back])
+    assert recorded() == once
+    assert {a.device_id: a.state for a in store.assignments("r1")} == states
+    assert store.desired("d1")[0] == revision, "no second move back"
+    # The device went back to v1 since (its presence says so): a late copy of its HEALTHY
+    # must not make the fleet believe it runs v2 again.
+    back = presence("d0", 2000)
+    store.upsert_presence(back)
+    assert store.device("d0").active_versions["digits"] == 1
+    svc.handle_reports([healthy])
+    assert store.device("d0").active_versions["digits"] == 1
+    outcome = store.apply_reports(
+        [ReportIn("d0", eng.ReportKind.HEALTHY, "digits", 2, "r1", report_id="h-1")], now=5.0
+    )
+    assert outcome[0].duplicate and not outcome[0].desired_changed
+    svc.close()

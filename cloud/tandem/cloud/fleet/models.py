@@ -194,3 +194,13 @@ class SeenSummaryRow(Base):
 
     summary_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     received_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class SeenReportRow(Base):
+    """Device report ids already applied: agents re-send a report until its PUBACK, so the
+    same report may arrive again (kept as long as telemetry)."""
+
+    __tablename__ = "reports_seen"
+
+    report_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    received_at: Mapped[float] = mapped_column(Float, index=True)

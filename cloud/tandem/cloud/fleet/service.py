@@ -600,6 +600,7 @@ class FleetService:
                     report.rollout_id,
                     report.variant,
                     report.reason,
+                    report.report_id,
                 )
             )
         if not parsed:
@@ -607,7 +608,9 @@ class FleetService:
         outcomes = self.store.apply_reports(parsed, self.clock())
         changed = []
         for r, outcome in zip(parsed, outcomes, strict=True):
-            if not outcome.known:
+            if outcome.duplicate:
+                log.debug("report %s from %s applied before: dropped", r.report_id, r.device_id)
+            elif not outcome.known:
                 log.warning("dropped report from unknown device %r", r.device_id)
             elif outcome.desired_changed:
                 changed.append(r.device_id)

@@ -33,7 +33,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -50,6 +50,7 @@ from .models import (
     EventRow,
     ModelRow,
     RolloutRow,
+    SeenReportRow,
     SeenSummaryRow,
     StageRow,
     TelemetryRow,
@@ -234,12 +235,14 @@ class ReportIn:
     rollout_id: str = ""
     variant: str = ""
     reason: str = ""
+    report_id: str = ""  # the agent's id; empty (older agents): applied without dedup
 
 
 @dataclass(frozen=True)
 class ReportOutcome:
     known: bool  # False: no such device (the report was dropped)
     desired_changed: bool  # the device was moved back to its baseline
+    duplicate: bool = False  # its report_id was applied before: nothing was done
 
 
 HARDWARE_ANY = "any"
@@ -406,6 +409,17 @@ def _aggregate_values(agg: Aggregate, now: float) -> dict[str, Any]:
 def _chunks(items: Sequence[Any], size: int = _IN_CHUNK) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _seen_ids(conn: Connection, column: Any, ids: Sequence[str]) -> set[str]:
+    """The ids among `ids` already in a seen-id table (`column`: its primary key). Telemetry
+    summaries and device reports are both at-least-once, deduplicated this way: the id is
+    looked up, and inserted in the same transaction as what it stands for; a replica
+    inserting the same id meanwhile fails the insert, and the caller's retry sees it."""
+    known: set[str] = set()
+    for part in _chunks(list(ids)):
+        known.update(conn.execute(select(column).where(column.in_(list(part)))).scalars())
+    return known
 
 
 # --- the store ----------------------------------------------------------------------------
@@ -1075,9 +1089,39 @@ class Store:
         return self.apply_reports([report], now)[0]
 
     def apply_reports(self, reports: Sequence[ReportIn], now: float) -> list[ReportOutcome]:
-        """Many reports in one transaction (in order)."""
+        """Many reports in one transaction (in order), each `report_id` once: a report
+        applied before (also by another replica) changes nothing and records no event."""
+        for attempt in range(3):
+            try:
+                return self._apply_reports_once(reports, now)
+            except ConflictError:
+                # Another replica applied one of these report ids (or registered one of
+                # these devices) meanwhile: the retry sees it.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _apply_reports_once(self, reports: Sequence[ReportIn], now: float) -> list[ReportOutcome]:
+        seen = cast(Table, SeenReportRow.__table__)
         with self.session() as s:
-            return [self._apply_report_in(s, r, now) for r in reports]
+            conn = s.connection()
+            done = _seen_ids(conn, seen.c.report_id, [r.report_id for r in reports if r.report_id])
+            fresh: list[str] = []
+            outcomes: list[ReportOutcome] = []
+            for r in reports:
+                if r.report_id and r.report_id in done:
+                    outcomes.append(ReportOutcome(True, desired_changed=False, duplicate=True))
+                    continue
+                outcome = self._apply_report_in(s, r, now)
+                if outcome.known and r.report_id:
+                    # Only once applied: a report from a device not registered yet is
+                    # dropped, and its re-send after the registration must still count.
+                    done.add(r.report_id)
+                    fresh.append(r.report_id)
+                outcomes.append(outcome)
+            if fresh:
+                conn.execute(insert(seen), [{"report_id": i, "received_at": now} for i in fresh])
+            return outcomes
 
     def _apply_report_in(self, s: Session, r_in: ReportIn, now: float) -> ReportOutcome:
         device_id, kind, model, version = r_in.device_id, r_in.kind, r_in.model, r_in.version
@@ -1250,11 +1294,7 @@ class Store:
         tel = cast(Table, TelemetryRow.__table__)
         with self.session() as s:
             conn = s.connection()
-            ids = [x.summary_id for x in summaries]
-            known: set[str] = set()
-            for part in _chunks(ids):
-                q = select(seen.c.summary_id).where(seen.c.summary_id.in_(list(part)))
-                known.update(conn.execute(q).scalars())
+            known = _seen_ids(conn, seen.c.summary_id, [x.summary_id for x in summaries])
             fresh = [x for x in summaries if x.summary_id not in known]
             if fresh:
                 # A replica inserting the same id meanwhile makes this fail: the caller retries
@@ -1360,8 +1400,8 @@ class Store:
             return int(rows), int(seen)
 
     def purge_telemetry(self, retention_s: float, now: float | None = None) -> int:
-        """Deletes aggregates whose window ended before the retention horizon, and the ids
-        ingested before it. Returns the number of aggregates deleted."""
+        """Deletes aggregates whose window ended before the retention horizon, and the
+        summary and report ids received before it. Returns the number of aggregates deleted."""
         now = now or time.time()
         horizon = now - retention_s
         with self.session() as s:
@@ -1372,6 +1412,9 @@ class Store:
                 )
             )
             s.execute(delete(SeenSummaryRow).where(SeenSummaryRow.received_at < horizon))
+            # Report ids go with the same horizon: an agent re-sends a report only while
+            # it lacks the PUBACK, far sooner than this.
+            s.execute(delete(SeenReportRow).where(SeenReportRow.received_at < horizon))
             return int(getattr(res, "rowcount", 0) or 0)
 
 
