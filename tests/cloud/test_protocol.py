@@ -4,6 +4,7 @@ error status, and that the server keeps serving after each error."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tandem.protos.inference import grpc_predict_v2_pb2 as pb
 from tests.cloud.conftest import (
+    TANDEM,
     DigitsReference,
     ServerProcess,
     http_get,
@@ -295,3 +297,30 @@ def test_metrics_and_access_log(server: ServerProcess) -> None:
     ok = [r for r in lines if r["model"] == "digits" and r["status"] == "OK"]
     assert ok and ok[-1]["protocol"] == "grpc" and ok[-1]["duration_ms"] >= 0
     assert any(r["status"] == "INVALID_ARGUMENT" for r in lines)
+
+
+def test_either_event_loop_serves(
+    server: ServerProcess,
+    test_repository: Path,
+    tmp_path: Path,
+    digits_reference: DigitsReference,
+) -> None:
+    """uvloop by default (it comes with the cloud extra), asyncio's own loop on request;
+    an unknown choice is refused by name before anything starts."""
+    assert "event loop uvloop" in server.log()
+    plain = start_server(test_repository, tmp_path, "--loop", "asyncio", "--model", "digits")
+    try:
+        assert "event loop asyncio" in plain.log()
+        x = pixels(3)
+        response = plain.stub().ModelInfer(infer_request("digits", x))
+        np.testing.assert_allclose(logits_of(response), digits_reference(x), rtol=1e-5, atol=1e-5)
+    finally:
+        assert plain.stop() == 0
+    refused = subprocess.run(
+        [str(TANDEM), "serve", "--repository", str(test_repository), "--loop", "trio"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0
+    assert "loop" in refused.stderr and "trio" in refused.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -60,10 +59,13 @@ def serve(
         list[str] | None, typer.Option("--model", help="Serve only this model (repeatable).")
     ] = None,
     access_log: Annotated[bool, typer.Option(help="One structured log line per request.")] = True,
+    loop: Annotated[
+        str, typer.Option(help="Event loop: auto (uvloop when installed), uvloop or asyncio.")
+    ] = "auto",
 ) -> None:
     """Serve a model repository over gRPC (Open Inference Protocol) and HTTP."""
     try:
-        from .server import run_server
+        from .server import serve_forever
     except ImportError as exc:  # fastapi, uvicorn, prometheus-client, grpcio-health-checking
         raise MissingDependencyError(exc.name or str(exc), "cloud", "tandem serve") from exc
 
@@ -88,4 +90,4 @@ def serve(
     )
     if not access_log:
         logging.getLogger("tandem.cloud.server.access").setLevel(logging.WARNING)
-    asyncio.run(run_server(config))
+    serve_forever(config, loop)
