@@ -49,6 +49,7 @@ protos: install
 
 ## Benchmarks, and the reliability suite's figures, recorded into bench/results/.
 bench: install
+	scripts/system-deps.sh --bench
 	$(BIN)/python -m pytest bench -p no:randomly
 	TANDEM_RECORD_RESULTS=1 OVERLOAD_SECONDS=60 $(BIN)/python -m pytest tests/reliability -q
 

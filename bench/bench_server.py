@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from loadgen import LoadResult, check_once, run_load  # noqa: E402
+from loadgen import LoadResult, check_once, h2load_available, run_h2load, run_load  # noqa: E402
 
 from tandem.protos.inference import grpc_predict_v2_pb2 as pb  # noqa: E402
 from tests.support.processes import free_port, stop_process, wait_for_port, wait_until  # noqa: E402
@@ -57,6 +57,11 @@ THREADS = max(1, (os.cpu_count() or 1) - 1)
 WORK = ROOT / "build" / "bench-server"
 ZOO = ROOT / "build" / "test-zoo"
 MLSERVER_VENV = ROOT / "build" / "venvs" / "mlserver"
+# The load generator: nghttp2's h2load (C; `make bench` installs Debian's nghttp2-client), or
+# bench/loadgen.py's asyncio gRPC client with BENCH_LOADGEN=python. On 2 cores the Python
+# client takes about as much CPU per call as the server under test, which caps every server
+# at the same low rate and adds its own scheduling delays to every latency.
+LOADGEN = os.environ.get("BENCH_LOADGEN", "h2load")
 DURATION = float(os.environ.get("BENCH_DURATION", "5"))  # seconds per round
 WARMUP = float(os.environ.get("BENCH_WARMUP", "2"))
 CONCURRENCY = 64
@@ -202,14 +207,20 @@ async def main(port):
     await server.wait_for_termination()
 
 RESPONSE = bytes.fromhex(sys.argv[2])
-asyncio.run(main(int(sys.argv[1])))
+try:  # the event loop tandem serve runs on by default
+    import uvloop
+except ImportError:
+    asyncio.run(main(int(sys.argv[1])))
+else:
+    uvloop.run(main(int(sys.argv[1])))
 """
 
 
 @contextmanager
 def noop_server() -> Iterator[str]:
     """A grpc.aio server that answers ModelInfer with a fixed response and does nothing else:
-    the ceiling any Python asyncio gRPC server reaches on this machine with this client."""
+    the ceiling any Python asyncio gRPC server reaches on this machine with this client
+    (on uvloop when installed, as `tandem serve`)."""
     response = pb.ModelInferResponse(model_name="digits", model_version="1")
     response.outputs.add(name="logits", datatype="FP32", shape=[1, 10])
     response.raw_output_contents.append(bytes(40))
@@ -369,13 +380,27 @@ class Case:
         return pooled
 
 
+def load(target: str, payload: bytes, **kwargs: Any) -> LoadResult:
+    """One measurement with the chosen load generator (`LOADGEN`)."""
+    if LOADGEN == "python":
+        return run_load(target, payload, **kwargs)
+    if LOADGEN != "h2load":
+        raise ValueError(f"BENCH_LOADGEN must be h2load or python, not {LOADGEN!r}")
+    if not h2load_available():
+        raise RuntimeError(
+            "h2load not found: install Debian's nghttp2-client (`make bench` does), "
+            "or set BENCH_LOADGEN=python"
+        )
+    return run_h2load(target, payload, **kwargs)
+
+
 def interleaved(cases: list[Case]) -> list[Case]:
     for case in cases:
         check_once(case.target, case.payload)
     for index in range(ROUNDS):
         for case in cases if index % 2 == 0 else list(reversed(cases)):
             case.rounds.append(
-                run_load(
+                load(
                     case.target,
                     case.payload,
                     rows_per_request=case.rows,
@@ -414,11 +439,18 @@ def header(title: str) -> list[str]:
         f"{os.cpu_count()} CPUs; python {platform.python_version()}; no GPU",
         f"# load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}: other engineers' "
         "builds and tests share these 2 cores, so absolute figures are noisy",
-        f"# load generator: bench/loadgen.py (asyncio gRPC, same 2 cores, loopback); "
+        f"# load generator: {LOADGEN_NAMES[LOADGEN]}, same {os.cpu_count()} cores, loopback; "
         f"{ROUNDS} interleaved rounds of {DURATION:.0f} s after {WARMUP:.0f} s warm-up each; "
         "req/s = median round, percentiles over all rounds",
         "",
     ]
+
+
+PACING = {"h2load": "constant pace", "python": "Poisson arrivals"}
+LOADGEN_NAMES = {
+    "h2load": "h2load (nghttp2, C) through bench/loadgen.py run_h2load, every answer checked",
+    "python": "bench/loadgen.py (asyncio gRPC client)",
+}
 
 
 def write(name: str, lines: list[str]) -> Path:
@@ -477,7 +509,7 @@ def bench_batching() -> dict[str, Any]:
             ]
         )
         saturation = on.median_rps
-        half = run_load(
+        half = load(
             target,
             digits_payload("digits"),
             rate=saturation / 2,
@@ -498,15 +530,15 @@ def bench_batching() -> dict[str, Any]:
         f"throughput ratio batching/off: {ratio:.2f}x (target >= 4x: "
         f"{'met' if ratio >= 4 else 'MISSED'})",
         case_line(ceiling),
+        f"# bound: batching saves compute, never the per-request cost of gRPC in the server and"
+        f" the client, so no batching can beat the no-op server here: at most "
+        f"{ceiling.median_rps / off.median_rps:.2f}x over batching off on this machine",
         f"# onnxruntime alone, CPU time per row: batch 1 {cpu_1:.0f} us, batch 64 "
-        f"{cpu_64:.0f} us; at the no-op ceiling one gRPC round trip takes "
+        f"{cpu_64:.0f} us; one no-op gRPC call at the ceiling takes "
         f"{(os.cpu_count() or 1) * 1e6 / ceiling.median_rps:.0f} us of this machine's CPU "
-        "(client + server, shared with other work)",
-        "# When batching off is already close to the no-op ceiling, the model is not the"
-        " bottleneck (the per-request gRPC cost in server and client is), and batching"
-        " cannot multiply throughput on this machine.",
+        "(server and load generator together)",
         "",
-        line(f"open loop (Poisson) at half saturation, {saturation / 2:.0f} req/s", half),
+        line(f"open loop ({PACING[LOADGEN]}) at half saturation, {saturation / 2:.0f} req/s", half),
         f"p99/p50 at half saturation: {tail:.2f} (target <= 3: {'met' if tail <= 3 else 'MISSED'})",
     ]
     write("server_batching.txt", lines)

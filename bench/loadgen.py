@@ -18,16 +18,23 @@ import json
 import math
 import multiprocessing
 import random
+import re
+import shutil
 import statistics
+import struct
+import subprocess
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc import aio
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+H2LOAD_TIMEOUT_S = 900
 
 
 @dataclass
@@ -260,6 +267,115 @@ def run_load(
         errors.update(errs)
     result.errors = dict(errors)
     return result
+
+
+def h2load_available() -> bool:
+    return shutil.which("h2load") is not None
+
+
+def call_raw(target: str, payload: bytes, metadata: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """Sends the payload once and returns the response message's bytes as they came."""
+    _check_loopback(target)
+    with grpc.insecure_channel(target) as channel:
+        raw: bytes = channel.unary_unary(METHOD)(payload, metadata=metadata or None, timeout=30)
+    return raw
+
+
+def _h2load(args: list[str]) -> str:
+    proc = subprocess.run(
+        ["h2load", *args], capture_output=True, text=True, timeout=H2LOAD_TIMEOUT_S, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"h2load failed ({proc.returncode}): {proc.stderr or proc.stdout}")
+    return proc.stdout
+
+
+def run_h2load(
+    target: str,
+    payload: bytes,
+    *,
+    rows_per_request: int = 1,
+    concurrency: int = 64,
+    rate: float | None = None,
+    duration_s: float = 10.0,
+    warmup_s: float = 2.0,
+    connections: int | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> LoadResult:
+    """The same measurement as `run_load`, made by nghttp2's h2load (C, Debian package
+    nghttp2-client), which spends a fraction of the CPU per call that a Python gRPC client
+    does: on a small machine the load generator shares the cores with the server under test.
+
+    A gRPC unary call is an HTTP/2 POST of one length-prefixed message, so h2load can send it.
+    h2load does not read gRPC trailers, so every call is checked by its answer's size: an error
+    is a trailers-only response with no body, and each successful answer carries exactly the
+    bytes of the answer to one checked call (`call_raw`). A run of N requests (`-n`, counted
+    from the warm-up's rate for the closed loop) must return N such answers, or it raises.
+    Closed loop: `connections` connections (default: 4, at most `concurrency`) with
+    concurrency / connections streams each.
+    Open loop: `connections` clients sending at rate / connections each, at a constant pace
+    (h2load's --rps), with enough streams that they never wait for an answer to send.
+    """
+    _check_loopback(target)
+    if duration_s <= 0 or duration_s > 600:
+        raise ValueError("duration_s must be in (0, 600]")
+    connections = connections or min(4, concurrency)
+    answer = call_raw(target, payload, metadata)
+    frame = 5 + len(answer)  # gRPC message prefix: 1 flag byte, 4 length bytes
+    with tempfile.TemporaryDirectory(prefix="h2load-") as tmp:
+        body = Path(tmp) / "request.bin"
+        body.write_bytes(b"\0" + struct.pack(">I", len(payload)) + payload)
+        url = f"http://{target}{METHOD}"
+        common = ["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        for key, value in metadata:
+            common += ["-H", f"{key}: {value}"]
+        if rate is None:
+            streams = max(1, concurrency // connections)
+            shape = ["-c", str(connections), "-m", str(streams)]
+            warm = _h2load([*shape, "-D", f"{max(warmup_s, 0.5) * 1000:.0f}ms", *common, url])
+            requests = max(200, round(_finished(warm)[1] * duration_s))
+        else:
+            per_client = rate / connections
+            streams = max(64, concurrency)
+            shape = ["-c", str(connections), "-m", str(streams), f"--rps={per_client:.3f}"]
+            if warmup_s > 0:
+                _h2load([*shape, "-D", f"{warmup_s * 1000:.0f}ms", *common, url])
+            requests = max(connections, round(rate * duration_s))
+        log = Path(tmp) / "requests.log"
+        out = _h2load([*shape, "-n", str(requests), "--log-file", str(log), *common, url])
+        elapsed, _ = _finished(out)
+        data = _traffic_data_bytes(out)
+        latencies = [int(row.split("\t")[2]) / 1e3 for row in log.read_text().splitlines()]
+    if data != requests * frame or len(latencies) != requests:
+        raise RuntimeError(
+            f"h2load: {requests} requests to {target} got {data / frame:.1f} answers of "
+            f"{frame} bytes and {len(latencies)} logged: some calls failed"
+        )
+    return LoadResult(
+        mode="closed" if rate is None else "open",
+        concurrency=concurrency,
+        target_rate=rate,
+        duration_s=elapsed,
+        requests=requests,
+        rows_per_request=rows_per_request,
+        latencies_ms=latencies,
+    )
+
+
+def _finished(out: str) -> tuple[float, float]:
+    """(seconds, requests/s) from h2load's `finished in 5.00s, 2573.80 req/s, ...` line."""
+    match = re.search(r"finished in ([\d.]+)(ms|s), ([\d.]+) req/s", out)
+    if match is None:
+        raise RuntimeError(f"h2load printed no summary:\n{out}")
+    scale = 1e-3 if match.group(2) == "ms" else 1.0
+    return float(match.group(1)) * scale, float(match.group(3))
+
+
+def _traffic_data_bytes(out: str) -> int:
+    match = re.search(r"traffic: .*?\((\d+)\) data", out)
+    if match is None:
+        raise RuntimeError(f"h2load printed no traffic line:\n{out}")
+    return int(match.group(1))
 
 
 def check_once(target: str, payload: bytes, metadata: tuple[tuple[str, str], ...] = ()) -> Any:
