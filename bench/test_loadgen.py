@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import h2load_available, run_h2load  # noqa: E402
+from loadgen import h2load_available, run_h2load
 
 pytestmark = pytest.mark.skipif(not h2load_available(), reason="h2load (nghttp2-client) missing")
 
