@@ -237,15 +237,19 @@ def noop_server() -> Iterator[str]:
         stop_process(proc, timeout=10)
 
 
+MLSERVER_VENV_CHECK = (
+    "import mlserver, onnxruntime, uvloop; "
+    "assert tuple(map(int, uvloop.__version__.split('.')[:2])) < (0, 22)"
+)
+
+
 def ensure_mlserver() -> Path:
     """build/venvs/mlserver with mlserver 1.7 and onnxruntime (created once, then reused)."""
     exe = MLSERVER_VENV / "bin" / "mlserver"
     python = MLSERVER_VENV / "bin" / "python"
     if (
         exe.exists()
-        and subprocess.run(
-            [str(python), "-c", "import mlserver, onnxruntime"], capture_output=True
-        ).returncode
+        and subprocess.run([str(python), "-c", MLSERVER_VENV_CHECK], capture_output=True).returncode
         == 0
     ):
         return exe
@@ -259,6 +263,9 @@ def ensure_mlserver() -> Path:
             "-q",
             "--disable-pip-version-check",
             "mlserver==1.7.*",
+            # MLServer 1.7's parallel workers call asyncio.get_event_loop() with no loop set,
+            # which uvloop 0.22 turned into an error: its inference pool never starts.
+            "uvloop<0.22",
             "onnxruntime",
             "numpy",
         ],
