@@ -90,8 +90,9 @@ def digits_torchscript(path: Path) -> None:
 
 
 def digits_openvino(onnx_path: Path, xml_path: Path) -> None:
-    import openvino as ov
+    from tandem.sdk.runtimes.openvino import import_openvino
 
+    ov = import_openvino()
     xml_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
 

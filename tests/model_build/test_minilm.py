@@ -80,8 +80,9 @@ def _onnx_embedder(path: Path) -> Embed:
 
 
 def _openvino_embedder(xml: Path) -> Embed:
-    import openvino as ov
+    from tandem.sdk.runtimes.openvino import import_openvino
 
+    ov = import_openvino()
     # f32 like the build's runner, the SDK and the server (bf16 CPUs default to bf16).
     compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     return lambda feed: np.asarray(compiled(feed)[compiled.output(0)])

@@ -221,8 +221,9 @@ def _build(out: Path, versions: tuple[int, ...]) -> None:
         temperature = _fit_temperature(val_logits, y_val)
         ref_x = x_val[:16]
 
-        import openvino as ov
+        from tandem.sdk.runtimes.openvino import import_openvino
 
+        ov = import_openvino()
         ov_model = ov.convert_model(str(fp32))
         ov.save_model(ov_model, str(vdir / "model.xml"), compress_to_fp16=False)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 HEAVY = (
     "torch",
@@ -31,3 +33,29 @@ def test_importing_the_sdk_pulls_no_heavy_package() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_openvino_loads_without_phoning_home(tmp_path: Path) -> None:
+    """`import openvino` sends a usage event to Google Analytics from a forked process unless
+    the user opted out (openvino_telemetry). tandem's every import of it goes through
+    import_openvino, which keeps that module out: no fork, nothing sent. A fresh HOME (no
+    opt-out file) and no CI variables (which would silence it) make the test meaningful."""
+    code = (
+        "import os, sys, time\n"
+        "forks = []\n"
+        "os.register_at_fork(before=lambda: forks.append(1))\n"
+        "from tandem.sdk.runtimes.openvino import OpenVINORuntime\n"
+        "ov = OpenVINORuntime.import_package()\n"
+        "ov.Core().available_devices\n"
+        "import nncf\n"
+        "time.sleep(1.0)\n"  # the telemetry thread forks shortly after the import
+        "print(len(forks), sys.modules.get('openvino_telemetry', 'absent'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    env["HOME"] = str(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "None"]
+    assert not (tmp_path / "intel").exists()  # no client id written either

@@ -59,6 +59,7 @@ from tandem.cloud.build.packaging import (
 )
 from tandem.cloud.build.runners import Runner, load_runner, median_latency_ms, run_batched
 from tandem.sdk.artifacts import TensorSpec
+from tandem.sdk.runtimes.openvino import import_openvino
 
 log = logging.getLogger(__name__)
 
@@ -530,8 +531,7 @@ def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration_rows: Array)
 
 def export_openvino_fp32(onnx_path: Path, out_dir: Path) -> Path:
     """OpenVINO IR at full FP32 precision (no FP16 weight compression); returns the .xml."""
-    import openvino as ov
-
+    ov = import_openvino()
     out_dir.mkdir(parents=True, exist_ok=True)
     xml = out_dir / "model.xml"
     try:
@@ -543,8 +543,8 @@ def export_openvino_fp32(onnx_path: Path, out_dir: Path) -> Path:
 
 def quantize_openvino_int8(fp32_onnx: Path, out_dir: Path, calibration_rows: Array) -> Path:
     """OpenVINO IR INT8 via NNCF post-training quantization; returns the .xml path."""
+    ov = import_openvino()  # first: it keeps NNCF's telemetry off too
     import nncf
-    import openvino as ov
 
     out_dir.mkdir(parents=True, exist_ok=True)
     xml = out_dir / "model.xml"

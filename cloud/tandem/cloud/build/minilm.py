@@ -68,6 +68,7 @@ from tandem.cloud.build.packaging import (
 from tandem.cloud.build.runners import load_runner
 from tandem.errors import ConfigError
 from tandem.sdk.artifacts import TensorSpec
+from tandem.sdk.runtimes.openvino import import_openvino
 
 log = logging.getLogger(__name__)
 
@@ -455,8 +456,8 @@ def quantize_openvino(
 ) -> None:
     """OpenVINO IR in FP32 (the speed baseline) and INT8 via NNCF post-training quantization."""
     try:
+        ov = import_openvino()  # first: it keeps NNCF's telemetry off too
         import nncf
-        import openvino as ov
     except ImportError as exc:
         raise ModelUnavailableError(
             f"minilm needs {exc.name}, which is not installed: pip install 'tandem[build]'"

@@ -19,6 +19,7 @@ import numpy as np
 
 from tandem.cloud.build.errors import ExportError
 from tandem.errors import MissingDependencyError
+from tandem.sdk.runtimes.openvino import import_openvino
 
 Array = np.ndarray[Any, Any]
 Runner = Callable[[Mapping[str, Array]], dict[str, Array]]
@@ -65,7 +66,7 @@ def _openvino(
     path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...], threads: int
 ) -> Runner:
     try:
-        import openvino as ov
+        ov = import_openvino()
     except ImportError as exc:
         raise MissingDependencyError("openvino", "openvino", "OpenVINO variants") from exc
     # f32 precision hint: on CPUs with bf16 units OpenVINO otherwise computes in bf16, and

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from tandem.errors import MissingDependencyError
+from tandem.sdk.runtimes.openvino import import_openvino
 
 from .config import ModelConfig
 from .errors import BackendError
@@ -150,7 +151,7 @@ class OpenVinoBackend(Backend):
     def __init__(self, config: ModelConfig, path: Path) -> None:
         super().__init__(config, path)
         try:
-            import openvino as ov
+            ov = import_openvino()
         except ImportError as exc:
             raise MissingDependencyError("openvino", "openvino", "the openvino backend") from exc
         core = ov.Core()

@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from tandem.errors import RuntimeBackendError
+from tandem.errors import MissingDependencyError, RuntimeBackendError
 from tandem.sdk.artifacts import Manifest
 from tandem.sdk.runtimes.base import Arrays, Runtime, register_runtime
+
+
+def import_openvino() -> ModuleType:
+    """`openvino`, imported without its usage telemetry. Every tandem import of it goes here.
+
+    `import openvino` (and NNCF, and `convert_model`) sends a usage event to Google
+    Analytics through openvino_telemetry, on unless the user opted out, from a child process
+    it forks. On a device that is a network call nobody asked for; and a fork in a process
+    with other threads running (MQTT, runtimes, JAX in the build) can leave the child
+    deadlocked on a lock it copied, which the parent then waits for at exit, deaf to SIGTERM:
+    how the demo's device process once hung at shutdown. OpenVINO and NNCF fall back to
+    no-op stubs when openvino_telemetry cannot be imported, so a None entry in sys.modules
+    makes it unimportable first, unless something imported it already.
+    """
+    sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+    return importlib.import_module("openvino")
+
 
 # One Core per process, created and used for loading under one lock. In the demo's device
 # process two agents warmed up OpenVINO models at the same moment (each creating its first
@@ -42,6 +62,13 @@ class OpenVINORuntime(Runtime):
         self.device = device
         self._local = threading.local()
         self._ports = [compiled.output(i) for i in range(len(compiled.outputs))]
+
+    @classmethod
+    def import_package(cls) -> ModuleType:
+        try:
+            return import_openvino()
+        except ImportError as exc:
+            raise MissingDependencyError("openvino", cls.extra, "the openvino runtime") from exc
 
     @classmethod
     def devices(cls) -> tuple[str, ...]:
