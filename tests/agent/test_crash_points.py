@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,9 +119,9 @@ def _offer(built: BuiltVariant) -> Offer:
     )
 
 
-def test_a_kill_at_any_write_of_an_activation_still_ends_healthy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _v1_active_v2_installed(tmp_path: Path) -> tuple[Signer, BuiltVariant, Path]:
+    """(signer, v2, store): a store running v1 with v2 verified and installed beside it, not
+    yet switched to (where a kill "during activation" finds it)."""
     signer = Signer.create(tmp_path / "keys")
     v1 = build_variant(tmp_path / "zoo", signer, version=1)
     v2 = build_variant(tmp_path / "zoo", signer, version=2)
@@ -128,21 +130,37 @@ def test_a_kill_at_any_write_of_an_activation_still_ends_healthy(
     ModelStore(store).write_active(
         "digits", ActivePointer(version=1, variant="onnx-int8", max_accepted_version=2)
     )
-    _install(store, v2)  # the kill "during activation": installed, not yet switched to
+    _install(store, v2)
+    return signer, v2, store
 
+
+@contextlib.contextmanager
+def _snapshot_every_write(
+    store: Path, into: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[list[Path]]:
+    """Copies the store after each durable write (the pointer, the agent's state.json)
+    while the block runs: each copy is the disk a kill at that point leaves behind."""
     snapshots: list[Path] = []
     write_atomic = tandem.sdk.store.write_atomic
 
     def write_then_snapshot(path: Path, data: bytes) -> None:
         write_atomic(path, data)
-        snapshot = tmp_path / f"kill-{len(snapshots)}"
+        snapshot = into / f"kill-{len(snapshots)}"
         shutil.copytree(store, snapshot)
         snapshots.append(snapshot)
 
-    first, first_broker = _agent(store, signer)
     with monkeypatch.context() as patch:
-        patch.setattr(tandem.sdk.store, "write_atomic", write_then_snapshot)  # the pointer
-        patch.setattr(tandem.agent.state, "write_atomic", write_then_snapshot)  # state.json
+        patch.setattr(tandem.sdk.store, "write_atomic", write_then_snapshot)
+        patch.setattr(tandem.agent.state, "write_atomic", write_then_snapshot)
+        yield snapshots
+
+
+def test_a_kill_at_any_write_of_an_activation_still_ends_healthy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signer, v2, store = _v1_active_v2_installed(tmp_path)
+    first, first_broker = _agent(store, signer)
+    with _snapshot_every_write(store, tmp_path, monkeypatch) as snapshots:
         asyncio.run(_desired(first, _offer(v2), settle=False))  # activation only
     assert first_broker.reports == [("ACTIVATED", 2)]
     assert len(snapshots) >= 2, "the activation wrote the pointer and the agent state"
@@ -163,32 +181,13 @@ def test_a_kill_at_any_write_of_an_activation_still_ends_healthy(
 def test_a_kill_at_any_write_of_a_rollback_still_ends_on_the_old_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    signer = Signer.create(tmp_path / "keys")
-    v1 = build_variant(tmp_path / "zoo", signer, version=1)
-    v2 = build_variant(tmp_path / "zoo", signer, version=2)
-    store = tmp_path / "store"
-    _install(store, v1)
-    ModelStore(store).write_active(
-        "digits", ActivePointer(version=1, variant="onnx-int8", max_accepted_version=2)
-    )
-    _install(store, v2)
+    signer, v2, store = _v1_active_v2_installed(tmp_path)
     first, first_broker = _agent(store, signer)
     asyncio.run(_desired(first, _offer(v2), settle=False))
     # The app's telemetry says v2 fails half of its requests: the window ends unhealthy.
     first._watches["digits"].health.observe_summary("digits", 2, requests=40, errors=20)
 
-    snapshots: list[Path] = []
-    write_atomic = tandem.sdk.store.write_atomic
-
-    def write_then_snapshot(path: Path, data: bytes) -> None:
-        write_atomic(path, data)
-        snapshot = tmp_path / f"kill-{len(snapshots)}"
-        shutil.copytree(store, snapshot)
-        snapshots.append(snapshot)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(tandem.sdk.store, "write_atomic", write_then_snapshot)
-        patch.setattr(tandem.agent.state, "write_atomic", write_then_snapshot)
+    with _snapshot_every_write(store, tmp_path, monkeypatch) as snapshots:
         asyncio.run(_desired(first, _offer(v2)))
     assert first_broker.reports == [("ACTIVATED", 2), ("ROLLED_BACK", 2)]
     assert len(snapshots) >= 2, "the rollback wrote the agent state and the pointer"
@@ -229,15 +228,7 @@ def test_a_report_the_broker_never_acknowledged_is_sent_again_after_a_restart(
     """HEALTHY saved on disk, published, but no PUBACK before the kill: without an outbox
     the restarted agent finds v2 active and healthy and never says so again, and a rollout
     waits for it forever."""
-    signer = Signer.create(tmp_path / "keys")
-    v1 = build_variant(tmp_path / "zoo", signer, version=1)
-    v2 = build_variant(tmp_path / "zoo", signer, version=2)
-    store = tmp_path / "store"
-    _install(store, v1)
-    ModelStore(store).write_active(
-        "digits", ActivePointer(version=1, variant="onnx-int8", max_accepted_version=2)
-    )
-    _install(store, v2)
+    signer, v2, store = _v1_active_v2_installed(tmp_path)
 
     first, unacked = _agent(store, signer, acks=False)
     asyncio.run(_desired(first, _offer(v2)))
@@ -270,31 +261,12 @@ def test_a_kill_after_a_rollback_moved_the_pointer_still_reports_it(
 ) -> None:
     """Every disk a kill inside a rollback can leave: ROLLED_BACK reaches the fleet from
     one of the two runs (or is waiting in the outbox the restart sends from)."""
-    signer = Signer.create(tmp_path / "keys")
-    v1 = build_variant(tmp_path / "zoo", signer, version=1)
-    v2 = build_variant(tmp_path / "zoo", signer, version=2)
-    store = tmp_path / "store"
-    _install(store, v1)
-    ModelStore(store).write_active(
-        "digits", ActivePointer(version=1, variant="onnx-int8", max_accepted_version=2)
-    )
-    _install(store, v2)
+    signer, v2, store = _v1_active_v2_installed(tmp_path)
     first, _ = _agent(store, signer, acks=False)
     asyncio.run(_desired(first, _offer(v2), settle=False))
     first._watches["digits"].health.observe_summary("digits", 2, requests=40, errors=20)
 
-    snapshots: list[Path] = []
-    write_atomic = tandem.sdk.store.write_atomic
-
-    def write_then_snapshot(path: Path, data: bytes) -> None:
-        write_atomic(path, data)
-        snapshot = tmp_path / f"kill-{len(snapshots)}"
-        shutil.copytree(store, snapshot)
-        snapshots.append(snapshot)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(tandem.sdk.store, "write_atomic", write_then_snapshot)
-        patch.setattr(tandem.agent.state, "write_atomic", write_then_snapshot)
+    with _snapshot_every_write(store, tmp_path, monkeypatch) as snapshots:
         asyncio.run(_desired(first, _offer(v2)))
     assert len(snapshots) >= 3, "failure mark, pointer back, window end with its report"
 
