@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from tests.agent.artifacts import Signer
 from tests.agent.fleet_double import FleetDouble
+from tests.support.agent import agent_argv
 from tests.support.mosquitto import Broker
 from tests.support.processes import stop_process
 
@@ -32,7 +32,6 @@ pattern write tandem/v1/devices/%u/reports
 pattern write tandem/v1/devices/%u/telemetry
 pattern write tandem/v1/devices/%u/chunks/request
 """
-TANDEM = str(Path(sys.executable).with_name("tandem"))
 
 
 @pytest.fixture
@@ -63,36 +62,16 @@ class AgentProcess:
     proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        return [
-            TANDEM,
-            "agent",
-            "run",
-            "--device-id",
+        return agent_argv(
             self.device_id,
-            "--broker",
             self.broker.url,
-            "--username",
-            self.device_id,
-            "--password",
             USERS[self.device_id],
-            "--store",
-            str(self.store),
-            "--trusted-key",
-            str(self.trusted_key),
-            "--tag",
-            "site=lab",
-            "--tag",
-            "ring=canary",
-            "--health-window",
-            "1.5",
-            "--health-probe-interval",
-            "0.5",
-            "--stall-timeout",
-            "2",
-            "--telemetry-interval",
-            "0.5",
-            *self.extra,
-        ]
+            self.store,
+            self.trusted_key,
+            tags=("site=lab", "ring=canary"),
+            stall_timeout=2,
+            extra=self.extra,
+        )
 
     def start(self) -> AgentProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.agent.artifacts import Signer, build_variant
+from tests.support.agent import agent_argv
 from tests.support.processes import stop_process, wait_until
 
 pytest.importorskip("tandem.cloud.fleet.service")
@@ -29,7 +29,6 @@ from tests.fleet.conftest import (
 )
 
 __all__ = ["fleet_service", "generated_broker"]  # fixtures, used by name
-TANDEM = str(Path(sys.executable).with_name("tandem"))
 # device -> its runtimes, in its order of preference
 DEVICES = {"dev-a": ["onnx"], "dev-b": ["openvino"], "dev-c": ["openvino", "onnx"]}
 VARIANT_OF = {"onnx": "onnx-int8", "openvino": "openvino-fp32"}
@@ -60,32 +59,17 @@ def agents(
         with (tmp_path / f"agent-{device}.log").open("wb") as log:
             procs.append(
                 subprocess.Popen(
-                    [
-                        TANDEM,
-                        "agent",
-                        "run",
-                        "--device-id",
+                    agent_argv(
                         device,
-                        "--broker",
                         broker.url,
-                        "--username",
-                        device,
-                        "--password",
                         broker.written.device_passwords[device],
-                        "--store",
-                        str(stores[device]),
-                        "--trusted-key",
-                        str(zoo / "keys/signing.pub"),
-                        "--tag",
-                        "site=lab",
-                        *[arg for rt in DEVICES[device] for arg in ("--runtime", rt)],
-                        "--health-window",
-                        "1",
-                        "--health-probe-interval",
-                        "0.3",
-                        "--telemetry-interval",
-                        "0.5",
-                    ],
+                        stores[device],
+                        zoo / "keys/signing.pub",
+                        runtimes=DEVICES[device],
+                        health_window=1,
+                        health_probe_interval=0.3,
+                        telemetry_interval=0.5,
+                    ),
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,

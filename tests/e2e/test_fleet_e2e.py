@@ -29,6 +29,7 @@ from tests.fleet.conftest import (
     generated_broker,
     wait_devices,
 )
+from tests.support.agent import agent_argv
 from tests.support.processes import free_port, stop_process, wait_for_port, wait_until
 
 __all__ = ["fleet_service", "generated_broker"]  # fixtures, used by name
@@ -115,33 +116,14 @@ def fleet(
         for device, runtime in RUNTIMES.items():
             procs.append(
                 subprocess.Popen(
-                    [
-                        TANDEM,
-                        "agent",
-                        "run",
-                        "--device-id",
+                    agent_argv(
                         device,
-                        "--broker",
                         broker.url,
-                        "--username",
-                        device,
-                        "--password",
                         broker.written.device_passwords[device],
-                        "--store",
-                        str(stores[device]),
-                        "--trusted-key",
-                        str(story.public_key),
-                        "--tag",
-                        "site=lab",
-                        "--runtime",
-                        runtime,
-                        "--health-window",
-                        "1.5",
-                        "--health-probe-interval",
-                        "0.5",
-                        "--telemetry-interval",
-                        "0.5",
-                    ],
+                        stores[device],
+                        story.public_key,
+                        runtimes=(runtime,),
+                    ),
                     stdout=(tmp_path / f"agent-{device}.log").open("wb"),
                     stderr=subprocess.STDOUT,
                     start_new_session=True,

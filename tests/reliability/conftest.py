@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.agent.artifacts import Signer, build_variant
-from tests.agent.conftest import TANDEM, AgentProcess, agent_factory, fleet, fleet_broker, signer
+from tests.agent.conftest import AgentProcess, agent_factory, fleet, fleet_broker, signer
 from tests.cloud.conftest import teacher
 from tests.fleet.conftest import GeneratedBroker, fleet_service, generated_broker
 from tests.sdk.conftest import artifacts, models, test_set
+from tests.support.agent import agent_argv
 from tests.support.figures import Figures, results_path
 
 __all__ = [  # fixtures, used by name
@@ -49,22 +50,19 @@ class FleetAgent(AgentProcess):
     password: str = ""
 
     def argv(self) -> list[str]:
-        return [
-            TANDEM, "agent", "run",
-            "--device-id", self.device_id,
-            "--broker", self.broker.url,
-            "--username", self.device_id,
-            "--password", self.password,
-            "--store", str(self.store),
-            "--trusted-key", str(self.trusted_key),
-            "--tag", "site=lab",
-            "--runtime", "onnx",
-            "--health-window", "1",
-            "--health-probe-interval", "0.3",
-            "--stall-timeout", "2",
-            "--telemetry-interval", "0.3",
-            *self.extra,
-        ]  # fmt: skip
+        return agent_argv(
+            self.device_id,
+            self.broker.url,
+            self.password,
+            self.store,
+            self.trusted_key,
+            runtimes=("onnx",),
+            health_window=1,
+            health_probe_interval=0.3,
+            telemetry_interval=0.3,
+            stall_timeout=2,
+            extra=self.extra,
+        )
 
 
 @pytest.fixture
