@@ -104,44 +104,26 @@ def test_store_ingest(benchmark: Any, store: Store) -> None:
 
 
 def test_service_process_ingest_over_mqtt(tmp_path: Path) -> None:
-    from tandem.cloud.fleet.broker_config import BrokerConfig, write_broker_config
-    from tests.fleet.conftest import TANDEM, TOKEN, GeneratedBroker, ServiceProcess
+    from tests.fleet.conftest import GeneratedBroker, ServiceProcess, fleet_serve_argv
     from tests.fleet.sim import SimFleet
     from tests.support.processes import free_port, wait_until
 
     n_devices, per_message, messages_per_device = 200, 20, 25
     total = n_devices * per_message * messages_per_device
     ids = [f"dev-{i:04d}" for i in range(n_devices)]
-    port = free_port()
-    written = write_broker_config(
-        BrokerConfig(tmp_path / "broker", "127.0.0.1", port, persistence=False), ids
-    )
-    broker = GeneratedBroker("127.0.0.1", port, tmp_path / "broker", written)
-    broker.start()
+    broker = GeneratedBroker.started(tmp_path / "broker", ids)
+    written = broker.written
     db = tmp_path / "fleet.db"
     rest_port = free_port()
     svc = ServiceProcess(
-        [
-            TANDEM,
-            "fleet",
-            "serve",
-            "--broker",
-            broker.url,
-            "--username",
-            "tandem-fleet",
-            "--password-file",
-            str(written.fleet_password_file),
-            "--client-id",
-            "bench-ingest",
-            "--db",
-            f"sqlite:///{db}",
-            "--artifacts",
-            str(tmp_path / "arts"),
-            "--rest-port",
-            str(rest_port),
-            "--api-token",
-            f"bench:{TOKEN}",
-        ],
+        fleet_serve_argv(
+            broker,
+            client_id="bench-ingest",
+            db=f"sqlite:///{db}",
+            artifacts=tmp_path / "arts",
+            rest_port=rest_port,
+            token_user="bench",
+        ),
         rest_port,
         tmp_path / "service.log",
     )

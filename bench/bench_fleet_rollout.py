@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.fleet.conftest import TANDEM, TOKEN, GeneratedBroker, ServiceProcess  # noqa: E402
+from tests.fleet.conftest import GeneratedBroker, ServiceProcess, fleet_serve_argv  # noqa: E402
 from tests.fleet.helpers import fake_zoo  # noqa: E402
 from tests.support.processes import free_port, wait_until  # noqa: E402
 
@@ -54,45 +54,24 @@ def _run_sim(host: str, port: int, creds: dict[str, str], ready: Any, stop: Any)
 
 
 def test_rollout_1000_devices_under_90s(benchmark: Any, tmp_path: Path) -> None:
-    from tandem.cloud.fleet.broker_config import BrokerConfig, write_broker_config
 
     device_ids = [f"sim-{i:04d}" for i in range(DEVICES)]
-    port = free_port()
-    written = write_broker_config(
-        BrokerConfig(tmp_path / "broker", "127.0.0.1", port, persistence=False), device_ids
-    )
-    broker = GeneratedBroker("127.0.0.1", port, tmp_path / "broker", written)
-    broker.start()
+    broker = GeneratedBroker.started(tmp_path / "broker", device_ids)
+    port, written = broker.port, broker.written
     zoo = fake_zoo(
         tmp_path / "zoo", versions=(1, 2), size=20_000, runtimes=("onnx", "tflite", "openvino")
     )
     rest_port = free_port()
     svc = ServiceProcess(
-        [
-            TANDEM,
-            "fleet",
-            "serve",
-            "--broker",
-            broker.url,
-            "--username",
-            "tandem-fleet",
-            "--password-file",
-            str(written.fleet_password_file),
-            "--client-id",
-            "bench-fleet",
-            "--db",
-            f"sqlite:///{tmp_path / 'fleet.db'}",
-            "--artifacts",
-            str(tmp_path / "arts"),
-            "--rest-port",
-            str(rest_port),
-            "--api-token",
-            f"bench:{TOKEN}",
-            "--tick",
-            "0.2",
-            "--zoo",
-            str(zoo),
-        ],
+        fleet_serve_argv(
+            broker,
+            client_id="bench-fleet",
+            db=f"sqlite:///{tmp_path / 'fleet.db'}",
+            artifacts=tmp_path / "arts",
+            rest_port=rest_port,
+            token_user="bench",
+            extra=["--tick", "0.2", "--zoo", str(zoo)],
+        ),
         rest_port,
         tmp_path / "service.log",
     )

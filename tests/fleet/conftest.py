@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,18 @@ class GeneratedBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
+    @classmethod
+    def started(cls, out: Path, device_ids: list[str]) -> GeneratedBroker:
+        """`tandem fleet broker-config` output for these devices in `out`, on a free
+        loopback port, with Mosquitto running it."""
+        port = free_port()
+        written = write_broker_config(
+            BrokerConfig(out, "127.0.0.1", port, persistence=False), device_ids
+        )
+        broker = cls("127.0.0.1", port, out, written)
+        broker.start()
+        return broker
+
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [MOSQUITTO, "-c", str(self.written.conf)],
@@ -55,13 +67,7 @@ def generated_broker(tmp_path: Path) -> Iterator[Callable[[list[str]], Generated
     brokers: list[GeneratedBroker] = []
 
     def make(device_ids: list[str]) -> GeneratedBroker:
-        port = free_port()
-        out = tmp_path / f"broker-{len(brokers)}"
-        written = write_broker_config(
-            BrokerConfig(out, "127.0.0.1", port, persistence=False), device_ids
-        )
-        b = GeneratedBroker("127.0.0.1", port, out, written)
-        b.start()
+        b = GeneratedBroker.started(tmp_path / f"broker-{len(brokers)}", device_ids)
         brokers.append(b)
         return b
 
@@ -136,6 +142,32 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")[-n:]
 
 
+def fleet_serve_argv(
+    broker: GeneratedBroker,
+    *,
+    client_id: str,
+    db: str,
+    artifacts: Path,
+    rest_port: int,
+    token_user: str = "alice",
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """`tandem fleet serve` on a generated broker with its fleet account, and a REST API
+    that takes `TOKEN`: the command line tests and benchmarks start the service with."""
+    return [
+        TANDEM, "fleet", "serve",
+        "--broker", broker.url,
+        "--username", "tandem-fleet",
+        "--password-file", str(broker.written.fleet_password_file),
+        "--client-id", client_id,
+        "--db", db,
+        "--artifacts", str(artifacts),
+        "--rest-port", str(rest_port),
+        "--api-token", f"{token_user}:{TOKEN}",
+        *extra,
+    ]  # fmt: skip
+
+
 @pytest.fixture
 def fleet_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
     started: list[ServiceProcess] = []
@@ -144,32 +176,14 @@ def fleet_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
         broker: GeneratedBroker, zoo: Path | None = None, *extra: str, db: str | None = None
     ) -> ServiceProcess:
         rest_port = free_port()
-        args = [
-            TANDEM,
-            "fleet",
-            "serve",
-            "--broker",
-            broker.url,
-            "--username",
-            "tandem-fleet",
-            "--password-file",
-            str(broker.written.fleet_password_file),
-            "--client-id",
-            "tandem-fleet-test",
-            "--db",
-            db or f"sqlite:///{tmp_path / 'fleet.db'}",
-            "--artifacts",
-            str(tmp_path / "fleet-artifacts"),
-            "--rest-port",
-            str(rest_port),
-            "--api-token",
-            f"alice:{TOKEN}",
-            "--tick",
-            "0.1",
-            "--telemetry-window",
-            "1",
-            *extra,
-        ]
+        args = fleet_serve_argv(
+            broker,
+            client_id="tandem-fleet-test",
+            db=db or f"sqlite:///{tmp_path / 'fleet.db'}",
+            artifacts=tmp_path / "fleet-artifacts",
+            rest_port=rest_port,
+            extra=["--tick", "0.1", "--telemetry-window", "1", *extra],
+        )
         if zoo is not None:
             args += ["--zoo", str(zoo)]
         svc = ServiceProcess(args, rest_port, tmp_path / "fleet-service.log")
