@@ -221,7 +221,7 @@ def test_cascade_derives_its_threshold_from_the_validation_set(
     )
     model = c.current
     assert model is not None
-    threshold = c.cascade_threshold(c.policy, model)  # type: ignore[arg-type]
+    threshold = c._router.cascade_threshold(c.policy, model)  # type: ignore[arg-type]
     inputs, labels = model.validation()
     outputs = model.run(model.signature.prepare(inputs))
     conf = model.signature.confidences(outputs)
@@ -238,7 +238,7 @@ def test_cascade_derives_its_threshold_from_the_validation_set(
         max_accuracy_loss=0.001,
         runtime="onnx",
     )
-    assert tighter.cascade_threshold(tighter.policy, model) >= threshold  # type: ignore[arg-type]
+    assert tighter._router.cascade_threshold(tighter.policy, model) >= threshold  # type: ignore[arg-type]
 
 
 def test_deadline_hedges_to_the_cloud_when_local_is_slow(
@@ -267,18 +267,18 @@ def test_deadline_hedge_delay_is_learned_from_observed_latencies(
 ) -> None:
     policy = Deadline(budget_ms=1000, hedge_percentile=0.9, min_samples=8, min_hedge_ms=0.0)
     c = clients(artifacts=artifacts, cloud=v2.address, policy=policy, runtime="onnx")
-    assert c.hedge_delay_ms("local", policy) == 500.0  # before learning: half the budget
-    window = c._latency["local"]
+    assert c._router.hedge_delay_ms("local", policy) == 500.0  # before learning: half the budget
+    window = c._router.latency["local"]
     for value in [1.0] * 90 + [50.0] * 10:
         window.add(value)
-    assert c.hedge_delay_ms("local", policy) == 50.0
+    assert c._router.hedge_delay_ms("local", policy) == 50.0
     for value in [2.0] * 256:
         window.add(value)  # the window is bounded: old latencies age out
-    assert c.hedge_delay_ms("local", policy) == 2.0
+    assert c._router.hedge_delay_ms("local", policy) == 2.0
     # Primary "auto" starts the path observed faster.
     for value in [0.5] * 256:
-        c._latency["cloud"].add(value)
-    assert policy._order(c, c.current) == ("cloud", "local")
+        c._router.latency["cloud"].add(value)
+    assert policy._order(c._router, c.current) == ("cloud", "local")
     _slow(c, 0.3)
     start = time.monotonic()
     result = c.infer(x)

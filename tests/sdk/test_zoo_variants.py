@@ -55,7 +55,7 @@ def test_zoo_auto_selection_and_cascade(clients: Callable[..., Client], digits_z
     assert selection["runtime"] == min(timed, key=lambda x: x["median_ms"])["runtime"]
     model = c.current
     assert model is not None
-    threshold = c.cascade_threshold(c.policy, model)  # type: ignore[arg-type]
+    threshold = c._router.cascade_threshold(c.policy, model)  # type: ignore[arg-type]
     assert 0.0 <= threshold <= 1.0 + 1e-9
 
 

@@ -14,8 +14,6 @@ background threads.
 from __future__ import annotations
 
 import asyncio
-import collections
-import concurrent.futures
 import logging
 import os
 import threading
@@ -32,7 +30,6 @@ from tandem.errors import (
     CloudError,
     ConfigError,
     InputError,
-    NoLocalModelError,
     TandemError,
 )
 from tandem.sdk.artifacts import TrustedKeys
@@ -45,8 +42,9 @@ from tandem.sdk.local import (
     SelectionConfig,
     default_cache_dir,
 )
-from tandem.sdk.policies import Cascade, Deadline, Policy, derive_threshold, make_policy
+from tandem.sdk.policies import Policy, adrive, drive, make_policy
 from tandem.sdk.result import Result
+from tandem.sdk.routing import Router
 from tandem.sdk.shadow import ShadowConfig, ShadowSampler
 from tandem.sdk.signature import Arrays, Signature
 from tandem.sdk.store import ModelStore
@@ -55,29 +53,6 @@ from tandem.sdk.telemetry import TelemetryConfig, TelemetryRecorder
 log = logging.getLogger(__name__)
 
 _perf = time.perf_counter
-
-
-class LatencyWindow:
-    """The last `size` latencies of one path, and a percentile of them (recomputed lazily)."""
-
-    def __init__(self, size: int = 256) -> None:
-        self._values: collections.deque[float] = collections.deque(maxlen=size)
-        self._sorted: list[float] | None = None
-
-    def add(self, value_ms: float) -> None:
-        self._values.append(value_ms)
-        self._sorted = None
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def percentile(self, q: float) -> float | None:
-        values = self._sorted
-        if values is None:
-            values = self._sorted = sorted(self._values)
-        if not values:
-            return None
-        return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def _cloud_config(
@@ -143,12 +118,6 @@ class Client:
 
         self._state = "open"
         self._lock = threading.Lock()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._thresholds: dict[tuple[int, float], float] = {}
-        window = self.policy.window if isinstance(self.policy, Deadline) else 256
-        self._latency = {"local": LatencyWindow(window), "cloud": LatencyWindow(window)}
-        # Only the deadline policy learns from latencies; others skip the bookkeeping.
-        self._track_latency = isinstance(self.policy, Deadline)
         self._cloud_signature: Signature | None = None
 
         self.telemetry = TelemetryRecorder(telemetry or TelemetryConfig())
@@ -170,108 +139,14 @@ class Client:
             )
             self.local_models.refresh()
             self.local_models.start()
+        # What the policies' plans call: private, so that it is not part of the Client API.
+        self._router = Router(
+            model, self.policy, self.local_models, self.cloud, lambda: self._cloud_signature
+        )
         self.shadow: ShadowSampler | None = None
         if shadow is not None and shadow.fraction > 0:
             self.shadow = ShadowSampler(shadow, self._shadow_call, self.telemetry.record_shadow)
         self._shadow_offer = self.shadow.offer if self.shadow is not None else None
-
-    # --- the Router protocol the policies use --------------------------------------------
-
-    @property
-    def has_cloud(self) -> bool:
-        return self.cloud is not None
-
-    def local(self, feeds: Arrays, model: LocalModel | None) -> Result:
-        if model is None:
-            if self.local_models is None:
-                raise NoLocalModelError(f"no local model store configured for {self.model!r}")
-            model = self.local_models.require()
-        start = _perf()
-        outputs = model.run(feeds)
-        elapsed = (_perf() - start) * 1e3
-        if self._track_latency:
-            self._latency["local"].add(elapsed)
-        return Result(outputs, "local", model.runtime_name, model.version, model.signature, elapsed)
-
-    def remote(self, feeds: Arrays, timeout_ms: float | None = None) -> Result:
-        if self.cloud is None:
-            raise ConfigError("cloud", "this client has no cloud endpoint")
-        answer = self.cloud.infer(feeds, timeout_ms=timeout_ms)
-        if self._track_latency:
-            self._latency["cloud"].add(answer.elapsed_ms)
-        return self._cloud_result(answer)
-
-    async def alocal(self, feeds: Arrays, model: LocalModel | None) -> Result:
-        return await asyncio.to_thread(self.local, feeds, model)
-
-    async def aremote(self, feeds: Arrays, timeout_ms: float | None = None) -> Result:
-        if self.cloud is None:
-            raise ConfigError("cloud", "this client has no cloud endpoint")
-        answer = await self.cloud.ainfer(feeds, timeout_ms=timeout_ms)
-        if self._track_latency:
-            self._latency["cloud"].add(answer.elapsed_ms)
-        return self._cloud_result(answer)
-
-    def _cloud_result(self, answer: Any) -> Result:
-        current = self.local_models.current if self.local_models is not None else None
-        signature = current.signature if current is not None else self._cloud_signature
-        version: int | str = (
-            int(answer.model_version) if answer.model_version.isdigit() else answer.model_version
-        )
-        return Result(
-            answer.outputs,
-            "cloud",
-            "cloud",
-            version,
-            signature,
-            cloud_ms=answer.elapsed_ms,
-            endpoint=answer.endpoint,
-        )
-
-    def cascade_threshold(self, policy: Cascade, model: LocalModel) -> float:
-        assert policy.max_accuracy_loss is not None
-        key = (model.version, policy.max_accuracy_loss)
-        threshold = self._thresholds.get(key)
-        if threshold is None:
-            inputs, labels = model.validation()
-            feeds = model.signature.prepare(inputs)
-            outputs = model.run(feeds)
-            logits = outputs[model.signature.logits_name or model.signature.outputs[0].name]
-            confidences = model.signature.confidences(outputs)
-            if confidences is None:
-                raise ConfigError("max_accuracy_loss", "needs a classifier with logits")
-            correct = np.argmax(logits, axis=1) == labels.reshape(-1)
-            threshold = derive_threshold(confidences, correct, policy.max_accuracy_loss)
-            self._thresholds[key] = threshold
-            log.info(
-                "cascade threshold for %s v%s at max accuracy loss %.4f: %.4f (local share %.3f)",
-                model.model,
-                model.version,
-                policy.max_accuracy_loss,
-                threshold,
-                float((confidences >= threshold).mean()),
-            )
-        return threshold
-
-    def hedge_delay_ms(self, path: str, policy: Deadline) -> float:
-        window = self._latency[path]
-        cap = policy.budget_ms * policy.max_hedge_fraction
-        if len(window) < policy.min_samples:
-            return cap
-        learned = window.percentile(policy.hedge_percentile) or cap
-        return min(max(learned, policy.min_hedge_ms), cap)
-
-    def expected_ms(self, path: str) -> float | None:
-        return self._latency[path].percentile(0.5)
-
-    def executor(self) -> concurrent.futures.Executor:
-        if self._executor is None:
-            with self._lock:
-                if self._executor is None:
-                    self._executor = concurrent.futures.ThreadPoolExecutor(
-                        max_workers=8, thread_name_prefix="tandem-hedge"
-                    )
-        return self._executor
 
     # --- public API ------------------------------------------------------------------------
 
@@ -329,7 +204,7 @@ class Client:
             if hit is not None:
                 return self._from_cache(hit, model, start)
         try:
-            result = self.policy.infer(self, feeds, model)
+            result = drive(self.policy.plan(self._router, model), self._router, feeds, model)
         except TandemError as exc:
             self._record_error(exc, model, start)
             raise
@@ -354,7 +229,7 @@ class Client:
             if hit is not None:
                 return self._from_cache(hit, model, start)
         try:
-            result = await self.policy.ainfer(self, feeds, model)
+            result = await adrive(self.policy.plan(self._router, model), self._router, feeds, model)
         except TandemError as exc:
             self._record_error(exc, model, start)
             raise
@@ -490,8 +365,7 @@ class Client:
             self.shadow.close()
         if self.local_models is not None:
             self.local_models.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._router.close()
         self.telemetry.close()
         if self.cloud is not None:
             self.cloud.close()

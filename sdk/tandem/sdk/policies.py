@@ -1,9 +1,19 @@
 """Routing policies: which path answers a request. Names are part of the API.
 
 A policy is an immutable value holding its settings (urllib3 `Retry` style: `replace(...)`
-gives a changed copy). Its `infer` / `ainfer` decide between the two paths the client offers
-through the small `Router` protocol; everything that changes while the client runs (learned
-latencies, derived thresholds) lives in the client, not in the policy.
+gives a changed copy). Everything that changes while the client runs (learned latencies,
+derived thresholds) lives in the client's router, not in the policy.
+
+Each policy decides once, in `plan`: a generator that yields steps and receives their
+outcomes, and does no IO itself (httpx's BaseClient holds every decision; Client and
+AsyncClient only send). Two short drivers carry the steps out, `drive` with the calling
+thread and a pool, `adrive` with asyncio tasks, so the sync and async paths cannot diverge:
+
+    Call(path, timeout_ms)   run that path now; the plan receives its Result, or its error
+                             is raised inside the plan where the `yield` stands
+    Start(path, timeout_ms)  start that path in the background and go on
+    Wait(until)              the next started path to finish, as an Outcome, or None when
+                             nothing finished by `until` (a time.monotonic() value)
 
     local_only    the local model, never the cloud
     cloud_only    the cloud, never the local model
@@ -13,7 +23,8 @@ latencies, derived thresholds) lives in the client, not in the policy.
                   is given, or derived from the artifact's validation set for a target
                   accuracy loss (`max_accuracy_loss`)
     deadline      answer within `budget_ms`: start the faster path, hedge to the other after a
-                  delay learned from observed latencies, take whichever answers first
+                  delay learned from observed latencies, take whichever answers first; the
+                  budget holds for the whole call, with one path or two
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ import asyncio
 import concurrent.futures
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Generator
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -36,20 +47,57 @@ from tandem.sdk.signature import Arrays
 
 LOCAL_FAILURES = (NoLocalModelError, RuntimeBackendError)
 
+PathName = Literal["local", "cloud"]
 
-class Router(Protocol):
-    """What a policy may ask of the client."""
+
+@dataclass(frozen=True)
+class Call:
+    """Run `path` now; the plan receives its Result or has its error raised at the yield."""
+
+    path: PathName
+    timeout_ms: float | None = None  # the cloud call's deadline; None = the cloud config's
+
+
+@dataclass(frozen=True)
+class Start:
+    """Start `path` in the background; a later Wait collects it."""
+
+    path: PathName
+    timeout_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Receive the next started path to finish, or None when none has by `until`."""
+
+    until: float  # time.monotonic() seconds
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one started path ended: a result or an error."""
+
+    path: PathName
+    result: Result | None
+    error: BaseException | None
+
+    @classmethod
+    def of(
+        cls, path: PathName, done: concurrent.futures.Future[Result] | asyncio.Task[Result]
+    ) -> Outcome:
+        error = done.exception()
+        return cls(path, None if error is not None else done.result(), error)
+
+
+Step = Call | Start | Wait
+Plan = Generator[Step, Any, Result]
+
+
+class Facts(Protocol):
+    """What a plan may ask of the client; none of it waits on a path."""
 
     @property
     def has_cloud(self) -> bool: ...
-
-    def local(self, feeds: Arrays, model: LocalModel | None) -> Result: ...
-
-    def remote(self, feeds: Arrays, timeout_ms: float | None = None) -> Result: ...
-
-    async def alocal(self, feeds: Arrays, model: LocalModel | None) -> Result: ...
-
-    async def aremote(self, feeds: Arrays, timeout_ms: float | None = None) -> Result: ...
 
     def cascade_threshold(self, policy: Cascade, model: LocalModel) -> float: ...
 
@@ -57,28 +105,107 @@ class Router(Protocol):
 
     def expected_ms(self, path: str) -> float | None: ...
 
+
+class Legs(Facts, Protocol):
+    """What the drivers need besides the facts: run one path, sync or async."""
+
+    def run(
+        self, path: str, feeds: Arrays, model: LocalModel | None, timeout_ms: float | None
+    ) -> Result: ...
+
+    async def arun(
+        self, path: str, feeds: Arrays, model: LocalModel | None, timeout_ms: float | None
+    ) -> Result: ...
+
     def executor(self) -> concurrent.futures.Executor: ...
+
+
+def drive(plan: Plan, legs: Legs, feeds: Arrays, model: LocalModel | None) -> Result:
+    """Carries a plan out on this thread; background paths run on the legs' pool."""
+    started: dict[concurrent.futures.Future[Result], PathName] = {}
+    reply: Any = None
+    error: Exception | None = None
+    try:
+        while True:
+            step = plan.send(reply) if error is None else plan.throw(error)
+            reply, error = None, None
+            if isinstance(step, Call):
+                try:
+                    reply = legs.run(step.path, feeds, model, step.timeout_ms)
+                except Exception as exc:  # noqa: BLE001 - handed to the plan, which decides
+                    error = exc
+            elif isinstance(step, Start):
+                future = legs.executor().submit(legs.run, step.path, feeds, model, step.timeout_ms)
+                started[future] = step.path
+            elif started:
+                timeout = max(0.0, step.until - time.monotonic())
+                done, _ = concurrent.futures.wait(
+                    started, timeout, concurrent.futures.FIRST_COMPLETED
+                )
+                reply = Outcome.of(started.pop(first := done.pop()), first) if done else None
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        for future in started:
+            future.cancel()  # a thread already running cannot be stopped; its answer is dropped
+
+
+async def adrive(plan: Plan, legs: Legs, feeds: Arrays, model: LocalModel | None) -> Result:
+    """Carries a plan out on the running event loop; background paths are tasks."""
+    started: dict[asyncio.Task[Result], PathName] = {}
+    reply: Any = None
+    error: Exception | None = None
+    try:
+        while True:
+            step = plan.send(reply) if error is None else plan.throw(error)
+            reply, error = None, None
+            if isinstance(step, Call):
+                try:
+                    reply = await legs.arun(step.path, feeds, model, step.timeout_ms)
+                except Exception as exc:  # noqa: BLE001 - handed to the plan, which decides
+                    error = exc
+            elif isinstance(step, Start):
+                task = asyncio.ensure_future(legs.arun(step.path, feeds, model, step.timeout_ms))
+                started[task] = step.path
+            elif started:
+                timeout = max(0.0, step.until - time.monotonic())
+                done, _ = await asyncio.wait(
+                    started, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                reply = Outcome.of(started.pop(first := done.pop()), first) if done else None
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        for task in started:
+            task.cancel()
+
+
+def call(path: PathName, timeout_ms: float | None = None) -> Generator[Step, Any, Result]:
+    """`yield from call(...)`: one Call step, typed."""
+    result: Result = yield Call(path, timeout_ms)
+    return result
 
 
 class Policy:
     name: ClassVar[str]
 
-    def infer(self, router: Router, feeds: Arrays, model: LocalModel | None) -> Result:
+    def plan(self, facts: Facts, model: LocalModel | None) -> Plan:
+        """The decision, as steps (see the module docstring)."""
         raise NotImplementedError
 
-    async def ainfer(self, router: Router, feeds: Arrays, model: LocalModel | None) -> Result:
-        raise NotImplementedError
+    def infer(self, legs: Legs, feeds: Arrays, model: LocalModel | None) -> Result:
+        return drive(self.plan(legs, model), legs, feeds, model)
+
+    async def ainfer(self, legs: Legs, feeds: Arrays, model: LocalModel | None) -> Result:
+        return await adrive(self.plan(legs, model), legs, feeds, model)
 
 
 @dataclass(frozen=True)
 class LocalOnly(Policy):
     name = "local_only"
 
-    def infer(self, router: Router, feeds: Arrays, model: LocalModel | None) -> Result:
-        return router.local(feeds, model)
-
-    async def ainfer(self, router: Router, feeds: Arrays, model: LocalModel | None) -> Result:
-        return await router.alocal(feeds, model)
+    def plan(self, facts: Facts, model: LocalModel | None) -> Plan:
+        return (yield from call("local"))
 
 
 @dataclass(frozen=True)
@@ -89,11 +216,8 @@ class CloudOnly(Policy):
     def __post_init__(self) -> None:
         _check_timeout(self.timeout_ms)
 
-    def infer(self, router: Router, feeds: Arrays, model: LocalModel | None) -> Result:
-        return router.remote(feeds, self.timeout_ms)
-
-    async def ainfer(self, router: Router, feeds: Arrays, model: LocalModel | None) -> Result:
-        return await router.aremote(feeds, self.timeout_ms)
+    def plan(self, facts: Facts, model: LocalModel | None) -> Plan:
+        return (yield from call("cloud", self.timeout_ms))
 
 
 @dataclass(frozen=True)
@@ -104,23 +228,13 @@ class PreferLocal(Policy):
     def __post_init__(self) -> None:
         _check_timeout(self.timeout_ms)
 
-    def infer(self, router: Router, feeds: Arrays, model: LocalModel | None) -> Result:
+    def plan(self, facts: Facts, model: LocalModel | None) -> Plan:
         try:
-            return router.local(feeds, model)
+            return (yield from call("local"))
         except LOCAL_FAILURES:
-            if not router.has_cloud:
+            if not facts.has_cloud:
                 raise
-        result = router.remote(feeds, self.timeout_ms)
-        result.fallback = True
-        return result
-
-    async def ainfer(self, router: Router, feeds: Arrays, model: LocalModel | None) -> Result:
-        try:
-            return await router.alocal(feeds, model)
-        except LOCAL_FAILURES:
-            if not router.has_cloud:
-                raise
-        result = await router.aremote(feeds, self.timeout_ms)
+        result = yield from call("cloud", self.timeout_ms)
         result.fallback = True
         return result
 
@@ -133,31 +247,17 @@ class PreferCloud(Policy):
     def __post_init__(self) -> None:
         _check_timeout(self.timeout_ms)
 
-    def infer(self, router: Router, feeds: Arrays, model: LocalModel | None) -> Result:
-        if router.has_cloud:
-            try:
-                return router.remote(feeds, self.timeout_ms)
-            except CloudError as exc:
-                if model is None:
-                    raise
-                cloud_error = exc
-        else:
-            cloud_error = None
-        result = router.local(feeds, model)
-        result.fallback = cloud_error is not None
+    def plan(self, facts: Facts, model: LocalModel | None) -> Plan:
+        if not facts.has_cloud:
+            return (yield from call("local"))
+        try:
+            return (yield from call("cloud", self.timeout_ms))
+        except CloudError:
+            if model is None:
+                raise
+        result = yield from call("local")
+        result.fallback = True
         return result
-
-    async def ainfer(self, router: Router, feeds: Arrays, model: LocalModel | None) -> Result:
-        if router.has_cloud:
-            try:
-                return await router.aremote(feeds, self.timeout_ms)
-            except CloudError:
-                if model is None:
-                    raise
-            result = await router.alocal(feeds, model)
-            result.fallback = True
-            return result
-        return await router.alocal(feeds, model)
 
 
 @dataclass(frozen=True)
@@ -178,61 +278,32 @@ class Cascade(Policy):
             )
         _check_timeout(self.timeout_ms)
 
-    def _threshold(self, router: Router, model: LocalModel) -> float:
+    def _threshold(self, facts: Facts, model: LocalModel) -> float:
         if self.threshold is not None:
             return self.threshold
-        return router.cascade_threshold(self, model)
+        return facts.cascade_threshold(self, model)
 
-    def infer(self, router: Router, feeds: Arrays, model: LocalModel | None) -> Result:
-        if model is None and router.has_cloud:
-            result = router.remote(feeds, self.timeout_ms)
+    def plan(self, facts: Facts, model: LocalModel | None) -> Plan:
+        if model is None and facts.has_cloud:
+            result = yield from call("cloud", self.timeout_ms)
             result.fallback = True
             return result
         try:
-            local = router.local(feeds, model)
+            local = yield from call("local")
         except LOCAL_FAILURES:
-            if not router.has_cloud:
+            if not facts.has_cloud:
                 raise
-            result = router.remote(feeds, self.timeout_ms)
+            result = yield from call("cloud", self.timeout_ms)
             result.fallback = True
             return result
         assert model is not None
         confidence = local.compute_confidence()
-        if confidence is None or confidence >= self._threshold(router, model):
+        if confidence is None or confidence >= self._threshold(facts, model):
             return local
-        if not router.has_cloud:
-            return local
-        try:
-            result = router.remote(feeds, self.timeout_ms)
-        except CloudError as exc:
-            local.escalated = True
-            local.cloud_error = str(exc)
-            return local
-        result.escalated = True
-        result.local_ms = local.local_ms
-        return result
-
-    async def ainfer(self, router: Router, feeds: Arrays, model: LocalModel | None) -> Result:
-        if model is None and router.has_cloud:
-            result = await router.aremote(feeds, self.timeout_ms)
-            result.fallback = True
-            return result
-        try:
-            local = await router.alocal(feeds, model)
-        except LOCAL_FAILURES:
-            if not router.has_cloud:
-                raise
-            result = await router.aremote(feeds, self.timeout_ms)
-            result.fallback = True
-            return result
-        assert model is not None
-        confidence = local.compute_confidence()
-        if confidence is None or confidence >= self._threshold(router, model):
-            return local
-        if not router.has_cloud:
+        if not facts.has_cloud:
             return local
         try:
-            result = await router.aremote(feeds, self.timeout_ms)
+            result = yield from call("cloud", self.timeout_ms)
         except CloudError as exc:
             local.escalated = True
             local.cloud_error = str(exc)
@@ -297,118 +368,58 @@ class Deadline(Policy):
         if self.min_samples < 1 or self.window < self.min_samples:
             raise ConfigError("window", "needs 1 <= min_samples <= window")
 
-    def _order(self, router: Router, model: LocalModel | None) -> tuple[str, str | None]:
+    def _order(self, facts: Facts, model: LocalModel | None) -> tuple[PathName, PathName | None]:
         if model is None:
             return "cloud", None
-        if not router.has_cloud:
+        if not facts.has_cloud:
             return "local", None
         if self.primary != "auto":
             return self.primary, "cloud" if self.primary == "local" else "local"
-        local, cloud = router.expected_ms("local"), router.expected_ms("cloud")
+        local, cloud = facts.expected_ms("local"), facts.expected_ms("cloud")
         if local is not None and cloud is not None and cloud < local:
             return "cloud", "local"
         return "local", "cloud"
 
-    def infer(self, router: Router, feeds: Arrays, model: LocalModel | None) -> Result:
-        start = time.monotonic()
-        deadline = start + self.budget_ms / 1e3
-        first, second = self._order(router, model)
+    def plan(self, facts: Facts, model: LocalModel | None) -> Plan:
+        deadline = time.monotonic() + self.budget_ms / 1e3
+        first, second = self._order(facts, model)
 
-        def leg(path: str) -> Callable[[], Result]:
+        def start(path: PathName) -> Start:
             if path == "local":
-                return lambda: router.local(feeds, model)
-            return lambda: router.remote(feeds, max(1.0, (deadline - time.monotonic()) * 1e3))
+                return Start(path)
+            return Start(path, max(1.0, (deadline - time.monotonic()) * 1e3))
 
-        if second is None:
-            result = leg(first)()
-            if time.monotonic() > deadline:
-                raise DeadlineExceededError(
-                    f"{first} answered after the {self.budget_ms} ms budget"
-                )
-            return result
-        pool = router.executor()
-        pending = {pool.submit(leg(first)): first}
-        delay = router.hedge_delay_ms(first, self) / 1e3
-        done, _ = concurrent.futures.wait(pending, timeout=delay)
+        yield start(first)
+        running = 1
         errors: list[BaseException] = []
-        for future in done:
-            if future.exception() is None:
-                return future.result()
-            errors.append(future.exception())  # type: ignore[arg-type]
-            pending.pop(future)
-        hedged = pool.submit(leg(second))
-        pending[hedged] = second
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            done, _ = concurrent.futures.wait(
-                pending, timeout=remaining, return_when=concurrent.futures.FIRST_COMPLETED
+        if second is not None:
+            early: Outcome | None = yield Wait(
+                time.monotonic() + facts.hedge_delay_ms(first, self) / 1e3
             )
-            for future in done:
-                pending.pop(future)
-                exc = future.exception()
-                if exc is None:
-                    result = future.result()
-                    result.hedged = True
-                    result.fallback = result.source != first
-                    return result
-                errors.append(exc)
-        if errors and not pending:
+            if early is not None and early.result is not None:
+                return early.result
+            if early is not None and early.error is not None:
+                errors.append(early.error)
+                running -= 1
+            yield start(second)
+            running += 1
+        while running:
+            got: Outcome | None = yield Wait(deadline)
+            if got is None:
+                break
+            running -= 1
+            if got.result is not None:
+                got.result.hedged = second is not None
+                got.result.fallback = got.path != first
+                return got.result
+            assert got.error is not None
+            errors.append(got.error)
+        if errors and not running:
             raise errors[-1]
         raise DeadlineExceededError(
             f"no path answered within {self.budget_ms} ms"
             + (f" (errors: {'; '.join(str(e) for e in errors)})" if errors else "")
         )
-
-    async def ainfer(self, router: Router, feeds: Arrays, model: LocalModel | None) -> Result:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.budget_ms / 1e3
-        first, second = self._order(router, model)
-
-        def leg(path: str) -> Awaitable[Result]:
-            if path == "local":
-                return router.alocal(feeds, model)
-            return router.aremote(feeds, max(1.0, (deadline - loop.time()) * 1e3))
-
-        tasks: dict[asyncio.Task[Result], str] = {asyncio.ensure_future(leg(first)): first}
-        errors: list[BaseException] = []
-        try:
-            if second is not None:
-                delay = router.hedge_delay_ms(first, self) / 1e3
-                done, _ = await asyncio.wait(tasks, timeout=delay)
-                for task in done:
-                    if task.exception() is None:
-                        return task.result()
-                    errors.append(task.exception())  # type: ignore[arg-type]
-                    tasks.pop(task)
-                tasks[asyncio.ensure_future(leg(second))] = second
-            hedged = second is not None
-            while tasks:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                done, _ = await asyncio.wait(
-                    tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in done:
-                    tasks.pop(task)
-                    exc = task.exception()
-                    if exc is None:
-                        result = task.result()
-                        result.hedged = hedged
-                        result.fallback = result.source != first
-                        return result
-                    errors.append(exc)
-            if errors and not tasks:
-                raise errors[-1]
-            raise DeadlineExceededError(
-                f"no path answered within {self.budget_ms} ms"
-                + (f" (errors: {'; '.join(str(e) for e in errors)})" if errors else "")
-            )
-        finally:
-            for task in tasks:
-                task.cancel()
 
 
 POLICIES: dict[str, type[Policy]] = {
