@@ -95,10 +95,15 @@ class CloudAnswer:
     elapsed_ms: float
 
 
+def status_name(exc: grpc.RpcError) -> str:
+    """The gRPC status name of a failed call; UNKNOWN when the error carries none."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    return code.name if code is not None else "UNKNOWN"
+
+
 def translate(exc: grpc.RpcError, endpoint: str) -> CloudError:
     """grpc's error -> ours, most specific first."""
-    code = exc.code() if hasattr(exc, "code") else None
-    name = code.name if code is not None else "UNKNOWN"
+    name = status_name(exc)
     details = exc.details() if hasattr(exc, "details") else str(exc)
     message = f"{endpoint}: {name}: {details}"
     if name == "DEADLINE_EXCEEDED":
@@ -248,6 +253,57 @@ class Endpoint:
         self._aio_channel = self._aio_stub = None
 
 
+class Attempts:
+    """One request's attempts: endpoint choice, deadline, retries and backoff, without IO.
+
+    The sync and async senders ask `next()` for where to send and with what timeout, and
+    report how the attempt ended; `failed` answers the seconds to back off before the next
+    attempt, or raises the translated error when there is to be none.
+    """
+
+    def __init__(self, client: CloudClient, deadline: float) -> None:
+        self.client = client
+        self.deadline = deadline  # time.monotonic() seconds, shared by every attempt
+        self.retry = client.config.retry
+        self.start = time.perf_counter()
+        self.last: Endpoint | None = None
+
+    def next(self) -> tuple[Endpoint, float]:
+        now = time.monotonic()
+        remaining = self.deadline - now
+        if remaining <= 0:
+            raise CloudTimeoutError(
+                f"cloud deadline spent after {len(self.retry.history)} attempts"
+            )
+        self.last = self.client.pick(now, self.last)
+        return self.last, remaining
+
+    def failed(self, endpoint: Endpoint, exc: grpc.RpcError) -> float:
+        code = status_name(exc)
+        endpoint.record(code, time.monotonic())
+        if not self.retry.can_retry(code):
+            raise translate(exc, endpoint.address) from exc
+        self.retry = self.retry.increment(code)
+        left = max(0.0, self.deadline - time.monotonic())
+        wait = min(self.retry.get_backoff_time(self.client.rng), left)
+        log.debug("retrying after %s from %s in %.3fs", code, endpoint.address, wait)
+        return wait
+
+    def cancelled(self, endpoint: Endpoint) -> None:
+        endpoint.record("CANCELLED", time.monotonic())
+
+    def succeeded(self, endpoint: Endpoint, response: Any) -> CloudAnswer:
+        endpoint.record(None, time.monotonic())
+        self.client.calls += 1
+        return CloudAnswer(
+            decode_response(response),
+            endpoint.address,
+            response.model_version,
+            len(self.retry.history) + 1,
+            (time.perf_counter() - self.start) * 1e3,
+        )
+
+
 class CloudClient:
     """Calls `ModelInfer` on the cloud tier with deadlines, retries and breakers."""
 
@@ -256,7 +312,7 @@ class CloudClient:
         self.model = config.model or model
         self.endpoints = [Endpoint(a, config) for a in config.endpoints]
         self._rr = itertools.count()
-        self._rng = random.Random()
+        self.rng = random.Random()
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {config.token}"),) if config.token else ()
         )
@@ -269,7 +325,7 @@ class CloudClient:
         now = time.monotonic()
         return any(e.breaker.allows(now) for e in self.endpoints)
 
-    def _pick(self, now: float, avoid: Endpoint | None) -> Endpoint:
+    def pick(self, now: float, avoid: Endpoint | None) -> Endpoint:
         n = len(self.endpoints)
         start = next(self._rr)
         fallback: Endpoint | None = None
@@ -288,145 +344,80 @@ class CloudClient:
     def _deadline(self, timeout_ms: float | None) -> float:
         return time.monotonic() + (timeout_ms or self.config.timeout_ms) / 1e3
 
-    def _chunks(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> list[Arrays] | None:
+    def _chunks(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> list[Arrays]:
         limit = self.config.max_batch_rows
-        if limit is None:
-            return None
         rows = next(iter(feeds.values())).shape[0] if feeds else 0
-        if rows <= limit:
-            return None
+        if limit is None or rows <= limit:
+            return [dict(feeds)]
         return [{k: v[i : i + limit] for k, v in feeds.items()} for i in range(0, rows, limit)]
 
     @staticmethod
-    def _join(answers: list[CloudAnswer], elapsed_ms: float) -> CloudAnswer:
+    def _join(answers: Sequence[CloudAnswer], elapsed_ms: float) -> CloudAnswer:
         first = answers[0]
+        if len(answers) == 1:
+            return first
         outputs = {
             name: np.concatenate([a.outputs[name] for a in answers]) for name in first.outputs
         }
-        return CloudAnswer(
-            outputs,
-            first.endpoint,
-            first.model_version,
-            sum(a.attempts for a in answers),
-            elapsed_ms,
-        )
+        attempts = sum(a.attempts for a in answers)
+        return CloudAnswer(outputs, first.endpoint, first.model_version, attempts, elapsed_ms)
 
     def infer(
         self, feeds: Mapping[str, np.ndarray[Any, Any]], *, timeout_ms: float | None = None
     ) -> CloudAnswer:
-        chunks = self._chunks(feeds)
-        if chunks is not None:
-            # One deadline for the whole request, spent across its chunks.
-            start = time.perf_counter()
-            deadline = self._deadline(timeout_ms)
-            answers = []
-            for chunk in chunks:
-                remaining = (deadline - time.monotonic()) * 1e3
-                if remaining <= 0:
-                    raise CloudTimeoutError("cloud deadline spent between batch chunks")
-                answers.append(self._infer_one(chunk, remaining))
-            return self._join(answers, (time.perf_counter() - start) * 1e3)
-        return self._infer_one(feeds, timeout_ms)
+        start, deadline = time.perf_counter(), self._deadline(timeout_ms)
+        # One deadline for the whole request, spent across its chunks.
+        answers = [self._send(chunk, Attempts(self, deadline)) for chunk in self._chunks(feeds)]
+        return self._join(answers, (time.perf_counter() - start) * 1e3)
 
-    def _infer_one(
-        self, feeds: Mapping[str, np.ndarray[Any, Any]], timeout_ms: float | None
-    ) -> CloudAnswer:
+    def _send(self, feeds: Arrays, attempts: Attempts) -> CloudAnswer:
         request = encode_request(self.model, self.config.model_version, feeds)
-        deadline = self._deadline(timeout_ms)
-        retry = self.config.retry
-        start = time.perf_counter()
-        last: Endpoint | None = None
         while True:
-            now = time.monotonic()
-            remaining = deadline - now
-            if remaining <= 0:
-                raise CloudTimeoutError(f"cloud deadline spent after {len(retry.history)} attempts")
-            endpoint = self._pick(now, last)
-            last = endpoint
+            endpoint, timeout = attempts.next()
             try:
                 response = endpoint.stub.ModelInfer(
-                    request, timeout=remaining, metadata=self._metadata
+                    request, timeout=timeout, metadata=self._metadata
                 )
             except grpc.RpcError as exc:
-                error = translate(exc, endpoint.address)
-                code = exc.code().name if exc.code() is not None else "UNKNOWN"
-                endpoint.record(code, time.monotonic())
-                if not retry.can_retry(code):
-                    raise error from exc
-                retry = retry.increment(code)
-                wait = min(retry.get_backoff_time(self._rng), max(0.0, deadline - time.monotonic()))
-                log.debug("retrying after %s from %s in %.3fs", code, endpoint.address, wait)
-                time.sleep(wait)
-                continue
-            endpoint.record(None, time.monotonic())
-            self.calls += 1
-            return CloudAnswer(
-                decode_response(response),
-                endpoint.address,
-                response.model_version,
-                len(retry.history) + 1,
-                (time.perf_counter() - start) * 1e3,
-            )
+                time.sleep(attempts.failed(endpoint, exc))  # raises when it may not retry
+            else:
+                return attempts.succeeded(endpoint, response)
 
     async def ainfer(
         self, feeds: Mapping[str, np.ndarray[Any, Any]], *, timeout_ms: float | None = None
     ) -> CloudAnswer:
+        start, deadline = time.perf_counter(), self._deadline(timeout_ms)
         chunks = self._chunks(feeds)
-        if chunks is not None:
-            start = time.perf_counter()
-            budget = timeout_ms or self.config.timeout_ms
-            answers = await asyncio.gather(*(self._ainfer_one(c, budget) for c in chunks))
-            return self._join(list(answers), (time.perf_counter() - start) * 1e3)
-        return await self._ainfer_one(feeds, timeout_ms)
+        if len(chunks) == 1:
+            return await self._asend(chunks[0], Attempts(self, deadline))
+        tasks = [asyncio.ensure_future(self._asend(c, Attempts(self, deadline))) for c in chunks]
+        try:  # the chunks run at once under the one deadline
+            answers = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:  # the first failure ends the call: the others are not needed
+                task.cancel()
+        return self._join(answers, (time.perf_counter() - start) * 1e3)
 
-    async def _ainfer_one(
-        self, feeds: Mapping[str, np.ndarray[Any, Any]], timeout_ms: float | None
-    ) -> CloudAnswer:
+    async def _asend(self, feeds: Arrays, attempts: Attempts) -> CloudAnswer:
         request = encode_request(self.model, self.config.model_version, feeds)
-        deadline = self._deadline(timeout_ms)
-        retry = self.config.retry
-        start = time.perf_counter()
-        last: Endpoint | None = None
         while True:
-            now = time.monotonic()
-            remaining = deadline - now
-            if remaining <= 0:
-                raise CloudTimeoutError(f"cloud deadline spent after {len(retry.history)} attempts")
-            endpoint = self._pick(now, last)
-            last = endpoint
+            endpoint, timeout = attempts.next()
+            stub = endpoint.aio_stub()
             try:
-                response = await endpoint.aio_stub().ModelInfer(
-                    request, timeout=remaining, metadata=self._metadata
-                )
+                response = await stub.ModelInfer(request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
-                code_obj = exc.code() if hasattr(exc, "code") else None
-                code = code_obj.name if code_obj is not None else "UNKNOWN"
-                endpoint.record(code, time.monotonic())
-                error = translate(exc, endpoint.address)
-                if not retry.can_retry(code):
-                    raise error from exc
-                retry = retry.increment(code)
-                wait = min(retry.get_backoff_time(self._rng), max(0.0, deadline - time.monotonic()))
-                await asyncio.sleep(wait)
-                continue
+                await asyncio.sleep(attempts.failed(endpoint, exc))
             except asyncio.CancelledError:
-                endpoint.record("CANCELLED", time.monotonic())
+                attempts.cancelled(endpoint)
                 raise
-            endpoint.record(None, time.monotonic())
-            self.calls += 1
-            return CloudAnswer(
-                decode_response(response),
-                endpoint.address,
-                response.model_version,
-                len(retry.history) + 1,
-                (time.perf_counter() - start) * 1e3,
-            )
+            else:
+                return attempts.succeeded(endpoint, response)
 
     def metadata(
         self, timeout_ms: float | None = None
     ) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """The model's inputs and outputs as the server describes them."""
-        endpoint = self._pick(time.monotonic(), None)
+        endpoint = self.pick(time.monotonic(), None)
         try:
             response = endpoint.stub.ModelMetadata(
                 pb.ModelMetadataRequest(name=self.model, version=self.config.model_version),
@@ -434,7 +425,7 @@ class CloudClient:
                 metadata=self._metadata,
             )
         except grpc.RpcError as exc:
-            endpoint.record(exc.code().name if exc.code() else "UNKNOWN", time.monotonic())
+            endpoint.record(status_name(exc), time.monotonic())
             raise translate(exc, endpoint.address) from exc
         endpoint.record(None, time.monotonic())
 
