@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 
@@ -120,69 +120,109 @@ class Legs(Facts, Protocol):
     def executor(self) -> concurrent.futures.Executor: ...
 
 
+Pending = TypeVar("Pending", concurrent.futures.Future[Result], asyncio.Task[Result])
+
+
+class _Progress(Generic[Pending]):
+    """A plan being carried out: what to send it next and which paths it started (no IO)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.started: dict[Pending, PathName] = {}
+        self.result: Result | None = None
+        self._reply: Any = None
+        self._error: Exception | None = None
+
+    def next(self) -> Step | None:
+        """The plan's next step, or None once it has returned (its value is `result`)."""
+        reply, error, self._reply, self._error = self._reply, self._error, None, None
+        try:
+            return self.plan.send(reply) if error is None else self.plan.throw(error)
+        except StopIteration as stop:
+            self.result = stop.value
+            return None
+
+    def answered(self, reply: Result | None = None, error: Exception | None = None) -> None:
+        self._reply, self._error = reply, error
+
+    def timeout(self, step: Wait) -> float:
+        return max(0.0, step.until - time.monotonic())
+
+    def finished(self, done: set[Pending]) -> None:
+        """The first of `done` goes to the plan as an Outcome; the rest stay for later Waits."""
+        if done:
+            first = done.pop()
+            self._reply = Outcome.of(self.started.pop(first), first)
+
+    def outcome(self) -> Result:
+        assert self.result is not None
+        return self.result
+
+
 def drive(plan: Plan, legs: Legs, feeds: Arrays, model: LocalModel | None) -> Result:
     """Carries a plan out on this thread; background paths run on the legs' pool."""
-    started: dict[concurrent.futures.Future[Result], PathName] = {}
-    reply: Any = None
-    error: Exception | None = None
+    run = _Progress[concurrent.futures.Future[Result]](plan)
     try:
-        while True:
-            step = plan.send(reply) if error is None else plan.throw(error)
-            reply, error = None, None
+        while (step := run.next()) is not None:
             if isinstance(step, Call):
                 try:
-                    reply = legs.run(step.path, feeds, model, step.timeout_ms)
+                    run.answered(legs.run(step.path, feeds, model, step.timeout_ms))
                 except Exception as exc:  # noqa: BLE001 - handed to the plan, which decides
-                    error = exc
+                    run.answered(error=exc)
             elif isinstance(step, Start):
-                future = legs.executor().submit(legs.run, step.path, feeds, model, step.timeout_ms)
-                started[future] = step.path
-            elif started:
-                timeout = max(0.0, step.until - time.monotonic())
-                done, _ = concurrent.futures.wait(
-                    started, timeout, concurrent.futures.FIRST_COMPLETED
-                )
-                reply = Outcome.of(started.pop(first := done.pop()), first) if done else None
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+                leg = legs.executor().submit(legs.run, step.path, feeds, model, step.timeout_ms)
+                run.started[leg] = step.path
+            elif run.started:
+                first = concurrent.futures.FIRST_COMPLETED
+                run.finished(concurrent.futures.wait(run.started, run.timeout(step), first)[0])
+        return run.outcome()
     finally:
-        for future in started:
-            future.cancel()  # a thread already running cannot be stopped; its answer is dropped
+        for leg in run.started:
+            leg.cancel()  # a thread already running cannot be stopped; its answer is dropped
 
 
 async def adrive(plan: Plan, legs: Legs, feeds: Arrays, model: LocalModel | None) -> Result:
     """Carries a plan out on the running event loop; background paths are tasks."""
-    started: dict[asyncio.Task[Result], PathName] = {}
-    reply: Any = None
-    error: Exception | None = None
+    run = _Progress[asyncio.Task[Result]](plan)
     try:
-        while True:
-            step = plan.send(reply) if error is None else plan.throw(error)
-            reply, error = None, None
-            if isinstance(step, Call):
-                try:
-                    reply = await legs.arun(step.path, feeds, model, step.timeout_ms)
-                except Exception as exc:  # noqa: BLE001 - handed to the plan, which decides
-                    error = exc
-            elif isinstance(step, Start):
-                task = asyncio.ensure_future(legs.arun(step.path, feeds, model, step.timeout_ms))
-                started[task] = step.path
-            elif started:
-                timeout = max(0.0, step.until - time.monotonic())
-                done, _ = await asyncio.wait(
-                    started, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                reply = Outcome.of(started.pop(first := done.pop()), first) if done else None
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+        while (step := run.next()) is not None:
+            if not isinstance(step, Call | Start):
+                if run.started:
+                    first = asyncio.FIRST_COMPLETED
+                    done, _ = await asyncio.wait(
+                        run.started, timeout=run.timeout(step), return_when=first
+                    )
+                    run.finished(done)
+                continue
+            leg = legs.arun(step.path, feeds, model, step.timeout_ms)
+            if isinstance(step, Start):
+                run.started[asyncio.ensure_future(leg)] = step.path
+                continue
+            try:
+                run.answered(await leg)
+            except Exception as exc:  # noqa: BLE001 - handed to the plan, which decides
+                run.answered(error=exc)
+        return run.outcome()
     finally:
-        for task in started:
+        for task in run.started:
             task.cancel()
 
 
 def call(path: PathName, timeout_ms: float | None = None) -> Generator[Step, Any, Result]:
     """`yield from call(...)`: one Call step, typed."""
     result: Result = yield Call(path, timeout_ms)
+    return result
+
+
+def _local_else_cloud(facts: Facts, timeout_ms: float | None) -> Plan:
+    """The local answer; the cloud's, marked as a fallback, when there is no local one."""
+    try:
+        return (yield from call("local"))
+    except LOCAL_FAILURES:
+        if not facts.has_cloud:
+            raise
+    result = yield from call("cloud", timeout_ms)
+    result.fallback = True
     return result
 
 
@@ -229,14 +269,7 @@ class PreferLocal(Policy):
         _check_timeout(self.timeout_ms)
 
     def plan(self, facts: Facts, model: LocalModel | None) -> Plan:
-        try:
-            return (yield from call("local"))
-        except LOCAL_FAILURES:
-            if not facts.has_cloud:
-                raise
-        result = yield from call("cloud", self.timeout_ms)
-        result.fallback = True
-        return result
+        return (yield from _local_else_cloud(facts, self.timeout_ms))
 
 
 @dataclass(frozen=True)
@@ -288,14 +321,9 @@ class Cascade(Policy):
             result = yield from call("cloud", self.timeout_ms)
             result.fallback = True
             return result
-        try:
-            local = yield from call("local")
-        except LOCAL_FAILURES:
-            if not facts.has_cloud:
-                raise
-            result = yield from call("cloud", self.timeout_ms)
-            result.fallback = True
-            return result
+        local = yield from _local_else_cloud(facts, self.timeout_ms)
+        if local.fallback:
+            return local
         assert model is not None
         confidence = local.compute_confidence()
         if confidence is None or confidence >= self._threshold(facts, model):
