@@ -305,6 +305,26 @@ def test_deadline_raises_when_neither_path_answers_in_budget(
     assert time.monotonic() - start < 0.45
 
 
+def test_deadline_with_only_the_local_path_raises_at_the_budget_sync_and_async(
+    clients: Factory, artifacts: Path, x: np.ndarray
+) -> None:
+    """One deadline for the whole call: the sync path used to wait for the late answer."""
+    c = clients(artifacts=artifacts, policy="deadline", budget_ms=150, runtime="onnx")
+    _slow(c, 1.0)
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceededError):
+        c.infer(x)
+    assert time.monotonic() - start < 0.6
+
+    async def timed() -> float:  # timed inside: asyncio.run then waits for the worker thread
+        start = time.monotonic()
+        with pytest.raises(DeadlineExceededError):
+            await c.ainfer(x)
+        return time.monotonic() - start
+
+    assert asyncio.run(timed()) < 0.6
+
+
 def test_async_policies(clients: Factory, artifacts: Path, v2: V2Server, x: np.ndarray) -> None:
     async def main() -> None:
         c = clients(
