@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,8 +40,15 @@ def test_swap_under_concurrent_load(
     threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
+
+    def calls() -> int:
+        return sum(len(v) for v in seen)
+
+    def more_calls(than: int) -> None:  # every hammer thread is running calls
+        wait_until(lambda: all(seen) and calls() >= than + 8, timeout=10, message="load")
+
     try:
-        time.sleep(0.1)
+        more_calls(0)
         for target in (2, 1, 2):
             store.write_active("digits", ActivePointer(version=target, variant=None))
             wait_until(
@@ -52,7 +58,7 @@ def test_swap_under_concurrent_load(
             )
             # Every call started after the swap uses the new version.
             assert client.infer(x).model_version == target
-            time.sleep(0.1)
+            more_calls(calls())  # load on the new version before the next swap
     finally:
         stop.set()
         for t in threads:

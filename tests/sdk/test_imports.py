@@ -41,15 +41,18 @@ def test_openvino_loads_without_phoning_home(tmp_path: Path) -> None:
     import_openvino, which keeps that module out: no fork, nothing sent. A fresh HOME (no
     opt-out file) and no CI variables (which would silence it) make the test meaningful."""
     code = (
-        "import os, sys, time\n"
+        "import atexit, os, sys\n"
         "forks = []\n"
         "os.register_at_fork(before=lambda: forks.append(1))\n"
         "from tandem.sdk.runtimes.openvino import OpenVINORuntime\n"
         "ov = OpenVINORuntime.import_package()\n"
         "ov.Core().available_devices\n"
         "import nncf\n"
-        "time.sleep(1.0)\n"  # the telemetry thread forks shortly after the import
-        "print(len(forks), sys.modules.get('openvino_telemetry', 'absent'))\n"
+        # The telemetry sends run on thread-pool workers, which the interpreter joins (each
+        # finishing the work already queued) before atexit handlers run: so this report
+        # comes after every send that the imports queued, with no guessed sleep.
+        "report = lambda: print(len(forks), sys.modules.get('openvino_telemetry', 'absent'))\n"
+        "atexit.register(report)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
     env["HOME"] = str(tmp_path)
