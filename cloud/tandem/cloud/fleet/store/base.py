@@ -1,0 +1,95 @@
+"""The store's engine, sessions and error translation."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Engine,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..errors import ConflictError, NotFoundError, StoreError
+from ..models import (
+    Base,
+)
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+# --- the store ----------------------------------------------------------------------------
+
+
+class StoreBase:
+    """The fleet's data layer over one SQLAlchemy engine."""
+
+    def __init__(self, url: str, *, telemetry_window_s: float = 60.0, echo: bool = False) -> None:
+        self.url = url
+        self.telemetry_window_s = telemetry_window_s
+        try:
+            if url.startswith("sqlite"):
+                database = make_url(url).database
+                if database and database != ":memory:":
+                    Path(database).parent.mkdir(parents=True, exist_ok=True)
+                self.engine: Engine = create_engine(
+                    url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30}
+                )
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            else:
+                self.engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10)
+            self.dialect = self.engine.dialect.name
+            Base.metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot open the fleet database {_redact(url)}: {exc}") from exc
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer; serializing our own writers avoids busy-retry storms.
+        self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self, write: bool = True) -> Iterator[Session]:
+        lock = self._write_lock if write else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            with self._sessions() as session, session.begin():
+                yield session
+        except (NotFoundError, ConflictError):
+            raise
+        except IntegrityError as exc:
+            raise ConflictError(f"conflicts with stored data: {exc.orig}") from exc
+        except SQLAlchemyError as exc:
+            raise StoreError(f"fleet database error: {exc}") from exc
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url

@@ -1,0 +1,199 @@
+"""Row <-> record conversion and the small query helpers the store modules share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from sqlalchemy import (
+    select,
+)
+from sqlalchemy.engine import Connection
+
+from .. import engine as eng
+from ..models import (
+    ArtifactRow,
+    EventRow,
+    RolloutRow,
+)
+from ..telemetry import Aggregate, Histogram
+from .records import (
+    Artifact,
+    Assignment,
+    Device,
+    EventRecord,
+    Rollout,
+)
+
+_IN_CHUNK = 400  # keys per IN (...) query: well under SQLite's bound-parameter limit
+
+
+# --- conversions --------------------------------------------------------------------------
+
+
+def _device(row: Any) -> Device:
+    # An ORM row or a Core row (bulk reads skip the ORM's per-object cost).
+    return Device(
+        row.device_id,
+        row.online,
+        row.agent_version,
+        dict(row.tags or {}),
+        row.hardware,
+        tuple(row.runtimes or ()),
+        {k: int(v) for k, v in (row.active_versions or {}).items()},
+        row.first_seen,
+        row.last_seen,
+        row.desired_revision,
+    )
+
+
+def _artifact(row: ArtifactRow) -> Artifact:
+    return Artifact(
+        row.model,
+        row.version,
+        row.variant,
+        row.runtime,
+        row.hardware,
+        bytes(row.manifest),
+        tuple((s["keyid"], bytes.fromhex(s["sig"])) for s in row.signatures),
+        row.path,
+        row.stored_bytes,
+    )
+
+
+def _plan(row: RolloutRow) -> eng.RolloutPlan:
+    p = row.plan
+    return eng.RolloutPlan(
+        model=row.model,
+        version=row.version,
+        stages=tuple(eng.Stage.from_json(s) for s in p["stages"]),
+        on_gate_failure=eng.GateAction(p["on_gate_failure"]),
+        device_timeout_s=float(p["device_timeout_s"]),
+        max_assignments_per_s=float(p["max_assignments_per_s"]),
+    )
+
+
+def _state(row: RolloutRow) -> eng.RolloutState:
+    return eng.RolloutState(
+        status=eng.RolloutStatus(row.status),
+        stage_index=row.stage_index,
+        stage_started_at=row.stage_started_at,
+        stage_settled_at=row.stage_settled_at,
+        gate_window_start=row.gate_window_start,
+        paused_reason=row.paused_reason,
+        tokens=row.tokens,
+        tokens_at=row.tokens_at,
+        waiting_for_data=row.waiting_for_data,
+    )
+
+
+def _rollout(row: RolloutRow) -> Rollout:
+    return Rollout(
+        row.rollout_id,
+        _plan(row),
+        _state(row),
+        row.baseline_version,
+        dict(row.selector or {}),
+        row.created_by,
+        row.created_at,
+        row.updated_at,
+        tuple(row.last_gates or ()),
+    )
+
+
+def _assignment(row: Any) -> Assignment:
+    return Assignment(
+        row.rollout_id,
+        row.device_id,
+        row.stage_index,
+        eng.DeviceState(row.state),
+        row.variant,
+        row.previous_version,
+        row.reason,
+        row.assigned_at,
+        row.updated_at,
+    )
+
+
+def _event(row: EventRow) -> EventRecord:
+    return EventRecord(
+        row.id,
+        row.at,
+        row.rollout_id,
+        row.device_id,
+        row.kind,
+        row.actor,
+        row.stage_index,
+        dict(row.detail or {}),
+    )
+
+
+def _aggregate(row: Any) -> Aggregate:
+    return Aggregate(
+        device_id=row.device_id,
+        model=row.model,
+        version=row.version,
+        window_start_ms=row.window_start_ms,
+        requests=row.requests,
+        errors=row.errors,
+        fallbacks=row.fallbacks,
+        cache_hits=row.cache_hits,
+        shadow_sampled=row.shadow_sampled,
+        shadow_agreed=row.shadow_agreed,
+        counts=dict(row.counts or {}),
+        confidence=list(row.confidence or []),
+        latency_local=Histogram.from_json(row.latency_local),
+        latency_cloud=Histogram.from_json(row.latency_cloud),
+        runtime=row.runtime,
+        summaries=row.summaries,
+    )
+
+
+def _aggregate_values(agg: Aggregate, now: float) -> dict[str, Any]:
+    return {
+        "device_id": agg.device_id,
+        "model": agg.model,
+        "version": agg.version,
+        "window_start_ms": agg.window_start_ms,
+        "requests": agg.requests,
+        "errors": agg.errors,
+        "fallbacks": agg.fallbacks,
+        "cache_hits": agg.cache_hits,
+        "shadow_sampled": agg.shadow_sampled,
+        "shadow_agreed": agg.shadow_agreed,
+        "counts": agg.counts,
+        "confidence": agg.confidence,
+        "latency_local": agg.latency_local.to_json() if agg.latency_local else None,
+        "latency_cloud": agg.latency_cloud.to_json() if agg.latency_cloud else None,
+        "runtime": agg.runtime,
+        "summaries": agg.summaries,
+        "updated_at": now,
+    }
+
+
+def _chunks(items: Sequence[Any], size: int = _IN_CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _seen_ids(conn: Connection, column: Any, ids: Sequence[str]) -> set[str]:
+    """The ids among `ids` already in a seen-id table (`column`: its primary key). Telemetry
+    summaries and device reports are both at-least-once, deduplicated this way: the id is
+    looked up, and inserted in the same transaction as what it stands for; a replica
+    inserting the same id meanwhile fails the insert, and the caller's retry sees it."""
+    known: set[str] = set()
+    for part in _chunks(list(ids)):
+        known.update(conn.execute(select(column).where(column.in_(list(part)))).scalars())
+    return known
+
+
+def _write_state(row: RolloutRow, st: eng.RolloutState) -> None:
+    row.status = st.status.value
+    row.stage_index = st.stage_index
+    row.stage_started_at = st.stage_started_at
+    row.stage_settled_at = st.stage_settled_at
+    row.gate_window_start = st.gate_window_start
+    row.paused_reason = st.paused_reason
+    row.tokens = st.tokens
+    row.tokens_at = st.tokens_at
+    row.waiting_for_data = st.waiting_for_data
