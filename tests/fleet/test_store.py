@@ -10,6 +10,7 @@ import pytest
 
 from tandem.cloud.fleet import engine as eng
 from tandem.cloud.fleet.errors import ConflictError, NotFoundError
+from tandem.cloud.fleet.rollouts import apply_command
 from tandem.cloud.fleet.store import ReportIn, Store
 from tandem.protos.fleet.v1 import fleet_pb2
 from tests.fleet.helpers import summary
@@ -144,8 +145,8 @@ def test_rollout_lifecycle_persists_state_assignments_desired_and_events(store: 
     [a] = store.assignments("r1")
     assert a.state is eng.DeviceState.SUCCEEDED and a.previous_version == 1
 
-    r, changed = store.command(
-        "r1", eng.Command.ABORT, "bob", 103.0, baseline_variants={dev: "onnx-int8"}
+    r, changed = apply_command(
+        store, "r1", eng.Command.ABORT, "bob", 103.0, baseline_variants={dev: "onnx-int8"}
     )
     assert r.state.status is eng.RolloutStatus.ABORTED and changed == [dev]
     rev, desired = store.desired(dev)

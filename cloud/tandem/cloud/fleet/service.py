@@ -41,6 +41,7 @@ from tandem.sdk.artifacts import (
 from . import engine as eng
 from .delivery import DEFAULT_CHUNK_SIZE, Delivery
 from .errors import ConflictError, ImportRefusedError, NotFoundError
+from .rollouts import apply_command
 from .store import Artifact, Device, IngestResult, ReportIn, Rollout, Store, pick_variant
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class FleetService:
     def __init__(self, config: ServiceConfig, *, clock: Callable[[], float] = _now) -> None:
         self.config = config
         self.clock = clock
-        self.store = Store(config.db_url, telemetry_window_s=config.telemetry_window_s)
+        self.store = Store(config.db_url, telemetry_window_s=config.telemetry_window_s, clock=clock)
         self.delivery = Delivery(config.chunk_size)
         # Called with the devices whose desired state changed; the MQTT link publishes them.
         self.on_desired_changed: Callable[[Sequence[str]], None] = lambda _device_ids: None
@@ -334,8 +335,8 @@ class FleetService:
             baseline = self._baseline_variants(
                 r, [a.device_id for a in self.store.assignments(rollout_id)]
             )
-            rollout, changed = self.store.command(
-                rollout_id, eng.Command(cmd), actor, self.clock(), baseline
+            rollout, changed = apply_command(
+                self.store, rollout_id, eng.Command(cmd), actor, self.clock(), baseline
             )
         log.info("rollout %s: %s by %s", rollout_id, eng.Command(cmd).value, actor)
         self._publish(changed)

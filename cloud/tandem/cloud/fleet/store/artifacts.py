@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,7 +43,7 @@ class ArtifactStore(DeviceStore):
         metrics: Mapping[str, Any] | None = None,
     ) -> bool:
         """Registers a signed variant; False when the identical one is there already."""
-        now = time.time()
+        now = self.clock()
         with self.session() as s:
             if s.get(ModelRow, model) is None:
                 s.add(ModelRow(name=model, task=task, created_at=now))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Engine,
@@ -29,12 +30,24 @@ def sqlite_url(path: Path) -> str:
 
 # --- the store ----------------------------------------------------------------------------
 
+_T = TypeVar("_T")
+
 
 class StoreBase:
     """The fleet's data layer over one SQLAlchemy engine."""
 
-    def __init__(self, url: str, *, telemetry_window_s: float = 60.0, echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        telemetry_window_s: float = 60.0,
+        echo: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.url = url
+        # The service's clock, so that a store used by a service with a fake clock stamps
+        # the same times the service decides with.
+        self.clock = clock
         self.telemetry_window_s = telemetry_window_s
         try:
             if url.startswith("sqlite"):
@@ -57,6 +70,18 @@ class StoreBase:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def retry_on_conflict(self, attempt: Callable[[], _T], tries: int = 3) -> _T:
+        """Runs `attempt` again when it raises `ConflictError`: another replica wrote the
+        same unique key (a report or summary id, a device) meanwhile, and the next try
+        sees that write. The last conflict propagates."""
+        for n in range(tries):
+            try:
+                return attempt()
+            except ConflictError:
+                if n == tries - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     @contextmanager
     def session(self, write: bool = True) -> Iterator[Session]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 
 from sqlalchemy import (
@@ -13,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from tandem.protos.fleet.v1 import fleet_pb2
 
-from ..errors import ConflictError, NotFoundError
+from ..errors import NotFoundError
 from ..models import (
     DesiredRow,
     DeviceRow,
@@ -42,16 +41,15 @@ class DeviceStore(StoreBase):
         self, presences: Sequence[fleet_pb2.Presence], now: float | None = None
     ) -> list[PresenceUpdate]:
         """Many presence messages in one transaction (in order)."""
-        now = now or time.time()
-        for attempt in range(3):
-            try:
-                with self.session() as s:
-                    return [self._upsert_presence_in(s, p, now) for p in presences]
-            except ConflictError:
-                # Another replica registered one of these devices meanwhile: now it exists.
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        now = now or self.clock()
+
+        def attempt() -> list[PresenceUpdate]:
+            with self.session() as s:
+                return [self._upsert_presence_in(s, p, now) for p in presences]
+
+        # Another replica registering one of these devices meanwhile conflicts: the retry
+        # finds it.
+        return self.retry_on_conflict(attempt)
 
     def _upsert_presence_in(self, s: Session, p: fleet_pb2.Presence, now: float) -> PresenceUpdate:
         row = s.get(DeviceRow, p.device_id)
@@ -185,7 +183,7 @@ class DeviceStore(StoreBase):
         rollout_id: str = "",
         actor: str = "system",
     ) -> None:
-        now = time.time()
+        now = self.clock()
         with self.session() as s:
             if s.get(DeviceRow, device_id) is None:
                 raise NotFoundError(f"no device {device_id!r}")

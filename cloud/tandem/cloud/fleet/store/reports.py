@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import cast
 
 from sqlalchemy import (
@@ -13,7 +13,6 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from .. import engine as eng
-from ..errors import ConflictError
 from ..models import (
     ArtifactRow,
     AssignmentRow,
@@ -28,7 +27,6 @@ from .records import (
     Device,
     ReportIn,
     ReportOutcome,
-    Rollout,
     pick_variant,
 )
 from .rollouts import RolloutStore
@@ -62,15 +60,9 @@ class ReportStore(RolloutStore):
     def apply_reports(self, reports: Sequence[ReportIn], now: float) -> list[ReportOutcome]:
         """Many reports in one transaction (in order), each `report_id` once: a report
         applied before (also by another replica) changes nothing and records no event."""
-        for attempt in range(3):
-            try:
-                return self._apply_reports_once(reports, now)
-            except ConflictError:
-                # Another replica applied one of these report ids (or registered one of
-                # these devices) meanwhile: the retry sees it.
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        # Another replica applying one of these report ids (or registering one of these
+        # devices) meanwhile makes a try conflict: the retry sees its write.
+        return self.retry_on_conflict(lambda: self._apply_reports_once(reports, now))
 
     def _apply_reports_once(self, reports: Sequence[ReportIn], now: float) -> list[ReportOutcome]:
         seen = cast(Table, SeenReportRow.__table__)
@@ -201,35 +193,3 @@ class ReportStore(RolloutStore):
                 return 0, desired, {}
             active = {k: int(v) for k, v in (row.active_versions or {}).items()}
             return row.desired_revision, desired, active
-
-    def command(
-        self,
-        rollout_id: str,
-        cmd: eng.Command,
-        actor: str,
-        now: float,
-        baseline_variants: Mapping[str, str] | None = None,
-    ) -> tuple[Rollout, list[str]]:
-        """A manual command, applied under the row lock; returns the rollout and the devices
-        whose desired state changed."""
-        for _ in range(5):
-            r = self.rollout(rollout_id)
-            views = [
-                eng.DeviceView(a.device_id, a.state, a.assigned_at, a.updated_at)
-                for a in self.assignments(rollout_id)
-            ]
-            decision = eng.command(r.plan, r.state, cmd, actor, now, views)
-            try:
-                changed = self.apply_decision(
-                    rollout_id,
-                    r.state,
-                    decision,
-                    now,
-                    variants={},
-                    previous={},
-                    baseline_variants=baseline_variants or {},
-                )
-            except ConflictError:
-                continue
-            return self.rollout(rollout_id), changed
-        raise ConflictError(f"rollout {rollout_id} keeps changing; try again")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -202,7 +201,7 @@ class RolloutStore(ArtifactStore):
         with self.session() as s:
             s.add(
                 EventRow(
-                    at=now or time.time(),
+                    at=now or self.clock(),
                     rollout_id=rollout_id,
                     device_id=device_id,
                     kind=kind,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
@@ -18,7 +17,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from tandem.protos.fleet.v1 import fleet_pb2
 
-from ..errors import ConflictError
 from ..models import (
     SeenReportRow,
     SeenSummaryRow,
@@ -47,18 +45,14 @@ class TelemetryStore(ReportStore):
         summary_id once (also across service replicas: the id insert decides)."""
         if not summaries:
             return IngestResult(0, 0)
-        now = now or time.time()
+        now = now or self.clock()
         unique: dict[str, fleet_pb2.TelemetrySummary] = {}
         for summary in summaries:
             if summary.summary_id and summary.device_id and summary.model:
                 unique.setdefault(summary.summary_id, summary)
-        for attempt in range(3):
-            try:
-                return self._ingest_once(list(unique.values()), len(summaries), now)
-            except ConflictError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        return self.retry_on_conflict(
+            lambda: self._ingest_once(list(unique.values()), len(summaries), now)
+        )
 
     def _ingest_once(
         self, summaries: list[fleet_pb2.TelemetrySummary], offered: int, now: float
@@ -156,7 +150,7 @@ class TelemetryStore(ReportStore):
             first = min(r.window_start_ms for r in rows) / 1000
             last = max(r.window_start_ms for r in rows) / 1000 + self.telemetry_window_s
             lo = max(first, since) if since is not None else first
-            hi = min(last, until) if until is not None else min(last, time.time())
+            hi = min(last, until) if until is not None else min(last, self.clock())
             span = max(hi - lo, 1e-9)
         else:
             span = 0.0
@@ -177,7 +171,7 @@ class TelemetryStore(ReportStore):
     def purge_telemetry(self, retention_s: float, now: float | None = None) -> int:
         """Deletes aggregates whose window ended before the retention horizon, and the
         summary and report ids received before it. Returns the number of aggregates deleted."""
-        now = now or time.time()
+        now = now or self.clock()
         horizon = now - retention_s
         with self.session() as s:
             res = s.execute(
