@@ -12,12 +12,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import case, func, select
-
 from tandem.cloud.fleet import engine as eng
-from tandem.cloud.fleet.models import DeviceRow, EventRow, RolloutRow, TelemetryRow
 from tandem.cloud.fleet.store import Device, Rollout, Store, pick_variant
-from tandem.cloud.fleet.telemetry import Aggregate, Histogram, combine
+from tandem.cloud.fleet.telemetry import Aggregate, combine
 
 # How far back the rollout charts reach before the rollout started (seconds): the baseline
 # version's numbers just before the change are the reference a person compares against.
@@ -89,42 +86,21 @@ def last_telemetry(store: Store, now: float | None = None) -> dict[str, dict[str
     """Per device, its newest telemetry window (any model): what it ran and how it went."""
     now = now or time.time()
     horizon_ms = int((now - LAST_TELEMETRY_S) * 1000)
-    newest: dict[str, TelemetryRow] = {}
-    with store.session(write=False) as s:
-        for row in s.scalars(
-            select(TelemetryRow)
-            .where(TelemetryRow.window_start_ms >= horizon_ms)
-            .order_by(TelemetryRow.window_start_ms)
-        ):
-            newest[row.device_id] = row
-        out: dict[str, dict[str, Any]] = {}
-        for device_id, row in newest.items():
-            agg = Aggregate(
-                row.device_id,
-                row.model,
-                row.version,
-                row.window_start_ms,
-                requests=row.requests,
-                errors=row.errors,
-                fallbacks=row.fallbacks,
-                shadow_sampled=row.shadow_sampled,
-                shadow_agreed=row.shadow_agreed,
-            )
-            p95 = None
-            if row.latency_local:
-                hist = Histogram.from_json(row.latency_local)
-                p95 = hist.quantile(0.95) if hist else None
-            out[device_id] = {
-                "model": row.model,
-                "version": row.version,
-                "runtime": row.runtime,
-                "window_start": row.window_start_ms / 1000.0,
-                "requests": agg.requests,
-                "errors": agg.errors,
-                "fallback_rate": _round(agg.fallbacks / agg.requests if agg.requests else None),
-                "p95_latency_ms": _round(p95, 4),
-                "updated_at": row.updated_at,
-            }
+    out: dict[str, dict[str, Any]] = {}
+    for device_id, (agg, updated_at) in store.newest_windows(horizon_ms).items():
+        hist = agg.latency_local
+        p95 = hist.quantile(0.95) if hist else None
+        out[device_id] = {
+            "model": agg.model,
+            "version": agg.version,
+            "runtime": agg.runtime,
+            "window_start": agg.window_start_ms / 1000.0,
+            "requests": agg.requests,
+            "errors": agg.errors,
+            "fallback_rate": _round(agg.fallbacks / agg.requests if agg.requests else None),
+            "p95_latency_ms": _round(p95, 4),
+            "updated_at": updated_at,
+        }
     return out
 
 
@@ -349,26 +325,10 @@ def rollout_series(store: Store, rollout_id: str, now: float | None = None) -> d
 def change_marks(store: Store) -> dict[str, Any]:
     """Cheap fingerprints of what the pages show; the event stream compares them between
     polls and tells the page what to refresh."""
-    with store.session(write=False) as s:
-        last_event = s.scalar(select(func.max(EventRow.id))) or 0
-        devices = s.execute(
-            select(
-                func.count(),
-                func.sum(case((DeviceRow.online, 1), else_=0)),
-                func.max(DeviceRow.last_seen),
-                func.sum(DeviceRow.desired_revision),
-            )
-        ).one()
-        rollouts = s.scalar(select(func.max(RolloutRow.updated_at))) or 0.0
-        telemetry = s.scalar(select(func.max(TelemetryRow.updated_at))) or 0.0
+    m = store.change_marks()
     return {
-        "event_id": int(last_event),
-        "fleet": [
-            int(devices[0] or 0),
-            int(devices[1] or 0),
-            float(devices[2] or 0.0),
-            int(devices[3] or 0),
-        ],
-        "rollouts": float(rollouts),
-        "telemetry": float(telemetry),
+        "event_id": m.event_id,
+        "fleet": [m.devices, m.online, m.last_seen, m.desired_revisions],
+        "rollouts": m.rollouts_updated,
+        "telemetry": m.telemetry_updated,
     }

@@ -10,10 +10,12 @@ threads can share one file; PostgreSQL is what several service replicas share.
 """
 
 from .base import sqlite_url
+from .overview import OverviewStore
 from .records import (
     HARDWARE_ANY,
     Artifact,
     Assignment,
+    ChangeMarks,
     Desired,
     Device,
     EventRecord,
@@ -24,10 +26,9 @@ from .records import (
     Rollout,
     pick_variant,
 )
-from .telemetry import TelemetryStore
 
 
-class Store(TelemetryStore):
+class Store(OverviewStore):
     """The fleet's data layer over one SQLAlchemy engine."""
 
 
@@ -35,6 +36,7 @@ __all__ = [
     "HARDWARE_ANY",
     "Artifact",
     "Assignment",
+    "ChangeMarks",
     "Desired",
     "Device",
     "EventRecord",

@@ -204,3 +204,16 @@ def pick_variant(device: Device, artifacts: Sequence[Artifact]) -> str | None:
 class IngestResult:
     ingested: int
     duplicates: int
+
+
+@dataclass(frozen=True)
+class ChangeMarks:
+    """Cheap fingerprints of what the console's pages show."""
+
+    event_id: int  # the newest event's id
+    devices: int
+    online: int
+    last_seen: float  # newest presence, unix seconds
+    desired_revisions: int  # sum over devices: changes when any desired state changes
+    rollouts_updated: float  # unix seconds
+    telemetry_updated: float  # unix seconds
