@@ -22,6 +22,7 @@ from ..models import (
     RolloutRow,
     SeenReportRow,
 )
+from ..reports import report_effect
 from .records import (
     Desired,
     Device,
@@ -124,13 +125,13 @@ class ReportStore(RolloutStore):
         )
         changed = False
         for r, a in s.execute(q).all():
-            new_state = eng.on_report(eng.DeviceState(a.state), kind, version, r.version)
-            if new_state is None:
+            effect = report_effect(eng.DeviceState(a.state), kind, version, r.version)
+            if effect is None:
                 continue
-            a.state, a.updated_at = new_state.value, now
+            a.state, a.updated_at = effect.state.value, now
             if reason:
                 a.reason = reason
-            if new_state is eng.DeviceState.FAILED:
+            if effect.failed:
                 s.add(
                     EventRow(
                         at=now,
