@@ -183,13 +183,14 @@ def test_telemetry_gates_compare_with_baseline() -> None:
         shadow_sampled=100,
         shadow_agreed=98,
     )
+    # Enough data that the confidence bounds, not just the raw ratios, clear the thresholds.
     good = VersionStats(
-        requests=500,
-        errors=5,
-        fallbacks=60,
+        requests=5000,
+        errors=50,
+        fallbacks=600,
         p95_latency_ms=12.0,
-        shadow_sampled=60,
-        shadow_agreed=58,
+        shadow_sampled=600,
+        shadow_agreed=580,
     )
     f = Fleet(p)
     f.run(0.0, cohort=good, baseline=base)
@@ -199,10 +200,10 @@ def test_telemetry_gates_compare_with_baseline() -> None:
     assert f.state.stage_index == 1
 
     for bad, metric in (
-        (replace(good, errors=100), "error_rate"),
+        (replace(good, errors=1000), "error_rate"),
         (replace(good, p95_latency_ms=40.0), "p95_latency_ratio"),
-        (replace(good, fallbacks=300), "fallback_rate"),
-        (replace(good, shadow_agreed=30), "shadow_agreement"),
+        (replace(good, fallbacks=3000), "fallback_rate"),
+        (replace(good, shadow_agreed=300), "shadow_agreement"),
     ):
         f = Fleet(p)
         f.run(0.0, cohort=bad, baseline=base)
@@ -223,7 +224,7 @@ def test_gate_without_enough_data_holds_the_stage() -> None:
         f.run(t, cohort=few)
     assert f.state.stage_index == 0 and f.state.status is RolloutStatus.RUNNING
     assert f.events.count("waiting_for_telemetry") == 1
-    f.run(51.0, cohort=VersionStats(requests=200, errors=1))
+    f.run(51.0, cohort=VersionStats(requests=1000, errors=5))
     assert f.state.stage_index == 1
 
 
@@ -241,7 +242,7 @@ def test_gate_failure_can_pause_instead_and_resume_takes_a_fresh_look() -> None:
     d = command(p, f.state, Command.RESUME, "alice", 60.0)
     assert d.events[0].actor == "alice" and d.state.gate_window_start == 60.0
     f.apply(d, 60.0)
-    fine = VersionStats(requests=100, errors=0)
+    fine = VersionStats(requests=1000, errors=0)
     f.run(61.0, cohort=fine)
     f.run(62.0, cohort=fine)
     assert f.state.stage_index == 0, "soaks afresh after resume"

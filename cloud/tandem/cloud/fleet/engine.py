@@ -40,6 +40,7 @@ from typing import Any
 
 from tandem.errors import ConfigError
 
+from . import gates as stats
 from .errors import ConflictError
 
 # --- the plan -----------------------------------------------------------------------------
@@ -51,16 +52,19 @@ class GateMetric(StrEnum):
     FALLBACK_RATE = "fallback_rate"  # fallbacks / requests of the new version in the cohort
     SHADOW_AGREEMENT = "shadow_agreement"  # shadow_agreed / shadow_sampled (higher is better)
     FAILED_DEVICE_PCT = "failed_device_pct"  # failed devices / cohort devices, in percent
+    # Label-free: mean calibrated confidence of local answers (higher is better).
+    ESTIMATED_ACCURACY = "estimated_accuracy"
 
 
 # Metrics where a higher value is better: the gate fails when the value drops below.
-_HIGHER_IS_BETTER = {GateMetric.SHADOW_AGREEMENT}
+_HIGHER_IS_BETTER = {GateMetric.SHADOW_AGREEMENT, GateMetric.ESTIMATED_ACCURACY}
 # Metrics that can also be bounded relative to the baseline version (value - baseline).
 _TELEMETRY_METRICS = {
     GateMetric.ERROR_RATE,
     GateMetric.P95_LATENCY_RATIO,
     GateMetric.FALLBACK_RATE,
     GateMetric.SHADOW_AGREEMENT,
+    GateMetric.ESTIMATED_ACCURACY,
 }
 
 
@@ -76,6 +80,10 @@ class Gate:
     # shadow samples for agreement); below that the gate holds the stage.
     min_samples: int = 1
     relative: bool = False
+    # The smallest degradation the gate must catch: it passes only once the confidence bound
+    # shows the cohort within threshold + min_effect (threshold - min_effect for
+    # higher-is-better metrics); between the two it waits for more data.
+    min_effect: float = 0.02
 
     def __post_init__(self) -> None:
         try:
@@ -88,6 +96,8 @@ class Gate:
             raise ConfigError(
                 "gate.threshold", f"must be a finite number >= 0, got {self.threshold}"
             )
+        if not (0 <= self.min_effect < math.inf):
+            raise ConfigError("gate.min_effect", f"must be >= 0, got {self.min_effect}")
         if self.min_samples < 0:
             raise ConfigError("gate.min_samples", f"must be >= 0, got {self.min_samples}")
         if self.relative and self.metric not in _TELEMETRY_METRICS - {GateMetric.P95_LATENCY_RATIO}:
@@ -99,6 +109,7 @@ class Gate:
             "threshold": self.threshold,
             "min_samples": self.min_samples,
             "relative": self.relative,
+            "min_effect": self.min_effect,
         }
 
     @classmethod
@@ -114,6 +125,7 @@ class Gate:
             threshold=float(data["threshold"]),
             min_samples=int(data.get("min_samples", 1)),
             relative=bool(data.get("relative", False)),
+            min_effect=float(data.get("min_effect", 0.02)),
         )
 
 
@@ -122,12 +134,16 @@ class Stage:
     percent: float  # of the targeted devices, (0, 100]
     min_soak_s: float = 0.0  # seconds the settled stage must run before advancing
     gates: tuple[Gate, ...] = ()
+    # Seconds after the soak that a gate may lack evidence before the rollout pauses.
+    max_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
         if not (0 < self.percent <= 100):
             raise ConfigError("stage.percent", f"must be in (0, 100], got {self.percent}")
         if not (0 <= self.min_soak_s < math.inf):
             raise ConfigError("stage.min_soak_s", f"must be >= 0 and finite, got {self.min_soak_s}")
+        if not (0 < self.max_wait_s < math.inf):
+            raise ConfigError("stage.max_wait_s", f"must be > 0 and finite, got {self.max_wait_s}")
         object.__setattr__(self, "gates", tuple(self.gates))
 
     def to_json(self) -> dict[str, Any]:
@@ -135,6 +151,7 @@ class Stage:
             "percent": self.percent,
             "min_soak_s": self.min_soak_s,
             "gates": [g.to_json() for g in self.gates],
+            "max_wait_s": self.max_wait_s,
         }
 
     @classmethod
@@ -143,6 +160,7 @@ class Stage:
             percent=float(data["percent"]),
             min_soak_s=float(data.get("min_soak_s", 0.0)),
             gates=tuple(Gate.from_json(g) for g in data.get("gates", ())),
+            max_wait_s=float(data.get("max_wait_s", 600.0)),
         )
 
 
@@ -161,6 +179,9 @@ class RolloutPlan:
     on_gate_failure: GateAction = GateAction.ABORT
     device_timeout_s: float = 600.0  # seconds from assignment to HEALTHY before a device fails
     max_assignments_per_s: float = 0.0  # new devices per second; 0 = unlimited
+    # Chance that a version as good as the gates ask is stopped anyway, over the whole
+    # rollout (split across stages and gates, and spent over the looks of each gate).
+    false_abort_rate: float = 0.01
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -187,6 +208,40 @@ class RolloutPlan:
             raise ConfigError(
                 "plan.max_assignments_per_s", f"must be >= 0, got {self.max_assignments_per_s}"
             )
+        if not (0 < self.false_abort_rate < 0.5):
+            raise ConfigError(
+                "plan.false_abort_rate", f"must be in (0, 0.5), got {self.false_abort_rate}"
+            )
+
+    def gate_alpha(self, stage_index: int) -> float:
+        """The false-abort budget of one gate of a stage (Bonferroni over stages and gates)."""
+        return self.false_abort_rate / (
+            len(self.stages) * max(1, len(self.stages[stage_index].gates))
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "stages": [s.to_json() for s in self.stages],
+            "on_gate_failure": self.on_gate_failure.value,
+            "device_timeout_s": self.device_timeout_s,
+            "max_assignments_per_s": self.max_assignments_per_s,
+            "false_abort_rate": self.false_abort_rate,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RolloutPlan:
+        """Plans stored before the statistical gates load with the defaults."""
+        return cls(
+            model=str(data["model"]),
+            version=int(data["version"]),
+            stages=tuple(Stage.from_json(s) for s in data["stages"]),
+            on_gate_failure=GateAction(data.get("on_gate_failure", "abort")),
+            device_timeout_s=float(data.get("device_timeout_s", 600.0)),
+            max_assignments_per_s=float(data.get("max_assignments_per_s", 0.0)),
+            false_abort_rate=float(data.get("false_abort_rate", 0.01)),
+        )
 
 
 # --- the state ----------------------------------------------------------------------------
@@ -264,6 +319,12 @@ class VersionStats:
     shadow_sampled: int = 0
     shadow_agreed: int = 0
     p95_latency_ms: float | None = None
+    # Merged local-latency histogram counts (underflow first) and its (min_value, growth)
+    # layout; the latency gate tests them when both sides share a layout.
+    latency_counts: tuple[int, ...] = ()
+    latency_layout: tuple[float, float] | None = None
+    # Merged confidence buckets (linear over [0, 1]) of the local answers.
+    confidence_buckets: tuple[int, ...] = ()
 
     @property
     def error_rate(self) -> float | None:
@@ -306,6 +367,9 @@ class GateResult:
     passed: bool | None  # None: not enough data to judge
     samples: int = 0
     baseline: float | None = None
+    low: float | None = None  # confidence bound of the value (Mann-Whitney AUC for latency)
+    high: float | None = None
+    reason: str = ""  # why it passed, failed or waits
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -315,6 +379,9 @@ class GateResult:
             "passed": self.passed,
             "samples": self.samples,
             "baseline": self.baseline,
+            "low": self.low,
+            "high": self.high,
+            "reason": self.reason,
         }
 
 
@@ -352,40 +419,88 @@ def evaluate_gates(
     baseline: VersionStats,
     failed_pct: float,
     cohort_devices: int,
+    alpha: float = 0.01,
 ) -> tuple[GateResult, ...]:
+    """Judges each gate through a confidence bound (see gates.py); `alpha` is one gate's
+    false-abort budget."""
     results = []
     for gate in gates:
-        value: float | None
-        base: float | None = None
-        samples = cohort.requests
-        if gate.metric is GateMetric.FAILED_DEVICE_PCT:
-            value, samples = (failed_pct if cohort_devices else None), cohort_devices
-        elif gate.metric is GateMetric.ERROR_RATE:
-            value, base = cohort.error_rate, baseline.error_rate
-        elif gate.metric is GateMetric.FALLBACK_RATE:
-            value, base = cohort.fallback_rate, baseline.fallback_rate
-        elif gate.metric is GateMetric.SHADOW_AGREEMENT:
-            value, base, samples = cohort.agreement, baseline.agreement, cohort.shadow_sampled
-        else:  # P95_LATENCY_RATIO
-            base = baseline.p95_latency_ms
-            if cohort.p95_latency_ms is None or not base:
-                value = None
-            else:
-                value = cohort.p95_latency_ms / base
-        if value is not None and gate.relative:
-            value = (
-                None
-                if base is None
-                else (base - value if gate.metric in _HIGHER_IS_BETTER else value - base)
-            )
-        if value is None or samples < gate.min_samples:
-            results.append(GateResult(gate.metric, value, gate.threshold, None, samples, base))
+        m = gate.metric
+        if m is GateMetric.FAILED_DEVICE_PCT:
+            # Counted, not sampled: the settled cohort is the whole population.
+            if not cohort_devices or cohort_devices < gate.min_samples:
+                why = f"{cohort_devices} of {max(1, gate.min_samples)} devices"
+                results.append(GateResult(m, None, gate.threshold, None, cohort_devices, None))
+                results[-1] = replace(results[-1], reason=why)
+                continue
+            ok = failed_pct <= gate.threshold
+            why = f"{failed_pct:.3g}% {'<=' if ok else '>'} {gate.threshold:g}%"
+            results.append(
+                GateResult(
+                    m, failed_pct, gate.threshold, ok, cohort_devices, None,
+                    failed_pct, failed_pct, why,
+                )
+            )  # fmt: skip
             continue
-        if gate.metric in _HIGHER_IS_BETTER and not gate.relative:
-            passed = value >= gate.threshold
+        if m is GateMetric.P95_LATENCY_RATIO:
+            base = baseline.p95_latency_ms
+            value = (
+                cohort.p95_latency_ms / base if cohort.p95_latency_ms is not None and base else None
+            )
+            same = (
+                cohort.latency_layout is not None
+                and cohort.latency_layout == baseline.latency_layout
+            )
+            v = stats.judge_latency(
+                ratio=value,
+                samples=cohort.requests,
+                new_counts=cohort.latency_counts if same else (),
+                base_counts=baseline.latency_counts if same else (),
+                threshold=gate.threshold,
+                alpha=alpha,
+                min_samples=gate.min_samples,
+            )
+            results.append(
+                GateResult(
+                    m, value, gate.threshold, v.passed, cohort.requests, base,
+                    v.low, v.high, v.reason,
+                )
+            )  # fmt: skip
+            continue
+        if m is GateMetric.ESTIMATED_ACCURACY:
+            est = stats.estimated_accuracy(cohort.confidence_buckets)
+            best = stats.estimated_accuracy(baseline.confidence_buckets)
+            x, n = (est[0] * est[1], est[1]) if est else (0.0, 0)
+            bx, bn = (best[0] * best[1], best[1]) if best else (0.0, 0)
+            base_value = best[0] if best else None
         else:
-            passed = value <= gate.threshold
-        results.append(GateResult(gate.metric, value, gate.threshold, passed, samples, base))
+            x, n, bx, bn = {
+                GateMetric.ERROR_RATE: (
+                    cohort.errors, cohort.requests, baseline.errors, baseline.requests
+                ),
+                GateMetric.FALLBACK_RATE: (
+                    cohort.fallbacks, cohort.requests, baseline.fallbacks, baseline.requests
+                ),
+                GateMetric.SHADOW_AGREEMENT: (
+                    cohort.shadow_agreed, cohort.shadow_sampled,
+                    baseline.shadow_agreed, baseline.shadow_sampled,
+                ),
+            }[m]  # fmt: skip
+            base_value = bx / bn if bn else None
+        value, v = stats.judge_proportion(
+            x=x,
+            n=n,
+            threshold=gate.threshold,
+            higher_is_better=m in _HIGHER_IS_BETTER,
+            alpha=alpha,
+            min_effect=gate.min_effect,
+            min_samples=gate.min_samples,
+            base_x=bx if gate.relative else None,
+            base_n=bn,
+        )
+        results.append(
+            GateResult(m, value, gate.threshold, v.passed, n, base_value, v.low, v.high, v.reason)
+        )
     return tuple(results)
 
 
@@ -450,7 +565,9 @@ def step(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Decision:
         events.append(
             Event("stage_settled", "engine", idx, {"devices": cohort_count, "failed": failed})
         )
-    gates = evaluate_gates(stage.gates, obs.cohort, obs.baseline, failed_pct, cohort_count)
+    gates = evaluate_gates(
+        stage.gates, obs.cohort, obs.baseline, failed_pct, cohort_count, plan.gate_alpha(idx)
+    )
     broken = [g for g in gates if g.passed is False]
     if broken:
         actor = "gate:" + broken[0].metric.value
@@ -476,10 +593,20 @@ def step(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Decision:
     if now - settled_at < stage.min_soak_s:
         return Decision(state, fail=tuple(failures), events=tuple(events), gates=gates)
     if any(g.passed is None for g in gates):
+        missing = [g.metric.value for g in gates if g.passed is None]
         if not state.waiting_for_data:
             state = replace(state, waiting_for_data=True)
-            missing = [g.metric.value for g in gates if g.passed is None]
             events.append(Event("waiting_for_telemetry", "engine", idx, {"gates": missing}))
+        if now - settled_at - stage.min_soak_s >= stage.max_wait_s:
+            # Never promoted for lack of evidence, never waiting forever: a person decides.
+            reason = f"no evidence after {stage.max_wait_s:g}s for gate(s) {', '.join(missing)}"
+            lacking: dict[str, Any] = {
+                "gates": [g.to_json() for g in gates if g.passed is None],
+                "reason": reason,
+            }
+            events.append(Event("gate_evidence_timeout", "timeout", idx, lacking))
+            state = replace(state, status=RolloutStatus.PAUSED, paused_reason=reason)
+            events.append(Event("paused", "timeout", idx, {"reason": reason}))
         return Decision(state, fail=tuple(failures), events=tuple(events), gates=gates)
     state, more = _advance(plan, state, now, "engine", {"gates": [g.to_json() for g in gates]})
     events.extend(more)
