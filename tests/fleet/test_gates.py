@@ -1,0 +1,36 @@
+"""The statistical gates (cloud/tandem/cloud/fleet/gates.py) and the no-stall rule."""
+
+from __future__ import annotations
+
+from tandem.cloud.fleet import gates as stats
+from tandem.cloud.fleet.engine import Gate, GateMetric, VersionStats, evaluate_gates
+
+
+def test_estimated_accuracy_uses_bucket_midpoints() -> None:
+    buckets = [0] * 20
+    buckets[19] = 90  # [0.95, 1.0] -> 0.975
+    buckets[9] = 10  # [0.45, 0.5) -> 0.475
+    est = stats.estimated_accuracy(buckets)
+    assert est is not None
+    assert abs(est[0] - (90 * 0.975 + 10 * 0.475) / 100) < 1e-12 and est[1] == 100
+    assert stats.estimated_accuracy([0, 0]) is None
+
+
+def test_small_noisy_sample_waits_instead_of_aborting() -> None:
+    # The issue: 11 of 13 agreeing (0.846) against 0.9 is noise, not evidence.
+    gate = Gate(GateMetric.SHADOW_AGREEMENT, 0.9, min_samples=10)
+    (r,) = evaluate_gates(
+        [gate], VersionStats(shadow_sampled=13, shadow_agreed=11), VersionStats(), 0, 1
+    )
+    assert r.passed is None and r.low is not None and r.low < 0.9 < (r.high or 0)
+    assert r.reason
+
+
+def test_almost_all_fallbacks_fail_fast_without_shadow_samples() -> None:
+    gates = [
+        Gate(GateMetric.FALLBACK_RATE, 0.2, min_samples=20),
+        Gate(GateMetric.SHADOW_AGREEMENT, 0.9),
+    ]
+    cohort = VersionStats(requests=60, fallbacks=58)
+    fb, agree = evaluate_gates(gates, cohort, VersionStats(), 0, 1)
+    assert fb.passed is False and agree.passed is None
