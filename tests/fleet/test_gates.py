@@ -34,3 +34,19 @@ def test_almost_all_fallbacks_fail_fast_without_shadow_samples() -> None:
     cohort = VersionStats(requests=60, fallbacks=58)
     fb, agree = evaluate_gates(gates, cohort, VersionStats(), 0, 1)
     assert fb.passed is False and agree.passed is None
+
+
+def test_stage_without_evidence_pauses_after_max_wait_naming_the_gate() -> None:
+    from tandem.cloud.fleet.engine import RolloutStatus, Stage
+    from tests.fleet.test_engine import Fleet, plan
+
+    gate = Gate(GateMetric.SHADOW_AGREEMENT, 0.9, min_samples=50)
+    f = Fleet(plan(stages=(Stage(10, 5, (gate,), max_wait_s=30), Stage(100, 0))))
+    few = VersionStats(requests=100, shadow_sampled=3, shadow_agreed=3)
+    for t in (0.0, 1.0, 10.0, 30.0):
+        f.run(t, cohort=few)
+    assert f.state.status is RolloutStatus.RUNNING and f.state.stage_index == 0
+    f.run(37.0, cohort=few)
+    assert f.state.status is RolloutStatus.PAUSED and f.state.stage_index == 0
+    assert "shadow_agreement" in f.state.paused_reason
+    assert "gate_evidence_timeout" in f.events
