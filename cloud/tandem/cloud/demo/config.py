@@ -48,5 +48,12 @@ class DemoConfig:
         """Minimum soak of each rollout stage: a tenth of the duration, 2..60 seconds."""
         return min(60.0, max(2.0, self.duration_s / 10))
 
+    @property
+    def max_wait_s(self) -> float:
+        """How long a soaked stage may wait for its gates' evidence before the rollout pauses:
+        two thirds of the story's per-stage timeout, so a pause (which names the gates that
+        lacked data) comes before the story gives up."""
+        return max(10.0, self.stage_timeout_s * 2 / 3)
+
     def runtime_of(self, index: int) -> str:
         return RUNTIMES[index % len(RUNTIMES)]

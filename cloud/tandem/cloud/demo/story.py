@@ -128,13 +128,36 @@ def stage_plan(config: DemoConfig) -> list[dict[str, Any]]:
     the cloud model (field accuracy without labels), the share of requests the cascade had to
     send to the cloud compared with the baseline version, and the error rate.
     """
+    # Each gate is a statistical test against the baseline (fleet/gates.py): it passes once
+    # the confidence bound shows the new version within threshold + min_effect, fails once it
+    # shows it worse than the threshold, and otherwise waits for more data, for at most
+    # `max_wait_s` after the soak before the rollout pauses. A handful of shadow samples is
+    # never enough to abort a good version, and a version that sends nearly every request to
+    # the cloud fails the fallback gate on its request counts alone.
     gates = [
-        {"metric": "shadow_agreement", "threshold": 0.9, "min_samples": 12},
-        {"metric": "fallback_rate", "threshold": 0.25, "min_samples": 30, "relative": True},
-        {"metric": "error_rate", "threshold": 0.05, "min_samples": 30},
+        {
+            "metric": "shadow_agreement",
+            "threshold": 0.15,
+            "min_effect": 0.1,
+            "min_samples": 12,
+            "relative": True,
+        },
+        {
+            "metric": "fallback_rate",
+            "threshold": 0.25,
+            "min_effect": 0.05,
+            "min_samples": 30,
+            "relative": True,
+        },
+        {"metric": "error_rate", "threshold": 0.1, "min_effect": 0.1, "min_samples": 30},
     ]
     return [
-        {"percent": percent, "min_soak_s": config.soak_s, "gates": gates}
+        {
+            "percent": percent,
+            "min_soak_s": config.soak_s,
+            "max_wait_s": config.max_wait_s,
+            "gates": gates,
+        }
         for percent in (10, 50, 100)
     ]
 
@@ -529,7 +552,20 @@ class Story:
                 if final["status"] in ("completed", "aborted", "paused"):
                     break
                 if time.monotonic() > deadline:
-                    raise StoryError(f"rollout {rid} still {final['status']} after the timeout")
+                    waiting = [
+                        f"{g['metric']} ({g.get('reason') or 'no data'})"
+                        for g in final.get("gates") or []
+                        if g.get("passed") is not True
+                    ]
+                    raise StoryError(
+                        f"rollout {rid} still {final['status']} at stage "
+                        f"{int(final['stage_index']) + 1} after {deadline - started:.0f}s, "
+                        + (
+                            "waiting for " + "; ".join(waiting)
+                            if waiting
+                            else "waiting for its devices to report"
+                        )
+                    )
                 time.sleep(0.5)
         events = self.api("GET", f"/rollouts/{rid}/events")
         if final["status"] != "completed":
