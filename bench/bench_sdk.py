@@ -413,7 +413,7 @@ def test_cascade_vs_cloud_only(benchmark: Any, real_server: ServeProcess) -> Non
         cloud_acc = float((cloud_pred == Y_TEST).mean())
         model = cascade.current
         assert model is not None
-        threshold = cascade.cascade_threshold(cascade.policy, model)  # type: ignore[arg-type]
+        threshold = cascade._router.cascade_threshold(cascade.policy, model)  # type: ignore[arg-type]
         it = iter(rows * 1000)
         benchmark(lambda: cascade.infer(next(it)))
         cascade_us = benchmark.stats.stats.median * 1e6
