@@ -5,8 +5,9 @@ A gate is judged through a confidence bound, not a raw ratio:
 - Proportions (error rate, fallback rate, shadow agreement, estimated accuracy) use the
   Wilson score interval. The engine looks at every tick, so the error budget `alpha` is spent
   over sample-size epochs (epoch k covers n in [2**(k-1), 2**k), and gets alpha / (k (k + 1)),
-  which sums to alpha): looking again and again does not inflate the false-abort rate much
-  (bench/bench_gates.py measures it).
+  which sums to alpha). That is a union bound across epochs, not a strict confidence
+  sequence: several looks inside one epoch share its budget, so the realised false-abort rate
+  still has to be measured by simulation (not written yet; issue 12).
 - "fail" only when the bound shows the cohort is worse than the threshold; "pass" only when it
   shows the cohort is within threshold + `min_effect` (the smallest degradation the gate is
   meant to catch); otherwise "wait".
