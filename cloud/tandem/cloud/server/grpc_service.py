@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -23,6 +21,8 @@ from .errors import (
     QueueFullError,
     RequestTimeoutError,
 )
+from .protocol import EXTENSIONS, SERVER_NAME, server_version, status_of
+from .state import ServerState
 from .tensors import (
     CONTENTS_FIELDS,
     TensorHeader,
@@ -33,40 +33,12 @@ from .tensors import (
     requested_outputs,
 )
 
-if TYPE_CHECKING:
-    from .server import ServerState
-
 log = logging.getLogger(__name__)
 
-SERVER_NAME = "tandem"
-EXTENSIONS = ("model_repository", "parameters")
 # Health endpoints stay open without a token: Kubernetes probes cannot carry one.
 UNAUTHENTICATED_METHODS = frozenset(
     {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
 )
-
-STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
-    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
-    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (RequestTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (ModelUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (BackendError, grpc.StatusCode.INTERNAL),
-]
-
-
-def status_of(exc: Exception) -> grpc.StatusCode:
-    for kind, code in STATUS_OF:
-        if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-def server_version() -> str:
-    try:
-        return package_version("tandem")
-    except PackageNotFoundError:
-        return "0"
 
 
 def timeout_parameter(params: Any) -> float | None:

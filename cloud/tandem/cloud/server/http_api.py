@@ -22,13 +22,12 @@ from .errors import (
     RepositoryError,
     RequestTimeoutError,
 )
-from .grpc_service import EXTENSIONS, SERVER_NAME, server_version, status_of
+from .protocol import EXTENSIONS, SERVER_NAME, server_version, status_of
+from .state import ServerState
 from .tensors import TensorHeader, check_headers, from_values, output_datatypes, requested_outputs
 
 if TYPE_CHECKING:
     from starlette.middleware.base import RequestResponseEndpoint
-
-    from .server import ServerState
 
 HTTP_STATUS: list[tuple[type[Exception], int]] = [
     (ModelNotFoundError, 404),

@@ -14,7 +14,6 @@ import gc
 import logging
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -30,25 +29,12 @@ from .grpc_service import AuthInterceptor, InferenceServicer
 from .http_api import create_app
 from .metrics import ServerMetrics
 from .repository import ModelRepository
+from .state import ServerState
 
 log = logging.getLogger(__name__)
 
 GRPC_SERVICE = "inference.GRPCInferenceService"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
-
-
-@dataclass
-class ServerState:
-    config: ServerConfig
-    repository: ModelRepository
-    metrics: ServerMetrics
-    draining: bool = False
-    started: bool = False
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def ready(self) -> bool:
-        return self.started and not self.draining
 
 
 class _Health(HealthServicer):  # type: ignore[misc]
