@@ -34,6 +34,7 @@ test: install system-deps lint typecheck pytest
 lint: install
 	$(BIN)/ruff check $(CODE)
 	$(BIN)/ruff format --check $(filter-out protos,$(CODE))
+	$(BIN)/lint-imports  # the dependency contracts in pyproject.toml [tool.importlinter]
 
 typecheck: install
 	$(BIN)/mypy -p tandem.sdk -p tandem.agent -p tandem.cloud -m tandem.errors -m tandem.cli
