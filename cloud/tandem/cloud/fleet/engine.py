@@ -350,9 +350,31 @@ class Observation:
 # --- the decision -------------------------------------------------------------------------
 
 
+class EventKind(StrEnum):
+    """What a rollout event records; stored as its value. Device reports add
+    ``report:<kind>`` events of their own (`report_event_kind`)."""
+
+    CREATED = "created"
+    DESIRED_SET = "desired_set"
+    STAGE_SETTLED = "stage_settled"
+    STAGE_ADVANCED = "stage_advanced"
+    WAITING_FOR_TELEMETRY = "waiting_for_telemetry"
+    GATE_EVIDENCE_TIMEOUT = "gate_evidence_timeout"
+    GATE_FAILED = "gate_failed"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    ABORTED = "aborted"
+    COMPLETED = "completed"
+    DEVICE_FAILED = "device_failed"
+
+
+def report_event_kind(kind: str) -> str:
+    return f"report:{kind.lower()}"
+
+
 @dataclass(frozen=True)
 class Event:
-    kind: str
+    kind: EventKind
     actor: str
     stage_index: int
     detail: Mapping[str, Any] = field(default_factory=dict)
@@ -526,7 +548,9 @@ def step(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Decision:
         ):
             failures.append((view.device_id, "timeout"))
             events.append(
-                Event("device_failed", "timeout", idx, {"reason": "timeout"}, view.device_id)
+                Event(
+                    EventKind.DEVICE_FAILED, "timeout", idx, {"reason": "timeout"}, view.device_id
+                )
             )
             view = replace(view, state=DeviceState.FAILED)
         views[view.device_id] = view
@@ -563,7 +587,9 @@ def step(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Decision:
     if state.stage_settled_at is None:
         state = replace(state, stage_settled_at=now)
         events.append(
-            Event("stage_settled", "engine", idx, {"devices": cohort_count, "failed": failed})
+            Event(
+                EventKind.STAGE_SETTLED, "engine", idx, {"devices": cohort_count, "failed": failed}
+            )
         )
     gates = evaluate_gates(
         stage.gates, obs.cohort, obs.baseline, failed_pct, cohort_count, plan.gate_alpha(idx)
@@ -572,11 +598,11 @@ def step(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Decision:
     if broken:
         actor = "gate:" + broken[0].metric.value
         detail = {"gates": [g.to_json() for g in broken]}
-        events.append(Event("gate_failed", actor, idx, detail))
+        events.append(Event(EventKind.GATE_FAILED, actor, idx, detail))
         if plan.on_gate_failure is GateAction.PAUSE:
             reason = f"gate {broken[0].metric.value} failed"
             state = replace(state, status=RolloutStatus.PAUSED, paused_reason=reason)
-            events.append(Event("paused", actor, idx, {"reason": reason}))
+            events.append(Event(EventKind.PAUSED, actor, idx, {"reason": reason}))
             return Decision(state, fail=tuple(failures), events=tuple(events), gates=gates)
         return _abort(
             state,
@@ -596,7 +622,7 @@ def step(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Decision:
         missing = [g.metric.value for g in gates if g.passed is None]
         if not state.waiting_for_data:
             state = replace(state, waiting_for_data=True)
-            events.append(Event("waiting_for_telemetry", "engine", idx, {"gates": missing}))
+            events.append(Event(EventKind.WAITING_FOR_TELEMETRY, "engine", idx, {"gates": missing}))
         if now - settled_at - stage.min_soak_s >= stage.max_wait_s:
             # Never promoted for lack of evidence, never waiting forever: a person decides.
             reason = f"no evidence after {stage.max_wait_s:g}s for gate(s) {', '.join(missing)}"
@@ -604,9 +630,9 @@ def step(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Decision:
                 "gates": [g.to_json() for g in gates if g.passed is None],
                 "reason": reason,
             }
-            events.append(Event("gate_evidence_timeout", "timeout", idx, lacking))
+            events.append(Event(EventKind.GATE_EVIDENCE_TIMEOUT, "timeout", idx, lacking))
             state = replace(state, status=RolloutStatus.PAUSED, paused_reason=reason)
-            events.append(Event("paused", "timeout", idx, {"reason": reason}))
+            events.append(Event(EventKind.PAUSED, "timeout", idx, {"reason": reason}))
         return Decision(state, fail=tuple(failures), events=tuple(events), gates=gates)
     state, more = _advance(plan, state, now, "engine", {"gates": [g.to_json() for g in gates]})
     events.extend(more)
@@ -619,7 +645,7 @@ def _advance(
     idx = state.stage_index
     if idx + 1 >= len(plan.stages):
         done = replace(state, status=RolloutStatus.COMPLETED, paused_reason="")
-        return done, [Event("completed", actor, idx, dict(detail))]
+        return done, [Event(EventKind.COMPLETED, actor, idx, dict(detail))]
     nxt = replace(
         state,
         status=RolloutStatus.RUNNING,
@@ -629,7 +655,7 @@ def _advance(
         paused_reason="",
         waiting_for_data=False,
     )
-    return nxt, [Event("stage_advanced", actor, idx + 1, {**detail, "from_stage": idx})]
+    return nxt, [Event(EventKind.STAGE_ADVANCED, actor, idx + 1, {**detail, "from_stage": idx})]
 
 
 def _abort(
@@ -653,7 +679,9 @@ def _abort(
     )
     state = replace(state, status=RolloutStatus.ABORTED, paused_reason=reason)
     events.append(
-        Event("aborted", actor, state.stage_index, {"reason": reason, "rollback": len(back)})
+        Event(
+            EventKind.ABORTED, actor, state.stage_index, {"reason": reason, "rollback": len(back)}
+        )
     )
     return Decision(state, fail=tuple(failures), rollback=back, events=tuple(events), gates=gates)
 
@@ -682,7 +710,7 @@ def command(
         if state.status is RolloutStatus.PAUSED:
             raise ConflictError("rollout is already paused")
         new = replace(state, status=RolloutStatus.PAUSED, paused_reason=f"paused by {actor}")
-        return Decision(new, events=(Event("paused", actor, idx, {"reason": "manual"}),))
+        return Decision(new, events=(Event(EventKind.PAUSED, actor, idx, {"reason": "manual"}),))
     if cmd is Command.RESUME:
         if state.status is RolloutStatus.RUNNING:
             raise ConflictError("rollout is not paused")
@@ -697,7 +725,7 @@ def command(
             tokens_at=now,
             waiting_for_data=False,
         )
-        return Decision(new, events=(Event("resumed", actor, idx),))
+        return Decision(new, events=(Event(EventKind.RESUMED, actor, idx),))
     if cmd is Command.PROMOTE:
         new, events = _advance(plan, state, now, actor, {"manual": True})
         if new.status is RolloutStatus.RUNNING:

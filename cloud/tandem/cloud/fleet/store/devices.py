@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from tandem.protos.fleet.v1 import fleet_pb2
 
+from .. import engine as eng
 from ..errors import NotFoundError
 from ..models import (
     DesiredRow,
@@ -192,7 +193,7 @@ class DeviceStore(StoreBase):
                 EventRow(
                     at=now,
                     device_id=device_id,
-                    kind="desired_set",
+                    kind=eng.EventKind.DESIRED_SET.value,
                     actor=actor,
                     detail={"model": model, "version": version, "variant": variant},
                 )

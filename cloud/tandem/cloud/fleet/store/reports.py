@@ -100,7 +100,7 @@ class ReportStore(RolloutStore):
                     at=now,
                     rollout_id=rollout_id or None,
                     device_id=device_id,
-                    kind=f"report:{kind.value.lower()}",
+                    kind=eng.report_event_kind(kind.value),
                     actor=f"device:{device_id}",
                     detail={
                         "model": model,
@@ -137,7 +137,7 @@ class ReportStore(RolloutStore):
                         at=now,
                         rollout_id=r.rollout_id,
                         device_id=device_id,
-                        kind="device_failed",
+                        kind=eng.EventKind.DEVICE_FAILED.value,
                         actor=f"device:{device_id}",
                         stage_index=a.stage_index,
                         detail={"reason": reason or kind.value.lower()},

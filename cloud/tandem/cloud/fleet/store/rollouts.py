@@ -100,7 +100,7 @@ class RolloutStore(ArtifactStore):
                 EventRow(
                     at=now,
                     rollout_id=rollout_id,
-                    kind="created",
+                    kind=eng.EventKind.CREATED.value,
                     actor=created_by,
                     stage_index=0,
                     detail={
@@ -204,7 +204,7 @@ class RolloutStore(ArtifactStore):
                     at=now or self.clock(),
                     rollout_id=rollout_id,
                     device_id=device_id,
-                    kind=kind,
+                    kind=str(kind),
                     actor=actor,
                     stage_index=stage_index,
                     detail=dict(detail or {}),
@@ -287,7 +287,7 @@ class RolloutStore(ArtifactStore):
                         at=now,
                         rollout_id=rollout_id,
                         device_id=e.device_id,
-                        kind=e.kind,
+                        kind=str(e.kind),
                         actor=e.actor,
                         stage_index=e.stage_index,
                         detail=dict(e.detail),
