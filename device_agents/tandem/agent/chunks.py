@@ -19,7 +19,7 @@ from tandem.agent import errors
 from tandem.agent.core import ActiveDelivery, AgentCore
 from tandem.agent.delivery import Next, no_space
 from tandem.agent.errors import RefusedError
-from tandem.agent.transfer import Chunk, FileProgress, Step, decide_chunk
+from tandem.agent.transfer import Chunk, Decision, FileProgress, Step, decide_chunk
 from tandem.errors import ArtifactError, DigestError
 from tandem.protos.fleet.v1 import fleet_pb2, topics
 
@@ -83,23 +83,21 @@ class ChunksMixin(AgentCore):
             return
         staging = delivery.staging
         delivery.state.last_activity = time.monotonic()
-        decision = decide_chunk(
-            staging.progress[entry.name],
-            chunk,
-            entry,
-            max_payload_bytes=self.config.max_payload_bytes,
-            delta_bases=delivery.state.delta_bases(entry.name),
-        )
-        if decision.step is Step.RESTART:
-            log.info("%s: %s; starting the file over", entry.name, decision.why)
-            staging.restart_file(entry.name, FileProgress(entry.name))
-            decision = decide_chunk(
+
+        def decide() -> Decision:
+            return decide_chunk(
                 staging.progress[entry.name],
                 chunk,
                 entry,
                 max_payload_bytes=self.config.max_payload_bytes,
                 delta_bases=delivery.state.delta_bases(entry.name),
             )
+
+        decision = decide()
+        if decision.step is Step.RESTART:
+            log.info("%s: %s; starting the file over", entry.name, decision.why)
+            staging.restart_file(entry.name, FileProgress(entry.name))
+            decision = decide()
         if decision.step is Step.DUPLICATE:
             return
         if decision.step is Step.GAP:
