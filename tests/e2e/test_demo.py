@@ -251,13 +251,13 @@ def test_asking_for_a_missing_mosquitto_is_a_clear_error(
 ) -> None:
     from rich.console import Console
 
-    from tandem.cloud.demo import story
+    from tandem.cloud.demo import launch, story
     from tandem.cloud.demo.config import DemoConfig
     from tandem.cloud.demo.errors import PrerequisiteError
 
     monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.setattr(story, "MOSQUITTO_PATHS", ("/nonexistent/mosquitto",))
-    assert story.find_mosquitto() is None
+    monkeypatch.setattr(launch, "MOSQUITTO_PATHS", ("/nonexistent/mosquitto",))
+    assert launch.find_mosquitto() is None
     config = DemoConfig(zoo=tmp_path, workdir=tmp_path / "w", devices=2, broker="mosquitto")
     s = story.Story(config, Console(file=io.StringIO()))
     with pytest.raises(PrerequisiteError, match="apt-get install mosquitto"):
