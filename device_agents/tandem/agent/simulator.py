@@ -22,7 +22,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from tandem.errors import ArtifactError, ConfigError, TandemError
+from tandem.sdk.atomic import write_atomic
 
 log = logging.getLogger("tandem.agent.simulator")
 
@@ -279,11 +279,7 @@ def write_stats(path: Path, devices: list[SimulatedDevice], final: bool) -> None
         "final": final,
         "devices": {d.spec.device_id: d.snapshot() for d in devices},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(doc, fh)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc))
 
 
 def run(sim: SimSpec) -> int:

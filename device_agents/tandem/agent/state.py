@@ -29,7 +29,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from tandem.protos.fleet.v1 import fleet_pb2
-from tandem.sdk.store import write_atomic
+from tandem.sdk.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 

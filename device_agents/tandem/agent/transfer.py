@@ -37,7 +37,7 @@ from tandem.sdk.artifacts import (
     decompress_file,
     sha256_file,
 )
-from tandem.sdk.store import write_atomic
+from tandem.sdk.atomic import atomic_open, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -392,9 +392,8 @@ def apply_delta(delta: Path, base: Path, entry: FileEntry, dest: Path) -> None:
     dictionary = zstandard.ZstdCompressionDict(base_bytes, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     digest = hashlib.sha256()
     written = 0
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as out, delta.open("rb") as raw:
+        with atomic_open(dest) as out, delta.open("rb") as raw:
             reader = zstandard.ZstdDecompressor(dict_data=dictionary).stream_reader(raw)
             while block := reader.read(_COPY_CHUNK):
                 written += len(block)
@@ -402,13 +401,8 @@ def apply_delta(delta: Path, base: Path, entry: FileEntry, dest: Path) -> None:
                     raise DigestError(f"{entry.name}: delta expands past {entry.size} bytes")
                 digest.update(block)
                 out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-        if written != entry.size or digest.hexdigest() != entry.sha256:
-            raise DigestError(f"{entry.name}: delta result does not match the manifest")
-        os.replace(tmp, dest)
+            # Checked inside the block: a mismatch discards the file instead of replacing dest.
+            if written != entry.size or digest.hexdigest() != entry.sha256:
+                raise DigestError(f"{entry.name}: delta result does not match the manifest")
     except zstandard.ZstdError as exc:
         raise DigestError(f"{entry.name}: corrupt zstd delta: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -38,7 +38,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,6 +53,7 @@ from tandem.errors import (
     RollbackError,
     SignatureError,
 )
+from tandem.sdk.atomic import atomic_open
 
 SPEC_VERSION = 1
 MANIFEST_TYPE = "tandem/model-manifest"
@@ -431,12 +431,10 @@ def decompress_file(source: Path, entry: FileEntry, dest: Path) -> None:
     """
     import zstandard
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     written = 0
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as out, source.open("rb") as raw:
+        with atomic_open(dest) as out, source.open("rb") as raw:
             reader = zstandard.ZstdDecompressor().stream_reader(raw)
             while chunk := reader.read(_COPY_CHUNK):
                 written += len(chunk)
@@ -444,18 +442,13 @@ def decompress_file(source: Path, entry: FileEntry, dest: Path) -> None:
                     raise DigestError(f"{entry.name}: decompresses past its {entry.size} bytes")
                 digest.update(chunk)
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if written != entry.size:
-            raise DigestError(f"{entry.name}: size {written} != manifest {entry.size}")
-        if digest.hexdigest() != entry.sha256:
-            raise DigestError(f"{entry.name}: sha256 mismatch after decompression")
-        os.replace(tmp_name, dest)
+            # Checked inside the block: a mismatch discards the file instead of replacing dest.
+            if written != entry.size:
+                raise DigestError(f"{entry.name}: size {written} != manifest {entry.size}")
+            if digest.hexdigest() != entry.sha256:
+                raise DigestError(f"{entry.name}: sha256 mismatch after decompression")
     except zstandard.ZstdError as exc:
         raise DigestError(f"{entry.name}: corrupt zstd data: {exc}") from exc
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def unpacked_is_complete(variant: Variant, dest: Path) -> bool:

@@ -42,11 +42,12 @@ from tandem.sdk.artifacts import (
     unpack_variant,
     unpacked_is_complete,
 )
+from tandem.sdk.atomic import write_atomic
 from tandem.sdk.errors import ReferenceMismatchError
 from tandem.sdk.hardware import HardwareInfo, probe, read_cpu_flags
 from tandem.sdk.runtimes import Runtime, get_runtime
 from tandem.sdk.signature import Arrays, Signature
-from tandem.sdk.store import ModelStore, write_atomic
+from tandem.sdk.store import ModelStore
 
 log = logging.getLogger(__name__)
 

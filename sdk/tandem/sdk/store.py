@@ -8,7 +8,7 @@ Layout (the agent writes, the SDK reads)::
                                            "previous": {"version": 2, "variant": "onnx-int8"},
                                            "max_accepted_version": 3}
 
-`active.json` is replaced atomically (temp file in the same folder, fsync, os.replace), so a
+`active.json` is replaced atomically (`tandem.sdk.atomic.write_atomic`), so a
 reader sees the old pointer or the new one, never half of one. A build pipeline's
 `artifacts/` folder has the same `<model>/<version>/<variant>/` layout and no active.json:
 there the highest version counts as active, and all of its variants are offered.
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tandem.errors import ArtifactError, NoLocalModelError
 from tandem.sdk.artifacts import MANIFEST_FILE, Variant, load_variant
+from tandem.sdk.atomic import write_atomic
 
 ACTIVE_FILE = "active.json"
 
@@ -60,26 +60,6 @@ class ActivePointer:
             previous_variant=previous.get("variant"),
             max_accepted_version=int(data.get("max_accepted_version", data["version"])),
         )
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` so that readers see either the old or the new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class ModelStore:

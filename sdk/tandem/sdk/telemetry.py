@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ from typing import Any
 
 from tandem.errors import ConfigError
 from tandem.protos.fleet.v1 import fleet_pb2
+from tandem.sdk.atomic import PUBLIC, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -330,9 +330,8 @@ class TelemetryRecorder:
             fleet_pb2.TelemetryBatch(summaries=[summary]).SerializeToString()
         )
         name = f"{summary.interval_end_ms:013d}-{summary.summary_id}{SPOOL_SUFFIX}"
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, folder / name)
+        # Readable by the agent, which may run as another user than the application.
+        write_atomic(folder / name, data, mode=PUBLIC)
         self.written.append(folder / name)
         self._trim_spool(folder)
 

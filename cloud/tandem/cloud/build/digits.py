@@ -38,7 +38,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ from tandem.cloud.build.packaging import (
 )
 from tandem.cloud.build.runners import Runner, load_runner, median_latency_ms, run_batched
 from tandem.sdk.artifacts import TensorSpec
+from tandem.sdk.atomic import PUBLIC, atomic_open
 from tandem.sdk.runtimes.openvino import import_openvino
 
 log = logging.getLogger(__name__)
@@ -746,9 +746,8 @@ def _teacher(ctx: BuildContext, split: DigitsSplit, mean: float, std: float) -> 
         log.info("digits: teacher loaded from %s", cached)
         return model
     trained = train_teacher(split, seed)
-    tmp = cached.with_suffix(".tmp")
-    torch.save(trained.state_dict(), tmp)
-    os.replace(tmp, cached)
+    with atomic_open(cached, mode=PUBLIC) as fh:
+        torch.save(trained.state_dict(), fh)
     return trained
 
 

@@ -40,6 +40,7 @@ from tandem.sdk.artifacts import (
     sha256_file,
     signatures_to_bytes,
 )
+from tandem.sdk.atomic import PUBLIC, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -275,13 +276,5 @@ def write_repository_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     document = json.dumps(_jsonable(dict(config)), indent=2, sort_keys=True).encode() + b"\n"
-    fd, tmp_name = tempfile.mkstemp(dir=model_dir, prefix=".config.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(document)
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, model_dir / CONFIG_FILE)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    write_atomic(model_dir / CONFIG_FILE, document, mode=PUBLIC)
     return final

@@ -43,6 +43,7 @@ from tandem.cloud.build.report import load_report, write_report
 from tandem.cloud.build.signing import PRIVATE_KEY_FILE, Signer, generate_keypair
 from tandem.errors import TandemError
 from tandem.sdk.artifacts import read_manifest_unverified
+from tandem.sdk.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -203,16 +204,8 @@ def _cached_entry(out_dir: Path, model: str, version: int, key: str) -> dict[str
 
 
 def _write_record(out_dir: Path, model: str, version: int, key: str, entry: Any) -> None:
-    path = _record_path(out_dir, model, version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"key": key, "entry": entry}, fh, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    record = json.dumps({"key": key, "entry": entry}, indent=2, sort_keys=True)
+    write_atomic(_record_path(out_dir, model, version), record)
 
 
 def _signer_for(out_dir: Path, key_path: Path | None) -> tuple[Signer, Path]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from tandem.sdk.atomic import PUBLIC, write_atomic
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -24,21 +24,10 @@ def load_report(out_dir: Path) -> dict[str, Any]:
     return document
 
 
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_report(out_dir: Path, report: Mapping[str, Any]) -> None:
-    _write_text(out_dir / REPORT_JSON, json.dumps(report, indent=2, sort_keys=True) + "\n")
-    _write_text(out_dir / REPORT_MD, render_markdown(report))
+    text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+    write_atomic(out_dir / REPORT_JSON, text, mode=PUBLIC)
+    write_atomic(out_dir / REPORT_MD, render_markdown(report), mode=PUBLIC)
 
 
 def _fmt(value: Any) -> str:

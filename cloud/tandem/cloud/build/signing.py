@@ -9,9 +9,7 @@ needs the raw public key.
 from __future__ import annotations
 
 import logging
-import os
 import stat
-import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -19,28 +17,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tandem.cloud.build.errors import KeyFileError
 from tandem.sdk.artifacts import SignatureEntry, key_id
+from tandem.sdk.atomic import PRIVATE, PUBLIC, write_atomic
 
 log = logging.getLogger(__name__)
 
 PRIVATE_KEY_FILE = "signing.key"
 PUBLIC_KEY_FILE = "signing.pub"
-PRIVATE_KEY_MODE = 0o600
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    # The temp file is created with `mode` from the start (mkstemp makes it 0600), so the
-    # private key is never readable by others, not even for a moment.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+PRIVATE_KEY_MODE = PRIVATE
 
 
 def generate_keypair(out_dir: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
@@ -70,8 +53,10 @@ def generate_keypair(out_dir: Path, *, overwrite: bool = False) -> tuple[Path, P
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     try:
-        _write_atomic(key_path, private_pem, PRIVATE_KEY_MODE)
-        _write_atomic(pub_path, public_pem, 0o644)
+        # write_atomic gives the temp file its mode before the first byte: the private key
+        # is never readable by others, not even for a moment.
+        write_atomic(key_path, private_pem, mode=PRIVATE_KEY_MODE)
+        write_atomic(pub_path, public_pem, mode=PUBLIC)
     except OSError as exc:
         raise KeyFileError(f"cannot write key pair into {out_dir}: {exc}") from exc
     signer = Signer(private_key)

@@ -18,7 +18,6 @@ import base64
 import getpass
 import hashlib
 import json
-import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from tandem.errors import ConfigError
 from tandem.protos.fleet.v1 import topics
+from tandem.sdk.atomic import write_atomic
 
 FLEET_USER = "tandem-fleet"
 PBKDF2_ITERATIONS = 101  # Mosquitto 2.0's default for `mosquitto_passwd`
@@ -103,9 +103,10 @@ def write_broker_config(config: BrokerConfig, device_ids: Sequence[str]) -> Writ
     device_passwords = {d: secrets.token_urlsafe(18) for d in ids}
     users = {config.fleet_user: fleet_password, **device_passwords}
     passwd = out / "passwd"
-    _write_private(passwd, "".join(f"{u}:{mosquitto_hash(p)}\n" for u, p in users.items()))
+    # Credentials and ACLs: replaced atomically and owner-only (write_atomic's default, 0600).
+    write_atomic(passwd, "".join(f"{u}:{mosquitto_hash(p)}\n" for u, p in users.items()))
     acl = out / "acl"
-    _write_private(acl, acl_text(config.fleet_user))
+    write_atomic(acl, acl_text(config.fleet_user))
     lines = []
     if config.run_as_current_user:
         lines.append(f"user {getpass.getuser()}")
@@ -139,9 +140,9 @@ def write_broker_config(config: BrokerConfig, device_ids: Sequence[str]) -> Writ
     conf = out / "mosquitto.conf"
     conf.write_text("\n".join(lines) + "\n")
     fleet_pw_file = out / "fleet.password"
-    _write_private(fleet_pw_file, fleet_password + "\n")
+    write_atomic(fleet_pw_file, fleet_password + "\n")
     credentials = out / "credentials.json"
-    _write_private(
+    write_atomic(
         credentials,
         json.dumps(
             {
@@ -154,11 +155,3 @@ def write_broker_config(config: BrokerConfig, device_ids: Sequence[str]) -> Writ
         + "\n",
     )
     return Written(conf, passwd, acl, credentials, fleet_pw_file, fleet_password, device_passwords)
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
