@@ -106,6 +106,12 @@ def serve(
     telemetry_retention: Annotated[float, typer.Option(help="Seconds telemetry is kept.")] = 7
     * 86400.0,
     no_engine: Annotated[bool, typer.Option(help="Replica without the rollout engine.")] = False,
+    replica_id: Annotated[
+        str, typer.Option(help="Name in the engine's leader election (default hostname:pid).")
+    ] = "",
+    leader_lease: Annotated[
+        float | None, typer.Option(help="Seconds a silent engine leader keeps the lead.")
+    ] = None,
 ) -> None:
     """Run the fleet service until SIGTERM or Ctrl-C."""
     from .mqtt import BrokerSettings
@@ -124,6 +130,8 @@ def serve(
             telemetry_window_s=telemetry_window,
             telemetry_retention_s=telemetry_retention,
             api_tokens=_tokens(api_token, api_token_file),
+            replica_id=replica_id,
+            leader_lease_s=leader_lease,
         )
         settings = BrokerSettings(broker, username, password, client_id or f"{username}-0")
         node = FleetNode(

@@ -119,6 +119,11 @@ def create_app(service: FleetService, tokens: Mapping[str, str] | None = None) -
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get(f"{API}/leader")
+    async def leader(_user: User) -> dict[str, Any]:
+        """Which replica turns the rollout engine, as this replica last saw it."""
+        return service.leader.status()
+
     @app.get(f"{API}/devices")
     async def devices(
         _user: User,

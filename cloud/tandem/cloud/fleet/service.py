@@ -41,6 +41,7 @@ from tandem.sdk.artifacts import (
 from . import engine as eng
 from .delivery import DEFAULT_CHUNK_SIZE, Delivery
 from .errors import ConflictError, ImportRefusedError, NotFoundError
+from .leader import LeaderElector
 from .rollouts import apply_command
 from .store import Artifact, Device, IngestResult, ReportIn, Rollout, Store, pick_variant
 
@@ -71,6 +72,9 @@ class ServiceConfig:
     telemetry_flush_s: float = 0.2  # seconds the ingest writer waits to batch summaries
     telemetry_queue: int = 200_000  # summaries buffered for the writer before dropping
     api_tokens: Mapping[str, str] = field(default_factory=dict)  # bearer token -> user name
+    replica_id: str = ""  # this replica's name in the leader election; default hostname:pid
+    # Seconds a silent engine leader keeps the lead (PostgreSQL); None: 10 s or 4 ticks.
+    leader_lease_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.db_url:
@@ -84,6 +88,16 @@ class ServiceConfig:
             raise ConfigError("telemetry_retention_s", "must be at least one telemetry window")
         if self.telemetry_queue < 1:
             raise ConfigError("telemetry_queue", "must be >= 1")
+        if self.leader_lease_s is not None and self.leader_lease_s < max(1.0, 4 * self.tick_s):
+            # The leader re-checks its lock once a turn; a lease shorter than a few turns
+            # would let the server end the lock session between two checks.
+            raise ConfigError(
+                "leader_lease_s", f"must be >= 1 s and >= 4 ticks, got {self.leader_lease_s}"
+            )
+
+    @property
+    def lease_s(self) -> float:
+        return self.leader_lease_s or max(10.0, 4 * self.tick_s)
 
 
 @dataclass(frozen=True)
@@ -142,10 +156,15 @@ class FleetService:
             else None
         )
         self._engine_lock = threading.Lock()
+        # Which replica turns the engine (always this one on SQLite); see leader.py.
+        self.leader = LeaderElector(
+            self.store.engine.url, replica_id=config.replica_id, lease_s=config.lease_s
+        )
         self._artifacts: dict[tuple[str, int, str], Artifact] = {}
         config.artifacts_dir.mkdir(parents=True, exist_ok=True)
 
     def close(self) -> None:
+        self.leader.close()
         self.store.close()
 
     # --- import ----------------------------------------------------------------------------
@@ -326,7 +345,8 @@ class FleetService:
             now=self.clock(),
         )
         log.info("rollout %s created by %s: %s v%d", rollout_id, actor, plan.model, plan.version)
-        self.step_rollout(rollout_id)
+        if self.leader.is_leader:  # else the leader's next turn takes the first step
+            self.step_rollout(rollout_id)
         return self.store.rollout(r.rollout_id)
 
     def command(self, rollout_id: str, cmd: eng.Command | str, actor: str) -> Rollout:
@@ -340,7 +360,7 @@ class FleetService:
             )
         log.info("rollout %s: %s by %s", rollout_id, eng.Command(cmd).value, actor)
         self._publish(changed)
-        if rollout.state.status is eng.RolloutStatus.RUNNING:
+        if rollout.state.status is eng.RolloutStatus.RUNNING and self.leader.is_leader:
             self.step_rollout(rollout_id)
         return self.store.rollout(rollout_id)
 
@@ -460,17 +480,25 @@ class FleetService:
             log.exception("publishing the desired state of %d devices failed", len(ids))
 
     def run_engine(self, stop: threading.Event) -> None:
-        """Turns the engine every `tick_s` and purges old telemetry hourly, until `stop`."""
+        """Turns the engine every `tick_s` and purges old telemetry hourly, until `stop`,
+        while this replica leads: the lead is checked before every turn, and a follower
+        tries to take it at each turn instead. On stop the lead is released at once."""
         last_purge = 0.0
-        while not stop.is_set():
-            try:
-                self.tick()
-                if time.monotonic() - last_purge > 3600:
-                    last_purge = time.monotonic()
-                    self.store.purge_telemetry(self.config.telemetry_retention_s, self.clock())
-            except Exception:
-                log.exception("rollout engine turn failed")
-            stop.wait(self.config.tick_s)
+        try:
+            while not stop.is_set():
+                try:
+                    if self.leader.check():
+                        self.tick()
+                        if time.monotonic() - last_purge > 3600:
+                            last_purge = time.monotonic()
+                            self.store.purge_telemetry(
+                                self.config.telemetry_retention_s, self.clock()
+                            )
+                except Exception:
+                    log.exception("rollout engine turn failed")
+                stop.wait(self.config.tick_s)
+        finally:
+            self.leader.step_down()
 
     # --- desired state ---------------------------------------------------------------------
 
