@@ -7,14 +7,16 @@ import hashlib
 import json
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from tandem.agent import Agent, AgentConfig, BrokerAddress
 from tandem.protos.fleet.v1 import fleet_pb2
 from tandem.sdk.telemetry import TelemetryConfig, TelemetryRecorder
 from tests.agent.artifacts import Signer, build_variant
-from tests.agent.conftest import AgentProcess
+from tests.agent.conftest import USERS, AgentProcess
 from tests.agent.fleet_double import FleetDouble, Kind
 from tests.support.processes import wait_until
 
@@ -22,6 +24,11 @@ from tests.support.processes import wait_until
 def active(store: Path, model: str = "digits") -> dict[str, object] | None:
     path = store / model / "active.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def staged(store: Path, name: str = "model.onnx") -> list[Path]:
+    """The partial file of the transfer in progress (one per file being received)."""
+    return list((store / ".agent" / "staging").glob(f"*/{name}.part"))
 
 
 def spool_summary(store: Path, version: int, *, requests: int, errors: int) -> str:
@@ -126,8 +133,17 @@ def test_failed_health_rolls_back_by_itself(
     assert "HEALTHY" not in fleet.kinds("dev-1", 2)
     pointer = active(agent.store)
     assert pointer is not None and pointer["version"] == 1 and pointer["variant"] == "onnx-int8"
-    # The retained desired state still names v2: the agent does not try it again.
-    time.sleep(2)
+    # The desired state still names v2, and the agent does not try it again when it sees it
+    # again (a new revision, as after a reconnect). The barrier: a later desired state, on the
+    # same topic from the same publisher, whose offer the agent refuses; it handles desired
+    # states one at a time and in order, so by that refusal it has judged v2's again.
+    before = len(fleet.reports)
+    fleet.set_desired("dev-1", v2)
+    fleet.set_desired("dev-1", v2, model="faces")  # a digits manifest offered as "faces"
+    refusal = fleet.wait_report("dev-1", Kind.REFUSED, 2, timeout=20, after=before)
+    assert refusal.model == "faces"
+    retried = [r for r in fleet.reports[before:] if r.model == "digits" and r.version == 2]
+    assert [Kind.Name(r.kind) for r in retried if r.kind != Kind.ROLLED_BACK] == []
     assert fleet.kinds("dev-1", 2).count("ACTIVATED") == 1
     assert (active(agent.store) or {}).get("version") == 1
 
@@ -186,7 +202,12 @@ def test_resume_after_broker_restart_mid_transfer(
         30,
         message="first chunks sent",
     )
-    time.sleep(0.5)
+    # Those five chunks are on disk (the agent appends each to its .part file as it comes).
+    wait_until(
+        lambda: sum(p.stat().st_size for p in staged(agent.store)) >= 5 * fleet.chunk_size,
+        10,
+        message="first chunks written",
+    )
     before = len(fleet.requests)
     fleet.broker.restart()  # no persistence: retained state and sessions are gone
     fleet.chunk_budget = None
@@ -290,27 +311,50 @@ def test_health_window_survives_an_agent_restart(
 def test_telemetry_is_deleted_only_after_puback(
     fleet: FleetDouble,
     signer: Signer,
-    agent_factory: Callable[..., AgentProcess],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    agent = agent_factory("dev-1")
-    wait_until(lambda: "dev-1" in fleet.presence, 20, message="presence")
-    broker = fleet.broker.proc
-    assert broker is not None
-    os.kill(broker.pid, signal.SIGSTOP)  # connections stay up, nothing is acknowledged
+    # In this process, for a PUBACK timeout of a second (the command line keeps the default
+    # 10 s): the warning that a batch went unacknowledged proves the agent shipped it.
+    store = tmp_path / "store"
+    config = AgentConfig(
+        device_id="dev-1",
+        broker=BrokerAddress.parse(fleet.broker.url),
+        store=store,
+        trusted_keys=(signer.public_path,),
+        username="dev-1",
+        password=USERS["dev-1"],
+        telemetry_interval_s=0.5,
+        publish_timeout_s=1.0,
+    )
+    agent = Agent(config).start()
     try:
-        summary_id = spool_summary(agent.store, 1, requests=5, errors=0)
-        time.sleep(2.0)  # several shipping rounds: published, never acknowledged
-        assert list((agent.store / ".telemetry-spool").glob("*.pb.zst"))
+        wait_until(lambda: "dev-1" in fleet.presence, 20, message="presence")
+        broker = fleet.broker.proc
+        assert broker is not None
+        os.kill(broker.pid, signal.SIGSTOP)  # connections stay up, nothing is acknowledged
+        try:
+            with caplog.at_level("WARNING", logger="tandem.agent.shipping"):
+                summary_id = spool_summary(store, 1, requests=5, errors=0)
+                wait_until(
+                    lambda: "telemetry batch not acknowledged" in caplog.text,
+                    10,
+                    message="a batch published and not acknowledged",
+                )
+            assert list((store / ".telemetry-spool").glob("*.pb.zst"))
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        wait_until(
+            lambda: summary_id in {s.summary_id for b in fleet.telemetry for s in b.summaries},
+            30,
+            message="shipped once the broker answers",
+        )
+        wait_until(
+            lambda: not list((store / ".telemetry-spool").glob("*.pb.zst")),
+            10,
+            message="deleted after PUBACK",
+        )
+        assert agent.error is None
     finally:
-        os.kill(broker.pid, signal.SIGCONT)
-    wait_until(
-        lambda: summary_id in {s.summary_id for b in fleet.telemetry for s in b.summaries},
-        30,
-        message="shipped once the broker answers",
-    )
-    wait_until(
-        lambda: not list((agent.store / ".telemetry-spool").glob("*.pb.zst")),
-        10,
-        message="deleted after PUBACK",
-    )
-    assert agent.alive
+        agent.stop()
+    assert agent.wait(5) and agent.error is None
