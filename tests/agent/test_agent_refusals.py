@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -129,26 +129,38 @@ def _client(broker: Broker, user: str) -> tuple[mqtt.Client, dict[int, object]]:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"acl-{user}", protocol=mqtt.MQTTv5)
     client.username_pw_set(user, USERS[user])
     client.on_publish = lambda _c, _u, mid, rc, _p: acks.__setitem__(mid, rc)
+    connected = threading.Event()
+    client.on_connect = lambda *_: connected.set()
     client.connect(broker.host, broker.port)
     client.loop_start()
+    assert connected.wait(5), f"{user} could not connect"
     return client, acks
+
+
+def _subscribe(client: mqtt.Client, topic: str) -> list[int]:
+    """Subscribes at QoS 1 and returns the SUBACK's reason codes."""
+    codes: list[int] = []
+    done = threading.Event()
+
+    def on_subscribe(_c: object, _u: object, _mid: int, reasons: list[Any], _p: object) -> None:
+        codes.extend(int(r.value) for r in reasons)
+        done.set()
+
+    client.on_subscribe = on_subscribe
+    client.subscribe(topic, qos=1)
+    assert done.wait(5), f"no SUBACK for {topic}"
+    return codes
+
+
+GRANTED_QOS_1 = 1
 
 
 def test_broker_acl_keeps_a_device_in_its_own_subtree(fleet_broker: Broker) -> None:
     seen: list[str] = []
     admin, _ = _client(fleet_broker, "admin")
     admin.on_message = lambda _c, _u, msg: seen.append(msg.topic)
-    admin.subscribe("tandem/v1/devices/#", qos=1)
+    assert _subscribe(admin, "tandem/v1/devices/#") == [GRANTED_QOS_1]
     device, acks = _client(fleet_broker, "dev-1")
-    granted: list[object] = []
-    got_suback = threading.Event()
-
-    def on_subscribe(_c: object, _u: object, _mid: int, codes: list[object], _p: object) -> None:
-        granted.extend(codes)
-        got_suback.set()
-
-    device.on_subscribe = on_subscribe
-    time.sleep(0.3)
     forbidden = [
         topics.device_topic("dev-2", topics.REPORTS),
         topics.device_topic("dev-2", topics.PRESENCE),
@@ -160,27 +172,31 @@ def test_broker_acl_keeps_a_device_in_its_own_subtree(fleet_broker: Broker) -> N
     own = device.publish(topics.device_topic("dev-1", topics.REPORTS), b"own", qos=1)
     for info in [*infos, own]:
         info.wait_for_publish(5)
-    device.subscribe(topics.device_topic("dev-2", topics.DESIRED), qos=1)
-    assert got_suback.wait(5)
+    # The broker forwards one client's messages to a subscriber in the order it got them:
+    # once the device's own report (published last) is in, a forged one would be too.
     wait_until(
         lambda: topics.device_topic("dev-1", topics.REPORTS) in seen,
         5,
         message="own report delivered",
     )
-    time.sleep(0.3)
     assert seen == [topics.device_topic("dev-1", topics.REPORTS)]
     for info in infos:
         assert getattr(acks[info.mid], "is_failure", False), acks[info.mid]
     assert not getattr(acks[own.mid], "is_failure", True)
-    # Mosquitto grants the subscription but never delivers another device's messages.
+    # Mosquitto's ACL file never refuses a SUBSCRIBE (the SUBACK grants QoS 1); it applies
+    # the read ACL to every delivery instead, so another device's messages never arrive.
     snooped: list[str] = []
     device.on_message = lambda _c, _u, msg: snooped.append(msg.topic)
+    assert _subscribe(device, topics.device_topic("dev-2", topics.DESIRED)) == [GRANTED_QOS_1]
+    assert _subscribe(device, topics.device_topic("dev-1", topics.DESIRED)) == [GRANTED_QOS_1]
     admin.publish(topics.device_topic("dev-2", topics.DESIRED), b"secret", qos=1).wait_for_publish(
         5
     )
     admin.publish(topics.device_topic("dev-2", topics.DESIRED), b"", qos=1, retain=True)
-    time.sleep(0.5)
-    assert snooped == [], snooped
+    # The barrier: the admin's next message, on a topic the device may read, comes after.
+    admin.publish(topics.device_topic("dev-1", topics.DESIRED), b"own", qos=1).wait_for_publish(5)
+    wait_until(lambda: snooped, 5, message="own desired state delivered")
+    assert snooped == [topics.device_topic("dev-1", topics.DESIRED)], snooped
     for client in (admin, device):
         client.loop_stop()
         client.disconnect()
@@ -229,10 +245,12 @@ def test_wrong_credentials_keep_retrying_without_crashing(
     with caplog.at_level("ERROR", logger="tandem.agent.agent"):
         agent = Agent(config).start()
         try:
-            wait_until(lambda: "refused the connection" in caplog.text, 10, message="refusal")
-            time.sleep(1.5)  # at least one retry
+            wait_until(
+                lambda: caplog.text.count("refused the connection") >= 2,
+                10,
+                message="refused, and refused again on the retry",
+            )
             assert not agent.connected and agent.error is None
-            assert caplog.text.count("refused the connection") >= 2
         finally:
             agent.stop()
     assert agent.wait(5)
