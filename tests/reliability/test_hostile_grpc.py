@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tandem.protos.inference import grpc_predict_v2_pb2 as pb
+from tandem.sdk import datatypes
 from tests.cloud.conftest import ServerProcess, start_server
 from tests.cloud.modelkit import build_test_repository
 from tests.support.figures import Figures
@@ -33,7 +34,8 @@ MODELS: dict[str, tuple[str, str, tuple[int, ...], int]] = {
     "digits": ("pixels", "FP32", (64,), 64),
     "seqsum": ("tokens", "INT64", (-1,), 64),
 }
-ITEM = {"FP32": 4, "INT64": 8, "FP16": 2, "FP64": 8, "INT32": 4, "UINT8": 1, "BOOL": 1, "INT8": 1}
+# Bytes per element of each datatype tandem knows; anything else the test sends counts as 4.
+ITEM = {name: dtype.itemsize for name, dtype in datatypes.DATATYPES.items()}
 DATATYPES = [*ITEM, "BYTES", "BF16", "float", "", "FP32 "]
 SANE = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"}
 

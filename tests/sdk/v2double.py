@@ -20,7 +20,7 @@ import numpy as np
 
 from tandem.protos.inference import grpc_predict_v2_pb2 as pb
 from tandem.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from tandem.sdk.artifacts import DATATYPES
+from tandem.sdk.datatypes import DATATYPES
 from tests.support.processes import free_port
 
 Compute = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]

@@ -54,36 +54,14 @@ from tandem.errors import (
     SignatureError,
 )
 from tandem.sdk.atomic import atomic_open
+from tandem.sdk.datatypes import DATATYPES
 
 SPEC_VERSION = 1
 MANIFEST_TYPE = "tandem/model-manifest"
 MANIFEST_FILE = "manifest.json"
 SIGNATURES_FILE = "manifest.sig.json"
 RUNTIMES = ("onnx", "tflite", "openvino", "torch")
-# V2 datatypes <-> numpy dtypes, for the tensors tandem models use.
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
 _COPY_CHUNK = 1 << 20  # bytes per read while hashing or decompressing
-
-
-def datatype_of(dtype: np.dtype[Any]) -> str:
-    """The V2 datatype name of a numpy dtype."""
-    for name, candidate in DATATYPES.items():
-        if candidate == dtype:
-            return name
-    raise ArtifactError(f"numpy dtype {dtype} has no Open Inference Protocol datatype")
 
 
 def canonical_json(document: Mapping[str, Any]) -> bytes:

@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 
 from tandem.errors import (
+    ArtifactError,
     CloudError,
     CloudRejectedError,
     CloudTimeoutError,
@@ -33,7 +34,8 @@ from tandem.errors import (
 )
 from tandem.protos.inference import grpc_predict_v2_pb2 as pb
 from tandem.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from tandem.sdk.artifacts import DATATYPES, TensorSpec, datatype_of
+from tandem.sdk.artifacts import TensorSpec
+from tandem.sdk.datatypes import CONTENTS_FIELDS, DATATYPES, datatype_of
 from tandem.sdk.errors import CircuitOpenError, CloudInputError
 from tandem.sdk.resilience import DEFAULT_FAILURE_CODES, BreakerConfig, CircuitBreaker, Retry
 
@@ -118,26 +120,16 @@ def translate(exc: grpc.RpcError, endpoint: str) -> CloudError:
 def encode_request(model: str, version: str, feeds: Mapping[str, np.ndarray[Any, Any]]) -> Any:
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     for name, array in feeds.items():
-        request.inputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
+        datatype = datatype_of(array.dtype)
+        if datatype is None:
+            raise ArtifactError(
+                f"input {name!r}: numpy dtype {array.dtype} has no Open Inference Protocol datatype"
+            )
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
         request.raw_input_contents.append(
             array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
         )
     return request
-
-
-_CONTENTS = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-}
 
 
 def decode_response(response: Any) -> Arrays:
@@ -153,7 +145,7 @@ def decode_response(response: Any) -> Arrays:
         if i < len(raw):
             array = np.frombuffer(raw[i], dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
         else:
-            values = getattr(tensor.contents, _CONTENTS.get(tensor.datatype, "fp32_contents"))
+            values = getattr(tensor.contents, CONTENTS_FIELDS.get(tensor.datatype, "fp32_contents"))
             array = np.asarray(values, dtype=dtype)
         try:
             outputs[tensor.name] = array.reshape(shape)

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from tandem.errors import ConfigError
+from tandem.sdk.datatypes import DATATYPES
 
 from .errors import RepositoryError
-from .tensors import DATATYPES
 
 BACKENDS = ("onnxruntime", "pytorch", "openvino")
 # The file each backend loads from `<model>/<version>/`.
@@ -38,7 +38,7 @@ class TensorConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("name", "a tensor needs a name")
-        if self.datatype not in DATATYPES or self.datatype == "BYTES":
+        if self.datatype not in DATATYPES:
             raise ConfigError(f"{self.name}.datatype", f"unsupported datatype {self.datatype!r}")
         for d in self.dims:
             if d < -1 or d == 0:

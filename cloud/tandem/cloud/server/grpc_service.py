@@ -11,6 +11,7 @@ from grpc import aio
 
 from tandem.protos.inference import grpc_predict_v2_pb2 as pb
 from tandem.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from tandem.sdk.datatypes import CONTENTS_FIELDS
 
 from .context import access_log, current_request, log_access, new_context, token_matches
 from .errors import (
@@ -24,7 +25,6 @@ from .errors import (
 from .protocol import EXTENSIONS, SERVER_NAME, server_version, status_of
 from .state import ServerState
 from .tensors import (
-    CONTENTS_FIELDS,
     TensorHeader,
     check_headers,
     from_raw,
@@ -145,7 +145,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     arrays[header.name] = from_raw(header, data)
             else:
                 for tensor, header in zip(inputs, headers, strict=True):
-                    values = getattr(tensor.contents, CONTENTS_FIELDS[header.datatype], None)
+                    field = CONTENTS_FIELDS.get(header.datatype)
+                    values = getattr(tensor.contents, field) if field is not None else None
                     if values is None:
                         raise InvalidInputError(
                             f"input {tensor.name!r}: datatype {header.datatype} travels only "

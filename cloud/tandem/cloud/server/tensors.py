@@ -12,52 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tandem.sdk.datatypes import DATATYPES
+
 from .errors import InvalidInputError
 
 if TYPE_CHECKING:
     from .config import ModelConfig
-
-# V2 datatype name -> numpy dtype (little-endian, as the protocol's raw bytes are).
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(np.object_),
-}
-# V2 datatype -> the InferTensorContents field that carries it (FP16 travels only as raw).
-CONTENTS_FIELDS = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-_DTYPE_TO_DATATYPE = {v: k for k, v in DATATYPES.items() if k != "BYTES"}
-
-
-def datatype_of(array: np.ndarray[Any, Any]) -> str:
-    try:
-        return _DTYPE_TO_DATATYPE[
-            array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
-        ]
-    except KeyError as exc:
-        raise InvalidInputError(f"no V2 datatype for numpy dtype {array.dtype}") from exc
 
 
 @dataclass(frozen=True)
