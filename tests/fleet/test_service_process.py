@@ -4,6 +4,7 @@ with simulated devices as real MQTT clients."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -413,7 +414,11 @@ def test_replicas_share_the_load_and_survive_one_stopping(
         phases["b_stopped"] = time.time()
         a.wait_rollout(rid, "completed", timeout=30)
         sim.telemetry_paused = True
-        time.sleep(1.0)  # the simulation thread flushes what it published
+        # The barrier: a call the simulation thread runs after the pause is set; it sends no
+        # telemetry from then on, so the count is final.
+        paused = threading.Event()
+        sim.call(paused.set)
+        assert paused.wait(5), "simulation thread stuck"
         sent = sim.telemetry_sent
         try:
             wait_until(lambda: reader.telemetry_count()[1] >= sent, timeout=20)
@@ -426,7 +431,8 @@ def test_replicas_share_the_load_and_survive_one_stopping(
             raise AssertionError(
                 f"missing {len(missing)} of {sent}: at {missing} phases {phases}"
             ) from None
-        time.sleep(0.5)
+        # Summary ids are counted once each, and no summary was sent after `sent`: more than
+        # `sent` would be summaries from nowhere, so nothing needs waiting for.
         assert reader.telemetry_count()[1] == sent, "each summary exactly once"
         assert all(d.active["digits"] == 2 for d in sim.devices.values())
     finally:
