@@ -12,20 +12,10 @@ from typing import Annotated
 import typer
 
 from tandem.agent.config import AgentConfig, BrokerAddress
-from tandem.errors import ConfigError
+from tandem.sdk.tags import parse_tags
 
 app = typer.Typer(help="The device agent.", no_args_is_help=True, add_completion=False)
 log = logging.getLogger(__name__)
-
-
-def _parse_tags(tags: list[str]) -> dict[str, str]:
-    parsed: dict[str, str] = {}
-    for item in tags:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError("tag", f"{item!r} is not key=value")
-        parsed[key] = value
-    return parsed
 
 
 @app.command()
@@ -64,7 +54,7 @@ def run(
         trusted_keys=tuple(trusted_key),
         username=username,
         password=password,
-        tags=_parse_tags(tag or []),
+        tags=parse_tags(tag or []),
         hardware=hardware,
         runtimes=tuple(runtime) if runtime else None,
         max_payload_bytes=max_payload_bytes,

@@ -34,6 +34,7 @@ from tandem.cloud.fleet.engine import RolloutStatus
 from tandem.cloud.fleet.errors import NotFoundError
 from tandem.cloud.fleet.store import Store
 from tandem.errors import FleetError
+from tandem.sdk.tags import parse_tags
 
 from . import views
 
@@ -126,7 +127,7 @@ def console_router(
         online: bool | None = None,
     ) -> dict[str, Any]:
         try:
-            tags = views.parse_tags(tag or [])
+            tags = parse_tags(tag or [])
         except ValueError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from exc
         return views.fleet(store, tags, online)

@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tandem.errors import ConfigError
+from tandem.sdk.tags import parse_tags
 
 from .client import ApiError, FleetClient
 
@@ -99,16 +100,6 @@ def parse_gate(spec: str) -> dict[str, Any]:
     except ValueError:
         raise ConfigError("--gate", f"{spec!r}: threshold and samples must be numbers") from None
     return gate
-
-
-def parse_tags(items: Sequence[str]) -> dict[str, str]:
-    tags = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError("--tag", f"{item!r} is not key=value")
-        tags[key] = value
-    return tags
 
 
 def _opt(fn: Any, *args: Any) -> Any:
@@ -337,7 +328,7 @@ def create(
         "model": model,
         "version": version,
         "stages": [{**s, "gates": gates} for s in stages],
-        "selector": _opt(parse_tags, tag or []),
+        "selector": _opt(parse_tags, tag or [], "--tag"),
         "on_gate_failure": on_gate_failure,
         "device_timeout_s": device_timeout,
         "max_assignments_per_s": rate,
@@ -435,7 +426,7 @@ def list_devices(
     token: Token = None,
 ) -> None:
     """List devices with presence, hardware, runtimes, tags, versions and last telemetry."""
-    tags = _opt(parse_tags, tag or [])
+    tags = _opt(parse_tags, tag or [], "--tag")
     with _client(url, token) as client:
         console.print(devices_table(client.fleet(tags, online)))
 

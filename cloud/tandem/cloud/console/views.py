@@ -108,17 +108,6 @@ def device_json(d: Device, last: Mapping[str, Any] | None) -> dict[str, Any]:
     return {**d.to_json(), "last_telemetry": dict(last) if last else None}
 
 
-def parse_tags(values: Iterable[str]) -> dict[str, str]:
-    """`key=value` filters; raises ValueError naming the bad one."""
-    tags: dict[str, str] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"tag filter {item!r} must be key=value")
-        tags[key] = value
-    return tags
-
-
 def fleet(
     store: Store, tags: Mapping[str, str] | None = None, online: bool | None = None
 ) -> dict[str, Any]:

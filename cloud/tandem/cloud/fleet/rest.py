@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from tandem.errors import ConfigError, FleetError
+from tandem.sdk.tags import parse_tags
 
 from . import engine as eng
 from .errors import ConflictError, ImportRefusedError, NotFoundError
@@ -130,12 +131,7 @@ def create_app(service: FleetService, tokens: Mapping[str, str] | None = None) -
         tag: Annotated[list[str] | None, Query(description="key=value, repeatable")] = None,
         online: bool | None = None,
     ) -> list[dict[str, Any]]:
-        tags = {}
-        for item in tag or []:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise HTTPException(422, f"tag filter {item!r} is not key=value")
-            tags[key] = value
+        tags = parse_tags(tag or [])  # a ConfigError: 422 naming the tag
         return [d.to_json() for d in await call(service.devices, tags, online)]
 
     @app.get(f"{API}/devices/{{device_id}}")
