@@ -45,8 +45,14 @@ def signer(tmp_path: Path) -> Signer:
 
 
 @pytest.fixture
-def fleet(fleet_broker: Broker) -> Iterator[FleetDouble]:
-    double = FleetDouble(fleet_broker)
+def fleet_signer(tmp_path: Path) -> Signer:
+    """The fleet key: the fleet double signs desired states with it, agents verify them."""
+    return Signer.create(tmp_path / "fleet-keys", name="fleet")
+
+
+@pytest.fixture
+def fleet(fleet_broker: Broker, fleet_signer: Signer) -> Iterator[FleetDouble]:
+    double = FleetDouble(fleet_broker, fleet_signer=fleet_signer)
     yield double
     double.close()
 
@@ -58,6 +64,7 @@ class AgentProcess:
     store: Path
     trusted_key: Path
     log_path: Path
+    fleet_key: Path | None = None
     extra: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -70,7 +77,7 @@ class AgentProcess:
             self.trusted_key,
             tags=("site=lab", "ring=canary"),
             stall_timeout=2,
-            extra=self.extra,
+            extra=[*(["--fleet-key", str(self.fleet_key)] if self.fleet_key else []), *self.extra],
         )
 
     def start(self) -> AgentProcess:
@@ -102,7 +109,7 @@ class AgentProcess:
 
 @pytest.fixture
 def agent_factory(
-    fleet_broker: Broker, signer: Signer, tmp_path: Path
+    fleet_broker: Broker, signer: Signer, fleet_signer: Signer, tmp_path: Path
 ) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
@@ -113,6 +120,7 @@ def agent_factory(
             store=tmp_path / f"store-{device_id}",
             trusted_key=signer.public_path,
             log_path=tmp_path / f"agent-{device_id}.log",
+            fleet_key=fleet_signer.public_path,
             extra=list(extra),
         )
         started.append(agent)

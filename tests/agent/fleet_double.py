@@ -1,6 +1,7 @@
 """A test-side stand-in for the fleet service: a small paho client with the service's role.
 
-It publishes retained DesiredState, answers ChunkRequests with ArtifactChunks from variant
+It publishes retained DesiredState (signed with `fleet_signer` as the service signs it with
+its fleet key, or unsigned without one), answers ChunkRequests with ArtifactChunks from variant
 folders on disk (full stored files, or zstd deltas against the version the device says it
 has, the old uncompressed file as raw-content dictionary), and records what devices send.
 Knobs let a test interrupt a transfer (stop after N chunks) or corrupt data in flight.
@@ -21,9 +22,10 @@ import zstandard
 from google.protobuf.message import DecodeError
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tandem.protos.fleet.v1 import desired as desired_signing
 from tandem.protos.fleet.v1 import fleet_pb2, topics
 from tandem.sdk.artifacts import read_manifest_unverified
-from tests.agent.artifacts import BuiltVariant
+from tests.agent.artifacts import BuiltVariant, Signer
 from tests.support.mosquitto import Broker
 
 Kind = fleet_pb2.DeviceReport.Kind
@@ -32,6 +34,7 @@ Kind = fleet_pb2.DeviceReport.Kind
 @dataclass
 class FleetDouble:
     broker: Broker
+    fleet_signer: Signer | None = None  # the fleet key; None: desired states go unsigned
     user: str = "admin"
     password: str = "admin-secret"
     chunk_size: int = 8192
@@ -164,10 +167,28 @@ class FleetDouble:
                 )
             ],
         )
+        self.sign(state)
         with self._lock:
             self.desired[device_id] = state
+        self.publish_desired(state)
+
+    def sign(self, state: fleet_pb2.DesiredState) -> fleet_pb2.DesiredState:
+        """Signs `state` in place as the fleet service does (no-op without a fleet key)."""
+        if self.fleet_signer is not None:
+            payload = desired_signing.payload_for(state, int(time.time() * 1000))
+            raw = payload.SerializeToString()
+            entry = self.fleet_signer.sign(desired_signing.signing_input(raw))
+            state.signed.CopyFrom(
+                fleet_pb2.SignedDesiredState(
+                    payload=raw, signatures=[fleet_pb2.Signature(keyid=entry.keyid, sig=entry.sig)]
+                )
+            )
+        return state
+
+    def publish_desired(self, state: fleet_pb2.DesiredState) -> None:
+        """Publishes `state` as it is, retained (a replay, when it is an old one)."""
         self.client.publish(
-            topics.device_topic(device_id, topics.DESIRED),
+            topics.device_topic(state.device_id, topics.DESIRED),
             state.SerializeToString(),
             qos=1,
             retain=True,

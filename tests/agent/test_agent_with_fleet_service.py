@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from tests.agent.artifacts import Signer, build_variant
 from tests.support.agent import agent_argv
@@ -38,6 +39,11 @@ VARIANT_OF = {"onnx": "onnx-int8", "openvino": "openvino-fp32"}
 def zoo(tmp_path: Path) -> Path:
     root = tmp_path / "zoo"
     signer = Signer.create(root / "keys")
+    # The fleet key: the service signs desired states with it (fleet.key), agents verify.
+    fleet = Signer.create(root / "keys", name="fleet")
+    private = root / "keys" / "fleet.key"
+    private.write_bytes(fleet.key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    private.chmod(0o600)
     for version in (1, 2):
         build_variant(root / "artifacts", signer, version=version)
         # OpenVINO reads ONNX too: a second runtime without a second model format.
@@ -69,6 +75,7 @@ def agents(
                         health_window=1,
                         health_probe_interval=0.3,
                         telemetry_interval=0.5,
+                        extra=["--fleet-key", str(zoo / "keys/fleet.pub")],
                     ),
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -91,8 +98,19 @@ def test_rollouts_and_abort_between_agents_and_the_fleet_service(
     zoo: Path,
 ) -> None:
     broker, stores = agents
-    svc = fleet_service(broker, zoo, "--trusted-key", str(zoo / "keys/signing.pub"))
+    svc = fleet_service(
+        broker,
+        zoo,
+        "--trusted-key",
+        str(zoo / "keys/signing.pub"),
+        "--fleet-key",
+        str(zoo / "keys/fleet.key"),
+    )
     wait_devices(svc, len(DEVICES))
+    # What operators provision agents with: the public half of the key the service signs with.
+    key = svc.get("/fleet-key")
+    assert isinstance(key, dict)
+    assert key["public_key_pem"].encode() == (zoo / "keys/fleet.pub").read_bytes()
     selector = {"site": "lab"}
 
     first = svc.post(

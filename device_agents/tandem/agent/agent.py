@@ -68,6 +68,8 @@ class Agent(
             max_payload_bytes=config.max_payload_bytes,
         )
         self.trusted = TrustedKeys.from_files(config.trusted_keys)
+        # None: desired states are obeyed unsigned (reconcile warns once).
+        self.fleet_keys = TrustedKeys.from_files(config.fleet_keys) if config.fleet_keys else None
         self.store = ModelStore(config.store)
         self.state = AgentState(config.agent_dir)
         self._staging_root = config.agent_dir / "staging"
@@ -86,6 +88,8 @@ class Agent(
         self._seen_summaries: deque[str] = deque(maxlen=4096)
         self._failed_mids: set[int] = set()
         self._refusals_reported: dict[str, int] = {}  # offer key -> desired revision
+        self._desired_refusals_reported: set[str] = set()  # "<code>[:<payload sha256>]"
+        self._unsigned_warned = False
         # report id -> (publish in flight, monotonic time it was sent)
         self._outbox_inflight: dict[str, tuple[mqtt.MQTTMessageInfo, float]] = {}
         self.error: BaseException | None = None

@@ -24,6 +24,13 @@ def run(
     broker: Annotated[str, typer.Option(help="mqtt://HOST:PORT")],
     store: Annotated[Path, typer.Option(help="The model store folder.")],
     trusted_key: Annotated[list[Path], typer.Option(help="ed25519 public key (PEM); repeatable.")],
+    fleet_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="The fleet service's ed25519 public key (PEM): obey only desired states it "
+            "signed; repeatable (`tandem fleet fleet-key` prints it)."
+        ),
+    ] = None,
     username: Annotated[str | None, typer.Option()] = None,
     password: Annotated[str | None, typer.Option(envvar="TANDEM_AGENT_PASSWORD")] = None,
     password_file: Annotated[Path | None, typer.Option()] = None,
@@ -52,6 +59,7 @@ def run(
         broker=BrokerAddress.parse(broker),
         store=store,
         trusted_keys=tuple(trusted_key),
+        fleet_keys=tuple(fleet_key or ()),
         username=username,
         password=password,
         tags=parse_tags(tag or []),

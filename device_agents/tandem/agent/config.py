@@ -44,6 +44,10 @@ class AgentConfig:
     broker: BrokerAddress
     store: Path
     trusted_keys: tuple[Path, ...]
+    # The fleet service's public keys (PEM): a desired state must be signed by one of them.
+    # Empty: desired states are obeyed unsigned, as before they were signed, with a warning
+    # (docs/security.md); set them on every device that a fleet key can be provisioned to.
+    fleet_keys: tuple[Path, ...] = ()
     username: str | None = None
     password: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
@@ -88,6 +92,7 @@ class AgentConfig:
             raise ConfigError("trusted_keys", "at least one trusted public key is required")
         object.__setattr__(self, "store", Path(self.store))
         object.__setattr__(self, "trusted_keys", tuple(Path(p) for p in self.trusted_keys))
+        object.__setattr__(self, "fleet_keys", tuple(Path(p) for p in self.fleet_keys))
         object.__setattr__(self, "tags", MappingProxyType(dict(self.tags)))
         for key, tag_value in self.tags.items():
             if not key or "=" in key:

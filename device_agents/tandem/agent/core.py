@@ -66,6 +66,7 @@ class AgentCore:
     config: AgentConfig
     facts: DeviceFacts
     trusted: TrustedKeys
+    fleet_keys: TrustedKeys | None
     store: ModelStore
     state: AgentState
     error: BaseException | None
@@ -81,6 +82,8 @@ class AgentCore:
     _seen_summaries: deque[str]
     _failed_mids: set[int]
     _refusals_reported: dict[str, int]  # offer key -> desired revision
+    _desired_refusals_reported: set[str]
+    _unsigned_warned: bool
     # report id -> (publish in flight, monotonic time it was sent)
     _outbox_inflight: dict[str, tuple[mqtt.MQTTMessageInfo, float]]
 

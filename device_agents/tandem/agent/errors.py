@@ -1,7 +1,8 @@
 """The agent's branch of the error tree (rooted in `tandem.errors.AgentError`)::
 
     AgentError
-    ├── RefusedError        a delivery was refused; `.code` is a stable reason code
+    ├── RefusedError        a delivery or a desired state was refused; `.code` is a stable
+    │                       reason code
     ├── WarmupError         the new version failed to load or its outputs did not match
     └── TransferError       a chunk stream could not be continued (bad chunk, disk)
 
@@ -24,6 +25,12 @@ TOO_LARGE = "too_large"
 DIGEST_MISMATCH = "digest_mismatch"
 MALFORMED = "malformed"
 NO_SPACE = "no_space"  # writing the delivery failed (disk full, file size limit, read-only)
+# A desired state refused as a whole (tandem.agent.desired): nothing of it is obeyed.
+DESIRED_UNSIGNED = "desired_unsigned"  # no fleet signature, and this agent has a fleet key
+DESIRED_BAD_SIGNATURE = "desired_bad_signature"  # not signed by a configured fleet key
+DESIRED_WRONG_DEVICE = "desired_wrong_device"  # signed for another device
+DESIRED_REPLAY = "desired_replay"  # an older revision, or another state under the same one
+DESIRED_MALFORMED = "desired_malformed"  # signed, but its payload or manifests do not add up
 
 REFUSAL_CODES = (
     BAD_SIGNATURE,
@@ -36,6 +43,11 @@ REFUSAL_CODES = (
     DIGEST_MISMATCH,
     MALFORMED,
     NO_SPACE,
+    DESIRED_UNSIGNED,
+    DESIRED_BAD_SIGNATURE,
+    DESIRED_WRONG_DEVICE,
+    DESIRED_REPLAY,
+    DESIRED_MALFORMED,
 )
 
 

@@ -1,12 +1,13 @@
-"""Desired state against the store: parse the fleet's desired state, plan each model, and
-start (or refuse) one install at a time.
+"""Desired state against the store: admit the fleet's desired state (its signature, device
+and revision), plan each model, and start (or refuse) one install at a time.
 
-The decisions are `verify.plan` and `verify.check_offer`; this module reads the store and
-the agent's memory into their values and acts on the answer.
+The decisions are `desired.admit`, `verify.plan` and `verify.check_offer`; this module reads
+the store and the agent's memory into their values and acts on the answer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -15,18 +16,22 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
-from tandem.agent.core import ActiveDelivery, AgentCore
+from tandem.agent import errors
+from tandem.agent.core import ActiveDelivery, AgentCore, Ref
 from tandem.agent.delivery import DeliveryState, no_space
+from tandem.agent.desired import admit
 from tandem.agent.errors import RefusedError
 from tandem.agent.transfer import Staging
 from tandem.agent.verify import Action, LocalModelState, Offer, check_offer, delta_base, plan
 from tandem.errors import ArtifactError
-from tandem.protos.fleet.v1 import fleet_pb2
+from tandem.protos.fleet.v1 import fleet_pb2, topics
 from tandem.sdk.artifacts import SignatureEntry, signatures_to_bytes
 
 log = logging.getLogger(__name__)
 
 Kind = fleet_pb2.DeviceReport.Kind
+
+_MAX_DESIRED_REFUSALS_REMEMBERED = 1024  # refused desired states reported; then forgotten
 
 
 class ReconcileMixin(AgentCore):
@@ -39,25 +44,45 @@ class ReconcileMixin(AgentCore):
         except DecodeError as exc:
             log.warning("garbage on the desired-state topic dropped: %s", exc)
             return
+        if self.fleet_keys is None:
+            await self._handle_unsigned(desired)
+            return
+        try:
+            admitted = admit(desired, self.fleet_keys, self.config.device_id, self.state.desired)
+        except RefusedError as exc:
+            self._refuse_desired(exc, desired)
+            return
+        if admitted.fresh:
+            # Durable before anything is acted on: after a crash, only this state or a newer
+            # one is obeyed again.
+            self.state.desired = admitted.accepted
+            self.state.save()
+            log.info(
+                "desired state r%d accepted (fleet key %s, signed at %d ms)",
+                admitted.accepted.revision,
+                admitted.keyid,
+                admitted.issued_at_ms,
+            )
+        self._revision = admitted.accepted.revision
+        self._desired = self._offers(admitted.models)
+        await self._reconcile()
+
+    async def _handle_unsigned(self, desired: fleet_pb2.DesiredState) -> None:
+        """No fleet key configured: the desired state as it was before it was signed."""
+        if not self._unsigned_warned:
+            self._unsigned_warned = True
+            log.warning(
+                "no fleet key configured: desired states are obeyed unsigned, so whoever can "
+                "publish on %s can roll this device back; pass --fleet-key",
+                self.config.topic(topics.DESIRED),
+            )
         if desired.device_id and desired.device_id != self.config.device_id:
             log.warning("desired state for device %r dropped", desired.device_id)
             return
         if desired.revision < self._revision:
             log.info("stale desired state r%d < r%d ignored", desired.revision, self._revision)
             return
-        offers: dict[str, Offer] = {}
-        limit = self.config.max_desired_models
-        if len(desired.models) > limit:
-            log.warning(
-                "desired state names %d models; only the first %d are considered",
-                len(desired.models),
-                limit,
-            )
-        for item in desired.models[:limit]:
-            try:
-                offers[item.model] = offer_from_proto(item)
-            except (ValueError, ArtifactError) as exc:
-                log.warning("desired model %r malformed, dropped: %s", item.model, exc)
+        offers = self._offers(tuple(desired.models))
         # The revision is not signed: only a state carrying a manifest signed by a trusted
         # key may raise it. Otherwise one garbled or forged state with a huge revision would
         # make the agent ignore its fleet's real desired states until it restarts.
@@ -70,6 +95,43 @@ class ReconcileMixin(AgentCore):
             )
         self._desired = offers
         await self._reconcile()
+
+    def _offers(self, models: tuple[fleet_pb2.DesiredModel, ...]) -> dict[str, Offer]:
+        offers: dict[str, Offer] = {}
+        limit = self.config.max_desired_models
+        if len(models) > limit:
+            log.warning(
+                "desired state names %d models; only the first %d are considered",
+                len(models),
+                limit,
+            )
+        for item in models[:limit]:
+            try:
+                offers[item.model] = offer_from_proto(item)
+            except (ValueError, ArtifactError) as exc:
+                log.warning("desired model %r malformed, dropped: %s", item.model, exc)
+        return offers
+
+    def _refuse_desired(self, exc: RefusedError, desired: fleet_pb2.DesiredState) -> None:
+        """Nothing of a refused state is obeyed; the fleet hears of it once per cause.
+
+        A replay is reported once per signed payload (there are only as many as the fleet
+        ever signed), anything else once per code: a flood of forgeries cannot fill the
+        report outbox, and the broker re-delivering a retained copy is not news.
+        """
+        log.warning("desired state refused, nothing changed: %s", exc)
+        key = exc.code
+        if exc.code == errors.DESIRED_REPLAY:
+            key += ":" + hashlib.sha256(desired.signed.payload).hexdigest()
+        if key in self._desired_refusals_reported:
+            return
+        if len(self._desired_refusals_reported) >= _MAX_DESIRED_REFUSALS_REMEMBERED:
+            self._desired_refusals_reported.clear()
+        self._desired_refusals_reported.add(key)
+        try:
+            self._report(Kind.REFUSED, Ref(model="", version=0, variant=""), reason=str(exc))
+        except OSError as save_exc:  # a full disk: the report still goes out from memory
+            log.warning("could not save the refusal: %s", save_exc)
 
     def _authentic(self, offer: Offer) -> bool:
         try:

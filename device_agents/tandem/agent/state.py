@@ -5,7 +5,11 @@
                            "health": {"version": 3, "variant": "onnx-int8",
                                       "previous": [2, "onnx-int8"], "started": 1700000000.0}}},
      "refused": {"<manifest sha256>": "rollback: ..."},
+     "desired": {"revision": 12, "digest": "<sha256 of its signed models>"},
      "outbox": ["<base64 DeviceReport>", ...]}
+
+`desired` is the newest signed desired state the agent obeyed (tandem.agent.desired): kept
+across restarts so that a replayed older state stays refused.
 
 `outbox` holds the reports (every kind but PROGRESS) that the broker has not acknowledged
 yet. A report enters it in the same atomic write as the state change it describes, and
@@ -28,6 +32,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from tandem.agent.desired import Accepted
 from tandem.protos.fleet.v1 import fleet_pb2
 from tandem.sdk.atomic import write_atomic
 
@@ -59,6 +64,7 @@ class AgentState:
         self.path = folder / STATE_FILE
         self.models: dict[str, ModelMemory] = {}
         self.refused: dict[str, str] = {}
+        self.desired: Accepted | None = None
         self.outbox: list[fleet_pb2.DeviceReport] = []
 
     def load(self) -> None:
@@ -80,9 +86,12 @@ class AgentState:
                     health=_health_from_json(health) if health else None,
                 )
             self.refused = {str(k): str(v) for k, v in doc.get("refused", {}).items()}
+            desired = doc.get("desired")
+            if desired:
+                self.desired = Accepted(int(desired["revision"]), str(desired["digest"]))
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             log.warning("agent state %s malformed (%s); ignoring it", self.path, exc)
-            self.models, self.refused = {}, {}
+            self.models, self.refused, self.desired = {}, {}, None
         self.outbox = []
         queued = doc.get("outbox") if isinstance(doc, dict) else None
         for item in queued if isinstance(queued, list) else []:
@@ -104,6 +113,11 @@ class AgentState:
                 for name, memory in self.models.items()
             },
             "refused": self.refused,
+            "desired": (
+                {"revision": self.desired.revision, "digest": self.desired.digest}
+                if self.desired
+                else None
+            ),
             "outbox": [
                 base64.b64encode(report.SerializeToString()).decode() for report in self.outbox
             ],

@@ -93,6 +93,13 @@ def serve(
     trusted_key: Annotated[
         list[Path] | None, typer.Option(help="Trusted ed25519 public key.")
     ] = None,
+    fleet_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="ed25519 private key that signs desired states; default "
+            "ARTIFACTS/.keys/fleet.key, generated when missing."
+        ),
+    ] = None,
     zoo: Annotated[Path | None, typer.Option(help="Import this model zoo at start.")] = None,
     rest_host: Annotated[str, typer.Option()] = "127.0.0.1",
     rest_port: Annotated[int | None, typer.Option(help="Serve the REST API on this port.")] = None,
@@ -125,6 +132,7 @@ def serve(
             db_url=_db_url(db),
             artifacts_dir=artifacts.resolve(),
             trusted_keys=_trusted(trusted_key, signing_key, artifacts.resolve() / ".keys"),
+            fleet_key=fleet_key.resolve() if fleet_key else None,
             chunk_size=chunk_size,
             tick_s=tick,
             telemetry_window_s=telemetry_window,
@@ -242,3 +250,26 @@ def broker_config(
             indent=2,
         )
     )
+
+
+@app.command("fleet-key")
+def fleet_key_command(
+    artifacts: Annotated[Path, typer.Option(help="Artifact storage folder.")] = Path(
+        "fleet-artifacts"
+    ),
+    fleet_key: Annotated[
+        Path | None, typer.Option(help="The fleet key; default ARTIFACTS/.keys/fleet.key.")
+    ] = None,
+) -> None:
+    """Print the public fleet key (PEM) that agents verify desired states with
+    (`tandem agent run --fleet-key`); generates the key pair when it is missing."""
+    from .fleet_key import DEFAULT_KEY_FILE, FleetKey
+
+    path = fleet_key or artifacts.resolve() / DEFAULT_KEY_FILE
+    try:
+        key = FleetKey.load_or_create(path)
+    except TandemError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"# fleet key {key.keyid} ({path}); public half also in {path.with_suffix('.pub')}")
+    typer.echo(key.public_pem.decode(), nl=False)

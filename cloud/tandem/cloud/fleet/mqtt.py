@@ -13,9 +13,10 @@ control queue; telemetry goes to a batching writer (`telemetry_flush_s`); chunk 
 small pool that streams chunks with a bounded number in flight per transfer, and a newer
 request for the same transfer cancels the older stream.
 
-Publishes: the retained DesiredState of a device whenever it changes, when the device comes
-online and when the session (re)connects (a broker without persistence loses retained
-messages on restart); and the ArtifactChunks answering a ChunkRequest.
+Publishes: the retained DesiredState of a device, signed with the fleet key (fleet_key.py),
+whenever it changes, when the device comes online and when the session (re)connects (a
+broker without persistence loses retained messages on restart); and the ArtifactChunks
+answering a ChunkRequest.
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ class MqttLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         service.on_desired_changed = self.publish_desired
+        # Loaded (or generated) now, so a missing or unreadable fleet key stops the service at
+        # start rather than at its first publish.
+        log.info("desired states are signed with fleet key %s", service.fleet_key.keyid)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -452,7 +456,9 @@ class MqttLink:
     # --- publishing ------------------------------------------------------------------------
 
     def publish_desired(self, device_ids: Sequence[str]) -> None:
-        """Publishes the retained DesiredState of each device."""
+        """Publishes the retained, signed DesiredState of each device. A re-publish signs the
+        same revision again (a new issue time, the same content), which agents accept as
+        the state they already have."""
         for i in range(0, len(device_ids), 500):
             for msg in self.service.desired_states(device_ids[i : i + 500]):
                 self.client.publish(

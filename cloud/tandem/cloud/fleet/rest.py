@@ -145,6 +145,13 @@ def create_app(service: FleetService, tokens: Mapping[str, str] | None = None) -
         result: dict[str, Any] = await call(service.device, device_id)
         return result
 
+    @app.get(f"{API}/fleet-key")
+    async def fleet_key(_user: User) -> dict[str, str]:
+        """The public half of the key that signs desired states: what `tandem agent run
+        --fleet-key` is provisioned with."""
+        key = service.fleet_key
+        return {"keyid": key.keyid, "public_key_pem": key.public_pem.decode()}
+
     @app.get(f"{API}/models")
     async def models(_user: User) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = await call(service.models)

@@ -12,6 +12,7 @@ that the device is known, and drops (and logs) anything else.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from tandem.sdk.artifacts import (
 from . import engine as eng
 from .delivery import DEFAULT_CHUNK_SIZE, Delivery
 from .errors import ConflictError, ImportRefusedError, NotFoundError
+from .fleet_key import DEFAULT_KEY_FILE, FleetKey
 from .leader import LeaderElector
 from .rollouts import apply_command
 from .store import Artifact, Device, IngestResult, ReportIn, Rollout, Store, pick_variant
@@ -72,6 +74,9 @@ class ServiceConfig:
     telemetry_flush_s: float = 0.2  # seconds the ingest writer waits to batch summaries
     telemetry_queue: int = 200_000  # summaries buffered for the writer before dropping
     api_tokens: Mapping[str, str] = field(default_factory=dict)  # bearer token -> user name
+    # The fleet key (ed25519 private, PEM) that signs every desired state; None: the one in
+    # artifacts_dir/.keys/fleet.key, generated there on first use (fleet_key.py).
+    fleet_key: Path | None = None
     replica_id: str = ""  # this replica's name in the leader election; default hostname:pid
     # Seconds a silent engine leader keeps the lead (PostgreSQL); None: 10 s or 4 ticks.
     leader_lease_s: float | None = None
@@ -502,6 +507,12 @@ class FleetService:
 
     # --- desired state ---------------------------------------------------------------------
 
+    @functools.cached_property
+    def fleet_key(self) -> FleetKey:
+        """Signs every desired state; agents verify with its public half (`--fleet-key`)."""
+        path = self.config.fleet_key or self.config.artifacts_dir / DEFAULT_KEY_FILE
+        return FleetKey.load_or_create(path)
+
     def artifact(self, model: str, version: int, variant: str) -> Artifact:
         """An artifact record, cached: versions are immutable once imported."""
         key = (model, version, variant)
@@ -515,7 +526,7 @@ class FleetService:
         return self.desired_states([device_id])[0]
 
     def desired_states(self, device_ids: Sequence[str]) -> list[fleet_pb2.DesiredState]:
-        """The retained DesiredState message of each device (same order)."""
+        """The retained DesiredState message of each device (same order), signed."""
         views = self.store.desired_views(device_ids)
         out = []
         for device_id in device_ids:
@@ -551,6 +562,7 @@ class FleetService:
                         delta_base_version=delta_base,
                     )
                 )
+            self.fleet_key.sign(msg, issued_at_ms=int(self.clock() * 1000))
             out.append(msg)
         return out
 

@@ -24,14 +24,52 @@ class Signature(_message.Message):
     def __init__(self, keyid: _Optional[str] = ..., sig: _Optional[bytes] = ...) -> None: ...
 
 class DesiredState(_message.Message):
-    __slots__ = ("device_id", "revision", "models")
+    __slots__ = ("device_id", "revision", "models", "signed")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     revision: int
     models: _containers.RepeatedCompositeFieldContainer[DesiredModel]
-    def __init__(self, device_id: _Optional[str] = ..., revision: _Optional[int] = ..., models: _Optional[_Iterable[_Union[DesiredModel, _Mapping]]] = ...) -> None: ...
+    signed: SignedDesiredState
+    def __init__(self, device_id: _Optional[str] = ..., revision: _Optional[int] = ..., models: _Optional[_Iterable[_Union[DesiredModel, _Mapping]]] = ..., signed: _Optional[_Union[SignedDesiredState, _Mapping]] = ...) -> None: ...
+
+class SignedDesiredState(_message.Message):
+    __slots__ = ("payload", "signatures")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    signatures: _containers.RepeatedCompositeFieldContainer[Signature]
+    def __init__(self, payload: _Optional[bytes] = ..., signatures: _Optional[_Iterable[_Union[Signature, _Mapping]]] = ...) -> None: ...
+
+class DesiredStatePayload(_message.Message):
+    __slots__ = ("device_id", "revision", "issued_at_ms", "models")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    revision: int
+    issued_at_ms: int
+    models: _containers.RepeatedCompositeFieldContainer[DesiredModelRef]
+    def __init__(self, device_id: _Optional[str] = ..., revision: _Optional[int] = ..., issued_at_ms: _Optional[int] = ..., models: _Optional[_Iterable[_Union[DesiredModelRef, _Mapping]]] = ...) -> None: ...
+
+class DesiredModelRef(_message.Message):
+    __slots__ = ("model", "version", "variant", "manifest_sha256", "rollout_id", "delta_base_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    variant: str
+    manifest_sha256: str
+    rollout_id: str
+    delta_base_version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., variant: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., rollout_id: _Optional[str] = ..., delta_base_version: _Optional[int] = ...) -> None: ...
 
 class DesiredModel(_message.Message):
     __slots__ = ("model", "version", "variant", "manifest", "rollout_id", "delta_base_version")
@@ -146,7 +184,7 @@ class LogHistogram(_message.Message):
     def __init__(self, min_value: _Optional[float] = ..., growth: _Optional[float] = ..., counts: _Optional[_Iterable[int]] = ..., underflow: _Optional[int] = ..., count: _Optional[int] = ..., sum: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
 
 class TelemetrySummary(_message.Message):
-    __slots__ = ("summary_id", "device_id", "model", "version", "interval_start_ms", "interval_end_ms", "counts", "latency_local_ms", "latency_cloud_ms", "confidence_buckets", "requests", "fallbacks", "cache_hits", "errors", "shadow_sampled", "shadow_agreed", "runtime")
+    __slots__ = ("summary_id", "device_id", "model", "version", "interval_start_ms", "interval_end_ms", "counts", "latency_local_ms", "latency_cloud_ms", "confidence_buckets", "requests", "fallbacks", "cache_hits", "errors", "shadow_sampled", "shadow_agreed", "runtime", "confidence_sum")
     class CountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +209,7 @@ class TelemetrySummary(_message.Message):
     SHADOW_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     SHADOW_AGREED_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_SUM_FIELD_NUMBER: _ClassVar[int]
     summary_id: str
     device_id: str
     model: str
@@ -188,7 +227,8 @@ class TelemetrySummary(_message.Message):
     shadow_sampled: int
     shadow_agreed: int
     runtime: str
-    def __init__(self, summary_id: _Optional[str] = ..., device_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., interval_start_ms: _Optional[int] = ..., interval_end_ms: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., latency_local_ms: _Optional[_Union[LogHistogram, _Mapping]] = ..., latency_cloud_ms: _Optional[_Union[LogHistogram, _Mapping]] = ..., confidence_buckets: _Optional[_Iterable[int]] = ..., requests: _Optional[int] = ..., fallbacks: _Optional[int] = ..., cache_hits: _Optional[int] = ..., errors: _Optional[int] = ..., shadow_sampled: _Optional[int] = ..., shadow_agreed: _Optional[int] = ..., runtime: _Optional[str] = ...) -> None: ...
+    confidence_sum: float
+    def __init__(self, summary_id: _Optional[str] = ..., device_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., interval_start_ms: _Optional[int] = ..., interval_end_ms: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., latency_local_ms: _Optional[_Union[LogHistogram, _Mapping]] = ..., latency_cloud_ms: _Optional[_Union[LogHistogram, _Mapping]] = ..., confidence_buckets: _Optional[_Iterable[int]] = ..., requests: _Optional[int] = ..., fallbacks: _Optional[int] = ..., cache_hits: _Optional[int] = ..., errors: _Optional[int] = ..., shadow_sampled: _Optional[int] = ..., shadow_agreed: _Optional[int] = ..., runtime: _Optional[str] = ..., confidence_sum: _Optional[float] = ...) -> None: ...
 
 class TelemetryBatch(_message.Message):
     __slots__ = ("summaries",)
