@@ -14,14 +14,9 @@ from hypothesis import strategies as st
 
 from tandem.cloud.fleet.delivery import Delivery, apply_delta
 from tandem.cloud.fleet.service import FleetService, ServiceConfig
-from tandem.cloud.fleet.telemetry import (
-    Histogram,
-    TelemetryDecodeError,
-    decode_batch,
-    encode_batch,
-    merge_histograms,
-)
+from tandem.cloud.fleet.telemetry import TelemetryDecodeError, decode_batch, encode_batch
 from tandem.protos.fleet.v1 import fleet_pb2
+from tandem.sdk.histogram import LogHistogram, merge_histograms
 from tests.fleet.helpers import fake_zoo, histogram, summary, write_variant
 
 
@@ -149,15 +144,15 @@ def test_histogram_quantiles_track_numpy_within_bucket_width() -> None:
     rng = np.random.default_rng(3)
     values = rng.lognormal(mean=1.0, sigma=0.6, size=20_000)
     parts = np.array_split(values, 7)
-    merged = merge_histograms(Histogram.from_proto(histogram(list(p))) for p in parts)
+    merged = merge_histograms(LogHistogram.from_proto(histogram(list(p))) for p in parts)
     assert merged is not None and merged.count == 20_000
     for q in (0.5, 0.95, 0.99):
         assert merged.quantile(q) == pytest.approx(float(np.quantile(values, q)), rel=0.1)
 
 
 def test_histograms_with_other_layouts_merge_by_rebucketing() -> None:
-    a = Histogram.from_proto(histogram([1.0] * 100, min_value=0.01, growth=1.1))
-    b = Histogram.from_proto(histogram([50.0] * 100, min_value=0.1, growth=1.5))
+    a = LogHistogram.from_proto(histogram([1.0] * 100, min_value=0.01, growth=1.1))
+    b = LogHistogram.from_proto(histogram([50.0] * 100, min_value=0.1, growth=1.5))
     assert a is not None and b is not None
     a.merge(b)
     assert a.count == 200
@@ -171,7 +166,7 @@ def test_histograms_with_other_layouts_merge_by_rebucketing() -> None:
     st.lists(st.floats(min_value=0.001, max_value=1e4), min_size=1, max_size=200),
 )
 def test_merge_is_order_independent(xs: list[float], ys: list[float]) -> None:
-    hx, hy = Histogram.from_proto(histogram(xs)), Histogram.from_proto(histogram(ys))
+    hx, hy = LogHistogram.from_proto(histogram(xs)), LogHistogram.from_proto(histogram(ys))
     ab = merge_histograms([hx, hy])
     ba = merge_histograms([hy, hx])
     assert ab is not None and ba is not None

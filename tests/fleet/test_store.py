@@ -158,6 +158,23 @@ def test_rollout_lifecycle_persists_state_assignments_desired_and_events(store: 
     assert store.active_assignments(dev) == []
 
 
+def test_the_whole_plan_is_stored(store: Store) -> None:
+    """Every field of a plan survives the store: the statistical knobs included."""
+    add_versions(store, 1, 2)
+    gate = eng.Gate(eng.GateMetric.ERROR_RATE, 0.05, min_samples=50, relative=True, min_effect=0.01)
+    plan = eng.RolloutPlan(
+        "digits",
+        2,
+        (eng.Stage(10, 30, (gate,), max_wait_s=120.0), eng.Stage(100, 0)),
+        on_gate_failure=eng.GateAction.PAUSE,
+        device_timeout_s=90.0,
+        max_assignments_per_s=2.5,
+        false_abort_rate=0.002,
+    )
+    store.create_rollout("r1", plan, baseline_version=1, selector={}, created_by="a", now=1.0)
+    assert store.rollout("r1").plan == plan
+
+
 def test_device_failure_report_moves_it_back(store: Store) -> None:
     add_versions(store, 1, 2)
     p = presence("d0", 1000)

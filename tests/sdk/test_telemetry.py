@@ -29,9 +29,18 @@ def test_log_histogram_buckets_merge_and_quantiles() -> None:
     assert h.count == 16 and sum(h.counts) + h.underflow == 16
     assert 0.32 <= h.quantile(0.5) <= 0.64
     roundtrip = LogHistogram.from_proto(h.to_proto())
+    assert roundtrip is not None
     assert roundtrip.counts == h.counts and roundtrip.sum == pytest.approx(h.sum)
-    with pytest.raises(ValueError):
-        h.merge(LogHistogram(min_value=0.02, growth=2.0))
+    assert LogHistogram.from_json(h.to_json()).bucket_counts() == h.bucket_counts()  # type: ignore[union-attr]
+    # Another layout (a device configured differently) is re-bucketed, not refused.
+    odd = LogHistogram(min_value=0.02, growth=1.5, buckets=30)
+    odd.add(0.5)
+    h.merge(odd)
+    assert h.count == 17 and sum(h.counts) + h.underflow == 17
+    # An empty or invalid wire histogram is no histogram; an invalid layout is refused.
+    assert LogHistogram.from_proto(LogHistogram().to_proto()) is None
+    with pytest.raises(ValueError, match="growth > 1"):
+        LogHistogram(min_value=0.01, growth=1.0)
 
 
 def test_recorder_summaries_and_spool(tmp_path: Path) -> None:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,16 @@ from typing import Any
 from tandem.errors import ConfigError
 from tandem.protos.fleet.v1 import fleet_pb2
 from tandem.sdk.atomic import PUBLIC, write_atomic
+
+from .histogram import LogHistogram, merge_histograms
+
+__all__ = [
+    "LogHistogram",
+    "TelemetryConfig",
+    "TelemetryRecorder",
+    "merge_histograms",
+    "read_spool_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,80 +69,6 @@ class TelemetryConfig:
             raise ConfigError("latency_buckets", "bucket counts must be >= 1")
 
 
-class LogHistogram:
-    """Log-spaced buckets: bucket i counts [min * growth**i, min * growth**(i+1))."""
-
-    __slots__ = ("_log_growth", "count", "counts", "growth", "max", "min_value", "sum", "underflow")
-
-    def __init__(
-        self, min_value: float = 0.001, growth: float = 2**0.25, buckets: int = 128
-    ) -> None:
-        self.min_value = min_value
-        self.growth = growth
-        self._log_growth = math.log(growth)
-        self.counts = [0] * buckets
-        self.underflow = 0
-        self.count = 0
-        self.sum = 0.0
-        self.max = 0.0
-
-    def add(self, value: float) -> None:
-        self.count += 1
-        self.sum += value
-        if value > self.max:
-            self.max = value
-        if value < self.min_value:
-            self.underflow += 1
-            return
-        index = int(math.log(value / self.min_value) / self._log_growth)
-        self.counts[min(index, len(self.counts) - 1)] += 1
-
-    def merge(self, other: LogHistogram) -> None:
-        if (other.min_value, other.growth) != (self.min_value, self.growth):
-            raise ValueError("histograms with different buckets do not merge")
-        if len(other.counts) > len(self.counts):
-            self.counts.extend([0] * (len(other.counts) - len(self.counts)))
-        for i, c in enumerate(other.counts):
-            self.counts[i] += c
-        self.underflow += other.underflow
-        self.count += other.count
-        self.sum += other.sum
-        self.max = max(self.max, other.max)
-
-    def quantile(self, q: float) -> float:
-        """An upper-edge estimate of the q-quantile (0 when empty)."""
-        if self.count == 0:
-            return 0.0
-        rank = q * self.count
-        seen = self.underflow
-        if seen >= rank:
-            return self.min_value
-        for i, c in enumerate(self.counts):
-            seen += c
-            if seen >= rank:
-                return min(self.min_value * self.growth ** (i + 1), self.max)
-        return self.max
-
-    def to_proto(self) -> Any:
-        return fleet_pb2.LogHistogram(
-            min_value=self.min_value,
-            growth=self.growth,
-            counts=self.counts,
-            underflow=self.underflow,
-            count=self.count,
-            sum=self.sum,
-            max=self.max,
-        )
-
-    @classmethod
-    def from_proto(cls, message: Any) -> LogHistogram:
-        hist = cls(message.min_value, message.growth, len(message.counts))
-        hist.counts = list(message.counts)
-        hist.underflow, hist.count = message.underflow, message.count
-        hist.sum, hist.max = message.sum, message.max
-        return hist
-
-
 @dataclass
 class _Aggregate:
     model: str
@@ -150,6 +85,7 @@ class _Aggregate:
     shadow_sampled: int = 0
     shadow_agreed: int = 0
     runtime: str = ""
+    confidence_sum: float = 0.0
 
 
 # Event tuples (cheap to build on the hot path):
@@ -275,6 +211,7 @@ class TelemetryRecorder:
         if conf is not None:
             buckets = agg.confidence
             buckets[min(int(conf * len(buckets)), len(buckets) - 1)] += 1
+            agg.confidence_sum += conf
 
     def flush(self) -> list[Any]:
         """Ends the interval: drains, builds summaries, spools them. Returns the summaries."""
@@ -310,6 +247,7 @@ class TelemetryRecorder:
             latency_local_ms=agg.latency_local.to_proto(),
             latency_cloud_ms=agg.latency_cloud.to_proto(),
             confidence_buckets=agg.confidence,
+            confidence_sum=agg.confidence_sum,
             requests=agg.requests,
             fallbacks=agg.fallbacks,
             cache_hits=agg.cache_hits,
@@ -371,16 +309,6 @@ def read_spool_file(path: Path) -> list[Any]:
     batch = fleet_pb2.TelemetryBatch()
     batch.ParseFromString(zstandard.ZstdDecompressor().decompress(path.read_bytes()))
     return list(batch.summaries)
-
-
-def merge_histograms(histograms: Iterable[LogHistogram]) -> LogHistogram:
-    items = list(histograms)
-    if not items:
-        return LogHistogram()
-    total = LogHistogram(items[0].min_value, items[0].growth, len(items[0].counts))
-    for h in items:
-        total.merge(h)
-    return total
 
 
 def _now_ms() -> int:

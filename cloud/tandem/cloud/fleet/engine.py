@@ -175,8 +175,8 @@ def evaluate_gates(
             )  # fmt: skip
             continue
         if m is GateMetric.ESTIMATED_ACCURACY:
-            est = stats.estimated_accuracy(cohort.confidence_buckets)
-            best = stats.estimated_accuracy(baseline.confidence_buckets)
+            est = stats.estimated_accuracy(cohort.confidence_buckets, cohort.confidence_sum)
+            best = stats.estimated_accuracy(baseline.confidence_buckets, baseline.confidence_sum)
             x, n = (est[0] * est[1], est[1]) if est else (0.0, 0)
             bx, bn = (best[0] * best[1], best[1]) if best else (0.0, 0)
             base_value = best[0] if best else None

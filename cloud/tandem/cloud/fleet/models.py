@@ -175,6 +175,7 @@ class TelemetryRow(Base):
     shadow_agreed: Mapped[int] = mapped_column(BigInteger, default=0)
     counts: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
     confidence: Mapped[list[int]] = mapped_column(JSON, default=list)
+    confidence_sum: Mapped[float] = mapped_column(Float, default=0.0)
     latency_local: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     latency_cloud: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     runtime: Mapped[str] = mapped_column(String(32), default="")

@@ -293,6 +293,7 @@ class VersionStats:
     latency_layout: tuple[float, float] | None = None
     # Merged confidence buckets (linear over [0, 1]) of the local answers.
     confidence_buckets: tuple[int, ...] = ()
+    confidence_sum: float = 0.0  # their sum when known: the exact mean (see gates)
 
     @property
     def error_rate(self) -> float | None:

@@ -38,6 +38,7 @@ from tandem.sdk.artifacts import (
     load_variant,
     verify_stored_files,
 )
+from tandem.sdk.histogram import LogHistogram
 
 from . import engine as eng
 from .delivery import DEFAULT_CHUNK_SIZE, Delivery
@@ -46,6 +47,7 @@ from .fleet_key import DEFAULT_KEY_FILE, FleetKey
 from .leader import LeaderElector
 from .rollouts import apply_command
 from .store import Artifact, Device, IngestResult, ReportIn, Rollout, Store, pick_variant
+from .telemetry import TelemetryStats
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,7 @@ class RolloutRequest:
     on_gate_failure: eng.GateAction = eng.GateAction.ABORT
     device_timeout_s: float = 600.0
     max_assignments_per_s: float = 0.0
+    false_abort_rate: float = 0.01  # the chance of stopping a good version the plan accepts
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RolloutRequest:
@@ -132,6 +135,7 @@ class RolloutRequest:
                 on_gate_failure=eng.GateAction(data.get("on_gate_failure", "abort")),
                 device_timeout_s=float(data.get("device_timeout_s", 600.0)),
                 max_assignments_per_s=float(data.get("max_assignments_per_s", 0.0)),
+                false_abort_rate=float(data.get("false_abort_rate", 0.01)),
             )
         except KeyError as exc:
             raise ConfigError(str(exc.args[0]), "is required") from exc
@@ -331,6 +335,7 @@ class FleetService:
             on_gate_failure=request.on_gate_failure,
             device_timeout_s=request.device_timeout_s,
             max_assignments_per_s=request.max_assignments_per_s,
+            false_abort_rate=request.false_abort_rate,
         )
         if not self.store.artifacts(plan.model, plan.version):
             raise NotFoundError(f"no artifacts for {plan.model} v{plan.version}: import them first")
@@ -410,7 +415,10 @@ class FleetService:
                 if r.baseline_version is not None
                 else None
             )
-            obs = eng.Observation(now, views, _version_stats(cohort), _version_stats(baseline))
+            base_hist = baseline.latency_local if baseline is not None else None
+            obs = eng.Observation(
+                now, views, _version_stats(cohort, base_hist), _version_stats(baseline)
+            )
             decision = eng.step(r.plan, r.state, obs)
             gates_changed = [g.to_json() for g in decision.gates] != list(r.last_gates)
             if not decision.changed and decision.state == r.state and not gates_changed:
@@ -705,9 +713,19 @@ class FleetService:
         return self.delivery.chunks(req, payload_)
 
 
-def _version_stats(stats: Any) -> eng.VersionStats:
+def _version_stats(
+    stats: TelemetryStats | None, layout: LogHistogram | None = None
+) -> eng.VersionStats:
+    """The engine's view of one version's telemetry. The local-latency histogram goes into
+    `layout`'s buckets (the baseline's) when given, so cohort and baseline are ranked on one
+    bucket layout even when their devices were configured differently."""
     if stats is None:
         return eng.VersionStats()
+    hist = stats.latency_local
+    if hist is not None and layout is not None and hist.layout != layout.layout:
+        rebucketed = LogHistogram(layout.min_value, layout.growth, len(layout.counts))
+        rebucketed.merge(hist)
+        hist = rebucketed
     return eng.VersionStats(
         requests=stats.requests,
         errors=stats.errors,
@@ -715,6 +733,10 @@ def _version_stats(stats: Any) -> eng.VersionStats:
         shadow_sampled=stats.shadow_sampled,
         shadow_agreed=stats.shadow_agreed,
         p95_latency_ms=stats.p95_latency_ms,
+        latency_counts=hist.bucket_counts() if hist is not None else (),
+        latency_layout=hist.layout if hist is not None else None,
+        confidence_buckets=stats.confidence_buckets,
+        confidence_sum=stats.confidence_sum,
     )
 
 

@@ -9,8 +9,7 @@ width (the growth factor), whatever the number of devices.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +18,9 @@ from google.protobuf.message import DecodeError
 
 from tandem.errors import FleetError
 from tandem.protos.fleet.v1 import fleet_pb2
+from tandem.sdk.histogram import LogHistogram, merge_histograms
+
+from .gates import estimated_accuracy
 
 # A compressed batch may not inflate beyond this (bytes): a zip bomb costs nothing else.
 MAX_BATCH_BYTES = 16 * 1024 * 1024
@@ -59,121 +61,6 @@ def encode_batch(summaries: Iterable[fleet_pb2.TelemetrySummary], level: int = 3
 # --- histograms ---------------------------------------------------------------------------
 
 
-@dataclass
-class Histogram:
-    """A mutable log histogram (the proto's LogHistogram as plain data)."""
-
-    min_value: float = 0.01
-    growth: float = 1.1
-    counts: list[int] = field(default_factory=list)
-    underflow: int = 0
-    count: int = 0
-    sum: float = 0.0
-    max: float = 0.0
-
-    @classmethod
-    def from_proto(cls, h: fleet_pb2.LogHistogram) -> Histogram | None:
-        if h.count == 0 or h.min_value <= 0 or h.growth <= 1.0:
-            return None
-        return cls(h.min_value, h.growth, list(h.counts), h.underflow, h.count, h.sum, h.max)
-
-    def to_proto(self) -> fleet_pb2.LogHistogram:
-        return fleet_pb2.LogHistogram(
-            min_value=self.min_value,
-            growth=self.growth,
-            counts=self.counts,
-            underflow=self.underflow,
-            count=self.count,
-            sum=self.sum,
-            max=self.max,
-        )
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any] | None) -> Histogram | None:
-        if not data:
-            return None
-        return cls(
-            float(data["min_value"]),
-            float(data["growth"]),
-            [int(c) for c in data["counts"]],
-            int(data["underflow"]),
-            int(data["count"]),
-            float(data["sum"]),
-            float(data["max"]),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "min_value": self.min_value,
-            "growth": self.growth,
-            "counts": list(self.counts),
-            "underflow": self.underflow,
-            "count": self.count,
-            "sum": self.sum,
-            "max": self.max,
-        }
-
-    def merge(self, other: Histogram) -> None:
-        """Adds `other` in; re-buckets it by bucket midpoints when its layout differs."""
-        if other.min_value == self.min_value and other.growth == self.growth:
-            if len(other.counts) > len(self.counts):
-                self.counts.extend([0] * (len(other.counts) - len(self.counts)))
-            for i, c in enumerate(other.counts):
-                self.counts[i] += c
-            self.underflow += other.underflow
-        else:
-            self._add_at(other.min_value / 2, other.underflow)
-            for i, c in enumerate(other.counts):
-                if c:
-                    mid = other.min_value * other.growth ** (i + 0.5)
-                    self._add_at(mid, c)
-        self.count += other.count
-        self.sum += other.sum
-        self.max = max(self.max, other.max)
-
-    def _add_at(self, value: float, n: int) -> None:
-        if n == 0:
-            return
-        if value < self.min_value:
-            self.underflow += n
-            return
-        i = int(math.log(value / self.min_value) / math.log(self.growth))
-        if i >= len(self.counts):
-            self.counts.extend([0] * (i + 1 - len(self.counts)))
-        self.counts[i] += n
-
-    def quantile(self, q: float) -> float | None:
-        """The q-quantile, interpolated geometrically inside its bucket and capped at max."""
-        total = self.underflow + sum(self.counts)
-        if total == 0:
-            return None
-        target = q * total
-        cum = float(self.underflow)
-        if cum >= target:
-            return min(self.min_value, self.max) if self.max else self.min_value
-        for i, c in enumerate(self.counts):
-            if c and cum + c >= target:
-                frac = (target - cum) / c
-                value = float(self.min_value * self.growth ** (i + frac))
-                return min(value, self.max) if self.max > 0 else value
-            cum += c
-        return self.max
-
-
-def merge_histograms(items: Iterable[Histogram | None]) -> Histogram | None:
-    merged: Histogram | None = None
-    for h in items:
-        if h is None:
-            continue
-        if merged is None:
-            merged = Histogram(
-                h.min_value, h.growth, list(h.counts), h.underflow, h.count, h.sum, h.max
-            )
-        else:
-            merged.merge(h)
-    return merged
-
-
 # --- aggregates and statistics ------------------------------------------------------------
 
 
@@ -193,8 +80,9 @@ class Aggregate:
     shadow_agreed: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     confidence: list[int] = field(default_factory=list)
-    latency_local: Histogram | None = None
-    latency_cloud: Histogram | None = None
+    confidence_sum: float = 0.0
+    latency_local: LogHistogram | None = None
+    latency_cloud: LogHistogram | None = None
     runtime: str = ""
     summaries: int = 0
 
@@ -211,17 +99,15 @@ class Aggregate:
         self.shadow_agreed += s.shadow_agreed
         for k, v in s.counts.items():
             self.counts[k] = self.counts.get(k, 0) + v
-        if len(s.confidence_buckets) > len(self.confidence):
-            self.confidence.extend([0] * (len(s.confidence_buckets) - len(self.confidence)))
-        for i, c in enumerate(s.confidence_buckets):
-            self.confidence[i] += c
+        self.confidence = merge_confidence(self.confidence, s.confidence_buckets)
+        self.confidence_sum += s.confidence_sum
         if s.HasField("latency_local_ms"):
             self.latency_local = merge_histograms(
-                [self.latency_local, Histogram.from_proto(s.latency_local_ms)]
+                [self.latency_local, LogHistogram.from_proto(s.latency_local_ms)]
             )
         if s.HasField("latency_cloud_ms"):
             self.latency_cloud = merge_histograms(
-                [self.latency_cloud, Histogram.from_proto(s.latency_cloud_ms)]
+                [self.latency_cloud, LogHistogram.from_proto(s.latency_cloud_ms)]
             )
         if s.runtime:
             self.runtime = s.runtime
@@ -236,14 +122,33 @@ class Aggregate:
         self.shadow_agreed += other.shadow_agreed
         for k, v in other.counts.items():
             self.counts[k] = self.counts.get(k, 0) + v
-        if len(other.confidence) > len(self.confidence):
-            self.confidence.extend([0] * (len(other.confidence) - len(self.confidence)))
-        for i, c in enumerate(other.confidence):
-            self.confidence[i] += c
+        self.confidence = merge_confidence(self.confidence, other.confidence)
+        self.confidence_sum += other.confidence_sum
         self.latency_local = merge_histograms([self.latency_local, other.latency_local])
         self.latency_cloud = merge_histograms([self.latency_cloud, other.latency_cloud])
         self.runtime = other.runtime or self.runtime
         self.summaries += other.summaries
+
+
+def merge_confidence(a: Sequence[int], b: Sequence[int]) -> list[int]:
+    """The sum of two linear confidence histograms over [0, 1].
+
+    Bucket i of B holds confidences in [i/B, (i+1)/B). Two devices configured with different
+    B do not add index by index: the finer one is re-bucketed into the coarser layout at its
+    bucket midpoints (exact when one B divides the other, as 10 and 20 do).
+    """
+    if not a or not b or len(a) == len(b):
+        if not b:
+            return list(a)
+        if not a:
+            return list(b)
+        return [x + y for x, y in zip(a, b, strict=True)]
+    coarse, fine = (list(a), b) if len(a) < len(b) else (list(b), a)
+    n, m = len(coarse), len(fine)
+    for j, c in enumerate(fine):
+        if c:
+            coarse[min(int((j + 0.5) / m * n), n - 1)] += c
+    return coarse
 
 
 def window_start(interval_start_ms: int, window_s: float) -> int:
@@ -282,6 +187,12 @@ class TelemetryStats:
     p50_latency_ms: float | None
     p95_latency_ms: float | None
     p95_cloud_latency_ms: float | None
+    # Merged linear confidence buckets of the local answers (for estimated accuracy) and the
+    # merged local-latency histogram (for the latency gate's rank test).
+    confidence_buckets: tuple[int, ...] = ()
+    # Their sum, when every device sent it (0.0 otherwise): the exact mean confidence.
+    confidence_sum: float = 0.0
+    latency_local: LogHistogram | None = field(default=None, compare=False, repr=False)
 
     @property
     def error_rate(self) -> float | None:
@@ -294,6 +205,12 @@ class TelemetryStats:
     @property
     def agreement(self) -> float | None:
         return self.shadow_agreed / self.shadow_sampled if self.shadow_sampled else None
+
+    @property
+    def estimated_accuracy(self) -> float | None:
+        """Label-free accuracy of the local answers from their calibrated confidences."""
+        est = estimated_accuracy(self.confidence_buckets, self.confidence_sum)
+        return est[0] if est else None
 
     @property
     def request_rate(self) -> float | None:
@@ -318,12 +235,24 @@ class TelemetryStats:
             "p50_latency_ms": self.p50_latency_ms,
             "p95_latency_ms": self.p95_latency_ms,
             "p95_cloud_latency_ms": self.p95_cloud_latency_ms,
+            "confidence_buckets": list(self.confidence_buckets),
+            "estimated_accuracy": self.estimated_accuracy,
         }
 
 
 def combine(model: str, version: int, rows: Sequence[Aggregate], span_s: float) -> TelemetryStats:
     local = merge_histograms(r.latency_local for r in rows)
     cloud = merge_histograms(r.latency_cloud for r in rows)
+    confidence: list[int] = []
+    for r in rows:
+        confidence = merge_confidence(confidence, r.confidence)
+    # A sum only counts when every row with confidences carries one (older agents send 0).
+    with_conf = [r for r in rows if any(r.confidence)]
+    confidence_sum = (
+        sum(r.confidence_sum for r in with_conf)
+        if with_conf and all(r.confidence_sum > 0 for r in with_conf)
+        else 0.0
+    )
     return TelemetryStats(
         model=model,
         version=version,
@@ -338,4 +267,7 @@ def combine(model: str, version: int, rows: Sequence[Aggregate], span_s: float) 
         p50_latency_ms=local.quantile(0.5) if local else None,
         p95_latency_ms=local.quantile(0.95) if local else None,
         p95_cloud_latency_ms=cloud.quantile(0.95) if cloud else None,
+        confidence_buckets=tuple(confidence),
+        confidence_sum=confidence_sum,
+        latency_local=local,
     )

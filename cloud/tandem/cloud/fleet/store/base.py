@@ -13,6 +13,8 @@ from sqlalchemy import (
     Engine,
     create_engine,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -62,6 +64,7 @@ class StoreBase:
                 self.engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10)
             self.dialect = self.engine.dialect.name
             Base.metadata.create_all(self.engine)
+            _add_new_columns(self.engine)
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot open the fleet database {_redact(url)}: {exc}") from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -100,6 +103,34 @@ class StoreBase:
         finally:
             if lock is not None:
                 lock.release()
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """Adds the columns a newer tandem appended to an existing table (create_all creates
+    only missing tables). Only additive columns with a scalar default qualify, which is
+    the one kind of schema change the store makes without a migration tool."""
+    inspector = inspect(engine)
+    existing_tables = set(inspector.get_table_names())
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            if table.name not in existing_tables:
+                continue
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for col in table.columns:
+                if col.name in have:
+                    continue
+                default = getattr(col.default, "arg", None)
+                numeric = isinstance(default, int | float) and not isinstance(default, bool)
+                if not (numeric or (default is None and col.nullable)):
+                    raise StoreError(
+                        f"the fleet database's table {table.name} lacks column {col.name}, "
+                        "which cannot be added in place: migrate or start a new database"
+                    )
+                ddl = f"ALTER TABLE {table.name} ADD COLUMN {col.name} "
+                ddl += col.type.compile(dialect=engine.dialect)
+                if numeric:
+                    ddl += f" DEFAULT {default!r}"
+                conn.execute(text(ddl))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -102,6 +102,7 @@ class Rollout:
             "on_gate_failure": p.on_gate_failure.value,
             "device_timeout_s": p.device_timeout_s,
             "max_assignments_per_s": p.max_assignments_per_s,
+            "false_abort_rate": p.false_abort_rate,
             "status": s.status.value,
             "stage_index": s.stage_index,
             "stage_started_at": s.stage_started_at,

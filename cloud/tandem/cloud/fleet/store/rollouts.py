@@ -72,12 +72,8 @@ class RolloutStore(ArtifactStore):
                 version=plan.version,
                 baseline_version=baseline_version,
                 selector=dict(selector),
-                plan={
-                    "stages": [st.to_json() for st in plan.stages],
-                    "on_gate_failure": plan.on_gate_failure.value,
-                    "device_timeout_s": plan.device_timeout_s,
-                    "max_assignments_per_s": plan.max_assignments_per_s,
-                },
+                # Everything but model and version, which have columns of their own.
+                plan={k: v for k, v in plan.to_json().items() if k not in ("model", "version")},
                 created_by=created_by,
                 created_at=now,
                 updated_at=now,

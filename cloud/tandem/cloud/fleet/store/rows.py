@@ -10,13 +10,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from tandem.sdk.histogram import LogHistogram
+
 from .. import engine as eng
 from ..models import (
     ArtifactRow,
     EventRow,
     RolloutRow,
 )
-from ..telemetry import Aggregate, Histogram
+from ..telemetry import Aggregate
 from .records import (
     Artifact,
     Assignment,
@@ -62,15 +64,9 @@ def _artifact(row: ArtifactRow) -> Artifact:
 
 
 def _plan(row: RolloutRow) -> eng.RolloutPlan:
-    p = row.plan
-    return eng.RolloutPlan(
-        model=row.model,
-        version=row.version,
-        stages=tuple(eng.Stage.from_json(s) for s in p["stages"]),
-        on_gate_failure=eng.GateAction(p["on_gate_failure"]),
-        device_timeout_s=float(p["device_timeout_s"]),
-        max_assignments_per_s=float(p["max_assignments_per_s"]),
-    )
+    # The row's model and version columns are the plan's; the rest (stages, gates, the
+    # false-abort budget, ...) is its JSON, with defaults for plans stored before a field.
+    return eng.RolloutPlan.from_json({**row.plan, "model": row.model, "version": row.version})
 
 
 def _state(row: RolloutRow) -> eng.RolloutState:
@@ -142,8 +138,9 @@ def _aggregate(row: Any) -> Aggregate:
         shadow_agreed=row.shadow_agreed,
         counts=dict(row.counts or {}),
         confidence=list(row.confidence or []),
-        latency_local=Histogram.from_json(row.latency_local),
-        latency_cloud=Histogram.from_json(row.latency_cloud),
+        confidence_sum=float(row.confidence_sum or 0.0),
+        latency_local=LogHistogram.from_json(row.latency_local),
+        latency_cloud=LogHistogram.from_json(row.latency_cloud),
         runtime=row.runtime,
         summaries=row.summaries,
     )
@@ -163,6 +160,7 @@ def _aggregate_values(agg: Aggregate, now: float) -> dict[str, Any]:
         "shadow_agreed": agg.shadow_agreed,
         "counts": agg.counts,
         "confidence": agg.confidence,
+        "confidence_sum": agg.confidence_sum,
         "latency_local": agg.latency_local.to_json() if agg.latency_local else None,
         "latency_cloud": agg.latency_cloud.to_json() if agg.latency_cloud else None,
         "runtime": agg.runtime,
