@@ -271,5 +271,9 @@ def fleet_key_command(
     except TandemError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from exc
-    typer.echo(f"# fleet key {key.keyid} ({path}); public half also in {path.with_suffix('.pub')}")
+    # The PEM alone on stdout, so `tandem fleet fleet-key > fleet.pub` writes a key file.
+    typer.echo(
+        f"fleet key {key.keyid} ({path}); public half also in {path.with_suffix('.pub')}",
+        err=True,
+    )
     typer.echo(key.public_pem.decode(), nl=False)
