@@ -66,6 +66,7 @@ def test_rollout_lifecycle_from_the_command_line(fleet: ConsoleFleet) -> None:
         fleet, "rollout", "create", "digits", "2",
         "--stage", "25:600", "--stage", "50:600", "--stage", "100",
         "--gate", "error_rate:0.05:10", "--device-timeout", "30",
+        "--false-abort-rate", "0.005",
     )  # fmt: skip
     assert created.returncode == 0, created.stderr
     match = re.search(r"created rollout (r-[0-9a-f]+)", created.stdout)
@@ -75,6 +76,7 @@ def test_rollout_lifecycle_from_the_command_line(fleet: ConsoleFleet) -> None:
     assert [s["percent"] for s in r["stages"]] == [25.0, 50.0, 100.0]
     assert r["stages"][0]["gates"][0]["metric"] == "error_rate"
     assert r["created_by"] == "alice"
+    assert r["false_abort_rate"] == 0.005
 
     listed = tandem(fleet, "rollout", "list")
     assert rid in listed.stdout and "running" in listed.stdout
@@ -136,3 +138,34 @@ def test_a_missing_or_wrong_token_is_refused(fleet: ConsoleFleet) -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert down.returncode == 1 and "cannot reach" in down.stderr
+
+
+def test_the_gate_table_shows_bounds_samples_and_reasons() -> None:
+    """`tandem rollout status` renders each gate's value, interval, samples and why."""
+    from rich.console import Console
+
+    from tandem.cloud.console.cli import rollout_view
+
+    gate = {
+        "metric": "error_rate", "value": 0.012, "threshold": 0.05, "passed": None,
+        "samples": 340, "baseline": 0.01, "low": -0.004, "high": 0.031,
+        "reason": "interval [-0.004, 0.031] straddles 0.05",
+    }  # fmt: skip
+    accuracy = {**gate, "metric": "estimated_accuracy", "value": 0.93, "threshold": 0.02,
+                "passed": True, "low": 0.91, "high": 0.95, "reason": "within 0.02"}  # fmt: skip
+    detail = {
+        "rollout": {
+            "rollout_id": "r-1", "model": "digits", "version": 2, "baseline_version": 1,
+            "status": "running", "stage_index": 0, "paused_reason": None,
+        },
+        "targeted_devices": 4, "stages": [], "events": [], "gates": [gate, accuracy],
+    }  # fmt: skip
+    out = Console(record=True, width=200)
+    out.print(rollout_view(detail))
+    text = out.export_text()
+    assert "interval" in text and "why" in text
+    row = next(line for line in text.splitlines() if "error_rate" in line)
+    assert "1.2%" in row and "[-0.004, 0.031]" in row and "340" in row and "waiting" in row
+    assert "straddles" in row
+    row = next(line for line in text.splitlines() if "estimated_accuracy" in line)
+    assert ">= 2.0%" in row and "pass" in row

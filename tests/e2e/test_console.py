@@ -135,6 +135,11 @@ def test_pages_and_a_rollout_created_from_the_form_advance_live(
     # Gates show their values against the thresholds, all passed.
     sync_api.expect(page.locator("#gates tbody tr")).to_have_count(4)
     assert page.locator("#gates .badge.pass").count() == 4
+    # ... each with the bounds it was judged on and why it passed.
+    proportions = page.locator("#gates tr[data-gate='error_rate']")
+    assert proportions.locator("td.interval").inner_text().startswith("[")
+    reasons = page.locator("#gates td.why").all_inner_texts()
+    assert len(reasons) == 4 and all(r.strip() for r in reasons), reasons
     # The charts have the new version's points against the baseline's.
     page.wait_for_function(
         "document.querySelector(\"[data-chart='p95_latency_ms']\").dataset.points > 2"

@@ -277,3 +277,30 @@ def test_out_of_range_numbers_are_refused_not_server_errors(
     with TestClient(client.app, raise_server_exceptions=False) as c:
         r = c.request(method, path, headers=AUTH, json=body)
     assert r.status_code < 500, (method, path, r.status_code, r.text[:200])
+
+
+def test_rollout_knobs_reach_the_plan_and_unknown_ones_are_refused(tmp_path: Path) -> None:
+    """Every knob of the plan set over REST reaches the engine; a field the API does not know
+    (a typo, or a client newer than the service) is a 422 naming it, never silently dropped."""
+    service, app, rid = _fleet(tmp_path)
+    try:
+        service.command(rid, "abort", "alice")
+        gate = {"metric": "error_rate", "threshold": 0.1, "min_samples": 30, "min_effect": 0.05}
+        body = {
+            "model": "digits",
+            "version": 2,
+            "stages": [{"percent": 50, "min_soak_s": 5, "gates": [gate], "max_wait_s": 40}],
+            "false_abort_rate": 0.002,
+        }
+        with TestClient(app) as c:
+            typo = {**body, "stages": [{**body["stages"][0], "max_wait": 40}]}
+            r = c.post("/api/v1/rollouts", headers=AUTH, json=typo)
+            assert r.status_code == 422 and "max_wait" in r.text
+            r = c.post("/api/v1/rollouts", headers=AUTH, json=body)
+            assert r.status_code in (200, 201), r.text
+        plan = service.store.rollout(r.json()["rollout_id"]).plan
+        assert plan.false_abort_rate == 0.002
+        assert plan.stages[0].max_wait_s == 40
+        assert plan.stages[0].gates[0].min_effect == 0.05
+    finally:
+        service.close()

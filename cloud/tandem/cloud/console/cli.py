@@ -142,6 +142,18 @@ def _gate_value(metric: str, v: float | None) -> str:
     return _pct(v)
 
 
+# Gates whose metric fails below its threshold (the others fail above it).
+HIGHER_IS_BETTER = frozenset({"shadow_agreement", "estimated_accuracy"})
+
+
+def _interval(low: float | None, high: float | None) -> str:
+    """The gate's confidence bounds, on what it compares: the value, its difference to the
+    baseline for a relative gate, the rank statistic (AUC) for latency; `why` says which."""
+    if low is None or high is None:
+        return "-"
+    return f"[{low:.3g}, {high:.3g}]"
+
+
 def _baseline(metric: str, v: float | None) -> str:
     if metric == "p95_latency_ratio":  # the ratio's baseline is the baseline's p95 itself
         return "-" if v is None else f"{v:.2f} ms"
@@ -221,20 +233,23 @@ def rollout_view(detail: Mapping[str, Any]) -> Group:
             st["phase"],
         )
     gates = Table(title=f"Gates (stage {r['stage_index'] + 1})", title_justify="left")
-    for col in ("metric", "value", "threshold", "baseline", "samples", "result"):
+    for col in ("metric", "value", "interval", "threshold", "baseline", "samples", "result"):
         gates.add_column(col)
+    gates.add_column("why", overflow="fold")
     for g in detail.get("gates") or []:
-        op = ">=" if g["metric"] == "shadow_agreement" else "<="
+        op = ">=" if g["metric"] in HIGHER_IS_BETTER else "<="
         result = {True: Text("pass", "green"), False: Text("FAIL", "red")}.get(
             g.get("passed"), Text("waiting", "yellow")
         )
         gates.add_row(
             g["metric"],
             _gate_value(g["metric"], g.get("value")),
+            _interval(g.get("low"), g.get("high")),
             f"{op} {_gate_value(g['metric'], g['threshold'])}",
             _baseline(g["metric"], g.get("baseline")),
             str(g.get("samples", 0)),
             result,
+            g.get("reason") or "",
         )
     events = Table(title="Latest events", title_justify="left")
     for col in ("time", "event", "by", "stage", "device"):
@@ -318,6 +333,10 @@ def create(
         float, typer.Option(help="Seconds a device may take to report healthy.")
     ] = 600.0,
     rate: Annotated[float, typer.Option(help="New devices per second; 0 = unlimited.")] = 0.0,
+    false_abort_rate: Annotated[
+        float,
+        typer.Option(help="Accepted chance of stopping a good version, over the whole rollout."),
+    ] = 0.01,
     url: Url = DEFAULT_URL,
     token: Token = None,
 ) -> None:
@@ -332,6 +351,7 @@ def create(
         "on_gate_failure": on_gate_failure,
         "device_timeout_s": device_timeout,
         "max_assignments_per_s": rate,
+        "false_abort_rate": false_abort_rate,
     }
     if baseline is not None:
         body["baseline_version"] = baseline

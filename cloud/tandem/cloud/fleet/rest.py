@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from tandem.errors import ConfigError, FleetError
@@ -35,20 +35,29 @@ MAX_UNIX_S = 1e11  # the year 5138
 Version = Annotated[int, Field(ge=1, le=INT64_MAX)]
 
 
-class GateIn(BaseModel):
+class _Strict(BaseModel):
+    """A request body that refuses fields it does not know (422 naming them) instead of
+    dropping them: a misspelt or newer knob must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class GateIn(_Strict):
     metric: str
     threshold: float
     min_samples: int = 1
     relative: bool = False
+    min_effect: float = 0.02
 
 
-class StageIn(BaseModel):
+class StageIn(_Strict):
     percent: float
     min_soak_s: float = 0.0
     gates: list[GateIn] = Field(default_factory=list)
+    max_wait_s: float = 600.0
 
 
-class RolloutIn(BaseModel):
+class RolloutIn(_Strict):
     model: str
     version: Version
     stages: list[StageIn]
@@ -57,6 +66,7 @@ class RolloutIn(BaseModel):
     on_gate_failure: str = "abort"
     device_timeout_s: float = 600.0
     max_assignments_per_s: float = 0.0
+    false_abort_rate: float = 0.01
 
 
 class ImportIn(BaseModel):

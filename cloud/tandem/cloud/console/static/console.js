@@ -60,6 +60,13 @@ function gateValue(metric, v) {
   if (metric === "failed_device_pct") return v.toFixed(1) + "%";
   return fmt.pct(v);
 }
+const HIGHER_IS_BETTER = new Set(["shadow_agreement", "estimated_accuracy"]);
+// A gate's confidence bounds, on what it compares (the value, its difference to the baseline
+// for a relative gate, the AUC rank statistic for latency); its reason says which.
+function gateInterval(g) {
+  if (g.low === null || g.low === undefined || g.high === null || g.high === undefined) return "–";
+  return `[${Number(g.low.toPrecision(3))}, ${Number(g.high.toPrecision(3))}]`;
+}
 function badge(text, cls) { return h("span", { class: "badge " + (cls || text) }, text); }
 
 // --- token and API -------------------------------------------------------------------------
@@ -470,10 +477,12 @@ async function rolloutPage(id) {
       .map((g) => h("tr", { "data-gate": g.metric },
         h("td", { class: "mono" }, g.metric),
         h("td", { class: "num" }, gateValue(g.metric, g.value)),
-        h("td", { class: "num" }, (g.metric === "shadow_agreement" ? "≥ " : "≤ ") + gateValue(g.metric, g.threshold)),
+        h("td", { class: "num interval" }, gateInterval(g)),
+        h("td", { class: "num" }, (HIGHER_IS_BETTER.has(g.metric) ? "≥ " : "≤ ") + gateValue(g.metric, g.threshold)),
         h("td", { class: "num" }, g.metric === "p95_latency_ratio" ? fmt.ms(g.baseline) : gateValue(g.metric, g.baseline)),
         h("td", { class: "num" }, g.samples),
-        h("td", {}, g.passed === true ? badge("pass") : g.passed === false ? badge("fail") : badge("waiting"))));
+        h("td", {}, g.passed === true ? badge("pass") : g.passed === false ? badge("fail") : badge("waiting")),
+        h("td", { class: "why muted" }, g.reason || "")));
     const limits = {};
     for (const g of gateDefs) limits[g.metric] = g.threshold;
     const devices = d.assignments.map((a) => h("tr", { "data-device": a.device_id },
@@ -501,8 +510,8 @@ async function rolloutPage(id) {
         chart("shadow agreement", "agreement", series, (v) => (100 * v).toFixed(0) + "%", { zero: false, max: 1, limit: limits.shadow_agreement })),
       h("div", { class: "row" },
         h("div", { class: "card" }, h("h3", {}, `Gates, stage ${r.stage_index + 1}`),
-          h("table", { id: "gates" }, h("thead", {}, h("tr", {}, ["metric", "value", "threshold", "baseline", "samples", ""].map((c, i) => h("th", { class: i && i < 5 ? "num" : "" }, c)))),
-            h("tbody", {}, gateRows.length ? gateRows : h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No gates on this stage."))))),
+          h("table", { id: "gates" }, h("thead", {}, h("tr", {}, ["metric", "value", "interval", "threshold", "baseline", "samples", "", "why"].map((c, i) => h("th", { class: i && i < 6 ? "num" : "" }, c)))),
+            h("tbody", {}, gateRows.length ? gateRows : h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No gates on this stage."))))),
         h("div", { class: "card" }, h("h3", {}, "Devices"), h("div", { class: "scroll" },
           h("table", { id: "assignments" }, h("thead", {}, h("tr", {}, ["device", "stage", "state", "variant", "from", "reason", "updated"].map((c) => h("th", {}, c)))),
             h("tbody", {}, devices.length ? devices : h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No device assigned yet."))))))),
