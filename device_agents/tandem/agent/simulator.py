@@ -76,6 +76,7 @@ class SimSpec:
     telemetry_interval_s: float = 1.0  # seconds per SDK telemetry summary
     health_window_s: float = 3.0  # seconds an agent watches a new version before HEALTHY
     seed: int = 0
+    fleet_key: Path | None = None  # the fleet's public key: desired states must be signed
 
     def __post_init__(self) -> None:
         if not self.devices:
@@ -101,6 +102,7 @@ class SimSpec:
                 max_accuracy_loss=float(data.get("max_accuracy_loss", 0.01)),
                 telemetry_interval_s=float(data.get("telemetry_interval_s", 1.0)),
                 health_window_s=float(data.get("health_window_s", 3.0)),
+                fleet_key=Path(str(data["fleet_key"])) if data.get("fleet_key") else None,
                 seed=int(data.get("seed", 0)),
             )
         except KeyError as exc:
@@ -167,6 +169,7 @@ class SimulatedDevice:
             broker=BrokerAddress(sim.broker_host, sim.broker_port),
             store=spec.store,
             trusted_keys=(sim.trusted_key,),
+            fleet_keys=(sim.fleet_key,) if sim.fleet_key else (),
             username=spec.device_id,
             password=spec.password,
             tags=dict(spec.tags),

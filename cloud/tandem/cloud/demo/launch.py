@@ -115,6 +115,11 @@ class Launcher:
         self.console_url = ""
         self.device_ids = device_ids_for(config.devices)
 
+    @property
+    def fleet_public_key(self) -> Path:
+        """Where the devices' copy of the fleet's public key goes (see start_fleet)."""
+        return self.work / "fleet.pub"
+
     def say(self, text: str) -> None:
         self.console.print(text)
 
@@ -252,8 +257,15 @@ class Launcher:
         )
         for version in (2, 3):
             self.api("POST", "/models/import", {"zoo": str(story.versions[version])})
+        # Provision the devices as an operator would: the public half of the key the fleet
+        # signs desired states with, from its API (the service made the key on first start).
+        fleet_key = self.api("GET", "/fleet-key")
+        self.fleet_public_key.write_text(fleet_key["public_key_pem"])
         self.console_url = f"{base}/console/?token={self.token}"
-        self.say(f"   fleet service: tandem fleet serve, SQLite {self.work / 'fleet.db'}")
+        self.say(
+            f"   fleet service: tandem fleet serve, SQLite {self.work / 'fleet.db'}, desired "
+            f"states signed with fleet key {fleet_key['keyid']}"
+        )
         self.say(f"\n   [bold]console:[/] {self.console_url}\n")
 
     def start_devices(self, passwords: Mapping[str, str], dataset: Path, story: StoryZoo) -> None:
@@ -280,6 +292,7 @@ class Launcher:
                 "broker_host": self.config.host,
                 "broker_port": self.ports["mqtt"],
                 "trusted_key": str(story.public_key),
+                "fleet_key": str(self.fleet_public_key),
                 "cloud": f"{self.config.host}:{self.ports['grpc']}",
                 "dataset": str(dataset),
                 "stats": str(self.work / "sim" / f"{runtime}.json"),
