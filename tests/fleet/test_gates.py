@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from tandem.cloud.fleet import engine as eng
 from tandem.cloud.fleet import gates as stats
 from tandem.cloud.fleet.engine import Gate, GateMetric, VersionStats, evaluate_gates
 
@@ -50,3 +53,19 @@ def test_stage_without_evidence_pauses_after_max_wait_naming_the_gate() -> None:
     assert f.state.status is RolloutStatus.PAUSED and f.state.stage_index == 0
     assert "shadow_agreement" in f.state.paused_reason
     assert "gate_evidence_timeout" in f.events
+
+
+def test_the_false_abort_budget_is_shared_only_by_gates_that_sample() -> None:
+    """A stage without gates and a counted gate (failed devices) spend no false-abort budget,
+    so they take no share of it: the sampled gates get all of it."""
+    err = eng.Gate(eng.GateMetric.ERROR_RATE, 0.05)
+    agree = eng.Gate(eng.GateMetric.SHADOW_AGREEMENT, 0.9)
+    failed = eng.Gate(eng.GateMetric.FAILED_DEVICE_PCT, 5)
+    plan = eng.RolloutPlan(
+        "m",
+        2,
+        (eng.Stage(1, gates=(err, agree, failed)), eng.Stage(10, gates=(err,)), eng.Stage(100)),
+        false_abort_rate=0.01,
+    )
+    assert plan.gate_alpha(0) == pytest.approx(0.01 / (2 * 2))
+    assert plan.gate_alpha(1) == pytest.approx(0.01 / (2 * 1))

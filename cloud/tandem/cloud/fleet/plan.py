@@ -188,10 +188,16 @@ class RolloutPlan:
             )
 
     def gate_alpha(self, stage_index: int) -> float:
-        """The false-abort budget of one gate of a stage (Bonferroni over stages and gates)."""
-        return self.false_abort_rate / (
-            len(self.stages) * max(1, len(self.stages[stage_index].gates))
-        )
+        """The false-abort budget of one sampled gate of a stage: Bonferroni over the stages
+        that have sampled gates and over those gates. A counted gate (failed_device_pct)
+        judges the whole cohort, not a sample, and a stage without gates looks at nothing:
+        neither spends any of the budget, so neither takes a share of it."""
+
+        def sampled(stage: Stage) -> int:
+            return sum(g.metric is not GateMetric.FAILED_DEVICE_PCT for g in stage.gates)
+
+        stages = sum(1 for st in self.stages if sampled(st))
+        return self.false_abort_rate / (max(1, stages) * max(1, sampled(self.stages[stage_index])))
 
     def to_json(self) -> dict[str, Any]:
         return {
