@@ -13,41 +13,34 @@ that the device is known, and drops (and logs) anything else.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from tandem.errors import ArtifactError, ConfigError
+from tandem.errors import ConfigError
 from tandem.protos.fleet.v1 import fleet_pb2, topics
 from tandem.sdk.artifacts import (
-    MANIFEST_FILE,
-    SIGNATURES_FILE,
     TrustedKeys,
     load_public_key_raw,
-    load_variant,
-    verify_stored_files,
 )
-from tandem.sdk.histogram import LogHistogram
 
 from . import engine as eng
-from .delivery import DEFAULT_CHUNK_SIZE, Delivery
-from .errors import ConflictError, ImportRefusedError, NotFoundError
+from . import imports, observe
+from .config import RolloutRequest, ServiceConfig
+from .delivery import Delivery
+from .errors import ConflictError, NotFoundError
 from .fleet_key import DEFAULT_KEY_FILE, FleetKey
 from .leader import LeaderElector
 from .rollouts import apply_command
 from .store import Artifact, Device, IngestResult, ReportIn, Rollout, Store, pick_variant
-from .telemetry import TelemetryStats
+
+__all__ = ["REPORT_KINDS", "FleetService", "RolloutRequest", "ServiceConfig", "valid_device_id"]
 
 log = logging.getLogger(__name__)
 
@@ -60,89 +53,6 @@ REPORT_KINDS = {
     fleet_pb2.DeviceReport.REFUSED: eng.ReportKind.REFUSED,
     fleet_pb2.DeviceReport.ROLLED_BACK: eng.ReportKind.ROLLED_BACK,
 }
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """Everything the service process is configured with; each field's unit in its comment."""
-
-    db_url: str
-    artifacts_dir: Path  # where imported artifact variants are copied to and served from
-    trusted_keys: tuple[Path, ...] = ()  # PEM ed25519 public keys that imports must be signed by
-    chunk_size: int = DEFAULT_CHUNK_SIZE  # bytes of payload per ArtifactChunk
-    tick_s: float = 0.5  # seconds between rollout-engine turns
-    telemetry_window_s: float = 60.0  # seconds per merged telemetry window
-    telemetry_retention_s: float = 7 * 86400.0  # seconds telemetry aggregates are kept
-    telemetry_flush_s: float = 0.2  # seconds the ingest writer waits to batch summaries
-    telemetry_queue: int = 200_000  # summaries buffered for the writer before dropping
-    api_tokens: Mapping[str, str] = field(default_factory=dict)  # bearer token -> user name
-    # The fleet key (ed25519 private, PEM) that signs every desired state; None: the one in
-    # artifacts_dir/.keys/fleet.key, generated there on first use (fleet_key.py).
-    fleet_key: Path | None = None
-    replica_id: str = ""  # this replica's name in the leader election; default hostname:pid
-    # Seconds a silent engine leader keeps the lead (PostgreSQL); None: 10 s or 4 ticks.
-    leader_lease_s: float | None = None
-
-    def __post_init__(self) -> None:
-        if not self.db_url:
-            raise ConfigError("db_url", "must not be empty")
-        if self.chunk_size < 1024 or self.chunk_size > 4 * 1024 * 1024:
-            raise ConfigError("chunk_size", f"must be 1 KiB..4 MiB, got {self.chunk_size}")
-        for name in ("tick_s", "telemetry_window_s", "telemetry_retention_s", "telemetry_flush_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
-        if self.telemetry_retention_s < self.telemetry_window_s:
-            raise ConfigError("telemetry_retention_s", "must be at least one telemetry window")
-        if self.telemetry_queue < 1:
-            raise ConfigError("telemetry_queue", "must be >= 1")
-        if self.leader_lease_s is not None and self.leader_lease_s < max(1.0, 4 * self.tick_s):
-            # The leader re-checks its lock once a turn; a lease shorter than a few turns
-            # would let the server end the lock session between two checks.
-            raise ConfigError(
-                "leader_lease_s", f"must be >= 1 s and >= 4 ticks, got {self.leader_lease_s}"
-            )
-
-    @property
-    def lease_s(self) -> float:
-        return self.leader_lease_s or max(10.0, 4 * self.tick_s)
-
-
-@dataclass(frozen=True)
-class RolloutRequest:
-    """What a user asks for; validated into an engine plan by `FleetService.create_rollout`."""
-
-    model: str
-    version: int
-    stages: tuple[eng.Stage, ...]
-    selector: Mapping[str, str] = field(default_factory=dict)  # device tags that must match
-    baseline_version: int | None = None  # default: the newest imported version below `version`
-    on_gate_failure: eng.GateAction = eng.GateAction.ABORT
-    device_timeout_s: float = 600.0
-    max_assignments_per_s: float = 0.0
-    false_abort_rate: float = 0.01  # the chance of stopping a good version the plan accepts
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> RolloutRequest:
-        try:
-            return cls(
-                model=str(data["model"]),
-                version=int(data["version"]),
-                stages=tuple(eng.Stage.from_json(s) for s in data["stages"]),
-                selector={str(k): str(v) for k, v in (data.get("selector") or {}).items()},
-                baseline_version=(
-                    int(data["baseline_version"]) if data.get("baseline_version") else None
-                ),
-                on_gate_failure=eng.GateAction(data.get("on_gate_failure", "abort")),
-                device_timeout_s=float(data.get("device_timeout_s", 600.0)),
-                max_assignments_per_s=float(data.get("max_assignments_per_s", 0.0)),
-                false_abort_rate=float(data.get("false_abort_rate", 0.01)),
-            )
-        except KeyError as exc:
-            raise ConfigError(str(exc.args[0]), "is required") from exc
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError("rollout", str(exc)) from exc
 
 
 def _now() -> float:
@@ -180,22 +90,7 @@ class FleetService:
 
     def import_zoo(self, zoo: Path) -> list[tuple[str, int, str]]:
         """Imports every signed variant under `zoo/artifacts/<model>/<version>/<variant>/`."""
-        root = zoo / "artifacts"
-        if not root.is_dir():
-            raise ImportRefusedError(f"{zoo} has no artifacts/ folder (not a model zoo?)")
-        trusted = self._trusted
-        if trusted is None and (zoo / "keys" / "signing.pub").exists():
-            # With no key configured the zoo's own public key is the anchor: the zoo on this
-            # machine is trusted input; devices check signatures against their own keys anyway.
-            trusted = TrustedKeys([load_public_key_raw(zoo / "keys" / "signing.pub")])
-        report = _read_report(zoo)
-        imported = []
-        for manifest_path in sorted(root.glob(f"*/*/*/{MANIFEST_FILE}")):
-            folder = manifest_path.parent
-            imported.append(self.import_variant(folder, trusted, report))
-        if not imported:
-            raise ImportRefusedError(f"no artifact variants under {root}")
-        return imported
+        return imports.import_zoo(self.store, self.config.artifacts_dir, self._trusted, zoo)
 
     def import_variant(
         self,
@@ -203,53 +98,11 @@ class FleetService:
         trusted: TrustedKeys | None = None,
         report: Mapping[str, Any] | None = None,
     ) -> tuple[str, int, str]:
-        trusted = trusted or self._trusted
-        if trusted is None:
-            raise ImportRefusedError(
-                f"no trusted key to verify {folder} with: pass --trusted-key (or --signing-key)"
-            )
-        try:
-            variant = load_variant(folder, trusted)
-            verify_stored_files(variant)
-            signed = (folder / MANIFEST_FILE).read_bytes()
-            sig_doc = json.loads((folder / SIGNATURES_FILE).read_bytes())
-        except (ArtifactError, OSError, ValueError) as exc:
-            raise ImportRefusedError(f"refusing {folder}: {exc}") from exc
-        m = variant.manifest
-        try:
-            existing = self.store.artifact(m.model, m.version, m.variant)
-        except NotFoundError:
-            existing = None
-        if existing is not None and existing.manifest != signed:
-            raise ConflictError(
-                f"{m.model} v{m.version} {m.variant} exists with a different manifest; "
-                "versions are immutable, build a new version"
-            )
-        dest = self.config.artifacts_dir / m.model / str(m.version) / m.variant
-        _copy_variant(
-            folder, dest, [MANIFEST_FILE, SIGNATURES_FILE, *(f.stored_as for f in m.files)]
+        """Imports one signed variant folder (verified against `trusted`, else the
+        configured keys) into the store and the artifact folder."""
+        return imports.import_variant(
+            self.store, self.config.artifacts_dir, folder, trusted or self._trusted, report
         )
-        metrics = dict(m.metrics)
-        model_report = (report or {}).get("models", {}).get(m.model)
-        if isinstance(model_report, Mapping):
-            metrics.setdefault("build_report", dict(model_report))
-        self.store.add_artifact(
-            m.model,
-            m.version,
-            m.variant,
-            runtime=m.runtime,
-            hardware=m.hardware,
-            task=m.task,
-            manifest=signed,
-            signatures=[
-                (str(s["keyid"]), bytes.fromhex(str(s["sig"]))) for s in sig_doc["signatures"]
-            ],
-            path=str(dest),
-            stored_bytes=sum(f.stored_size for f in m.files),
-            metrics=metrics,
-        )
-        log.info("imported %s v%d %s", m.model, m.version, m.variant)
-        return (m.model, m.version, m.variant)
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -297,7 +150,7 @@ class FleetService:
                 for st in self.store.stages(rollout_id)
             ],
             "device_states": counts,
-            "targeted": len(self._targets(r)[0]),
+            "targeted": len(observe.targets(self.store, r)[0]),
         }
 
     def rollout_devices(self, rollout_id: str) -> list[dict[str, Any]]:
@@ -362,8 +215,8 @@ class FleetService:
     def command(self, rollout_id: str, cmd: eng.Command | str, actor: str) -> Rollout:
         with self._engine_lock:
             r = self.store.rollout(rollout_id)
-            baseline = self._baseline_variants(
-                r, [a.device_id for a in self.store.assignments(rollout_id)]
+            baseline = observe.baseline_variants(
+                self.store, r, [a.device_id for a in self.store.assignments(rollout_id)]
             )
             rollout, changed = apply_command(
                 self.store, rollout_id, eng.Command(cmd), actor, self.clock(), baseline
@@ -390,35 +243,8 @@ class FleetService:
             if r.state.status in eng.TERMINAL_STATUSES:
                 return None
             now = self.clock()
-            targets, variants = self._targets(r)
-            assignments = {a.device_id: a for a in self.store.assignments(rollout_id)}
-            views = [eng.DeviceView(d.device_id) for d in targets if d.device_id not in assignments]
-            views += [
-                eng.DeviceView(a.device_id, a.state, a.assigned_at, a.updated_at)
-                for a in assignments.values()
-            ]
-            touched = list(assignments)
-            cohort = (
-                self.store.telemetry_stats(
-                    r.plan.model,
-                    r.plan.version,
-                    since=r.state.gate_window_start,
-                    device_ids=touched,
-                )
-                if touched
-                else None
-            )
-            baseline = (
-                self.store.telemetry_stats(
-                    r.plan.model, r.baseline_version, since=r.state.gate_window_start
-                )
-                if r.baseline_version is not None
-                else None
-            )
-            base_hist = baseline.latency_local if baseline is not None else None
-            obs = eng.Observation(
-                now, views, _version_stats(cohort, base_hist), _version_stats(baseline)
-            )
+            targets, variants = observe.targets(self.store, r)
+            obs = observe.observation(self.store, r, now, targets)
             decision = eng.step(r.plan, r.state, obs)
             gates_changed = [g.to_json() for g in decision.gates] != list(r.last_gates)
             if not decision.changed and decision.state == r.state and not gates_changed:
@@ -436,7 +262,7 @@ class FleetService:
                 now,
                 variants={d: variants[d] for d in decision.assign},
                 previous=previous,
-                baseline_variants=self._baseline_variants(r, moved),
+                baseline_variants=observe.baseline_variants(self.store, r, moved),
             )
         for e in decision.events:
             log.info(
@@ -449,39 +275,6 @@ class FleetService:
             )
         self._publish(changed)
         return decision
-
-    def _targets(self, r: Rollout) -> tuple[list[Device], dict[str, str]]:
-        """Online devices matching the selector that have a variant, and that variant."""
-        artifacts = self.store.artifacts(r.plan.model, r.plan.version)
-        out, variants = [], {}
-        for d in self.store.devices(r.selector, online=True):
-            variant = pick_variant(d, artifacts)
-            if variant is not None:
-                out.append(d)
-                variants[d.device_id] = variant
-        return out, variants
-
-    def _baseline_variants(self, r: Rollout, device_ids: Sequence[str]) -> dict[str, str]:
-        if not device_ids:
-            return {}
-        assignments = {a.device_id: a for a in self.store.assignments(r.rollout_id)}
-        cache: dict[int, list[Artifact]] = {}
-        out: dict[str, str] = {}
-        for device_id in device_ids:
-            a = assignments.get(device_id)
-            version = a.previous_version if a else r.baseline_version
-            if version is None:
-                continue
-            if version not in cache:
-                cache[version] = self.store.artifacts(r.plan.model, version)
-            try:
-                device = self.store.device(device_id)
-            except NotFoundError:
-                continue
-            variant = pick_variant(device, cache[version])
-            if variant is not None:
-                out[device_id] = variant
-        return out
 
     def _publish(self, device_ids: Sequence[str]) -> None:
         ids = list(dict.fromkeys(device_ids))
@@ -711,60 +504,6 @@ class FleetService:
                 base = None
         payload_ = self.delivery.payload(artifact, req.file, base)
         return self.delivery.chunks(req, payload_)
-
-
-def _version_stats(
-    stats: TelemetryStats | None, layout: LogHistogram | None = None
-) -> eng.VersionStats:
-    """The engine's view of one version's telemetry. The local-latency histogram goes into
-    `layout`'s buckets (the baseline's) when given, so cohort and baseline are ranked on one
-    bucket layout even when their devices were configured differently."""
-    if stats is None:
-        return eng.VersionStats()
-    hist = stats.latency_local
-    if hist is not None and layout is not None and hist.layout != layout.layout:
-        rebucketed = LogHistogram(layout.min_value, layout.growth, len(layout.counts))
-        rebucketed.merge(hist)
-        hist = rebucketed
-    return eng.VersionStats(
-        requests=stats.requests,
-        errors=stats.errors,
-        fallbacks=stats.fallbacks,
-        shadow_sampled=stats.shadow_sampled,
-        shadow_agreed=stats.shadow_agreed,
-        p95_latency_ms=stats.p95_latency_ms,
-        latency_counts=hist.bucket_counts() if hist is not None else (),
-        latency_layout=hist.layout if hist is not None else None,
-        confidence_buckets=stats.confidence_buckets,
-        confidence_sum=stats.confidence_sum,
-    )
-
-
-def _read_report(zoo: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((zoo / "report.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _copy_variant(src: Path, dest: Path, names: Sequence[str]) -> None:
-    """Copies a variant into the service's artifact folder, all or nothing."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists() and all(
-        (dest / n).exists() and (dest / n).read_bytes() == (src / n).read_bytes() for n in names
-    ):
-        return
-    tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=dest.parent))
-    try:
-        for name in names:
-            shutil.copyfile(src / name, tmp / name)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def valid_device_id(device_id: str) -> bool:

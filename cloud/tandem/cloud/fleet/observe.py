@@ -1,0 +1,102 @@
+"""What the rollout engine sees: the targeted devices, their variants, and the cohort's and
+the baseline's telemetry as `VersionStats`. Reads the store, decides nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tandem.sdk.histogram import LogHistogram
+
+from . import engine as eng
+from .errors import NotFoundError
+from .store import Artifact, Device, Rollout, Store, pick_variant
+from .telemetry import TelemetryStats
+
+
+def observation(store: Store, r: Rollout, now: float, targets: Sequence[Device]) -> eng.Observation:
+    """What the engine sees of rollout `r` at `now`: every targeted device's state, and the
+    telemetry of the cohort (the new version on the devices it was assigned to, since the
+    stage's gate window opened) and of the baseline version over the same window."""
+    assignments = {a.device_id: a for a in store.assignments(r.rollout_id)}
+    views = [eng.DeviceView(d.device_id) for d in targets if d.device_id not in assignments]
+    views += [
+        eng.DeviceView(a.device_id, a.state, a.assigned_at, a.updated_at)
+        for a in assignments.values()
+    ]
+    touched = list(assignments)
+    cohort = (
+        store.telemetry_stats(
+            r.plan.model, r.plan.version, since=r.state.gate_window_start, device_ids=touched
+        )
+        if touched
+        else None
+    )
+    baseline = (
+        store.telemetry_stats(r.plan.model, r.baseline_version, since=r.state.gate_window_start)
+        if r.baseline_version is not None
+        else None
+    )
+    base_hist = baseline.latency_local if baseline is not None else None
+    return eng.Observation(now, views, version_stats(cohort, base_hist), version_stats(baseline))
+
+
+def targets(store: Store, r: Rollout) -> tuple[list[Device], dict[str, str]]:
+    """Online devices matching the selector that have a variant, and that variant."""
+    artifacts = store.artifacts(r.plan.model, r.plan.version)
+    out, variants = [], {}
+    for d in store.devices(r.selector, online=True):
+        variant = pick_variant(d, artifacts)
+        if variant is not None:
+            out.append(d)
+            variants[d.device_id] = variant
+    return out, variants
+
+
+def baseline_variants(store: Store, r: Rollout, device_ids: Sequence[str]) -> dict[str, str]:
+    if not device_ids:
+        return {}
+    assignments = {a.device_id: a for a in store.assignments(r.rollout_id)}
+    cache: dict[int, list[Artifact]] = {}
+    out: dict[str, str] = {}
+    for device_id in device_ids:
+        a = assignments.get(device_id)
+        version = a.previous_version if a else r.baseline_version
+        if version is None:
+            continue
+        if version not in cache:
+            cache[version] = store.artifacts(r.plan.model, version)
+        try:
+            device = store.device(device_id)
+        except NotFoundError:
+            continue
+        variant = pick_variant(device, cache[version])
+        if variant is not None:
+            out[device_id] = variant
+    return out
+
+
+def version_stats(
+    stats: TelemetryStats | None, layout: LogHistogram | None = None
+) -> eng.VersionStats:
+    """The engine's view of one version's telemetry. The local-latency histogram goes into
+    `layout`'s buckets (the baseline's) when given, so cohort and baseline are ranked on one
+    bucket layout even when their devices were configured differently."""
+    if stats is None:
+        return eng.VersionStats()
+    hist = stats.latency_local
+    if hist is not None and layout is not None and hist.layout != layout.layout:
+        rebucketed = LogHistogram(layout.min_value, layout.growth, len(layout.counts))
+        rebucketed.merge(hist)
+        hist = rebucketed
+    return eng.VersionStats(
+        requests=stats.requests,
+        errors=stats.errors,
+        fallbacks=stats.fallbacks,
+        shadow_sampled=stats.shadow_sampled,
+        shadow_agreed=stats.shadow_agreed,
+        p95_latency_ms=stats.p95_latency_ms,
+        latency_counts=hist.bucket_counts() if hist is not None else (),
+        latency_layout=hist.layout if hist is not None else None,
+        confidence_buckets=stats.confidence_buckets,
+        confidence_sum=stats.confidence_sum,
+    )
