@@ -3,63 +3,26 @@
 A two-layer MLP in ONNX (pixels FP32 [-1, 64] -> logits FP32 [-1, 10]) whose "backbone"
 and "head" weights come from separate seeds, so a retrained head makes a small zstd delta
 against the previous version. Reference outputs are computed with onnxruntime, exactly as
-the artifact format expects. Signing uses a throwaway ed25519 key.
+the artifact format expects. Packing and signing are tests/support/variants.py's, with a
+throwaway ed25519 key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zstandard
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tandem.sdk.artifacts import (
-    MANIFEST_FILE,
-    SIGNATURES_FILE,
-    FileEntry,
-    Manifest,
-    SignatureEntry,
-    TensorSpec,
-    key_id,
-    signatures_to_bytes,
-)
+from tandem.sdk.artifacts import Manifest, TensorSpec
+from tests.support.variants import BuiltVariant, Signer, pack, write_signed_variant
+
+__all__ = ["HIDDEN", "BuiltVariant", "Signer", "build_variant"]
 
 HIDDEN = 512  # backbone width: makes model.onnx ~130 KB, enough chunks to interrupt
-
-
-@dataclass(frozen=True)
-class Signer:
-    key: Ed25519PrivateKey
-    public_path: Path
-
-    @classmethod
-    def create(cls, folder: Path, name: str = "signing") -> Signer:
-        folder.mkdir(parents=True, exist_ok=True)
-        key = Ed25519PrivateKey.generate()
-        public = folder / f"{name}.pub"
-        public.write_bytes(
-            key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
-        return cls(key, public)
-
-    @property
-    def keyid(self) -> str:
-        raw = self.key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        return key_id(raw)
-
-    def sign(self, signed: bytes) -> SignatureEntry:
-        return SignatureEntry(self.keyid, self.key.sign(signed))
 
 
 def _onnx_model(backbone_seed: int, head_seed: int, hidden: int = HIDDEN) -> bytes:
@@ -102,27 +65,6 @@ def _reference(model_bytes: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def _entry(name: str, data: bytes) -> tuple[FileEntry, bytes]:
-    stored = zstandard.ZstdCompressor(level=3).compress(data)
-    entry = FileEntry(
-        name=name,
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        stored_as=f"{name}.zst",
-        stored_size=len(stored),
-        stored_sha256=hashlib.sha256(stored).hexdigest(),
-    )
-    return entry, stored
-
-
-@dataclass(frozen=True)
-class BuiltVariant:
-    path: Path
-    manifest: Manifest
-    signed: bytes
-    signatures: tuple[SignatureEntry, ...]
-
-
 def build_variant(
     out: Path,
     signer: Signer,
@@ -141,7 +83,6 @@ def build_variant(
 ) -> BuiltVariant:
     """Writes `out/<model>/<version>/<variant>/` and returns it with its signed manifest."""
     folder = out / model / str(version) / variant
-    folder.mkdir(parents=True, exist_ok=True)
     onnx_bytes = _onnx_model(
         backbone_seed=1,
         head_seed=head_seed if head_seed is not None else 100 + version,
@@ -156,9 +97,10 @@ def build_variant(
         np.savez(buffer, **arrays)
         reference = buffer.getvalue()
     entries = []
+    stored: dict[str, bytes] = {}
     for name, data in (("model.onnx", onnx_bytes), ("reference.npz", reference)):
-        entry, stored = _entry(name, data)
-        (folder / entry.stored_as).write_bytes(stored)
+        entry, compressed = pack(name, data)
+        stored[entry.stored_as] = compressed
         if claimed_size is not None and name == "model.onnx":
             entry = replace(entry, size=claimed_size)
         entries.append(entry)
@@ -182,8 +124,4 @@ def build_variant(
     )
     if manifest_changes:
         manifest = replace(manifest, **manifest_changes)
-    signed = manifest.to_bytes()
-    signature = signer.sign(signed)
-    (folder / MANIFEST_FILE).write_bytes(signed)
-    (folder / SIGNATURES_FILE).write_bytes(signatures_to_bytes([signature]))
-    return BuiltVariant(folder, manifest, signed, (signature,))
+    return write_signed_variant(folder, signer.key, manifest, stored)

@@ -24,9 +24,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tandem.protos.fleet.v1 import desired as desired_signing
 from tandem.protos.fleet.v1 import fleet_pb2, topics
-from tandem.sdk.artifacts import read_manifest_unverified
+from tandem.sdk.artifacts import SignatureEntry, read_manifest_unverified
 from tests.agent.artifacts import BuiltVariant, Signer
 from tests.support.mosquitto import Broker
+from tests.support.variants import signed_manifest
 
 Kind = fleet_pb2.DeviceReport.Kind
 
@@ -146,9 +147,9 @@ class FleetDouble:
         self.offer(built)
         self._revision += 1
         sigs = (
-            signatures
+            tuple(SignatureEntry(k, s) for k, s in signatures)
             if signatures is not None
-            else tuple((s.keyid, s.sig) for s in built.signatures)
+            else built.signatures
         )
         state = fleet_pb2.DesiredState(
             device_id=device_id,
@@ -158,10 +159,7 @@ class FleetDouble:
                     model=model or built.manifest.model,
                     version=built.manifest.version,
                     variant=built.manifest.variant,
-                    manifest=fleet_pb2.SignedManifest(
-                        signed=signed if signed is not None else built.signed,
-                        signatures=[fleet_pb2.Signature(keyid=k, sig=s) for k, s in sigs],
-                    ),
+                    manifest=signed_manifest(signed if signed is not None else built.signed, sigs),
                     rollout_id=rollout_id,
                     delta_base_version=delta_base_version,
                 )

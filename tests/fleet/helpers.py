@@ -1,4 +1,5 @@
-"""Test-side helpers for the fleet: telemetry summaries and signed artifact variants."""
+"""Test-side helpers for the fleet: telemetry summaries and signed artifact variants (packed
+and signed by tests/support/variants.py)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,11 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import zstandard
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tandem.protos.fleet.v1 import fleet_pb2
-from tandem.sdk.artifacts import (
-    MANIFEST_FILE,
-    SIGNATURES_FILE,
-    FileEntry,
-    Manifest,
-    SignatureEntry,
-    TensorSpec,
-    key_id,
-    signatures_to_bytes,
-)
+from tandem.sdk.artifacts import Manifest, TensorSpec
+from tests.support.variants import Signer, pack, write_signed_variant
 
 
 def histogram(
@@ -83,21 +74,8 @@ def summary(
 
 
 def new_signing_key(keys_dir: Path) -> Ed25519PrivateKey:
-    key = Ed25519PrivateKey.generate()
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    (keys_dir / "signing.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    (keys_dir / "signing.pub").write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return key
+    """A new zoo key: `keys_dir/signing.key` (PKCS#8 PEM) and `keys_dir/signing.pub`."""
+    return Signer.create(keys_dir, private=True).key
 
 
 def write_variant(
@@ -112,16 +90,13 @@ def write_variant(
     hardware: str = "any",
 ) -> Path:
     """A signed variant folder in the zoo layout: artifacts/<model>/<version>/<variant>/."""
-    folder = root / "artifacts" / model / str(version) / variant
-    folder.mkdir(parents=True, exist_ok=True)
     name = {
         "onnx": "model.onnx",
         "tflite": "model.tflite",
         "openvino": "model.xml",
         "torch": "model.pt",
     }[runtime]
-    stored = zstandard.ZstdCompressor(level=19).compress(payload)
-    (folder / f"{name}.zst").write_bytes(stored)
+    entry, stored = pack(name, payload, level=19)
     now = datetime.now(UTC).replace(microsecond=0)
     manifest = Manifest(
         model=model,
@@ -134,30 +109,14 @@ def write_variant(
         created=now,
         expires=now + timedelta(days=30),
         entrypoint=name,
-        files=(
-            FileEntry(
-                name,
-                len(payload),
-                hashlib.sha256(payload).hexdigest(),
-                f"{name}.zst",
-                len(stored),
-                hashlib.sha256(stored).hexdigest(),
-            ),
-        ),
+        files=(entry,),
         inputs=(TensorSpec("pixels", "FP32", (-1, 64)),),
         outputs=(TensorSpec("logits", "FP32", (-1, 10)),),
         reference=None,
         metrics={"accuracy": 0.95},
     )
-    signed = manifest.to_bytes()
-    (folder / MANIFEST_FILE).write_bytes(signed)
-    raw_pub = key.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
-    (folder / SIGNATURES_FILE).write_bytes(
-        signatures_to_bytes([SignatureEntry(key_id(raw_pub), key.sign(signed))])
-    )
-    return folder
+    folder = root / "artifacts" / model / str(version) / variant
+    return write_signed_variant(folder, key, manifest, {entry.stored_as: stored}).path
 
 
 def fake_zoo(

@@ -167,13 +167,7 @@ def forged_offers(signer: Signer, out: Path) -> list[tuple[str, fleet_pb2.Desire
                 model=model,
                 version=built.manifest.version,
                 variant=built.manifest.variant,
-                manifest=fleet_pb2.SignedManifest(
-                    signed=built.signed,
-                    signatures=[
-                        fleet_pb2.Signature(keyid=sig.keyid, sig=sig.sig)
-                        for sig in built.signatures
-                    ],
-                ),
+                manifest=built.signed_manifest(),
                 rollout_id="forged",
             ),
         )
