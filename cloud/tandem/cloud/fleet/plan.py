@@ -283,8 +283,31 @@ class DeviceView:
     updated_at: float | None = None  # last report for this rollout
 
 
+class Rates:
+    """The rates of a version's telemetry totals; None where their denominator is 0.
+    Shared by the engine's `VersionStats` and the store's `TelemetryStats`."""
+
+    requests: int
+    errors: int
+    fallbacks: int
+    shadow_sampled: int
+    shadow_agreed: int
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+    @property
+    def fallback_rate(self) -> float | None:
+        return self.fallbacks / self.requests if self.requests else None
+
+    @property
+    def agreement(self) -> float | None:
+        return self.shadow_agreed / self.shadow_sampled if self.shadow_sampled else None
+
+
 @dataclass(frozen=True)
-class VersionStats:
+class VersionStats(Rates):
     """Telemetry totals of one version over a set of devices and a time window."""
 
     requests: int = 0
@@ -300,18 +323,6 @@ class VersionStats:
     # Merged confidence buckets (linear over [0, 1]) of the local answers.
     confidence_buckets: tuple[int, ...] = ()
     confidence_sum: float = 0.0  # their sum when known: the exact mean (see gates)
-
-    @property
-    def error_rate(self) -> float | None:
-        return self.errors / self.requests if self.requests else None
-
-    @property
-    def fallback_rate(self) -> float | None:
-        return self.fallbacks / self.requests if self.requests else None
-
-    @property
-    def agreement(self) -> float | None:
-        return self.shadow_agreed / self.shadow_sampled if self.shadow_sampled else None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -393,18 +393,7 @@ class FleetService:
     def handle_presences(self, items: Sequence[tuple[str, bytes]]) -> set[str]:
         """Presence messages as (topic device, payload), in one transaction; returns the
         devices that came online. Garbage and spoofed payloads are dropped and logged."""
-        parsed = []
-        for topic_device, payload in items:
-            p = fleet_pb2.Presence()
-            try:
-                p.ParseFromString(payload)
-            except DecodeError as exc:
-                log.warning("dropped garbage presence payload from %s: %s", topic_device, exc)
-                continue
-            if p.device_id != topic_device:
-                log.warning("dropped presence for %r on the topic of %r", p.device_id, topic_device)
-                continue
-            parsed.append(p)
+        parsed = [p for _, p in _from_their_devices(items, fleet_pb2.Presence, "presence")]
         if not parsed:
             return set()
         results = self.store.upsert_presences(parsed, self.clock())
@@ -417,18 +406,7 @@ class FleetService:
         """Device reports as (topic device, payload), in one transaction; devices that a
         failure moved back get their desired state published."""
         parsed: list[ReportIn] = []
-        for topic_device, payload in items:
-            report = fleet_pb2.DeviceReport()
-            try:
-                report.ParseFromString(payload)
-            except DecodeError as exc:
-                log.warning("dropped garbage report payload from %s: %s", topic_device, exc)
-                continue
-            if report.device_id != topic_device:
-                log.warning(
-                    "dropped report for %r on the topic of %r", report.device_id, topic_device
-                )
-                continue
+        for topic_device, report in _from_their_devices(items, fleet_pb2.DeviceReport, "report"):
             kind = REPORT_KINDS.get(report.kind)
             if kind is None:
                 log.warning("dropped report of unknown kind %d from %s", report.kind, topic_device)
@@ -504,6 +482,27 @@ class FleetService:
                 base = None
         payload_ = self.delivery.payload(artifact, req.file, base)
         return self.delivery.chunks(req, payload_)
+
+
+_Msg = TypeVar("_Msg", fleet_pb2.Presence, fleet_pb2.DeviceReport)
+
+
+def _from_their_devices(
+    items: Sequence[tuple[str, bytes]], message: type[_Msg], what: str
+) -> Iterator[tuple[str, _Msg]]:
+    """(topic device, message) for each payload that parses and is about the device whose
+    topic it came on; garbage and spoofed payloads are logged and dropped."""
+    for topic_device, payload in items:
+        msg = message()
+        try:
+            msg.ParseFromString(payload)
+        except DecodeError as exc:
+            log.warning("dropped garbage %s payload from %s: %s", what, topic_device, exc)
+            continue
+        if msg.device_id != topic_device:
+            log.warning("dropped %s for %r on the topic of %r", what, msg.device_id, topic_device)
+            continue
+        yield topic_device, msg
 
 
 def valid_device_id(device_id: str) -> bool:

@@ -21,6 +21,7 @@ from tandem.protos.fleet.v1 import fleet_pb2
 from tandem.sdk.histogram import LogHistogram, merge_histograms
 
 from .gates import estimated_accuracy
+from .plan import Rates
 
 # A compressed batch may not inflate beyond this (bytes): a zip bomb costs nothing else.
 MAX_BATCH_BYTES = 16 * 1024 * 1024
@@ -171,7 +172,7 @@ def summarize_summaries(
 
 
 @dataclass(frozen=True)
-class TelemetryStats:
+class TelemetryStats(Rates):
     """Totals and rates of one model version over devices and a time span."""
 
     model: str
@@ -193,18 +194,6 @@ class TelemetryStats:
     # Their sum, when every device sent it (0.0 otherwise): the exact mean confidence.
     confidence_sum: float = 0.0
     latency_local: LogHistogram | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def error_rate(self) -> float | None:
-        return self.errors / self.requests if self.requests else None
-
-    @property
-    def fallback_rate(self) -> float | None:
-        return self.fallbacks / self.requests if self.requests else None
-
-    @property
-    def agreement(self) -> float | None:
-        return self.shadow_agreed / self.shadow_sampled if self.shadow_sampled else None
 
     @property
     def estimated_accuracy(self) -> float | None:
