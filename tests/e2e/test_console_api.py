@@ -18,7 +18,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tandem.cloud.fleet.rest import create_app
+from tandem.cloud.console.app import create_fleet_app
 from tandem.cloud.fleet.service import FleetService, RolloutRequest, ServiceConfig
 from tandem.protos.fleet.v1 import fleet_pb2
 from tests.fleet.helpers import fake_zoo, summary
@@ -58,7 +58,7 @@ def _fleet(tmp: Path) -> tuple[FleetService, FastAPI, str]:
     )
     plan = {"model": "digits", "version": 2, "stages": [{"percent": 50}, {"percent": 100}]}
     r = service.create_rollout(RolloutRequest.from_json(plan), "alice")
-    return service, create_app(service), r.rollout_id
+    return service, create_fleet_app(service), r.rollout_id
 
 
 @pytest.fixture(scope="module")

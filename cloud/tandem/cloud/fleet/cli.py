@@ -121,6 +121,10 @@ def serve(
     ] = None,
 ) -> None:
     """Run the fleet service until SIGTERM or Ctrl-C."""
+    # This command is the composition root of a fleet-service process, which serves the
+    # console too: the one place in fleet allowed to import it (pyproject's layers contract).
+    from tandem.cloud.console.app import create_fleet_app
+
     from .mqtt import BrokerSettings
     from .node import FleetNode
     from .service import ServiceConfig
@@ -143,7 +147,12 @@ def serve(
         )
         settings = BrokerSettings(broker, username, password, client_id or f"{username}-0")
         node = FleetNode(
-            config, settings, rest_host=rest_host, rest_port=rest_port, run_engine=not no_engine
+            config,
+            settings,
+            rest_host=rest_host,
+            rest_port=rest_port,
+            run_engine=not no_engine,
+            app_factory=create_fleet_app,
         )
         if not config.api_tokens and rest_port:
             # Fail closed, but say so: otherwise every REST and console call is a silent 401.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from .mqtt import BrokerSettings, MqttLink
 from .service import FleetService, ServiceConfig
@@ -20,12 +22,14 @@ class FleetNode:
         rest_host: str = "127.0.0.1",
         rest_port: int | None = None,
         run_engine: bool = True,
+        app_factory: Callable[[FleetService], Any] | None = None,
     ) -> None:
         self.service = FleetService(config)
         self.link = MqttLink(self.service, broker) if broker is not None else None
         self.rest_host = rest_host
         self.rest_port = rest_port
         self.run_engine = run_engine
+        self.app_factory = app_factory  # None: the REST API alone (fleet.rest.create_app)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._rest: object | None = None
@@ -46,7 +50,7 @@ class FleetNode:
 
             server = uvicorn.Server(
                 uvicorn.Config(
-                    create_app(self.service),
+                    (self.app_factory or create_app)(self.service),
                     host=self.rest_host,
                     port=self.rest_port,
                     log_level="warning",

@@ -1,6 +1,7 @@
 """A thin REST layer (FastAPI) over `FleetService`, with bearer-token authentication.
 
-Every route maps to one service method; the console (issue 6) extends this app. Errors map
+Every route maps to one service method; the console (issue 6) mounts itself on this app
+in `tandem.cloud.console.app`, one layer up, so fleet never imports the console. Errors map
 to status codes in one place: NotFoundError 404, ConflictError 409, ConfigError 422,
 ImportRefusedError 400, other FleetError 500 with the message.
 """
@@ -235,7 +236,4 @@ def create_app(service: FleetService, tokens: Mapping[str, str] | None = None) -
         )
         return result
 
-    from tandem.cloud.console.api import mount_console  # the web console (issue 6)
-
-    mount_console(app, service, tokens=tokens)
     return app
