@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from tests.support.variants import pack
+
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "build" / "sdk-models"
 VARIANTS = ("onnx-int8", "openvino-fp32", "tflite-fp32", "torch-fp32")
@@ -109,10 +111,7 @@ def _write_variant(
 ) -> None:
     import io
 
-    import zstandard
-
     from tandem.sdk.artifacts import (
-        FileEntry,
         Manifest,
         SignatureEntry,
         TensorSpec,
@@ -130,18 +129,9 @@ def _write_variant(
         blobs[name] = buf.getvalue()
     entries = []
     for name, raw in blobs.items():
-        stored = zstandard.ZstdCompressor(level=3).compress(raw)
-        (folder / f"{name}.zst").write_bytes(stored)
-        entries.append(
-            FileEntry(
-                name=name,
-                size=len(raw),
-                sha256=hashlib.sha256(raw).hexdigest(),
-                stored_as=f"{name}.zst",
-                stored_size=len(stored),
-                stored_sha256=hashlib.sha256(stored).hexdigest(),
-            )
-        )
+        entry, stored = pack(name, raw)
+        (folder / entry.stored_as).write_bytes(stored)
+        entries.append(entry)
     now = datetime.now(UTC).replace(microsecond=0)
     manifest = Manifest(
         model=model,
