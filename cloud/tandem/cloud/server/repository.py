@@ -2,6 +2,7 @@
 
 Layout (what `tandem models build` writes): `ROOT/<model>/config.json` and
 `ROOT/<model>/<version>/model.onnx|model.pt|model.xml`, versions being positive integers.
+A model folder with a `config.pbtxt` instead is a Triton model, read by `triton.py`.
 
 Loading a new version never fails requests in flight: the new version is loaded off the event
 loop, then published with one dict assignment; a version that leaves the policy stops taking
@@ -30,8 +31,22 @@ from .errors import (
     RequestTimeoutError,
 )
 from .metrics import ServerMetrics, VersionMetrics
+from .triton import CONFIG_FILE as TRITON_CONFIG
+from .triton import load_triton_config
 
 log = logging.getLogger(__name__)
+
+
+def _config_path(folder: Path) -> Path | None:
+    """The model's config: Triton's config.pbtxt when there is one, else config.json."""
+    for name in (TRITON_CONFIG, "config.json"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _read_config(path: Path) -> ModelConfig:
+    return load_triton_config(path) if path.name == TRITON_CONFIG else ModelConfig.load(path)
 
 
 class ModelVersion:
@@ -128,7 +143,7 @@ class ModelRepository:
     # --- loading ---------------------------------------------------------------------------
     def _model_names(self) -> list[str]:
         names = sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and (p / "config.json").is_file()
+            p.name for p in self.root.iterdir() if p.is_dir() and _config_path(p) is not None
         )
         return [n for n in names if not self._only or n in self._only]
 
@@ -145,8 +160,8 @@ class ModelRepository:
         if self._only and name not in self._only:
             raise ModelNotFoundError(f"model {name!r} is not among the served models")
         folder = self.root / name
-        config_path = folder / "config.json"
-        if "/" in name or name.startswith(".") or not config_path.is_file():
+        config_path = None if "/" in name or name.startswith(".") else _config_path(folder)
+        if config_path is None:
             raise ModelNotFoundError(f"no model {name!r} in repository {self.root}")
         async with self._lock:
             model = self._models.setdefault(name, _Model())
@@ -159,7 +174,8 @@ class ModelRepository:
     async def _load_locked(
         self, name: str, folder: Path, config_path: Path, model: _Model
     ) -> list[int]:
-        config = ModelConfig.load(config_path)
+        # Off the loop: a Triton ONNX model without tensors in its config opens the model.
+        config = await asyncio.to_thread(_read_config, config_path)
         mtime = config_path.stat().st_mtime
         config_changed = model.config is not None and config != model.config
         on_disk = [
@@ -242,7 +258,10 @@ class ModelRepository:
         folder = self.root / name
         assert model.config is not None
         try:
-            if (folder / "config.json").stat().st_mtime != model.config_mtime:
+            config_path = _config_path(folder)
+            if config_path is None:  # removed: keep serving, as when config.json goes
+                return False
+            if config_path.stat().st_mtime != model.config_mtime:
                 return True
             on_disk = [
                 int(p.name)
