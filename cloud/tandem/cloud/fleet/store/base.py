@@ -17,7 +17,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import ConflictError, NotFoundError, StoreError
@@ -98,6 +98,12 @@ class StoreBase:
             raise
         except IntegrityError as exc:
             raise ConflictError(f"conflicts with stored data: {exc.orig}") from exc
+        except DBAPIError as exc:
+            if _lost_a_race(exc):
+                # Replicas writing the same rows in another order (two report batches, or
+                # a presence batch beside one): PostgreSQL aborts one; a retry succeeds.
+                raise ConflictError(f"lost a race with another transaction: {exc.orig}") from exc
+            raise StoreError(f"fleet database error: {exc}") from exc
         except SQLAlchemyError as exc:
             raise StoreError(f"fleet database error: {exc}") from exc
         finally:
@@ -131,6 +137,16 @@ def _add_new_columns(engine: Engine) -> None:
                 if numeric:
                     ddl += f" DEFAULT {default!r}"
                 conn.execute(text(ddl))
+
+
+# PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back
+# because of a concurrent one, and the same transaction tried again is expected to pass.
+_RACE_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def _lost_a_race(exc: DBAPIError) -> bool:
+    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return state in _RACE_SQLSTATES
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
