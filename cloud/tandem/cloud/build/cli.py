@@ -185,11 +185,15 @@ def models_build(
         str,
         typer.Option("--digits-student", help="digits student: 'normal' or 'bad' (for tests)."),
     ] = "normal",
+    spec: Annotated[
+        Path | None,
+        typer.Option("--spec", help="Build a user's model from a spec file (docs/own-model.md)."),
+    ] = None,
 ) -> None:
     """Train, quantize, export, sign and package the models; print the report."""
     from tandem.cloud.build.pipeline import build_zoo
 
-    names = _parse_models(models)
+    names = _parse_models(models) if spec is None else ()
     if key is None:
         default = out_dir / "keys" / PRIVATE_KEY_FILE
         if not default.exists():
@@ -201,6 +205,19 @@ def models_build(
         key = default
     elif not key.exists():
         raise BuildError(f"signing key {key} does not exist (create one: tandem keys generate)")
+    if spec is not None:
+        from tandem.cloud.build.spec import load_spec
+        from tandem.cloud.build.user import build_from_spec
+
+        names = (load_spec(spec).name,)
+        with _build_logging(), _progress_display(names) as on_event:
+            report = build_from_spec(
+                spec, out_dir, key_path=key, version=version, force=force, progress=on_event
+            )
+        _summary(report, names)
+        for note in report["models"][names[0]].get("notes") or []:
+            err.print(note)
+        return
     options = {"digits": {"student_variant": student}} if student != "normal" else None
     with _build_logging(), _progress_display(names) as on_event:
         report = build_zoo(

@@ -6,7 +6,10 @@ BuildError
 ├── ModelUnavailableError a known model whose builder is not installed or importable
 ├── TrainingError         training did not reach its accuracy target
 ├── ExportError           a runtime export or quantization failed
-└── QualityGateError      an exported variant misses its accuracy or similarity gate
+├── QualityGateError      an exported variant misses its accuracy or similarity gate
+└── SpecError             a build spec is wrong (field or file named)
+    ├── SpecDataError     calibration/validation data do not fit the model inputs
+    └── ModelLoadError    the model a spec names cannot be loaded
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ __all__ = [
     "ExportError",
     "KeyFileError",
     "ModelUnavailableError",
+    "ModelLoadError",
     "QualityGateError",
+    "SpecDataError",
+    "SpecError",
     "TrainingError",
     "UnknownModelError",
 ]
@@ -46,3 +52,15 @@ class ExportError(BuildError):
 
 class QualityGateError(BuildError):
     """An exported variant is too far from the model it was exported from."""
+
+
+class SpecError(BuildError):
+    """A build spec (`tandem models build --spec`) is wrong: the message names the field or file."""
+
+
+class SpecDataError(SpecError):
+    """Calibration or validation data do not fit the model's inputs (names, shapes, dtypes)."""
+
+
+class ModelLoadError(SpecError):
+    """The model a spec names cannot be loaded by its runtime."""
