@@ -41,7 +41,7 @@ def write_spec(folder: Path, task: str, extra: str = "", runtimes: str = '["onnx
     linear_onnx(folder / "m.onnx", weights)
     x = rng.normal(size=(400, 8)).astype(np.float32)
     top2 = np.sort(x @ weights, axis=1)[:, -2:]
-    x = x[(top2[:, 1] - top2[:, 0]) > 0.5][:64]  # clear winners: INT8 must not flip them
+    x = x[(top2[:, 1] - top2[:, 0]) > 1.0][:64]  # clear winners: INT8 must not flip them
     labels = (x @ weights).argmax(1)
     np.savez(folder / "calib.npz", x=x)
     np.savez(folder / "val.npz", x=x, labels=labels)
@@ -131,3 +131,22 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(
     with pytest.raises(error, match=words):
         build_from_spec(spec, tmp_path / "zoo")
     assert not (tmp_path / "zoo/artifacts").exists()
+
+
+def test_openvino_int8_variant_from_an_onnx_source(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, "classification", runtimes='["openvino"]')
+    entry = build_from_spec(spec, tmp_path / "zoo")["models"]["m"]
+    assert entry["variants"]["openvino-int8"]["top1_agreement"] >= 0.98, entry["notes"]
+
+
+def test_cli_builds_a_spec(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tandem.cloud.build.cli import models_app
+
+    spec = write_spec(tmp_path, "embedding")
+    result = CliRunner().invoke(
+        models_app, ["build", "--spec", str(spec), "--out", str(tmp_path / "z")]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "z/artifacts/m/1/onnx-int8/manifest.sig.json").is_file()
