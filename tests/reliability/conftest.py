@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.agent.artifacts import Signer, build_variant
-from tests.agent.conftest import AgentProcess, agent_factory, fleet, fleet_broker, signer
+from tests.agent.conftest import (
+    AgentProcess,
+    agent_factory,
+    fleet,
+    fleet_broker,
+    fleet_signer,
+    signer,
+)
 from tests.cloud.conftest import teacher
 from tests.fleet.conftest import GeneratedBroker, fleet_service, generated_broker
 from tests.sdk.conftest import artifacts, models, test_set
@@ -23,6 +30,7 @@ __all__ = [  # fixtures, used by name
     "artifacts",
     "fleet",
     "fleet_broker",
+    "fleet_signer",
     "fleet_service",
     "generated_broker",
     "models",

@@ -183,6 +183,14 @@ class ActivationMixin(AgentCore):
         keep = {(pointer.version, pointer.variant)}
         if pointer.previous_version is not None:
             keep.add((pointer.previous_version, pointer.previous_variant))
+        # The version the fleet wants now may be installing or warming up while an older
+        # version's health window ends: never delete what is about to become active.
+        offer = self._desired.get(model)
+        if offer is not None:
+            keep.add((offer.version, offer.variant))
+        delivery = self._delivery
+        if delivery is not None and delivery.offer.model == model:
+            keep.add((delivery.offer.version, delivery.offer.variant))
         for version in self.store.versions(model):
             version_dir = self.store.model_dir(model) / str(version)
             for variant_dir in self.store.variant_dirs(model, version):
