@@ -178,14 +178,7 @@ class ModelRepository:
         config = await asyncio.to_thread(_read_config, config_path)
         mtime = config_path.stat().st_mtime
         config_changed = model.config is not None and config != model.config
-        on_disk = [
-            int(p.name)
-            for p in folder.iterdir()
-            if p.is_dir()
-            and p.name.isdigit()
-            and int(p.name) > 0
-            and (p / config.model_file).is_file()
-        ]
+        on_disk = version_folders(folder, config.model_file)
         wanted = config.version_policy.select(on_disk)
         if not wanted:
             raise RepositoryError(
@@ -263,14 +256,7 @@ class ModelRepository:
                 return False
             if config_path.stat().st_mtime != model.config_mtime:
                 return True
-            on_disk = [
-                int(p.name)
-                for p in folder.iterdir()
-                if p.is_dir()
-                and p.name.isdigit()
-                and int(p.name) > 0
-                and (p / model.config.model_file).is_file()
-            ]
+            on_disk = version_folders(folder, model.config.model_file)
         except OSError:
             return False
         return set(model.config.version_policy.select(on_disk)) != set(model.versions)
@@ -292,3 +278,13 @@ class ModelRepository:
                     self._retire(mv)
         while self._retiring:
             await asyncio.gather(*list(self._retiring), return_exceptions=True)
+
+
+def version_folders(folder: Path, model_file: str) -> list[int]:
+    """The versions on disk under a model's folder: numbered folders (1 and up) that hold
+    the model file."""
+    return [
+        int(p.name)
+        for p in folder.iterdir()
+        if p.is_dir() and p.name.isdigit() and int(p.name) > 0 and (p / model_file).is_file()
+    ]
