@@ -186,7 +186,10 @@ class LeaderElector:
             return False
         self._last_error = ""
         if not got:
-            self._holder = _holder_id(holder)
+            # Keep the last holder we saw: while a dead leader's backend exits, the lock can
+            # outlive its row in pg_stat_activity, and a takeover must still name who it
+            # took over from.
+            self._holder = _holder_id(holder) or self._holder
             return False
         previous = self._holder
         self._set_leader(True)
