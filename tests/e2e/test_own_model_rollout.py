@@ -3,7 +3,8 @@
 versions 1 and 2) is imported into a real `tandem fleet serve`, rolled out in stages over a
 Mosquitto started from `tandem fleet broker-config` output to real `tandem agent run`
 processes, and then answers through the SDK on a device's store under `cascade`, with the
-low-confidence rows escalated to a real `tandem serve` serving the same zoo's full model.
+low-confidence rows escalated to a real `tandem serve` serving the same zoo's full model,
+and its telemetry shipped by the agent to the fleet. The console shows both rollouts done.
 
 Nothing here or in the system under test knows the model's name beyond the spec.
 """
@@ -27,7 +28,7 @@ from tests.fleet.conftest import (
     wait_devices,
 )
 from tests.support.agent import agent_argv
-from tests.support.processes import stop_process
+from tests.support.processes import stop_process, wait_until
 from tests.support.serve import ServeProcess
 from tests.support.wine import build_wine_zoo
 
@@ -122,6 +123,7 @@ def test_own_model_rolls_out_and_answers_under_cascade(
     fleet: tuple[ServiceProcess, ServeProcess, dict[str, Path]], wine_zoo: Path
 ) -> None:
     from tandem.sdk import Client
+    from tandem.sdk.telemetry import TelemetryConfig
 
     svc, cloud, stores = fleet
     imported = svc.post("/models/import", {"zoo": str(wine_zoo)})
@@ -174,6 +176,12 @@ def test_own_model_rolls_out_and_answers_under_cascade(
         max_accuracy_loss=MAX_ACCURACY_LOSS,
         trusted_keys=[wine_zoo / "keys" / "signing.pub"],
         cache_dir=stores[device].parent / "sdk-cache",
+        telemetry=TelemetryConfig(
+            spool_dir=stores[device] / ".telemetry-spool",
+            device_id=device,
+            interval_s=0.5,
+            drain_interval_s=0.1,
+        ),
     ) as client:
         assert client.current is not None and client.current.version == 2
         for row in x:
@@ -204,3 +212,17 @@ def test_own_model_rolls_out_and_answers_under_cascade(
         int(is_local.sum()),
         int((~is_local).sum()),
     )
+
+    # The app's telemetry reached the fleet through its agent, counted against v2.
+    def shipped() -> dict[str, Any] | None:
+        rows = svc.get("/telemetry", params={"model": MODEL, "version": 2})
+        assert isinstance(rows, list)
+        return rows[0] if rows and rows[0]["requests"] >= len(x) else None
+
+    wait_until(shipped, timeout=30, interval=0.2, message="the app's telemetry in the fleet")
+    stats = shipped()
+    assert stats is not None
+    assert (stats["devices"], stats["requests"], stats["errors"]) == (1, len(x), 0), stats
+    assert stats["fallbacks"] == int((~is_local).sum()), stats  # escalations count as such
+    # The label-free estimate from the calibrated confidences is near the measured accuracy.
+    assert stats["estimated_accuracy"] == pytest.approx(accuracy, abs=0.05), stats
