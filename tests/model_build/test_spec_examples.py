@@ -36,3 +36,66 @@ def test_wine_example_builds_and_answers_locally(tmp_path: Path) -> None:
     with Client(model="wine", artifacts=tmp_path / "zoo/artifacts", policy="local_only") as client:
         result = client.infer({"X": rows})
     assert result.outputs["probabilities"].shape == (3, 3)
+
+
+CNN = EXAMPLE.parent / "cnn"
+# The CNN example's weights and data, kept across test sessions (like build/test-zoo) and
+# remade only when the example's code changes; its zoo then comes from the content-hash cache.
+CNN_WORK = Path(__file__).resolve().parents[2] / "build" / "test-examples" / "cnn"
+
+
+def _cnn_example() -> Path:
+    """A copy of examples/cnn with its weights and data written by make_model.py."""
+    import fcntl
+    import hashlib
+
+    sources = sorted(p for p in CNN.rglob("*") if p.is_file() and p.suffix in (".py", ".toml"))
+    stamp = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
+    CNN_WORK.mkdir(parents=True, exist_ok=True)
+    folder = CNN_WORK / "example"
+    with (CNN_WORK / ".lock").open("a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if (CNN_WORK / "stamp").exists() and (CNN_WORK / "stamp").read_text() == stamp:
+            return folder
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(CNN, folder, ignore=shutil.ignore_patterns("*.pt", "*.npz", "__pycache__"))
+        loaded = importlib.util.spec_from_file_location("cnn_make_model", folder / "make_model.py")
+        assert loaded is not None and loaded.loader is not None
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+        module.main(folder)
+        spec = folder / "model.toml"  # OpenVINO from a PyTorch source is bench_build_cnn's
+        spec.write_text(spec.read_text().replace('"openvino", ', ""))  # (keeps this test fast)
+        (CNN_WORK / "stamp").write_text(stamp)
+    return folder
+
+
+def test_cnn_example_builds_every_runtime_and_answers_locally() -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("litert_torch")
+    from tandem.sdk import Client
+
+    folder = _cnn_example()
+    zoo = CNN_WORK / "zoo"
+    entry = build_from_spec(folder / "model.toml", zoo)["models"]["cnn"]
+    assert entry["spec_source"] == "factory"
+    assert set(entry["variants"]) == {"onnx-int8", "tflite-int8", "torch-fp32"}, entry["notes"]
+    for name, row in entry["variants"].items():
+        assert row["top1_agreement"] >= 0.98, (name, row)
+        assert row["embedding.cosine_mean"] >= 0.98, (name, row)  # the secondary output
+        assert row["accuracy"] >= 0.85 and row["temperature"] > 0, (name, row)
+    assert entry["variants"]["torch-fp32"]["top1_agreement"] == 1.0
+    assert build_from_spec(folder / "model.toml", zoo)["run"]["cached"] == ["cnn"]
+    rows = np.load(folder / "val.npz")["pixels"][:3]
+    answers = {}
+    for runtime in ("torch", "onnx", "tflite"):  # the SDK's runtimes, each variant
+        with Client(
+            model="cnn", artifacts=zoo / "artifacts", policy="local_only", runtime=runtime
+        ) as client:
+            result = client.infer({"pixels": rows})
+        assert result.outputs["logits"].shape == (3, 10), runtime
+        answers[runtime] = result.outputs["embedding"]
+    full = answers["torch"]  # FP32: the full model's answer
+    for runtime, embedding in answers.items():
+        cosine = np.sum(full * embedding, 1) / np.linalg.norm(full, axis=1)
+        assert np.all(cosine / np.linalg.norm(embedding, axis=1) > 0.98), runtime

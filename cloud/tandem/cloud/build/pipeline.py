@@ -72,7 +72,7 @@ LIBRARIES = (
 CACHE_FORMAT = 2  # bump when the key's recipe changes
 
 
-def _module_source(name: str) -> bytes:
+def module_source(name: str) -> bytes:
     spec = importlib.util.find_spec(f"tandem.cloud.build.{name}")
     if spec is None or spec.origin is None:
         return b""
@@ -102,7 +102,7 @@ def normalised_code(source: bytes) -> bytes:
     return ast.dump(tree, include_attributes=False).encode()
 
 
-def _library_versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     versions = {}
     for name in LIBRARIES:
         try:
@@ -117,7 +117,7 @@ def cache_key(
 ) -> str:
     digest = hashlib.sha256()
     for name in (*SHARED_MODULES, *MODEL_SOURCES.get(model, (model,))):
-        source = _module_source(name)
+        source = module_source(name)
         digest.update(f"{name}:{len(source)}:".encode())
         digest.update(source)
     facts = {
@@ -127,7 +127,7 @@ def cache_key(
         "seed": seed,
         "options": dict(options),
         "keyid": keyid,
-        "libraries": _library_versions(),
+        "libraries": library_versions(),
     }
     digest.update(json.dumps(facts, sort_keys=True, default=str).encode())
     return digest.hexdigest()
@@ -155,7 +155,7 @@ def load_builder(model: str) -> Callable[[BuildContext], dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _zoo_lock(out_dir: Path) -> Iterator[None]:
+def zoo_lock(out_dir: Path) -> Iterator[None]:
     with (out_dir / ".build.lock").open("a") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
@@ -190,7 +190,7 @@ def _outputs_present(out_dir: Path, entry: Mapping[str, Any]) -> bool:
     return True
 
 
-def _cached_entry(out_dir: Path, model: str, version: int, key: str) -> dict[str, Any] | None:
+def cached_entry(out_dir: Path, model: str, version: int, key: str) -> dict[str, Any] | None:
     try:
         record = json.loads(_record_path(out_dir, model, version).read_text())
     except (OSError, ValueError):
@@ -203,12 +203,12 @@ def _cached_entry(out_dir: Path, model: str, version: int, key: str) -> dict[str
     return entry
 
 
-def _write_record(out_dir: Path, model: str, version: int, key: str, entry: Any) -> None:
+def write_record(out_dir: Path, model: str, version: int, key: str, entry: Any) -> None:
     record = json.dumps({"key": key, "entry": entry}, indent=2, sort_keys=True)
     write_atomic(_record_path(out_dir, model, version), record)
 
 
-def _signer_for(out_dir: Path, key_path: Path | None) -> tuple[Signer, Path]:
+def signer_for(out_dir: Path, key_path: Path | None) -> tuple[Signer, Path]:
     if key_path is None:
         key_path = out_dir / "keys" / PRIVATE_KEY_FILE
         if not key_path.exists():
@@ -255,11 +255,11 @@ def build_zoo(
     waited_from = time.perf_counter()
     built: list[str] = []
     cached: list[str] = []
-    with _zoo_lock(out_dir):
+    with zoo_lock(out_dir):
         # Another process may hold the zoo; time the work, not the wait.
         started = time.perf_counter()
         lock_wait = started - waited_from
-        signer, used_key = _signer_for(out_dir, Path(key_path) if key_path else None)
+        signer, used_key = signer_for(out_dir, Path(key_path) if key_path else None)
         report = load_report(out_dir)
         try:
             for name in names:
@@ -300,7 +300,7 @@ def _build_or_reuse(
 ) -> tuple[dict[str, Any], bool]:
     """The model's report entry, from the cache when its key matches; True when cached."""
     key = cache_key(name, version=version, seed=seed, options=options, keyid=signer.keyid)
-    entry = None if force else _cached_entry(out_dir, name, version, key)
+    entry = None if force else cached_entry(out_dir, name, version, key)
     if entry is not None:
         log.info("%s v%d is up to date (cache key %s)", name, version, key[:12])
         if progress is not None:
@@ -309,7 +309,7 @@ def _build_or_reuse(
     builder = load_builder(name)
     entry = _build_one(out_dir, name, builder, signer, version, seed, options, progress)
     entry["cache_key"] = key
-    _write_record(out_dir, name, version, key, entry)
+    write_record(out_dir, name, version, key, entry)
     return entry, False
 
 

@@ -1,10 +1,13 @@
 """Building a user's model from a spec (`tandem models build --spec model.toml`).
 
-The full model (ONNX) goes to the cloud repository; each edge variant is made with its
-runtime's own tooling (ONNX Runtime static QDQ INT8, OpenVINO IR INT8 with NNCF, or the FP32
-ONNX copy for `quantize = "none"`), checked against the full model on the validation data,
-and signed into the same zoo layout as the built-in models. A runtime that cannot be made
-from the source, or a variant outside its tolerance, is left out with one report line.
+The full model (ONNX, or the FP32 ONNX export of a PyTorch source) goes to the cloud
+repository; each edge variant is made with its runtime's own tooling (ONNX Runtime static QDQ
+INT8, OpenVINO IR INT8 with NNCF, LiteRT via litert-torch and the TorchScript/ExportedProgram
+file for PyTorch sources, or FP32 copies for `quantize = "none"`), checked against the full
+model on the validation data (every output: the primary one by the task's measure, the others
+by cosine or exact agreement), and signed into the same zoo layout as the built-in models. A
+runtime that cannot be made from the source, or a variant outside a tolerance, is left out
+with one report line.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ import numpy as np
 from tandem.cloud.build import pipeline
 from tandem.cloud.build.calibration import fit_temperature
 from tandem.cloud.build.context import BuildContext, ProgressCallback, ProgressEvent
-from tandem.cloud.build.errors import ExportError, ModelLoadError, SpecDataError
+from tandem.cloud.build.errors import ExportError, ModelLoadError, SpecDataError, SpecError
 from tandem.cloud.build.packaging import repository_config, write_repository_model, write_variant
 from tandem.cloud.build.report import load_report, write_report
 from tandem.cloud.build.runners import load_runner
-from tandem.cloud.build.spec import ModelSpec, load_spec
+from tandem.cloud.build.spec import DEFAULT_OUTPUT_CHECKS, ModelSpec, load_spec
 from tandem.sdk.artifacts import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,8 @@ Array = np.ndarray[Any, Any]
 _ONNX_TYPES = {1: "FP32", 10: "FP16", 7: "INT64", 6: "INT32", 2: "UINT8", 9: "BOOL", 11: "FP64"}
 REFERENCE_ROWS = 8
 _NEEDS = {"tflite": "LiteRT needs a PyTorch source", "torch": "torch needs a PyTorch source"}
-USER_MODULES = ("spec", "user", "calibration")
+USER_MODULES = ("spec", "user", "calibration", "torch_source")
+Variant = tuple[str, str, str, str, dict[str, Path]]  # name, runtime, precision, entry, payload
 
 
 def onnx_signature(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -175,31 +179,90 @@ def _openvino_int8(source: Path, out_dir: Path, calibration: Mapping[str, Array]
 
 
 def _make_variants(
-    spec: ModelSpec, work: Path, calibration: Mapping[str, Array], notes: list[str]
-) -> list[tuple[str, str, str, str, dict[str, Path]]]:
-    """(variant, runtime, precision, entrypoint, payload) of each variant that could be made."""
-    made: list[tuple[str, str, str, str, dict[str, Path]]] = []
+    spec: ModelSpec, work: Path, full_onnx: Path, calibration: Mapping[str, Array], notes: list[str]
+) -> list[Variant]:
+    """The ONNX Runtime and OpenVINO variants (from `full_onnx`) that could be made."""
+    made: list[Variant] = []
     for runtime in spec.runtimes:
         if runtime in ("tflite", "torch"):
-            notes.append(f"{runtime}: skipped, the source is a bare ONNX file ({_NEEDS[runtime]})")
+            if not spec.is_torch:
+                notes.append(
+                    f"{runtime}: skipped, the source is a bare ONNX file ({_NEEDS[runtime]})"
+                )
             continue
         try:
             if runtime == "onnx" and spec.quantize == "none":
-                made.append(
-                    ("onnx-fp32", "onnx", "fp32", "model.onnx", {"model.onnx": spec.full_onnx})
-                )
+                made.append(("onnx-fp32", "onnx", "fp32", "model.onnx", {"model.onnx": full_onnx}))
             elif runtime == "onnx":
-                path = _onnx_int8(spec.full_onnx, work / "int8.onnx", calibration)
+                path = _onnx_int8(full_onnx, work / "int8.onnx", calibration)
                 made.append(("onnx-int8", "onnx", "int8", "model.onnx", {"model.onnx": path}))
             elif spec.quantize == "none":
                 notes.append("openvino: skipped, quantize = none (the onnx runtime serves FP32)")
             else:
-                xml = _openvino_int8(spec.full_onnx, work / "openvino", calibration)
+                xml = _openvino_int8(full_onnx, work / "openvino", calibration)
                 payload = {"model.xml": xml, "model.bin": xml.with_suffix(".bin")}
                 made.append(("openvino-int8", "openvino", "int8", "model.xml", payload))
         except ExportError as exc:
             notes.append(f"{runtime}: skipped, {exc}")
     return made
+
+
+def _make_torch_variants(
+    spec: ModelSpec,
+    work: Path,
+    model: Any,
+    input_names: list[str],
+    output_names: list[str],
+    calibration: Mapping[str, Array],
+    notes: list[str],
+) -> list[Variant]:
+    """The LiteRT and torch variants of a PyTorch source."""
+    from tandem.cloud.build import torch_source
+
+    made: list[Variant] = []
+    if "tflite" in spec.runtimes:
+        if spec.source == "torchscript":
+            notes.append(
+                "tflite: skipped, litert-torch converts an nn.Module or ExportedProgram,"
+                " not TorchScript (give factory + weights or exported_program)"
+            )
+        else:
+            try:
+                path, precision, note = torch_source.export_tflite(
+                    model,
+                    work / "model.tflite",
+                    input_names,
+                    output_names,
+                    calibration,
+                    spec.quantize,
+                )
+                if note:
+                    notes.append(f"tflite: {note}")
+                payload = {"model.tflite": path}
+                made.append((f"tflite-{precision}", "tflite", precision, "model.tflite", payload))
+            except ExportError as exc:
+                notes.append(f"tflite: skipped, {exc}")
+    if "torch" in spec.runtimes:
+        try:
+            path = torch_source.export_torch(spec, model, work / "torch", input_names, calibration)
+            made.append(("torch-fp32", "torch", "fp32", path.name, {path.name: path}))
+        except ExportError as exc:
+            notes.append(f"torch: skipped, {exc}")
+    return made
+
+
+def _variant_runner(
+    runtime: str, path: Path, input_names: list[str], output_names: list[str]
+) -> Any:
+    if runtime == "tflite" or runtime == "torch":
+        from tandem.cloud.build import torch_source
+
+        if runtime == "tflite":
+            return torch_source.tflite_runner(path, input_names, output_names)
+        return torch_source.torch_runner(
+            torch_source.load_torch_file(path), input_names, output_names
+        )
+    return load_runner(runtime, path, input_names, output_names)
 
 
 # --- checks and calibration ------------------------------------------------------------------
@@ -253,6 +316,89 @@ def check_variant(
     return {k: round(v, 6) for k, v in metrics.items()}, misses
 
 
+def check_secondary(
+    spec: ModelSpec, name: str, full: Array, variant: Array
+) -> tuple[dict[str, float], list[str]]:
+    """One secondary output against the full model's: cosine and abs errors, or agreement."""
+    limits = {**DEFAULT_OUTPUT_CHECKS, **spec.output_checks.get(name, {})}
+    metrics: dict[str, float] = {}
+    misses: list[str] = []
+
+    def gate(key: str, value: float, limit_key: str, low: bool) -> None:
+        metrics[f"{name}.{key}"] = round(value, 6)
+        limit = limits.get(limit_key)
+        if limit is None:
+            return
+        if low and value < limit:
+            misses.append(f"{name} {key} {value:.4f} < {limit} (short by {limit - value:.4f})")
+        elif not low and value > limit:
+            misses.append(f"{name} {key} {value:.4g} > {limit:.4g} (over by {value - limit:.4g})")
+
+    if full.dtype.kind in "biu":
+        same = np.all(full.reshape(full.shape[0], -1) == variant.reshape(variant.shape[0], -1), 1)
+        gate("agreement", float(np.mean(same)), "min_agreement", True)
+        return metrics, misses
+    a = full.astype(np.float64).reshape(full.shape[0], -1)
+    b = variant.astype(np.float64).reshape(variant.shape[0], -1)
+    if a.shape[1] == 1:  # one number per row: the cosine of the whole column
+        a, b = a.T, b.T
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cosines = np.where(norms > 1e-12, np.sum(a * b, axis=1) / np.maximum(norms, 1e-12), 1.0)
+    gate("cosine_mean", float(np.mean(cosines)), "min_cosine", True)
+    error = np.abs(a - b)
+    gate("max_abs_error", float(error.max()), "max_abs_error", False)
+    gate("mean_abs_error", float(error.mean()), "max_mean_abs_error", False)
+    return metrics, misses
+
+
+def check_outputs(
+    spec: ModelSpec,
+    full: Mapping[str, Array],
+    variant: Mapping[str, Array],
+    primary: str,
+    labels: Array | None,
+) -> tuple[dict[str, float], list[str]]:
+    """Every output of a variant against the full model's: the primary, then the others."""
+    metrics, misses = check_variant(spec, full[primary], variant[primary], labels)
+    for name in full:
+        if name != primary:
+            more, missed = check_secondary(spec, name, full[name], variant[name])
+            metrics.update(more)
+            misses += missed
+    return metrics, misses
+
+
+def _read_source(
+    spec: ModelSpec, calibration: Mapping[str, Array]
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], Any, Any]:
+    """(inputs, outputs, full-model runner, PyTorch module or None) of the spec's source."""
+    if not spec.is_torch:
+        assert spec.full_onnx is not None
+        inputs, outputs = onnx_signature(spec.full_onnx)
+        names = ([t.name for t in inputs], [t.name for t in outputs])
+        try:
+            runner = load_runner("onnx", spec.full_onnx, *names)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"[full] onnx: onnxruntime cannot load {spec.full_onnx.name}: {exc}"
+            ) from exc
+        return inputs, outputs, runner, None
+    from tandem.cloud.build import torch_source
+
+    model = torch_source.load_torch_model(spec)
+    try:
+        inputs, outputs = torch_source.torch_signature(spec, model, calibration)
+    except SpecError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"[full] {spec.source}: the model does not run on the calibration data"
+            f" ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+        ) from exc
+    names = ([t.name for t in inputs], [t.name for t in outputs])
+    return inputs, outputs, torch_source.torch_runner(model, *names), model
+
+
 # --- the build --------------------------------------------------------------------------------
 
 
@@ -260,18 +406,24 @@ def build_spec(ctx: BuildContext, spec: ModelSpec) -> dict[str, Any]:
     """Builds the spec's model into the zoo; returns its report entry."""
     steps = ctx.steps(5)
     steps.advance("reading the model and the data")
-    inputs, outputs = onnx_signature(spec.full_onnx)
+    raw_calibration = _load_npz(spec.calibration, "calibration")
+    inputs, outputs, full_runner, torch_model = _read_source(spec, raw_calibration)
     names = [o.name for o in outputs]
     scores = spec.scores or names[0]
     if scores not in names:
         raise SpecDataError(
             f"[model] scores: {scores!r} is not an output of the model; outputs: {names}"
         )
+    for name in spec.output_checks:
+        if name not in names or name == scores:
+            raise SpecDataError(
+                f"[checks.outputs.{name}]: not a secondary output of the model;"
+                f" secondary outputs: {[n for n in names if n != scores]}"
+                " (the primary one is checked by [checks])"
+            )
     # The SDK reads a classifier's scores from its first output.
     outputs = tuple(sorted(outputs, key=lambda o: o.name != scores))
-    calibration = check_data(
-        _load_npz(spec.calibration, "calibration"), inputs, "calibration", spec.calibration
-    )
+    calibration = check_data(raw_calibration, inputs, "calibration", spec.calibration)
     validation = check_data(
         _load_npz(spec.validation, "validation"), inputs, "validation", spec.validation
     )
@@ -281,25 +433,43 @@ def build_spec(ctx: BuildContext, spec: ModelSpec) -> dict[str, Any]:
         labels = labels.astype(np.int64)
     input_names = [t.name for t in inputs]
     output_names = [t.name for t in outputs]
+    source = spec.source
     try:
-        full_runner = load_runner("onnx", spec.full_onnx, input_names, output_names)
         full_out = _run(full_runner, validation)
     except Exception as exc:
         raise ModelLoadError(
-            f"[full] onnx: onnxruntime cannot run {spec.full_onnx.name}: {exc}"
+            f"[full] {source}: the model cannot run on the validation data: {exc}"
         ) from exc
 
     steps.advance("making the edge variants")
     notes: list[str] = []
-    made = _make_variants(spec, ctx.work_dir, calibration, notes)
+    full_onnx = spec.full_onnx
+    if torch_model is not None:
+        from tandem.cloud.build import torch_source
+
+        full_onnx = torch_source.export_onnx(
+            torch_model, ctx.work_dir / "full.onnx", inputs, outputs, calibration
+        )
+        exported = _run(load_runner("onnx", full_onnx, input_names, output_names), validation)
+        _, misses = check_outputs(spec, full_out, exported, scores, None)
+        if misses:
+            raise ExportError(
+                "[full]: the FP32 ONNX export differs from the PyTorch model: " + "; ".join(misses)
+            )
+    assert full_onnx is not None
+    made = _make_variants(spec, ctx.work_dir, full_onnx, calibration, notes)
+    if torch_model is not None:
+        made += _make_torch_variants(
+            spec, ctx.work_dir, torch_model, input_names, output_names, calibration, notes
+        )
 
     steps.advance("checking every variant against the full model")
     passed: list[tuple[Any, ...]] = []
     variants_report: dict[str, dict[str, Any]] = {}
     for name, runtime, precision, entry, payload in made:
-        runner = load_runner(runtime, payload[entry], input_names, output_names)
+        runner = _variant_runner(runtime, payload[entry], input_names, output_names)
         out = _run(runner, validation)
-        metrics, misses = check_variant(spec, full_out[scores], out[scores], labels)
+        metrics, misses = check_outputs(spec, full_out, out, scores, labels)
         if misses:
             notes.append(f"{name}: not published, " + "; ".join(misses))
             continue
@@ -319,7 +489,7 @@ def build_spec(ctx: BuildContext, spec: ModelSpec) -> dict[str, Any]:
     steps.advance("writing the cloud repository")
     config = repository_config(spec.name, backend="onnxruntime", inputs=inputs, outputs=outputs)
     write_repository_model(
-        ctx.repository_dir, spec.name, ctx.version, {"model.onnx": spec.full_onnx}, config
+        ctx.repository_dir, spec.name, ctx.version, {"model.onnx": full_onnx}, config
     )
 
     steps.advance("signing and packaging edge variants")
@@ -362,6 +532,7 @@ def build_spec(ctx: BuildContext, spec: ModelSpec) -> dict[str, Any]:
         "version": ctx.version,
         "task": spec.task,
         "source": "spec",
+        "spec_source": spec.source,
         "metrics": {"validation_rows": int(next(iter(validation.values())).shape[0])},
         "variants": variants_report,
         "repository": {"backend": "onnxruntime", "files": ["model.onnx"]},
@@ -375,8 +546,8 @@ def spec_cache_key(spec: ModelSpec, *, version: int, keyid: str) -> str:
     for path in (spec.path, *spec.files()):
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     for name in (*pipeline.SHARED_MODULES, *USER_MODULES):
-        digest.update(pipeline._module_source(name))
-    facts = {"version": version, "keyid": keyid, "libraries": pipeline._library_versions()}
+        digest.update(pipeline.module_source(name))
+    facts = {"version": version, "keyid": keyid, "libraries": pipeline.library_versions()}
     digest.update(json.dumps(facts, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -395,10 +566,10 @@ def build_from_spec(
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with pipeline._zoo_lock(out_dir):
-        signer, used_key = pipeline._signer_for(out_dir, key_path)
+    with pipeline.zoo_lock(out_dir):
+        signer, used_key = pipeline.signer_for(out_dir, key_path)
         key = spec_cache_key(spec, version=version, keyid=signer.keyid)
-        entry = None if force else pipeline._cached_entry(out_dir, spec.name, version, key)
+        entry = None if force else pipeline.cached_entry(out_dir, spec.name, version, key)
         cached = entry is not None
         if entry is None:
             work = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".work-{spec.name}-"))
@@ -418,7 +589,7 @@ def build_from_spec(
                 shutil.rmtree(work, ignore_errors=True)
             entry["build_seconds"] = round(time.perf_counter() - began, 2)
             entry["cache_key"] = key
-            pipeline._write_record(out_dir, spec.name, version, key, entry)
+            pipeline.write_record(out_dir, spec.name, version, key, entry)
         elif progress is not None:
             progress(ProgressEvent(spec.name, "up to date (cached)", 1, 1, cached=True))
         report = load_report(out_dir)
@@ -436,4 +607,11 @@ def build_from_spec(
     return result
 
 
-__all__ = ["build_from_spec", "check_data", "check_variant", "onnx_signature"]
+__all__ = [
+    "build_from_spec",
+    "check_data",
+    "check_outputs",
+    "check_secondary",
+    "check_variant",
+    "onnx_signature",
+]
