@@ -20,13 +20,15 @@ from tests.support.processes import stop_process
 
 DEVICES = ("dev-1", "dev-2", "dev-3", "dev-4")
 USERS = {"admin": "admin-secret", **{d: f"{d}-secret" for d in DEVICES}}
-# What `tandem fleet broker-config` generates, in small: a device reads its desired state
-# and chunks, writes its presence, reports, telemetry and chunk requests, and nothing else.
+# What `tandem fleet broker-config` generates, in small: a device reads its desired state,
+# chunks and report acks, writes its presence, reports, telemetry and chunk requests, and
+# nothing else.
 ACL = """user admin
 topic readwrite #
 
 pattern read tandem/v1/devices/%u/desired
 pattern read tandem/v1/devices/%u/chunks
+pattern read tandem/v1/devices/%u/reports/ack
 pattern write tandem/v1/devices/%u/presence
 pattern write tandem/v1/devices/%u/reports
 pattern write tandem/v1/devices/%u/telemetry

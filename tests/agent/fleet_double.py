@@ -3,7 +3,9 @@
 It publishes retained DesiredState (signed with `fleet_signer` as the service signs it with
 its fleet key, or unsigned without one), answers ChunkRequests with ArtifactChunks from variant
 folders on disk (full stored files, or zstd deltas against the version the device says it
-has, the old uncompressed file as raw-content dictionary), and records what devices send.
+has, the old uncompressed file as raw-content dictionary), records what devices send, and
+acknowledges each report (a ReportAck on the device's `reports/ack`) as the service does once
+it has stored it.
 Knobs let a test interrupt a transfer (stop after N chunks) or corrupt data in flight.
 """
 
@@ -43,6 +45,7 @@ class FleetDouble:
     chunk_budget: int | None = None
     corrupt: bool = False  # flip a byte of every chunk's data, keep the headers
     deltas: bool = True
+    ack_reports: bool = True  # False: a fleet that never stores (acknowledges) a report
     variants: dict[tuple[str, int, str], Path] = field(default_factory=dict)
     reports: list[fleet_pb2.DeviceReport] = field(default_factory=list)
     presence: dict[str, fleet_pb2.Presence] = field(default_factory=dict)
@@ -116,6 +119,13 @@ class FleetDouble:
             if leaf == topics.REPORTS:
                 report = fleet_pb2.DeviceReport.FromString(payload)
                 self.reports.append(report)
+                if self.ack_reports and report.kind != Kind.PROGRESS and report.report_id:
+                    ack = fleet_pb2.ReportAck(device_id=device_id, report_ids=[report.report_id])
+                    self.client.publish(
+                        topics.device_topic(device_id, topics.REPORT_ACKS),
+                        ack.SerializeToString(),
+                        qos=1,
+                    )
             elif leaf == topics.PRESENCE:
                 self.presence[device_id] = fleet_pb2.Presence.FromString(payload)
             elif leaf == topics.CHUNK_REQUEST:
@@ -317,8 +327,9 @@ class FleetDouble:
 
     def recorded(self, device_id: str, version: int | None = None) -> list[str]:
         """`kinds` as the fleet service records them: once per `report_id`. Reports are
-        at-least-once, so the wire may carry one twice (re-sent after a restart or a
-        reconnect because its PUBACK had not been taken in); the service drops the copy."""
+        at-least-once, so the wire may carry one twice (re-sent after a restart, a
+        reconnect or an ack timeout, before the ack had been taken in); the service drops
+        the copy."""
         with self._lock:
             unique = {
                 r.report_id: Kind.Name(r.kind)

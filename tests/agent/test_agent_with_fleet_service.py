@@ -162,3 +162,15 @@ def test_rollouts_and_abort_between_agents_and_the_fleet_service(
         assert (store / "digits" / "2").exists() == (name in touched)
     rollout = svc.rollout(rid)
     assert rollout["status"] == "aborted", rollout
+    # The service acknowledged every report (its ReportAck, through the generated ACL): no
+    # agent still holds one in its outbox, so none is sent again.
+    wait_until(
+        lambda: all(not queued_reports(s) for s in stores.values()),
+        15,
+        message=f"outboxes drained: { {d: queued_reports(s) for d, s in stores.items()} }",
+    )
+
+
+def queued_reports(store: Path) -> list[str]:
+    doc = json.loads((store / ".agent" / "state.json").read_text())
+    return list(doc.get("outbox", []))

@@ -8,8 +8,9 @@ desired state, must end on the new version with its health confirmed: reported H
 one of the two runs, never left active without a health window (the restarted agent would
 then see it active, do nothing, and never report HEALTHY).
 
-The same stand-in for the broker can withhold its PUBACKs: a report the broker never
-acknowledged stays in the agent's outbox on disk and is sent again by the next run.
+The same stand-in for the broker and the fleet can withhold the fleet's acks: a report the
+fleet never acknowledged stays in the agent's outbox on disk and is sent again by the next
+run.
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ class _Sent:
 
 
 class _Broker:
-    """Stands in for the MQTT client: keeps the reports the agent publishes, and
-    acknowledges them (PUBACK) unless `acks` is False."""
+    """Stands in for the MQTT client and the fleet behind it: keeps the reports the agent
+    publishes, and acknowledges them (PUBACK, and the fleet's ReportAck, handed to the
+    agent at once) unless `acks` is False."""
 
-    def __init__(self, *, acks: bool = True) -> None:
+    def __init__(self, agent: Agent, *, acks: bool = True) -> None:
+        self.agent = agent
         self.acks = acks
         self.reports: list[tuple[str, int]] = []
         self.report_ids: list[str] = []
@@ -64,6 +67,9 @@ class _Broker:
             report = fleet_pb2.DeviceReport.FromString(payload)
             self.reports.append((Kind.Name(report.kind), report.version))
             self.report_ids.append(report.report_id)
+            if self.acks and report.kind != Kind.PROGRESS:
+                ack = fleet_pb2.ReportAck(device_id=report.device_id, report_ids=[report.report_id])
+                self.agent._handle_report_ack(ack.SerializeToString())
         return _Sent(mid=len(self.reports), acked=self.acks)
 
 
@@ -81,7 +87,7 @@ def _agent(store: Path, signer: Signer, *, acks: bool = True) -> tuple[Agent, _B
             health_probe_interval_s=0.05,
         )
     )
-    broker = _Broker(acks=acks)
+    broker = _Broker(agent, acks=acks)
     agent._client = broker  # type: ignore[assignment]
     agent._connected.set()
     agent.state.load()
@@ -198,7 +204,7 @@ def test_a_kill_at_any_write_of_a_rollback_still_ends_on_the_old_version(
         pointer = ModelStore(snapshot).read_active("digits")
         assert pointer is not None and pointer.version == 1, (index, pointer, broker.reports)
         # No second activation: an ACTIVATED here is the first run's, re-sent from its
-        # outbox (the PUBACK had not been taken in yet), with the first run's report id.
+        # outbox (the ack had not been taken in yet), with the first run's report id.
         activated = [
             i for i, r in zip(broker.report_ids, broker.reports, strict=True) if r[0] == "ACTIVATED"
         ]
@@ -208,7 +214,7 @@ def test_a_kill_at_any_write_of_a_rollback_still_ends_on_the_old_version(
 
 async def _connected_then_tick(agent: Agent) -> None:
     """The broker session comes up (the agent sends what its outbox holds), then one turn
-    of the timer (it takes in the PUBACKs)."""
+    of the timer."""
     await agent._handle_connected()
     await agent._tick()
 
@@ -222,10 +228,10 @@ def _queued(store: Path) -> list[str]:
     ]
 
 
-def test_a_report_the_broker_never_acknowledged_is_sent_again_after_a_restart(
+def test_a_report_the_fleet_never_acknowledged_is_sent_again_after_a_restart(
     tmp_path: Path,
 ) -> None:
-    """HEALTHY saved on disk, published, but no PUBACK before the kill: without an outbox
+    """HEALTHY saved on disk, published, but no ack before the kill: without an outbox
     the restarted agent finds v2 active and healthy and never says so again, and a rollout
     waits for it forever."""
     signer, v2, store = _v1_active_v2_installed(tmp_path)

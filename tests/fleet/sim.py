@@ -9,7 +9,9 @@ connections cost one thread. A device:
   entrypoint file through ChunkRequests (verifying the signature, the payload digest, the
   zstd delta against its previous file, and the manifest digest), then reports VERIFIED,
   ACTIVATED and HEALTHY (or FAILED for versions told to fail) and updates its presence;
-- publishes telemetry for its active version from a per-version profile.
+- publishes telemetry for its active version from a per-version profile;
+- given a `resend` policy, keeps each report until the fleet's ReportAck names it and sends
+  it again on the agent's own schedule (`tandem.agent.resend`), as the real agent does.
 
 Simulated devices run no model: they report HEALTHY as soon as the (optional) download
 checks out. That is what the rollout benchmark measures: the service and the broker.
@@ -36,6 +38,7 @@ import paho.mqtt.client as mqtt
 import zstandard
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from tandem.agent.resend import ResendPolicy, ResendSchedule
 from tandem.protos.fleet.v1 import fleet_pb2, topics
 from tandem.sdk.artifacts import TrustedKeys, parse_signatures, verify_manifest
 
@@ -85,6 +88,10 @@ class SimDevice:
     delta_bytes: int = 0
     full_bytes: int = 0
     chunks: int = 0
+    unacked: dict[str, bytes] = field(default_factory=dict)  # report id -> payload
+    resends: ResendSchedule | None = None
+    resent: int = 0  # reports sent again for want of an ack
+    acked: int = 0  # reports the fleet acknowledged
 
 
 class SimFleet:
@@ -104,6 +111,7 @@ class SimFleet:
         telemetry_interval_s: float = 0.0,
         install_delay_s: float = 0.0,
         silent: frozenset[str] = frozenset(),
+        resend: ResendPolicy | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.devices = {
@@ -117,6 +125,10 @@ class SimFleet:
         self.telemetry_interval_s = telemetry_interval_s
         self.install_delay_s = install_delay_s
         self.silent = silent  # devices that take desired states and never answer
+        self.resend = resend  # None: reports are fire-and-forget (the broker's PUBACK)
+        if resend is not None:
+            for dev in self.devices.values():
+                dev.resends = ResendSchedule(resend)
         self.errors: list[str] = []
         self.telemetry_sent = 0  # summaries published
         self.telemetry_log: list[tuple[float, str]] = []  # (time, summary id) published
@@ -265,6 +277,7 @@ class SimFleet:
             [
                 (topics.device_topic(dev.device_id, topics.DESIRED), opts),
                 (topics.device_topic(dev.device_id, topics.CHUNKS), opts),
+                (topics.device_topic(dev.device_id, topics.REPORT_ACKS), opts),
             ]
         )
         self._presence(dev)
@@ -276,6 +289,8 @@ class SimFleet:
                 self._on_desired(dev, msg.payload)
             elif msg.topic.endswith("/" + topics.CHUNKS):
                 self._on_chunk(dev, msg.payload)
+            elif msg.topic.endswith("/" + topics.REPORT_ACKS):
+                self._on_report_ack(dev, msg.payload)
         except Exception as exc:  # record and keep simulating
             log.exception("sim device %s", dev.device_id)
             self.errors.append(f"{dev.device_id}: {exc!r}")
@@ -294,9 +309,29 @@ class SimFleet:
             timestamp_ms=int(time.time() * 1000),
         )
         dev.reports.append((fleet_pb2.DeviceReport.Kind.Name(kind), version))
-        dev.client.publish(
-            topics.device_topic(dev.device_id, topics.REPORTS), r.SerializeToString(), qos=1
-        )
+        payload = r.SerializeToString()
+        dev.client.publish(topics.device_topic(dev.device_id, topics.REPORTS), payload, qos=1)
+        if dev.resends is not None:
+            dev.unacked[r.report_id] = payload
+            self._later(dev.resends.sent(r.report_id, time.monotonic()), lambda: self._resend(dev))
+
+    def _resend(self, dev: SimDevice) -> None:
+        assert dev.resends is not None
+        for report_id in dev.resends.due(list(dev.unacked), time.monotonic()):
+            dev.client.publish(
+                topics.device_topic(dev.device_id, topics.REPORTS), dev.unacked[report_id], qos=1
+            )
+            dev.resent += 1
+            wait = dev.resends.sent(report_id, time.monotonic())
+            self._later(wait, lambda: self._resend(dev))
+
+    def _on_report_ack(self, dev: SimDevice, payload: bytes) -> None:
+        ack = fleet_pb2.ReportAck.FromString(payload)
+        for report_id in ack.report_ids:
+            if dev.unacked.pop(report_id, None) is not None:
+                dev.acked += 1
+            if dev.resends is not None:
+                dev.resends.acknowledged(report_id)
 
     def _on_desired(self, dev: SimDevice, payload: bytes) -> None:
         state = fleet_pb2.DesiredState()

@@ -114,6 +114,10 @@ def test_generated_config_enforces_device_acl(tmp_path: Path) -> None:
         assert fleet.sub(topics.all_devices("#")) == GRANTED_QOS_1
         assert cam1.sub(topics.device_topic("cam-1", topics.DESIRED)) == GRANTED_QOS_1
         assert cam1.sub(topics.device_topic("cam-1", topics.CHUNKS)) == GRANTED_QOS_1
+        assert cam1.sub(topics.device_topic("cam-1", topics.REPORT_ACKS)) == GRANTED_QOS_1
+        assert cam1.sub(topics.device_topic("cam-2", topics.REPORT_ACKS)) == GRANTED_QOS_1
+        # Its own subtree at large: only the leaves it may read deliver (checked below).
+        assert cam1.sub(topics.device_topic("cam-1", "#")) == GRANTED_QOS_1
         # Mosquitto's ACL file never refuses a SUBSCRIBE: the SUBACK grants these two as well,
         # and the read ACL filters every delivery, so they never deliver anything of cam-2's
         # (checked below).
@@ -127,6 +131,8 @@ def test_generated_config_enforces_device_acl(tmp_path: Path) -> None:
         refused = [
             topics.device_topic("cam-1", topics.DESIRED),
             topics.device_topic("cam-1", topics.CHUNKS),
+            # A forged ack would make the device's own agent drop unstored reports.
+            topics.device_topic("cam-1", topics.REPORT_ACKS),
             topics.device_topic("cam-2", topics.REPORTS),
             topics.device_topic("cam-2", topics.DESIRED),
             topics.device_topic("cam-2", topics.PRESENCE),
@@ -149,6 +155,8 @@ def test_generated_config_enforces_device_acl(tmp_path: Path) -> None:
             timeout=5,
         )
         fleet.pub(topics.device_topic("cam-2", topics.REPORTS), b"cam-2 report")
+        fleet.pub(topics.device_topic("cam-2", topics.REPORT_ACKS), b"cam-2 ack")
+        fleet.pub(topics.device_topic("cam-1", topics.REPORT_ACKS), b"cam-1 ack")
         # The barrier: the fleet's next message, on a topic cam-1 may read, comes after those.
         fleet.pub(topics.device_topic("cam-1", topics.CHUNKS), b"barrier")
         wait_until(
@@ -156,8 +164,21 @@ def test_generated_config_enforces_device_acl(tmp_path: Path) -> None:
             timeout=5,
             message="barrier delivered",
         )
-        assert all(m[1] not in (b"not-for-cam-1", b"cam-2 report") for m in cam1.messages)
+        assert all(
+            m[1] not in (b"not-for-cam-1", b"cam-2 report", b"cam-2 ack") for m in cam1.messages
+        )
         assert all(m[0].startswith(topics.device_topic("cam-1", "")) for m in cam1.messages)
+        # The fleet's ack reached cam-1 (on its ack subscription and on cam-1/#), and
+        # nothing cam-1 published itself came back to it: it reads no leaf it writes.
+        acks = [
+            m for m in cam1.messages if m[0] == topics.device_topic("cam-1", topics.REPORT_ACKS)
+        ]
+        assert acks and all(m[1] == b"cam-1 ack" for m in acks), acks
+        readable = {
+            topics.device_topic("cam-1", leaf)
+            for leaf in (topics.DESIRED, topics.CHUNKS, topics.REPORT_ACKS)
+        }
+        assert {m[0] for m in cam1.messages} <= readable, cam1.messages
     finally:
         for c in clients:
             c.close()

@@ -13,7 +13,8 @@ concern, each a part of `Agent`:
     activation   warm-up against the reference -> switch active.json -> ACTIVATED -> health
                  window -> HEALTHY, or switch back -> ROLLED_BACK
     shipping     spooled telemetry -> the fleet (and the health windows)
-    outbox       at-least-once reports, kept in state.json until the broker's PUBACK
+    outbox       at-least-once reports, kept in state.json until the fleet's ReportAck
+                 and sent again on the growing waits of `resend`
 
 This module holds the lifecycle, the event loop and the timer that drive them. A refused or
 interrupted delivery never touches `active.json` or the installed versions.
@@ -37,6 +38,7 @@ from tandem.agent.core import ActiveDelivery, Watch
 from tandem.agent.detect import detect_hardware, detect_runtimes
 from tandem.agent.outbox import OutboxMixin
 from tandem.agent.reconcile import ReconcileMixin
+from tandem.agent.resend import ResendPolicy, ResendSchedule
 from tandem.agent.session import SessionMixin
 from tandem.agent.shipping import ShippingMixin
 from tandem.agent.state import AgentState
@@ -90,8 +92,9 @@ class Agent(
         self._refusals_reported: dict[str, int] = {}  # offer key -> desired revision
         self._desired_refusals_reported: set[str] = set()  # "<code>[:<payload sha256>]"
         self._unsigned_warned = False
-        # report id -> (publish in flight, monotonic time it was sent)
-        self._outbox_inflight: dict[str, tuple[mqtt.MQTTMessageInfo, float]] = {}
+        self._resends = ResendSchedule(
+            ResendPolicy(first_s=config.report_ack_timeout_s, max_s=config.report_resend_max_s)
+        )
         self.error: BaseException | None = None
 
     def start(self, timeout: float = 10.0) -> Agent:
@@ -189,6 +192,8 @@ class Agent(
                     await self._handle_desired(payload)
                 elif kind == "chunk":
                     await self._handle_chunk(payload)
+                elif kind == "report_ack":
+                    self._handle_report_ack(payload)
             except asyncio.CancelledError:
                 raise
             except Exception:  # one bad event must not end the agent
@@ -197,6 +202,7 @@ class Agent(
     async def _handle_connected(self) -> None:
         log.info("connected to %s:%d", self.config.broker.host, self.config.broker.port)
         self._publish_presence()
+        self._resends.all_due_now()  # sends on the old connection may have died with it
         self._send_outbox()
         delivery = self._delivery
         if delivery is not None:
@@ -232,8 +238,7 @@ class Agent(
             self._request_next(delivery, force=True)
         for model, watch in list(self._watches.items()):
             await self._check_health(model, watch)
-        if self._outbox_inflight or self.state.outbox:
-            self._collect_report_acks()
+        if self.state.outbox:
             self._send_outbox()
 
     def active_versions(self) -> dict[str, int]:

@@ -82,6 +82,10 @@ class AgentConfig:
     reconnect_min_s: float = 0.5  # seconds, first reconnect delay
     reconnect_max_s: float = 30.0  # seconds, cap of the exponential backoff
     publish_timeout_s: float = 10.0  # seconds to wait for a PUBACK
+    # Seconds to wait for the fleet's ReportAck before a report is sent again; the wait
+    # doubles with each send up to report_resend_max_s (resend.py).
+    report_ack_timeout_s: float = 10.0
+    report_resend_max_s: float = 300.0  # seconds, cap of the growing wait
 
     def __post_init__(self) -> None:
         if not topics.is_valid_device_id(self.device_id):
@@ -119,6 +123,8 @@ class AgentConfig:
             "reconnect_min_s": self.reconnect_min_s,
             "reconnect_max_s": self.reconnect_max_s,
             "publish_timeout_s": self.publish_timeout_s,
+            "report_ack_timeout_s": self.report_ack_timeout_s,
+            "report_resend_max_s": self.report_resend_max_s,
         }
         for name, value in positive.items():
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
@@ -138,6 +144,13 @@ class AgentConfig:
             raise ConfigError(
                 "reconnect_min_s",
                 f"{self.reconnect_min_s} exceeds reconnect_max_s {self.reconnect_max_s}",
+            )
+
+        if self.report_ack_timeout_s > self.report_resend_max_s:
+            raise ConfigError(
+                "report_ack_timeout_s",
+                f"{self.report_ack_timeout_s} exceeds report_resend_max_s "
+                f"{self.report_resend_max_s}",
             )
 
     @property

@@ -22,6 +22,7 @@ from tandem.agent.config import AgentConfig
 from tandem.agent.delivery import DeliveryState
 from tandem.agent.errors import RefusedError
 from tandem.agent.health import HealthWatch
+from tandem.agent.resend import ResendSchedule
 from tandem.agent.state import AgentState, PendingHealth
 from tandem.agent.transfer import Staging
 from tandem.agent.verify import DeviceFacts, Offer
@@ -84,8 +85,7 @@ class AgentCore:
     _refusals_reported: dict[str, int]  # offer key -> desired revision
     _desired_refusals_reported: set[str]
     _unsigned_warned: bool
-    # report id -> (publish in flight, monotonic time it was sent)
-    _outbox_inflight: dict[str, tuple[mqtt.MQTTMessageInfo, float]]
+    _resends: ResendSchedule  # when each queued report is due again
 
     # session
     def _publish(self, leaf: str, payload: bytes, *, retain: bool = False) -> mqtt.MQTTMessageInfo:
@@ -138,5 +138,5 @@ class AgentCore:
     def _send_outbox(self) -> None:
         raise NotImplementedError
 
-    def _collect_report_acks(self) -> None:
+    def _handle_report_ack(self, payload: bytes) -> None:
         raise NotImplementedError

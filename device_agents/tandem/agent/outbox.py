@@ -1,9 +1,12 @@
-"""The report outbox: reports other than PROGRESS are at-least-once.
+"""The report outbox: reports other than PROGRESS are at-least-once, end to end.
 
 Each enters the outbox in `state.json` in the same atomic write as the state change it
-describes, and leaves it only after the broker's PUBACK; the timer re-sends what is
-unacknowledged (after a reconnect or a restart) with its original `report_id`, which the
-fleet service deduplicates on.
+describes, and leaves it only when the fleet service acknowledges it: a `ReportAck` on the
+device's `reports/ack` topic naming its `report_id`, which the service publishes once the
+report is stored. The broker's PUBACK is not that: a fleet replica killed with reports
+queued in its MQTT session never stores them. Until the ack, the timer sends the report
+again (same bytes, same `report_id`, which the service applies once) on the growing,
+capped waits of `resend.ResendPolicy`, at once after a reconnect and after a restart.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+
+from google.protobuf.message import DecodeError
 
 from tandem.agent.core import AgentCore, Ref
 from tandem.agent.verify import Offer
@@ -59,31 +64,42 @@ class OutboxMixin(AgentCore):
             self._send_outbox()
 
     def _send_outbox(self) -> None:
-        """Publishes the queued reports not in flight (or in flight for too long)."""
+        """Publishes the queued reports that are due: never sent on this connection, or
+        not acknowledged by the fleet within their wait."""
         if self._client is None or not self._connected.is_set():
-            return  # paho would queue them; the reconnect sends them instead
-        now = time.monotonic()
+            return  # the reconnect sends them
+        queued = [report.report_id for report in self.state.outbox]
+        self._resends.keep_only(queued)
+        due = set(self._resends.due(queued, time.monotonic()))
         for report in list(self.state.outbox):
-            inflight = self._outbox_inflight.get(report.report_id)
-            if inflight is not None and now - inflight[1] < self.config.publish_timeout_s:
+            if report.report_id not in due:
                 continue
-            info = self._publish(topics.REPORTS, report.SerializeToString())
-            self._outbox_inflight[report.report_id] = (info, now)
+            sends = self._resends.sends(report.report_id)
+            if sends:
+                log.info(
+                    "report %s (%s v%d) not acknowledged by the fleet: sending it again (%d)",
+                    report.report_id,
+                    Kind.Name(report.kind),
+                    report.version,
+                    sends + 1,
+                )
+            # Scheduled first: the ack may come back before the publish call returns.
+            self._resends.sent(report.report_id, time.monotonic())
+            self._publish(topics.REPORTS, report.SerializeToString())
 
-    def _collect_report_acks(self) -> None:
-        """Drops the acknowledged reports from the outbox (one write for all of them)."""
+    def _handle_report_ack(self, payload: bytes) -> None:
+        """Drops the reports the fleet says it stored from the outbox (one write)."""
+        try:
+            ack = fleet_pb2.ReportAck.FromString(payload)
+        except DecodeError as exc:
+            log.warning("unreadable report ack dropped: %s", exc)
+            return
+        if ack.device_id != self.config.device_id:
+            log.warning("report ack for device %r dropped", ack.device_id)
+            return
         acked = False
-        for report_id, (info, _) in list(self._outbox_inflight.items()):
-            try:
-                if not info.is_published():
-                    continue
-            except (ValueError, RuntimeError):  # paho never queued it: send it again
-                del self._outbox_inflight[report_id]
-                continue
-            del self._outbox_inflight[report_id]
-            if info.mid in self._failed_mids:
-                self._failed_mids.discard(info.mid)
-                continue  # refused by the broker: stays queued and is sent again
+        for report_id in ack.report_ids:
+            self._resends.acknowledged(report_id)
             acked = self.state.report_acknowledged(report_id) or acked
         if acked:
             self.state.save()

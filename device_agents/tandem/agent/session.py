@@ -1,5 +1,5 @@
 """The agent's MQTT session: paho's callbacks feed the asyncio loop; publishes, PUBACKs
-and presence.
+and presence. It subscribes to the device's `desired`, `chunks` and `reports/ack` topics.
 
 paho's network thread (loop_start) only posts events into the agent's queue; everything
 else runs on the agent's loop.
@@ -38,8 +38,6 @@ class SessionMixin(AgentCore):
                 self.config.topic(topics.PRESENCE), self._presence(online=False), qos=1, retain=True
             )
             await self._await_puback(info, timeout=2.0)
-            # PUBACKs come in order: what was sent before the presence is acknowledged now.
-            self._collect_report_acks()
         client.disconnect()
         client.loop_stop()
 
@@ -83,6 +81,7 @@ class SessionMixin(AgentCore):
             [
                 (self.config.topic(topics.DESIRED), SubscribeOptions(qos=topics.QOS)),
                 (self.config.topic(topics.CHUNKS), SubscribeOptions(qos=topics.QOS)),
+                (self.config.topic(topics.REPORT_ACKS), SubscribeOptions(qos=topics.QOS)),
             ]
         )
         self._post("connected")
@@ -98,6 +97,8 @@ class SessionMixin(AgentCore):
             self._post("desired", bytes(message.payload))
         elif message.topic == self.config.topic(topics.CHUNKS):
             self._post("chunk", bytes(message.payload))
+        elif message.topic == self.config.topic(topics.REPORT_ACKS):
+            self._post("report_ack", bytes(message.payload))
         else:
             log.warning("message on unexpected topic %s dropped", message.topic)
 
@@ -108,7 +109,12 @@ class SessionMixin(AgentCore):
 
     def _publish(self, leaf: str, payload: bytes, *, retain: bool = False) -> mqtt.MQTTMessageInfo:
         assert self._client is not None
-        return self._client.publish(self.config.topic(leaf), payload, qos=topics.QOS, retain=retain)
+        info = self._client.publish(self.config.topic(leaf), payload, qos=topics.QOS, retain=retain)
+        # paho reuses message ids: a refusal recorded for an older message with this id
+        # (a report, which nobody waits on: it is sent again until the fleet's ack) is not
+        # this one's.
+        self._failed_mids.discard(info.mid)
+        return info
 
     async def _await_puback(self, info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

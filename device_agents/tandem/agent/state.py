@@ -11,10 +11,11 @@
 `desired` is the newest signed desired state the agent obeyed (tandem.agent.desired): kept
 across restarts so that a replayed older state stays refused.
 
-`outbox` holds the reports (every kind but PROGRESS) that the broker has not acknowledged
-yet. A report enters it in the same atomic write as the state change it describes, and
-leaves it after its PUBACK, so a kill at any point re-sends it after the restart (with the
-same `report_id`, which the fleet service deduplicates on) instead of losing it.
+`outbox` holds the reports (every kind but PROGRESS) that the fleet service has not
+acknowledged yet (its `ReportAck`, see outbox.py). A report enters it in the same atomic
+write as the state change it describes, and leaves it after that ack, so a kill at any
+point re-sends it after the restart (with the same `report_id`, which the fleet service
+deduplicates on) instead of losing it.
 
 `max_accepted_version` is also kept in the SDK's `active.json`; the agent trusts the larger
 of the two, so deleting one file cannot reopen a rollback.
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 MAX_REMEMBERED_REFUSALS = 256  # manifests; oldest forgotten first
-MAX_OUTBOX_REPORTS = 256  # reports awaiting a PUBACK; oldest dropped first
+MAX_OUTBOX_REPORTS = 256  # reports awaiting the fleet's ack; oldest dropped first
 
 
 @dataclass

@@ -4,9 +4,11 @@ The ACL is the broker-side half of the protocol's trust model:
 
 - the fleet service's user reads and writes the whole device tree (it alone writes
   ``desired`` and ``chunks``);
-- a device (user name = device id) reads its own subtree and writes only its own
-  ``presence``, ``reports``, ``telemetry`` and ``chunks/request``: it can neither publish into
-  another device's topics nor write desired state or chunks, not even its own.
+- a device (user name = device id) reads only its own ``desired``, ``chunks`` and
+  ``reports/ack`` (the fleet's acknowledgement of its reports) and writes only its own
+  ``presence``, ``reports``, ``telemetry`` and ``chunks/request``: it can neither read or
+  publish into another device's topics nor write desired state, chunks or report acks, not
+  even its own (a forged ack would make its own agent drop reports the fleet never stored).
 
 Passwords are stored in Mosquitto's PBKDF2-SHA512 format (``$7$``), written here directly so
 that a thousand identities take milliseconds rather than a thousand `mosquitto_passwd` runs.
@@ -30,6 +32,7 @@ from tandem.sdk.atomic import write_atomic
 FLEET_USER = "tandem-fleet"
 PBKDF2_ITERATIONS = 101  # Mosquitto 2.0's default for `mosquitto_passwd`
 DEVICE_WRITE_LEAVES = (topics.PRESENCE, topics.REPORTS, topics.TELEMETRY, topics.CHUNK_REQUEST)
+DEVICE_READ_LEAVES = (topics.DESIRED, topics.CHUNKS, topics.REPORT_ACKS)
 
 
 def mosquitto_hash(
@@ -47,8 +50,8 @@ def acl_text(fleet_user: str = FLEET_USER) -> str:
         f"topic readwrite {topics.PREFIX}/#",
         "",
         "# Every other user is a device whose user name is its device id (%u).",
-        f"pattern read {topics.PREFIX}/%u/#",
     ]
+    lines += [f"pattern read {topics.PREFIX}/%u/{leaf}" for leaf in DEVICE_READ_LEAVES]
     lines += [f"pattern write {topics.PREFIX}/%u/{leaf}" for leaf in DEVICE_WRITE_LEAVES]
     return "\n".join(lines) + "\n"
 

@@ -119,6 +119,13 @@ def serve(
     leader_lease: Annotated[
         float | None, typer.Option(help="Seconds a silent engine leader keeps the lead.")
     ] = None,
+    session_expiry: Annotated[
+        int,
+        typer.Option(
+            help="Seconds the broker keeps this replica's MQTT session (and queues its share "
+            "of devices' messages) after it drops out."
+        ),
+    ] = 60,
 ) -> None:
     """Run the fleet service until SIGTERM or Ctrl-C."""
     # This command is the composition root of a fleet-service process, which serves the
@@ -145,7 +152,13 @@ def serve(
             replica_id=replica_id,
             leader_lease_s=leader_lease,
         )
-        settings = BrokerSettings(broker, username, password, client_id or f"{username}-0")
+        settings = BrokerSettings(
+            broker,
+            username,
+            password,
+            client_id or f"{username}-0",
+            session_expiry_s=session_expiry,
+        )
         node = FleetNode(
             config,
             settings,

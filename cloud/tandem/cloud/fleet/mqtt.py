@@ -15,8 +15,19 @@ request for the same transfer cancels the older stream.
 
 Publishes: the retained DesiredState of a device, signed with the fleet key (fleet_key.py),
 whenever it changes, when the device comes online and when the session (re)connects (a
-broker without persistence loses retained messages on restart); and the ArtifactChunks
-answering a ChunkRequest.
+broker without persistence loses retained messages on restart); the ArtifactChunks
+answering a ChunkRequest; and a ReportAck on the device's `reports/ack` once its reports
+are stored, which is what lets the agent drop them from its outbox (it sends the others
+again: the broker's PUBACK to the device says nothing about a replica storing them).
+
+The session expiry is short (`session_expiry_s`, 60 s): a replica that crashed keeps its
+share of the shared subscriptions queued at the broker only that long. A long expiry kept
+a dead replica's reports there for an hour, and a rollout waiting for them stalled until
+the replica came back; once the session expires the broker gives the group's messages to
+the replicas still connected, and the devices' resends of unacknowledged reports reach
+them. What a short expiry costs is the telemetry that was queued for the dead replica (the
+agent deletes a batch on the broker's PUBACK: telemetry is not acknowledged end to end)
+and chunk requests, which a device repeats when its stream stalls.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,7 +73,10 @@ class BrokerSettings:
     client_id: str = ""  # stable per replica so its session (queued QoS 1) survives restarts
     share_group: str = topics.SHARE_GROUP
     keepalive_s: int = 30  # seconds
-    session_expiry_s: int = 3600  # seconds the broker keeps our session while we are away
+    # Seconds the broker keeps our session (and queues our share of the shared
+    # subscriptions) while we are away: long enough for a quick restart, short enough that
+    # a dead replica does not hold devices' messages (module docstring).
+    session_expiry_s: int = 60
     chunk_workers: int = 4  # threads streaming chunks
     chunk_window: int = 32  # chunks in flight (unacknowledged) per transfer
     leave_grace_s: float = 0.3  # seconds of silence a stopping replica waits for (x10 at most)
@@ -79,6 +93,10 @@ class BrokerSettings:
             object.__setattr__(self, "client_id", f"tandem-fleet-{uuid.uuid4().hex[:8]}")
         if self.chunk_workers < 1:
             raise ConfigError("chunk_workers", "must be >= 1")
+        if not 0 <= self.session_expiry_s <= 2**32 - 1:
+            raise ConfigError(
+                "session_expiry_s", f"must be 0..4294967295, got {self.session_expiry_s}"
+            )
         if self.chunk_window < 1:
             raise ConfigError("chunk_window", "must be >= 1")
 
@@ -98,6 +116,7 @@ class MqttLink:
             "dropped": 0,
             "chunks_sent": 0,
             "desired_published": 0,
+            "report_acks": 0,
         }
         self._known: set[str] = {d.device_id for d in service.store.devices()}
         # Every queued message carries its (mid, qos): the broker gets our PUBACK only once
@@ -315,7 +334,8 @@ class MqttLink:
                     self.publish_desired(sorted(online))
             elif kind == "report":
                 self.stats["reports"] += len(items)
-                self.service.handle_reports(items)
+                # Stored (the transaction has committed): tell each device.
+                self.publish_report_acks(self.service.handle_reports(items))
         except FleetError as exc:
             log.error("handling %d %s messages failed: %s", len(items), kind, exc)
         except Exception:  # one bad batch must not stop the loop
@@ -468,3 +488,22 @@ class MqttLink:
                     retain=True,
                 )
                 self.stats["desired_published"] += 1
+
+    def publish_report_acks(self, stored: Mapping[str, Sequence[str]]) -> None:
+        """One ReportAck per device, naming its reports that are stored. Not retained: an
+        ack lost on the way (the device offline) only costs the device a resend, which is
+        acknowledged again."""
+        for device_id, report_ids in stored.items():
+            if not report_ids:
+                continue
+            ack = fleet_pb2.ReportAck(device_id=device_id, report_ids=list(report_ids))
+            try:
+                self.client.publish(
+                    topics.device_topic(device_id, topics.REPORT_ACKS),
+                    ack.SerializeToString(),
+                    qos=topics.QOS,
+                )
+            except (RuntimeError, ValueError) as exc:  # paho: queue problems
+                log.warning("report ack to %s not sent: %s", device_id, exc)
+                continue
+            self.stats["report_acks"] += 1

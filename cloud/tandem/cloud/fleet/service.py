@@ -399,17 +399,26 @@ class FleetService:
         results = self.store.upsert_presences(parsed, self.clock())
         return {p.device_id for p, r in zip(parsed, results, strict=True) if r.came_online}
 
-    def handle_report(self, topic_device: str, payload: bytes) -> None:
-        self.handle_reports([(topic_device, payload)])
+    def handle_report(self, topic_device: str, payload: bytes) -> list[str]:
+        return self.handle_reports([(topic_device, payload)]).get(topic_device, [])
 
-    def handle_reports(self, items: Sequence[tuple[str, bytes]]) -> None:
+    def handle_reports(self, items: Sequence[tuple[str, bytes]]) -> dict[str, list[str]]:
         """Device reports as (topic device, payload), in one transaction; devices that a
-        failure moved back get their desired state published."""
+        failure moved back get their desired state published.
+
+        Returns, per device, the ids of the reports now stored (applied now, or before: a
+        copy) or dropped for good (an unknown kind), which the MQTT link acknowledges to the
+        device (`ReportAck`); the device sends the others again. PROGRESS reports are not
+        listed (the agent does not queue them), nor those from unknown devices (their copy
+        sent after the device registers must count)."""
         parsed: list[ReportIn] = []
+        stored: dict[str, list[str]] = {}
         for topic_device, report in _from_their_devices(items, fleet_pb2.DeviceReport, "report"):
             kind = REPORT_KINDS.get(report.kind)
             if kind is None:
                 log.warning("dropped report of unknown kind %d from %s", report.kind, topic_device)
+                if report.report_id:
+                    stored.setdefault(topic_device, []).append(report.report_id)
                 continue
             parsed.append(
                 ReportIn(
@@ -424,7 +433,7 @@ class FleetService:
                 )
             )
         if not parsed:
-            return
+            return stored
         outcomes = self.store.apply_reports(parsed, self.clock())
         changed = []
         for r, outcome in zip(parsed, outcomes, strict=True):
@@ -432,9 +441,13 @@ class FleetService:
                 log.debug("report %s from %s applied before: dropped", r.report_id, r.device_id)
             elif not outcome.known:
                 log.warning("dropped report from unknown device %r", r.device_id)
+                continue
             elif outcome.desired_changed:
                 changed.append(r.device_id)
+            if r.report_id and r.kind is not eng.ReportKind.PROGRESS:
+                stored.setdefault(r.device_id, []).append(r.report_id)
         self._publish(changed)
+        return stored
 
     def handle_telemetry(
         self, topic_device: str, summaries: Sequence[fleet_pb2.TelemetrySummary]

@@ -165,6 +165,14 @@ class DeviceReport(_message.Message):
     timestamp_ms: int
     def __init__(self, report_id: _Optional[str] = ..., device_id: _Optional[str] = ..., kind: _Optional[_Union[DeviceReport.Kind, str]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., variant: _Optional[str] = ..., rollout_id: _Optional[str] = ..., reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_total: _Optional[int] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
 
+class ReportAck(_message.Message):
+    __slots__ = ("device_id", "report_ids")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORT_IDS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    report_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device_id: _Optional[str] = ..., report_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class LogHistogram(_message.Message):
     __slots__ = ("min_value", "growth", "counts", "underflow", "count", "sum", "max")
     MIN_VALUE_FIELD_NUMBER: _ClassVar[int]

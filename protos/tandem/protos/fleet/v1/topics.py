@@ -8,6 +8,7 @@ topic              direction  retained   payload
 presence           device ->  yes        Presence; the last will publishes online=false
 desired            -> device  yes        DesiredState; written only by the fleet service
 reports            device ->  no         DeviceReport (install progress, activation, health)
+reports/ack        -> device  no         ReportAck: these report ids are stored by the fleet
 telemetry          device ->  no         zstd(TelemetryBatch)
 chunks/request     device ->  no         ChunkRequest: send (the rest of) a file from offset
 chunks             -> device  no         ArtifactChunk
@@ -15,7 +16,9 @@ chunks             -> device  no         ArtifactChunk
 
 All publishes use MQTT 5 and QoS 1. Fleet-service replicas share the device->service load
 through the shared subscriptions below. The broker's ACL (``tandem fleet broker-config``)
-lets a device read and write only its own subtree and never write ``desired`` or ``chunks``.
+lets a device read only its own ``desired``, ``chunks`` and ``reports/ack``, write only its own
+``presence``, ``reports``, ``telemetry`` and ``chunks/request``, and never write ``desired``,
+``chunks`` or ``reports/ack``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 PRESENCE = "presence"
 DESIRED = "desired"
 REPORTS = "reports"
+REPORT_ACKS = "reports/ack"
 TELEMETRY = "telemetry"
 CHUNK_REQUEST = "chunks/request"
 CHUNKS = "chunks"
