@@ -234,6 +234,9 @@ def test_killed_leader_hands_the_rollout_over_without_repeating_or_skipping_a_st
         settled = [e["stage_index"] for e in events if e["kind"] == "stage_settled"]
         assert advanced == [1, 2] and settled == [0, 1, 2]
         assert [e["kind"] for e in events].count("completed") == 1
+        # Resent copies counted once: one HEALTHY event per device, not one per copy.
+        healthy = sorted(str(e["device_id"]) for e in events if e["kind"] == "report:healthy")
+        assert healthy == devices, healthy
         for dev in sim.devices.values():
             assert dev.received.count(("digits", 2)) == 1, dev.received
         assert "took over the rollout engine from a" in (tmp_path / "fleet-b.log").read_text()
