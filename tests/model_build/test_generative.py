@@ -1,0 +1,238 @@
+"""The generative device build and the SDK's local generator, on a tiny random Llama.
+
+The real SmolLM2 build takes minutes (bench/bench_generation_device.py); here a 2-layer
+LlamaForCausalLM built from a config exercises the same code: KV-cache export, INT8
+quantization, the agreement gate, signing and packing, and LocalGenerator's greedy decode and
+draft/accept rollback against transformers' own greedy output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("onnxruntime")
+
+from tandem.cloud.build.context import BuildContext  # noqa: E402
+from tandem.cloud.build.errors import QualityGateError  # noqa: E402
+from tandem.cloud.build.generative import Source, build_generative  # noqa: E402
+from tandem.cloud.build.signing import Signer, generate_keypair  # noqa: E402
+from tandem.errors import InputError, SignatureError, TandemError  # noqa: E402
+from tandem.sdk.artifacts import TrustedKeys, load_public_key_raw  # noqa: E402
+from tandem.sdk.generation import LocalGenerator  # noqa: E402
+
+VOCAB = 64
+EOS = 1
+PROMPTS = ("w5 w9 w3", "w10 w11", "w40 w2 w7 w7", "w33")
+
+
+def tiny_model() -> Any:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        initializer_range=0.3,  # peaked logits: greedy picks that random init leaves clear
+        rope_theta=10000.0,
+        bos_token_id=None,
+        eos_token_id=EOS,
+        pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<eos>": EOS, **{f"w{i}": i for i in range(2, VOCAB)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return str(tokenizer.to_str())
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def source(model: Any) -> Source:
+    return Source(
+        name="tiny random Llama",
+        digest="tiny-0",
+        load_model=lambda: model,
+        tokenizer_json=tiny_tokenizer_json(),
+        bos_token_id=None,
+        eos_token_ids=(EOS,),
+        max_context=128,
+    )
+
+
+def _context(root: Path, **options: Any) -> BuildContext:
+    key, _pub = (
+        generate_keypair(root / "keys")
+        if not (root / "keys").exists()
+        else (
+            root / "keys" / "signing.key",
+            None,
+        )
+    )
+    work = root / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    return BuildContext(
+        out_dir=root,
+        model="tiny",
+        signer=Signer.from_file(key),
+        work_dir=work,
+        cache_dir=root / ".cache" / "tiny",
+        options={"steps": 8, "timed_prompts": 1, "min_agreement": 0.5, **options},
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, source: Source) -> tuple[Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("genzoo")
+    entry = build_generative(_context(root), source, PROMPTS)
+    return root, entry
+
+
+def _trusted(root: Path) -> TrustedKeys:
+    return TrustedKeys([load_public_key_raw(root / "keys" / "signing.pub")])
+
+
+def _hf_greedy(model: Any, ids: list[int], steps: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=steps,
+            do_sample=False,
+        )
+    return [int(t) for t in out[0, len(ids) :]]  # may stop early, at EOS
+
+
+def _fp32_generator(root: Path, variant: Path) -> LocalGenerator:
+    """The generator over the build's FP32 graph: must match transformers exactly."""
+    (stage,) = (root / ".cache" / "tiny").glob("export-*")
+    config = json.loads((variant / "generation.json").read_text())
+    return LocalGenerator(stage / "model.onnx", variant / "tokenizer.json", config)
+
+
+def test_build_packs_a_signed_variant_with_its_figures(built: tuple[Path, dict[str, Any]]) -> None:
+    root, entry = built
+    metrics = entry["metrics"]
+    assert entry["task"] == "generation"
+    assert metrics["fp32_greedy_agreement"] == 1.0  # the export is exact
+    assert 0.5 <= metrics["greedy_agreement"] <= 1.0
+    assert metrics["tokens_per_second"] > 0 and metrics["fp32_tokens_per_second"] > 0
+    assert metrics["agreement_tokens"] == 8 * len(PROMPTS)
+    row = entry["variants"]["onnx-int8"]
+    assert row["size_bytes"] < metrics["fp32_size_bytes"]
+    assert {"model.onnx", "tokenizer.json", "generation.json"} <= set(row["files"])
+
+    variant = root / "artifacts" / "tiny" / "1" / "onnx-int8"
+    generator = LocalGenerator.from_variant(variant, _trusted(root))
+    # The packed reference: the INT8 variant's own greedy tokens, as the device must get them.
+    reference = np.load(variant / "reference.npz")
+    generator.start([int(t) for t in reference["input.input_ids"][0]])
+    assert [generator.step()[0] for _ in range(16)] == list(reference["output.tokens"][0])
+
+    # A key the build did not sign with is refused.
+    other = root / "other"
+    generate_keypair(other)
+    with pytest.raises(SignatureError):
+        LocalGenerator.from_variant(
+            variant, TrustedKeys([load_public_key_raw(other / "signing.pub")])
+        )
+
+
+def test_local_greedy_matches_transformers(built: tuple[Path, dict[str, Any]], model: Any) -> None:
+    root, _entry = built
+    generator = _fp32_generator(root, root / "artifacts" / "tiny" / "1" / "onnx-int8")
+    for text in PROMPTS:
+        ids = generator.encode(text)
+        expected = _hf_greedy(model, ids, 12)
+        streamed = []
+        generator.start(ids)
+        for _ in range(len(expected)):
+            token, confidence = generator.step()
+            assert 0.0 < confidence <= 1.0
+            streamed.append(token)
+        assert streamed == expected, text
+
+
+def test_draft_and_accept_roll_the_cache_back(built: tuple[Path, dict[str, Any]]) -> None:
+    root, _entry = built
+    variant = root / "artifacts" / "tiny" / "1" / "onnx-int8"
+    generator = _fp32_generator(root, variant)
+    prompt = generator.encode("w40 w2 w7 w7")
+    generator.start(prompt)
+    plain = [generator.step()[0] for _ in range(10)]
+
+    # All accepted: the same as plain greedy.
+    generator.start(prompt)
+    assert generator.draft(4) == plain[:4]
+    generator.accept(4)
+    assert generator.draft(3) == plain[4:7]
+    generator.accept(3)
+    assert generator.tokens == [*prompt, *plain[:7]]
+    assert len(generator.confidences) == 7
+
+    # Two accepted, then a correction: the state equals a fresh start from that prefix.
+    correction = (plain[2] + 1) % VOCAB
+    generator.start(prompt)
+    generator.draft(5)
+    generator.accept(2, correction)
+    assert generator.tokens == [*prompt, *plain[:2], correction]
+    after = generator.draft(4)
+    fresh = _fp32_generator(root, variant)
+    fresh.start([*prompt, *plain[:2], correction])
+    assert after == [fresh.step()[0] for _ in range(4)]
+
+    # Nothing accepted, no correction: back to the prompt, greedy again.
+    generator.start(prompt)
+    generator.draft(3)
+    generator.accept(0)
+    assert generator.tokens == prompt
+    assert generator.step()[0] == plain[0]
+
+    generator.draft(2)
+    with pytest.raises(InputError):
+        generator.accept(3)  # more than drafted; the draft stays pending
+    generator.accept(0)
+    with pytest.raises(TandemError):
+        generator.accept(0)  # no draft pending
+
+
+def test_streaming_text_stops_at_eos(built: tuple[Path, dict[str, Any]]) -> None:
+    root, _entry = built
+    generator = LocalGenerator.from_variant(root / "artifacts" / "tiny" / "1" / "onnx-int8")
+    pieces = list(generator.generate("w5 w9 w3", 6))
+    assert 0 < len(pieces) <= 6
+    assert all(p.id != EOS for p in pieces)
+    joined = "".join(p.text for p in pieces).strip()
+    assert joined == generator.decode([p.id for p in pieces])
+
+
+def test_agreement_below_tolerance_is_refused_and_export_is_cached(
+    built: tuple[Path, dict[str, Any]], source: Source
+) -> None:
+    root, entry = built
+    (stage,) = (root / ".cache" / "tiny").glob("export-*")
+    before = (stage / "model.int8.onnx").stat().st_mtime_ns
+    with pytest.raises(QualityGateError, match=r"below the tolerance 101\.00% by"):
+        build_generative(_context(root, min_agreement=1.01), source, PROMPTS)
+    # The refused build reused the cached export (same weights digest, same code).
+    assert (stage / "model.int8.onnx").stat().st_mtime_ns == before
+    assert entry["metrics"]["greedy_agreement"] < 1.01
