@@ -31,9 +31,11 @@ def images(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return (big[:, None] * colours).astype(np.float32), digits.target.astype(np.int64)
 
 
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int = 0) -> None:
+def train(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int = 0, lr: float = 3e-3
+) -> None:
     torch.manual_seed(seed)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
     model.train()
     for _ in range(epochs):

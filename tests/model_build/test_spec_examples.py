@@ -99,3 +99,13 @@ def test_cnn_example_builds_every_runtime_and_answers_locally() -> None:
     for runtime, embedding in answers.items():
         cosine = np.sum(full * embedding, 1) / np.linalg.norm(full, axis=1)
         assert np.all(cosine / np.linalg.norm(embedding, axis=1) > 0.98), runtime
+
+
+def test_the_guides_cnn_spec_is_the_examples() -> None:
+    import re
+    import tomllib
+
+    guide = (EXAMPLE.parents[1] / "docs" / "own-model.md").read_text()
+    blocks = [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", guide, re.S)]
+    example = tomllib.loads((CNN / "model.toml").read_text())
+    assert example in blocks

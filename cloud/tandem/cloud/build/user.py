@@ -12,7 +12,9 @@ with one report line.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -27,12 +29,13 @@ import numpy as np
 
 from tandem.cloud.build import pipeline
 from tandem.cloud.build.calibration import fit_temperature
+from tandem.cloud.build.checks import check_outputs, check_secondary, check_variant, export_misses
 from tandem.cloud.build.context import BuildContext, ProgressCallback, ProgressEvent
 from tandem.cloud.build.errors import ExportError, ModelLoadError, SpecDataError, SpecError
 from tandem.cloud.build.packaging import repository_config, write_repository_model, write_variant
 from tandem.cloud.build.report import load_report, write_report
 from tandem.cloud.build.runners import load_runner
-from tandem.cloud.build.spec import DEFAULT_OUTPUT_CHECKS, ModelSpec, load_spec
+from tandem.cloud.build.spec import ModelSpec, load_spec
 from tandem.sdk.artifacts import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,7 @@ Array = np.ndarray[Any, Any]
 _ONNX_TYPES = {1: "FP32", 10: "FP16", 7: "INT64", 6: "INT32", 2: "UINT8", 9: "BOOL", 11: "FP64"}
 REFERENCE_ROWS = 8
 _NEEDS = {"tflite": "LiteRT needs a PyTorch source", "torch": "torch needs a PyTorch source"}
-USER_MODULES = ("spec", "user", "calibration", "torch_source")
+USER_MODULES = ("spec", "user", "calibration", "checks", "torch_source")
 Variant = tuple[str, str, str, str, dict[str, Path]]  # name, runtime, precision, entry, payload
 
 
@@ -171,7 +174,8 @@ def _openvino_int8(source: Path, out_dir: Path, calibration: Mapping[str, Array]
     try:
         model = ov.Core().read_model(str(source))
         items = [{k: v[i : i + 1] for k, v in calibration.items()} for i in range(rows)]
-        quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=rows)
+        with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bar
+            quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=rows)
         ov.save_model(quantized, str(xml), compress_to_fp16=False)
     except Exception as exc:
         raise ExportError(f"OpenVINO/NNCF INT8 quantization failed: {exc}") from exc
@@ -265,109 +269,6 @@ def _variant_runner(
     return load_runner(runtime, path, input_names, output_names)
 
 
-# --- checks and calibration ------------------------------------------------------------------
-
-
-def _tolerance(spec: ModelSpec, key: str, scale: float, share: float) -> float:
-    return float(spec.checks.get(key, share * scale))
-
-
-def check_variant(
-    spec: ModelSpec, full: Array, variant: Array, labels: Array | None
-) -> tuple[dict[str, float], list[str]]:
-    """The variant's quality numbers on the primary output, and each tolerance it misses."""
-    metrics: dict[str, float] = {}
-    misses: list[str] = []
-    full = full.astype(np.float64).reshape(full.shape[0], -1)
-    variant = variant.astype(np.float64).reshape(variant.shape[0], -1)
-    if spec.task == "classification":
-        agreement = float(np.mean(full.argmax(1) == variant.argmax(1)))
-        metrics["top1_agreement"] = agreement
-        limit = spec.checks["min_top1_agreement"]
-        if agreement < limit:
-            misses.append(
-                f"top1_agreement {agreement:.4f} < {limit} (short by {limit - agreement:.4f})"
-            )
-        if labels is not None:
-            full_acc = float(np.mean(full.argmax(1) == labels))
-            acc = float(np.mean(variant.argmax(1) == labels))
-            metrics["accuracy"], metrics["full_accuracy"] = acc, full_acc
-            drop, limit = full_acc - acc, spec.checks["max_accuracy_drop"]
-            if drop > limit:
-                misses.append(f"accuracy drop {drop:.4f} > {limit} (over by {drop - limit:.4f})")
-    elif spec.task == "embedding":
-        norms = np.linalg.norm(full, axis=1) * np.linalg.norm(variant, axis=1)
-        cosine = float(np.mean(np.sum(full * variant, axis=1) / np.maximum(norms, 1e-12)))
-        metrics["cosine_mean"] = cosine
-        limit = spec.checks["min_cosine"]
-        if cosine < limit:
-            misses.append(f"cosine {cosine:.4f} < {limit} (short by {limit - cosine:.4f})")
-    else:
-        error = np.abs(full - variant)
-        scale = float(np.mean(np.abs(full))) or 1.0
-        for key, value, share in (
-            ("max_abs_error", float(error.max()), 1.0),
-            ("max_mean_abs_error", float(error.mean()), 0.1),
-        ):
-            metrics[key.removeprefix("max_")] = value
-            limit = _tolerance(spec, key, scale, share)
-            if value > limit:
-                misses.append(f"{key[4:]} {value:.4g} > {limit:.4g} (over by {value - limit:.4g})")
-    return {k: round(v, 6) for k, v in metrics.items()}, misses
-
-
-def check_secondary(
-    spec: ModelSpec, name: str, full: Array, variant: Array
-) -> tuple[dict[str, float], list[str]]:
-    """One secondary output against the full model's: cosine and abs errors, or agreement."""
-    limits = {**DEFAULT_OUTPUT_CHECKS, **spec.output_checks.get(name, {})}
-    metrics: dict[str, float] = {}
-    misses: list[str] = []
-
-    def gate(key: str, value: float, limit_key: str, low: bool) -> None:
-        metrics[f"{name}.{key}"] = round(value, 6)
-        limit = limits.get(limit_key)
-        if limit is None:
-            return
-        if low and value < limit:
-            misses.append(f"{name} {key} {value:.4f} < {limit} (short by {limit - value:.4f})")
-        elif not low and value > limit:
-            misses.append(f"{name} {key} {value:.4g} > {limit:.4g} (over by {value - limit:.4g})")
-
-    if full.dtype.kind in "biu":
-        same = np.all(full.reshape(full.shape[0], -1) == variant.reshape(variant.shape[0], -1), 1)
-        gate("agreement", float(np.mean(same)), "min_agreement", True)
-        return metrics, misses
-    a = full.astype(np.float64).reshape(full.shape[0], -1)
-    b = variant.astype(np.float64).reshape(variant.shape[0], -1)
-    if a.shape[1] == 1:  # one number per row: the cosine of the whole column
-        a, b = a.T, b.T
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cosines = np.where(norms > 1e-12, np.sum(a * b, axis=1) / np.maximum(norms, 1e-12), 1.0)
-    gate("cosine_mean", float(np.mean(cosines)), "min_cosine", True)
-    error = np.abs(a - b)
-    gate("max_abs_error", float(error.max()), "max_abs_error", False)
-    gate("mean_abs_error", float(error.mean()), "max_mean_abs_error", False)
-    return metrics, misses
-
-
-def check_outputs(
-    spec: ModelSpec,
-    full: Mapping[str, Array],
-    variant: Mapping[str, Array],
-    primary: str,
-    labels: Array | None,
-) -> tuple[dict[str, float], list[str]]:
-    """Every output of a variant against the full model's: the primary, then the others."""
-    metrics, misses = check_variant(spec, full[primary], variant[primary], labels)
-    for name in full:
-        if name != primary:
-            more, missed = check_secondary(spec, name, full[name], variant[name])
-            metrics.update(more)
-            misses += missed
-    return metrics, misses
-
-
 def _read_source(
     spec: ModelSpec, calibration: Mapping[str, Array]
 ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], Any, Any]:
@@ -451,7 +352,7 @@ def build_spec(ctx: BuildContext, spec: ModelSpec) -> dict[str, Any]:
             torch_model, ctx.work_dir / "full.onnx", inputs, outputs, calibration
         )
         exported = _run(load_runner("onnx", full_onnx, input_names, output_names), validation)
-        _, misses = check_outputs(spec, full_out, exported, scores, None)
+        misses = export_misses(full_out, exported)
         if misses:
             raise ExportError(
                 "[full]: the FP32 ONNX export differs from the PyTorch model: " + "; ".join(misses)
