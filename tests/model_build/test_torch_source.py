@@ -222,3 +222,12 @@ def test_secondary_checks_by_kind_of_output(tmp_path: Path) -> None:
     metrics, misses = check_secondary(spec, "value", column, -column)  # one number per row
     assert metrics["value.cosine_mean"] == -1.0 and misses
     assert check_secondary(spec, "value", column, column * 1.001)[1] == []
+
+
+def test_quantize_none_publishes_the_fp32_export_and_the_torch_file(tmp_path: Path) -> None:
+    spec = write_example(tmp_path / "ex", runtimes='["onnx", "openvino", "torch"]')
+    spec.write_text(spec.read_text().replace("[edge]\n", '[edge]\nquantize = "none"\n'))
+    entry = build_from_spec(spec, tmp_path / "zoo")["models"]["m"]
+    assert set(entry["variants"]) == {"onnx-fp32", "torch-fp32"}, entry["notes"]
+    assert entry["variants"]["onnx-fp32"]["feats.max_abs_error"] < 1e-4  # the FP32 export
+    assert any(n.startswith("openvino: skipped, quantize = none") for n in entry["notes"])
