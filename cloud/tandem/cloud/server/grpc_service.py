@@ -123,6 +123,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         mv = None
         rows = 0
         try:
+            generation = self._state.generation
+            if generation is not None and request.model_name in generation.models:
+                from tandem.cloud.generation.grpc import verify_infer
+
+                if self._state.draining:
+                    raise ModelUnavailableError("server is draining")
+                return await verify_infer(generation, request)
             mv = self._repo.get(request.model_name, request.model_version)
             config = mv.config
             inputs = request.inputs
@@ -191,6 +198,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise AssertionError("unreachable") from exc  # abort raises
         finally:
             metrics.inflight.dec()
+
+    async def ModelStreamInfer(
+        self, request_iterator: Any, context: aio.ServicerContext[Any, Any]
+    ) -> Any:
+        """Triton's streaming extension, served for generative models (docs/generation.md)."""
+        generation = self._state.generation
+        if generation is None:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "ModelStreamInfer serves generative models only"
+            )
+        from tandem.cloud.generation.grpc import stream_infer
+
+        async for response in stream_infer(generation, request_iterator):
+            yield response
 
 
 class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]

@@ -233,4 +233,8 @@ def create_app(state: ServerState) -> FastAPI:
             return _error(http_status_of(exc), str(exc))
         return Response(status_code=200)
 
+    if state.generation is not None:
+        from tandem.cloud.generation.http import mount
+
+        mount(app, state.generation, lambda: state.draining)
     return app

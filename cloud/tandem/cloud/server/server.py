@@ -135,6 +135,21 @@ def serve_forever(config: ServerConfig, loop: str = "auto") -> None:
     asyncio.run(run_server(config))
 
 
+async def _load_generation(state: ServerState) -> None:
+    """Generative models (folders with generation.json) get the generation surfaces; the
+    generation package (torch, transformers) is imported only when there are some."""
+    config = state.config
+    from tandem.cloud.generation import find_generative
+
+    paths = find_generative(config.repository, config.models)
+    if not paths:
+        return
+    from tandem.cloud.generation.service import GenerationService
+
+    state.generation = await asyncio.to_thread(GenerationService.load, paths)
+    state.generation.start()
+
+
 async def run_server(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
     metrics = ServerMetrics()
     repository = ModelRepository(config.repository, metrics, config.models)
@@ -145,6 +160,7 @@ async def run_server(config: ServerConfig, ready: asyncio.Event | None = None) -
             loop.add_signal_handler(sig, state.stop.set)
 
     await repository.load_all()
+    await _load_generation(state)
     # What is loaded by now (runtimes, their modules, the models) lives as long as the
     # process. Frozen out of the collector's reach, it is not walked by every full
     # collection, which otherwise pauses the event loop for ~35 ms on a small CPU, several
@@ -216,6 +232,8 @@ async def run_server(config: ServerConfig, ready: asyncio.Event | None = None) -
                 task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await repository.close()
+        if state.generation is not None:
+            await state.generation.close()
         if metrics_server is not None:
             metrics_server.shutdown()
         log.info("stopped")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import ServerConfig
 from .metrics import ServerMetrics
@@ -20,6 +21,9 @@ class ServerState:
     draining: bool = False
     started: bool = False
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    # tandem.cloud.generation's GenerationService when the repository names generative models
+    # (folders with generation.json); None keeps the tensor-only server as it was.
+    generation: Any = None
 
     @property
     def ready(self) -> bool:

@@ -1,0 +1,143 @@
+"""gRPC surfaces of the generative models, called by the server's InferenceServicer:
+
+- `ModelStreamInfer` (Triton's streaming extension): each request carries `text_input`
+  (BYTES [1]) or `input_ids` (INT64 [n]) and the parameters max_tokens, temperature, top_p,
+  seed; the answer is one response per token (outputs `text_output` BYTES [1], `token_id`
+  INT64 [1]), then a last one with the parameters `triton_final_response: true` and
+  `finish_reason`. An error answers that request in `error_message`; the stream goes on.
+- the verify call, as `ModelInfer` on the generative model with Triton's sequence parameters:
+  `sequence_id` (string or int), `sequence_start`, `sequence_end` (bool); inputs `draft_ids`
+  (INT64 [k], may be empty) and, with sequence_start, `prompt_ids` (INT64 [n]); outputs
+  `accepted` and `next_token` (INT64 [1] each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from tandem.cloud.server.errors import InvalidInputError
+from tandem.errors import CloudServerError
+from tandem.protos.inference import grpc_predict_v2_pb2 as pb
+
+from .engine import Done
+from .service import GenerationService
+
+
+def _param(params: Any, name: str) -> Any:
+    if name not in params:
+        return None
+    p = params[name]
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def _inputs(request: pb.ModelInferRequest) -> dict[str, Any]:
+    """The request's tensors by name: INT64 as lists of ints, BYTES as lists of bytes."""
+    out: dict[str, Any] = {}
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    for i, tensor in enumerate(request.inputs):
+        if tensor.datatype == "INT64":
+            if raw:
+                if len(raw[i]) % 8:
+                    raise InvalidInputError(
+                        f"input {tensor.name!r}: raw size is not 8*n", tensor.name
+                    )
+                out[tensor.name] = np.frombuffer(raw[i], dtype="<i8").tolist()
+            else:
+                out[tensor.name] = list(tensor.contents.int64_contents)
+        elif tensor.datatype == "BYTES":
+            if raw:
+                data, items = raw[i], []
+                while data:
+                    n = int.from_bytes(data[:4], "little")
+                    items.append(bytes(data[4 : 4 + n]))
+                    data = data[4 + n :]
+                out[tensor.name] = items
+            else:
+                out[tensor.name] = list(tensor.contents.bytes_contents)
+        else:
+            raise InvalidInputError(
+                f"input {tensor.name!r}: datatype {tensor.datatype} (INT64 or BYTES here)",
+                tensor.name,
+            )
+    return out
+
+
+def _int64(response: pb.ModelInferResponse, name: str, value: int) -> None:
+    out = response.outputs.add()
+    out.name, out.datatype = name, "INT64"
+    out.shape.append(1)
+    out.contents.int64_contents.append(value)
+
+
+async def stream_infer(
+    service: GenerationService, requests: AsyncIterator[pb.ModelInferRequest]
+) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async for request in requests:
+        try:
+            model = service.get(request.model_name)
+            tensors = _inputs(request)
+            params = {
+                k: _param(request.parameters, k)
+                for k in ("max_tokens", "temperature", "top_p", "seed")
+                if k in request.parameters
+            }
+            sampling = model.params(params)
+            if "input_ids" in tensors:
+                prompt = model.engine.check_tokens(tensors["input_ids"], "input_ids")
+            elif len(tensors.get("text_input", ())) == 1:
+                prompt = model.encode(tensors["text_input"][0].decode("utf-8", "replace"))
+            else:
+                raise InvalidInputError("give text_input (BYTES [1]) or input_ids (INT64 [n])")
+            tokens = model.generate(prompt, sampling)
+        except CloudServerError as exc:
+            yield pb.ModelStreamInferResponse(error_message=str(exc))
+            continue
+        try:
+            async for item in tokens:
+                response = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                if isinstance(item, Done):
+                    response.parameters["triton_final_response"].bool_param = True
+                    response.parameters["finish_reason"].string_param = item.reason
+                    yield pb.ModelStreamInferResponse(infer_response=response)
+                    break
+                response.parameters["triton_final_response"].bool_param = False
+                text = response.outputs.add()
+                text.name, text.datatype = "text_output", "BYTES"
+                text.shape.append(1)
+                text.contents.bytes_contents.append(item[1].encode())
+                _int64(response, "token_id", item[0])
+                yield pb.ModelStreamInferResponse(infer_response=response)
+        except CloudServerError as exc:
+            yield pb.ModelStreamInferResponse(error_message=str(exc))
+        finally:
+            await tokens.aclose()  # type: ignore[attr-defined]
+
+
+async def verify_infer(
+    service: GenerationService, request: pb.ModelInferRequest
+) -> pb.ModelInferResponse:
+    """The verify call over ModelInfer; raises the server's errors for the caller to map."""
+    model = service.get(request.model_name)
+    tensors = _inputs(request)
+    sequence_id = _param(request.parameters, "sequence_id")
+    if sequence_id is None or sequence_id == "" or sequence_id == 0:
+        raise InvalidInputError("the verify call needs the parameter sequence_id")
+    result = await model.verify(
+        str(sequence_id),
+        tensors.get("draft_ids", []),
+        start=bool(_param(request.parameters, "sequence_start")),
+        prompt=tensors.get("prompt_ids", []),
+        end=bool(_param(request.parameters, "sequence_end")),
+    )
+    response = pb.ModelInferResponse(
+        model_name=request.model_name, model_version="1", id=request.id
+    )
+    _int64(response, "accepted", result.accepted)
+    _int64(response, "next_token", result.next_token)
+    return response

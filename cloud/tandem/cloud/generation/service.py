@@ -1,0 +1,199 @@
+"""The generative models of a repository, as the server mounts them.
+
+A generative model is a folder `ROOT/<name>/` holding `generation.json` (and no config.json,
+so the tensor repository never sees it)::
+
+    {"name": "smollm2", "backend": "transformers", "model": "SmolLM2-135M-Instruct",
+     "max_sequences": 16, "max_total_tokens": 32768, "max_prompt_tokens": 2048,
+     "max_new_tokens": 1024, "max_draft_tokens": 64, "idle_timeout_s": 60}
+
+Only the limits are optional. The model itself is the full SmolLM2 loaded by `model.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tandem.cloud.server.errors import InvalidInputError, ModelNotFoundError, RepositoryError
+from tandem.errors import ConfigError
+
+from .engine import Done, Engine, EngineLimits, SamplingParams, VerifyResult
+from .model import MODEL_ID, check_messages, load_full_model, stop_token_ids
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("transformers",)
+
+
+@dataclass(frozen=True)
+class GenerativeConfig:
+    name: str
+    backend: str = "transformers"
+    model: str = MODEL_ID
+    limits: EngineLimits = field(default_factory=EngineLimits)
+
+    @classmethod
+    def load(cls, path: Path) -> GenerativeConfig:
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RepositoryError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise RepositoryError(f"{path}: expected a JSON object")
+        try:
+            limit_names = {f.name for f in fields(EngineLimits)}
+            unknown = set(raw) - limit_names - {"name", "backend", "model"}
+            if unknown:
+                raise ConfigError(str(sorted(unknown)), "unknown fields")
+            limits = EngineLimits(**{k: v for k, v in raw.items() if k in limit_names})
+            config = cls(
+                str(raw["name"]),
+                str(raw.get("backend", "transformers")),
+                str(raw.get("model", MODEL_ID)),
+                limits,
+            )
+        except (ConfigError, KeyError, TypeError, ValueError) as exc:
+            raise RepositoryError(f"{path}: {exc}") from exc
+        if config.name != path.parent.name:
+            raise RepositoryError(f"{path}: name {config.name!r} differs from its folder")
+        if config.backend not in BACKENDS:
+            raise RepositoryError(f"{path}: backend must be one of {BACKENDS}")
+        if config.model != MODEL_ID:
+            raise RepositoryError(f"{path}: the only generative model here is {MODEL_ID}")
+        return config
+
+
+@dataclass
+class GenerativeModel:
+    config: GenerativeConfig
+    engine: Engine
+    tokenizer: Any
+    stop_ids: frozenset[int]
+
+    def encode(self, text: Any) -> list[int]:
+        if not isinstance(text, str) or not text:
+            raise InvalidInputError("the prompt must be a non-empty string")
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_chat(self, messages: Any) -> list[int]:
+        try:
+            checked = check_messages(messages)
+        except ConfigError as exc:
+            raise InvalidInputError(str(exc)) from exc
+        rendered = self.tokenizer.apply_chat_template(
+            checked, tokenize=False, add_generation_prompt=True
+        )
+        return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    def params(self, raw: dict[str, Any]) -> SamplingParams:
+        """Sampling parameters from a request's JSON-ish parameters."""
+        try:
+            max_tokens = raw.get("max_tokens")
+            if max_tokens is None:
+                max_tokens = raw.get("max_completion_tokens", 16)
+            temperature = raw.get("temperature")
+            top_p = raw.get("top_p")
+            seed = raw.get("seed")
+            params = SamplingParams(
+                max_tokens=int(max_tokens),
+                temperature=float(temperature) if temperature is not None else 0.0,
+                top_p=float(top_p) if top_p is not None else 1.0,
+                seed=int(seed) if seed is not None else None,
+                stop_ids=self.stop_ids,
+            )
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"bad sampling parameter: {exc}") from exc
+        params.check(self.engine.limits)
+        return params
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Any]:
+        """Admits the sequence now (raising past the limits), then the iterator yields
+        (token_id, text_delta) per token and the Done. Closing it early frees the sequence."""
+        return self._tokens(self.engine.submit(prompt, params))
+
+    async def _tokens(self, seq: Any) -> AsyncIterator[Any]:
+        ids: list[int] = []
+        sent = ""
+        stream = self.engine.stream(seq)
+        try:
+            async for item in stream:
+                if isinstance(item, Done):
+                    yield item
+                    return
+                ids.append(item)
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                delta = ""
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte char
+                    delta, sent = text[len(sent) :], text
+                yield item, delta
+        finally:
+            await stream.aclose()
+
+    async def verify(
+        self,
+        sequence_id: str,
+        draft: Sequence[int],
+        *,
+        start: bool = False,
+        prompt: Sequence[int] = (),
+        end: bool = False,
+    ) -> VerifyResult:
+        return await asyncio.to_thread(
+            self.engine.verify, sequence_id, draft, start=start, prompt=prompt, end=end
+        )
+
+
+class GenerationService:
+    def __init__(self, models: dict[str, GenerativeModel]) -> None:
+        self.models = models
+        self._reaper: asyncio.Task[None] | None = None
+
+    @classmethod
+    def load(cls, paths: list[Path]) -> GenerationService:
+        models = {}
+        for path in paths:
+            config = GenerativeConfig.load(path)
+            model, tokenizer = load_full_model()
+            engine = Engine(model, len(tokenizer), config.limits)
+            models[config.name] = GenerativeModel(
+                config, engine, tokenizer, stop_token_ids(tokenizer)
+            )
+            log.info("generative model %s loaded (%s)", config.name, config.model)
+        return cls(models)
+
+    def get(self, name: str) -> GenerativeModel:
+        found = self.models.get(name)
+        if found is None:
+            raise ModelNotFoundError(f"unknown generative model {name!r}")
+        return found
+
+    def default(self, name: str | None) -> GenerativeModel:
+        """The model an OpenAI request names, or the only one when it names none we serve."""
+        if name and name in self.models:
+            return self.models[name]
+        if len(self.models) == 1 and not name:
+            return next(iter(self.models.values()))
+        raise ModelNotFoundError(
+            f"unknown model {name!r}; serving {', '.join(sorted(self.models))}"
+        )
+
+    def start(self) -> None:
+        async def reap() -> None:
+            while True:
+                await asyncio.sleep(5)
+                for m in self.models.values():
+                    m.engine.expire_sessions()
+
+        self._reaper = asyncio.create_task(reap(), name="generation-reaper")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for m in self.models.values():
+            await asyncio.to_thread(m.engine.close)
