@@ -42,7 +42,11 @@ def test_v2_service_and_field_numbers_match_the_spec() -> None:
         "ServerMetadata",
         "ModelMetadata",
         "ModelInfer",
+        "ModelStreamInfer",  # Triton's streaming extension (generation)
     ]
+    stream = service.methods_by_name["ModelStreamInfer"]
+    assert (stream.client_streaming, stream.server_streaming) == (True, True)
+    assert _fields(pb.ModelStreamInferResponse) == {"error_message": 1, "infer_response": 2}
     assert _fields(pb.ModelInferRequest) == {
         "model_name": 1,
         "model_version": 2,
