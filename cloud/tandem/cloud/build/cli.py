@@ -150,6 +150,8 @@ def _summary(report: Mapping[str, Any], models: tuple[str, ...]) -> None:
                 if "accuracy" in row
                 else (f"cos {row['cosine_mean']:.4f}" if "cosine_mean" in row else "")
             )
+            if "greedy_agreement" in row:  # generative: greedy agreement with the full model
+                quality = f"agree {_percent(row['greedy_agreement'])}"
             latency = row.get("latency_ms_batch1")
             table.add_row(
                 variant,
