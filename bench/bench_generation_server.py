@@ -1,5 +1,6 @@
 """Aggregate tokens/s of `tandem serve`'s generation engine: 1 stream against 8 concurrent
-streams (continuous batching; goal >= 2.5x), over the V2 generate_stream endpoint (SSE).
+streams (continuous batching; goal >= 2.5x), over /v1/chat/completions with stream (SSE) and
+ignore_eos, so that every stream generates its max_tokens.
 
     .venv/bin/python bench/bench_generation_server.py [--tokens 48] [--streams 8]
 
@@ -43,23 +44,35 @@ PROMPTS = [
 
 def stream_once(url: str, prompt: str, tokens: int) -> tuple[int, float]:
     """(tokens received, seconds to the first one)."""
-    body = {"text_input": prompt, "parameters": {"max_tokens": tokens}}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "ignore_eos": True,  # every stream runs its max_tokens: the same work at 1 and 8 streams
+        "stream": True,
+    }
     start = time.perf_counter()
     first = 0.0
     count = 0
+    seen: list[str] = []
     with (
         httpx.Client(timeout=600) as client,
-        client.stream("POST", f"{url}/v2/models/{MODEL}/generate_stream", json=body) as r,
+        client.stream("POST", f"{url}/v1/chat/completions", json=body) as r,
     ):
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data:"):
                 continue
+            seen.append(line)
+            if line == "data: [DONE]":
+                break
             event = json.loads(line[5:])
-            if "token_id" in event:
+            if event["choices"][0]["finish_reason"] is None:
                 count += 1
                 if count == 1:
                     first = time.perf_counter() - start
+    if count == 0:
+        raise RuntimeError(f"no tokens streamed: {seen[:3]}")
     return count, first
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.cloud.conftest import ServerProcess, http_get, start_server
+from tests.cloud.conftest import ServerFactory, ServerProcess, http_get, start_server
 from tests.support.processes import wait_until
 
 pytest.importorskip("transformers")
@@ -255,3 +256,22 @@ def test_grpc_stream_infer_and_verify(gen_server: ServerProcess) -> None:
     with pytest.raises(grpc.RpcError) as err:
         stub.ModelInfer(unknown, timeout=30)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_stream_infer_on_a_tensor_server_needs_the_token_and_is_unimplemented(
+    test_repository: Path, server_factory: ServerFactory
+) -> None:
+    import grpc
+
+    from tandem.protos.inference import grpc_predict_v2_pb2 as pb
+
+    server = server_factory(test_repository, "--model", "digits", "--token", "s3cret")
+    stub = server.stub()
+    request = pb.ModelInferRequest(model_name="digits")
+    for metadata, code in (
+        ([("authorization", "Bearer wrong")], grpc.StatusCode.UNAUTHENTICATED),
+        ([("authorization", "Bearer s3cret")], grpc.StatusCode.UNIMPLEMENTED),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ModelStreamInfer(iter([request]), metadata=metadata, timeout=30))
+        assert err.value.code() == code

@@ -105,7 +105,7 @@ class GenerativeModel:
                 temperature=float(temperature) if temperature is not None else 0.0,
                 top_p=float(top_p) if top_p is not None else 1.0,
                 seed=int(seed) if seed is not None else None,
-                stop_ids=self.stop_ids,
+                stop_ids=frozenset() if raw.get("ignore_eos") else self.stop_ids,
             )
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(f"bad sampling parameter: {exc}") from exc

@@ -223,7 +223,12 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         async def deny(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
 
+        async def deny_stream(requests: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+            yield  # an async generator, as a streaming handler must be
+
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny_stream)
 
     async def intercept_service(
         self,
@@ -242,4 +247,6 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         if token_matches(presented, self._token):
             return await continuation(details)
         log.warning("refused %s: missing or wrong token", method)
+        if method.endswith("/ModelStreamInfer"):
+            return self._deny_stream
         return self._deny_unary
