@@ -150,3 +150,23 @@ def test_cli_builds_a_spec(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "z/artifacts/m/1/onnx-int8/manifest.sig.json").is_file()
+
+
+def test_a_runtimes_many_line_error_becomes_one_report_line() -> None:
+    from tandem.cloud.build.errors import brief
+
+    openvino_error = RuntimeError(
+        "Exception from \nsrc/inference/src/cpp/core.cpp:84:\nCheck 'false' failed at \n"
+        "src/frontends/common_translators/src/unconverted_ops_report.cpp:151:\n"
+        "FrontEnd API failed with OpConversionFailure:\n\nSummary:\n"
+        "-- No conversion rule found for operations: ai.onnx.ml.LinearClassifier, \n"
+        "ai.onnx.ml.Scaler\n-- Conversion is failed for: ai.onnx.ml.Normalizer\n"
+    )
+    line = brief(openvino_error)
+    assert "\n" not in line
+    assert line.startswith("No conversion rule found for operations: ai.onnx.ml.LinearClassifier")
+    assert "ai.onnx.ml.Normalizer" in line
+    assert brief(ValueError("x" * 500), limit=50) == ("ValueError: " + "x" * 500)[:47] + "..."
+    assert brief(RuntimeError("Exception from\na.cpp:1:\nthe model has no inputs\n")) == (
+        "the model has no inputs"
+    )

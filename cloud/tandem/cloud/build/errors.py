@@ -14,7 +14,11 @@ BuildError
 
 from __future__ import annotations
 
+import logging
+
 from tandem.errors import BuildError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BuildError",
@@ -27,6 +31,7 @@ __all__ = [
     "SpecError",
     "TrainingError",
     "UnknownModelError",
+    "brief",
 ]
 
 
@@ -64,3 +69,28 @@ class SpecDataError(SpecError):
 
 class ModelLoadError(SpecError):
     """The model a spec names cannot be loaded by its runtime."""
+
+
+def brief(exc: BaseException, limit: int = 240) -> str:
+    """One line of a runtime's many-line error, for the report; the whole text goes to the log.
+
+    OpenVINO's conversion errors span a dozen lines of C++ source paths; what a user acts on is
+    its summary (the operators it cannot convert) or, failing that, the last line that is not a
+    source location.
+    """
+    text = str(exc)
+    log.debug("full error: %s", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        line = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        return line if len(line) <= limit else line[: limit - 3] + "..."
+    joined = " ".join(lines)
+    start = joined.find("Summary:")
+    if start >= 0:
+        line = joined[start + len("Summary:") :].replace("-- ", "").strip()
+    else:
+        useful = [
+            x for x in lines if not (x.startswith(("Exception from", "Check ")) or ".cpp:" in x)
+        ]
+        line = useful[-1] if useful else lines[-1]
+    return line if len(line) <= limit else line[: limit - 3] + "..."

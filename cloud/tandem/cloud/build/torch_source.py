@@ -29,7 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from tandem.cloud.build.errors import ExportError, ModelLoadError, SpecDataError, SpecError
+from tandem.cloud.build.errors import (
+    ExportError,
+    ModelLoadError,
+    SpecDataError,
+    SpecError,
+    brief,
+)
 from tandem.cloud.build.spec import ModelSpec
 from tandem.sdk.artifacts import TensorSpec
 
@@ -45,11 +51,6 @@ _DATATYPES = {
 }
 ONNX_OPSET = 18
 TFLITE_CALIBRATION_ROWS = 64
-
-
-def brief(exc: BaseException, limit: int = 300) -> str:
-    """`Type: message` on one line, cut to `limit` characters."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
 
 
 @contextlib.contextmanager

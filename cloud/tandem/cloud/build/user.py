@@ -31,7 +31,13 @@ from tandem.cloud.build import pipeline
 from tandem.cloud.build.calibration import fit_temperature
 from tandem.cloud.build.checks import check_outputs, check_secondary, check_variant, export_misses
 from tandem.cloud.build.context import BuildContext, ProgressCallback, ProgressEvent
-from tandem.cloud.build.errors import ExportError, ModelLoadError, SpecDataError, SpecError
+from tandem.cloud.build.errors import (
+    ExportError,
+    ModelLoadError,
+    SpecDataError,
+    SpecError,
+    brief,
+)
 from tandem.cloud.build.packaging import repository_config, write_repository_model, write_variant
 from tandem.cloud.build.report import load_report, write_report
 from tandem.cloud.build.runners import load_runner
@@ -158,7 +164,7 @@ def _onnx_int8(source: Path, out: Path, calibration: Mapping[str, Array]) -> Pat
             weight_type=QuantType.QInt8,
         )
     except Exception as exc:
-        raise ExportError(f"onnxruntime INT8 quantization failed: {exc}") from exc
+        raise ExportError(f"onnxruntime INT8 quantization failed: {brief(exc)}") from exc
     return out
 
 
@@ -178,7 +184,7 @@ def _openvino_int8(source: Path, out_dir: Path, calibration: Mapping[str, Array]
             quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=rows)
         ov.save_model(quantized, str(xml), compress_to_fp16=False)
     except Exception as exc:
-        raise ExportError(f"OpenVINO/NNCF INT8 quantization failed: {exc}") from exc
+        raise ExportError(f"OpenVINO/NNCF INT8 quantization failed: {brief(exc)}") from exc
     return xml
 
 
