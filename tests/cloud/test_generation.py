@@ -223,6 +223,8 @@ def test_grpc_stream_infer_and_verify(gen_server: ServerProcess) -> None:
 
     greedy = _greedy(gen_server, PROMPT, 4)
     stub = gen_server.stub()
+    assert stub.ModelReady(pb.ModelReadyRequest(name=MODEL), timeout=10).ready
+    assert http_get(f"{gen_server.http_url}/v2/models/{MODEL}/ready")[0] == 200
 
     def request(**ints: list[int]) -> pb.ModelInferRequest:
         req = pb.ModelInferRequest(model_name=MODEL)

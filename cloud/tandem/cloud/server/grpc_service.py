@@ -76,6 +76,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.ModelReadyResponse:
+        generation = self._state.generation
+        if generation is not None and request.name in generation.models:
+            return pb.ModelReadyResponse(ready=not self._state.draining)
         try:
             self._repo.get(request.name, request.version)
         except ModelNotFoundError as exc:

@@ -113,6 +113,8 @@ def create_app(state: ServerState) -> FastAPI:
         return metadata(name, version)
 
     def model_ready(name: str, version: str) -> Response:
+        if state.generation is not None and name in state.generation.models:
+            return Response(status_code=503 if state.draining else 200)
         try:
             repo.get(name, version)
         except ModelNotFoundError as exc:
