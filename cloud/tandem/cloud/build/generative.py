@@ -150,19 +150,20 @@ def reference_continuations(
     """The full (transformers) model's greedy continuation of each prompt with its own KV
     cache, `steps` tokens long: EOS is neither suppressed nor a stop, so every position is
     the model's own argmax."""
+    import inspect
+
     import torch
 
+    # transformers 5 names the cache `cache` (past_key_values is deprecated); 4.x the latter.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     continuations = []
     with torch.no_grad():
         for ids in prompts:
             out = model(input_ids=torch.tensor([list(ids)]), use_cache=True)
             tokens = [int(out.logits[0, -1].argmax())]
             for _ in range(steps - 1):
-                out = model(
-                    input_ids=torch.tensor([[tokens[-1]]]),
-                    past_key_values=out.past_key_values,
-                    use_cache=True,
-                )
+                cache = out.cache if hasattr(out, "cache") else out.past_key_values
+                out = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{name: cache})
                 tokens.append(int(out.logits[0, -1].argmax()))
             continuations.append(tokens)
     return continuations
