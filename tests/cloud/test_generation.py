@@ -277,3 +277,26 @@ def test_stream_infer_on_a_tensor_server_needs_the_token_and_is_unimplemented(
         with pytest.raises(grpc.RpcError) as err:
             list(stub.ModelStreamInfer(iter([request]), metadata=metadata, timeout=30))
         assert err.value.code() == code
+
+
+def test_grpc_stream_cancelled_mid_stream_frees_its_sequence(gen_server: ServerProcess) -> None:
+    from tandem.protos.inference import grpc_predict_v2_pb2 as pb
+
+    before = _stats(gen_server)
+    request = pb.ModelInferRequest(model_name=MODEL)
+    t = request.inputs.add(name="input_ids", datatype="INT64", shape=[len(PROMPT)])
+    t.contents.int64_contents.extend(PROMPT)
+    request.parameters["max_tokens"].int64_param = 48
+    request.parameters["ignore_eos"].bool_param = True
+    call = gen_server.stub().ModelStreamInfer(iter([request]), timeout=60)
+    first = next(call)
+    assert not first.error_message and first.infer_response.outputs
+    call.cancel()
+    wait_until(
+        lambda: _stats(gen_server)["cancelled"] == before["cancelled"] + 1,
+        timeout=10,
+        message="sequence cancelled",
+    )
+    now = _stats(gen_server)
+    assert now["active_sequences"] == 0
+    assert now["decode_rows"] - before["decode_rows"] < 47

@@ -84,7 +84,7 @@ async def stream_infer(
             tensors = _inputs(request)
             params = {
                 k: _param(request.parameters, k)
-                for k in ("max_tokens", "temperature", "top_p", "seed")
+                for k in ("max_tokens", "temperature", "top_p", "seed", "ignore_eos")
                 if k in request.parameters
             }
             sampling = model.params(params)
