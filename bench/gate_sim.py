@@ -5,8 +5,9 @@ each with its own request rate (lognormal across devices), answers requests with
 version it runs. Every request is an error, a fallback to the cloud, or a local answer; a
 share of the local answers is shadow-sampled against the cloud (agreeing or not); each local
 answer has a calibrated confidence (20 linear buckets) and a local latency (log buckets, as
-the telemetry histograms have them). The true rates are the same on every device: traffic
-is what varies.
+the telemetry histograms have them). Traffic varies across devices (lognormal rates); with
+`World.device_spread` the error, fallback and agreement rates do too (each device's inputs are
+easy or hard for any model: a logit shift, the same under both versions).
 
 Each tick the telemetry of the interval is drawn once for every device under both versions,
 and two rollouts of the same plan run in lockstep over those same numbers:
@@ -19,7 +20,9 @@ and two rollouts of the same plan run in lockstep over those same numbers:
 
 The cohort's totals are the new version's telemetry on the devices running it, since the
 rollout began; the baseline's are the baseline version's on every other device, as the fleet
-service builds its observation (gate window = rollout creation, no resume).
+service builds its observation (gate window = rollout creation, no resume). Each side also
+carries its per-device totals as `gates.Clusters`, as `observe.clusters` builds them from the
+store's per-device rows, so the engine judges the same device-clustered intervals here.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from statistics import NormalDist
 import numpy as np
 
 from tandem.cloud.fleet import engine as eng
+from tandem.cloud.fleet.gates import Clusters
 
 LAT_MIN_MS = 0.5  # latency histogram layout: underflow below, then log buckets
 LAT_GROWTH = 1.1
@@ -143,36 +147,54 @@ class _Model:
         return np.stack([requests, errors, fallbacks, sampled, agreed], axis=1)
 
 
-@dataclass(frozen=True)
-class _Draw:
-    """One interval's telemetry of a group of devices, had they run this version."""
+_MIDS = (np.arange(CONF_BUCKETS) + 0.5) / CONF_BUCKETS
 
-    counts: np.ndarray  # requests, errors, fallbacks, shadow, agreed
-    conf: np.ndarray  # CONF_BUCKETS
-    latency: np.ndarray  # 1 + LAT_BUCKETS, underflow first
 
-    @classmethod
-    def of(cls, rng: np.random.Generator, m: _Model, counts: np.ndarray) -> _Draw:
-        # The confidence and latency distributions are the same on every device, so the
-        # group's histograms are one draw over its local answers.
-        local = int(counts[0] - counts[1] - counts[2])
-        return cls(counts, rng.multinomial(local, m.conf), rng.multinomial(local, m.latency))
+def _clusters(x: np.ndarray, n: np.ndarray) -> Clusters:
+    """`gates.Clusters` of per-device (x_i, n_i), as `Clusters.of` sums them (vectorised)."""
+    on = n > 0
+    x, n = x[on].astype(float), n[on].astype(float)
+    return Clusters(
+        int(on.sum()), float(x.sum()), float(n.sum()), float(x @ x), float(x @ n),
+        float(n @ n), float((n * n) @ n),
+    )  # fmt: skip
 
 
 class _Totals:
-    def __init__(self) -> None:
-        self.counts = np.zeros(5, dtype=np.int64)
+    """One side's telemetry since creation: per device (counts, local answers and their
+    confidence mass) and the merged confidence and local-latency histograms."""
+
+    def __init__(self, devices: int) -> None:
+        self.dev = np.zeros((devices, 5), dtype=np.int64)
+        self.answers = np.zeros(devices, dtype=np.int64)
+        self.mass = np.zeros(devices)
         self.conf = np.zeros(CONF_BUCKETS, dtype=np.int64)
         self.latency = np.zeros(1 + LAT_BUCKETS, dtype=np.int64)
 
-    def add(self, d: _Draw) -> None:
-        self.counts += d.counts
-        self.conf += d.conf
-        self.latency += d.latency
+    @property
+    def counts(self) -> np.ndarray:
+        total: np.ndarray = self.dev.sum(axis=0)
+        return total
+
+    def add(
+        self,
+        mask: np.ndarray,
+        counts: np.ndarray,
+        answers: np.ndarray,
+        mass: np.ndarray,
+        conf: np.ndarray,
+        lat: np.ndarray,
+    ) -> None:
+        self.dev[mask] += counts[mask]
+        self.answers[mask] += answers[mask]
+        self.mass[mask] += mass[mask]
+        self.conf += conf
+        self.latency += lat
 
     def stats(self) -> eng.VersionStats:
         requests, errors, fallbacks, shadow, agreed = (int(x) for x in self.counts)
         counts = tuple(int(x) for x in self.latency)
+        d = self.dev
         return eng.VersionStats(
             requests=requests,
             errors=errors,
@@ -183,6 +205,10 @@ class _Totals:
             latency_counts=counts,
             latency_layout=(LAT_MIN_MS, LAT_GROWTH),
             confidence_buckets=tuple(int(x) for x in self.conf),
+            error_clusters=_clusters(d[:, 1], d[:, 0]),
+            fallback_clusters=_clusters(d[:, 2], d[:, 0]),
+            agreement_clusters=_clusters(d[:, 4], d[:, 3]),
+            accuracy_clusters=_clusters(self.mass, self.answers),
         )
 
 
@@ -279,17 +305,18 @@ class _Rollout:
         self.healthy_at = np.full(len(delays), np.inf)
         self.on_new = np.zeros(len(delays), dtype=bool)
         self.state = eng.RolloutState.initial(0.0)
-        self.cohort, self.baseline = _Totals(), _Totals()
+        self.cohort, self.baseline = _Totals(len(delays)), _Totals(len(delays))
         self.outcome: Outcome | None = None
         self.canary: tuple[float, int, int] | None = None
 
-    def tick(self, now: float, new: Sequence[_Draw] = (), base: Sequence[_Draw] = ()) -> None:
-        """`new`: the interval's telemetry of the devices running the new version, `base`:
-        of the others (in groups)."""
-        for d in new:
-            self.cohort.add(d)
-        for d in base:
-            self.baseline.add(d)
+    def tick(self, now: float, draw: _Tick | None = None) -> None:
+        """`draw`: the interval's telemetry of every device under both versions; the cohort
+        takes the new version's on the devices running it, the baseline the others'."""
+        if draw is not None:
+            on = self.on_new.copy()
+            for side, v, mask in ((self.cohort, 1, on), (self.baseline, 0, ~on)):
+                conf, lat = draw.histograms(v, mask)
+                side.add(mask, draw.counts[v], draw.answers[v], draw.mass[v], conf, lat)
         for i in np.flatnonzero((self.healthy_at <= now) & ~self.on_new):
             d = self.ids[i]
             if self.views[d].state is eng.DeviceState.ASSIGNED:
@@ -373,6 +400,28 @@ class _Rollout:
             self.healthy_at[self.index[dev]] = np.inf
 
 
+@dataclass(frozen=True)
+class _Tick:
+    """One interval under both versions (index 0: baseline, 1: new): per-device counts and
+    confidence buckets, and local-latency histograms per group of devices."""
+
+    counts: tuple[np.ndarray, np.ndarray]  # (devices, 5) each
+    answers: tuple[np.ndarray, np.ndarray]  # (devices,) local answers
+    mass: tuple[np.ndarray, np.ndarray]  # (devices,) their confidence mass
+    group: np.ndarray  # each device's group: which of the two rollouts run it on new
+    # (version, group) -> (confidence buckets, local-latency histogram)
+    hists: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]
+
+    def histograms(self, version: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        conf = np.zeros(CONF_BUCKETS, dtype=np.int64)
+        lat = np.zeros(1 + LAT_BUCKETS, dtype=np.int64)
+        for g in set(np.unique(self.group[mask]).tolist()):
+            c, la = self.hists[(version, g)]
+            conf += c
+            lat += la
+        return conf, lat
+
+
 def simulate(
     seed: int | Sequence[int], plan: eng.RolloutPlan, base: Version, new: Version, world: World
 ) -> tuple[Outcome, Outcome]:
@@ -384,6 +433,10 @@ def simulate(
     delays = rng.uniform(*world.install_s, size=n)
     offsets = world.device_spread * rng.standard_normal((3, n))
     models = _Model.of(base, offsets), _Model.of(new, offsets)
+    moments = []
+    for m in models:
+        mu = float(m.conf @ _MIDS)
+        moments.append((mu, math.sqrt(max(float(m.conf @ (_MIDS * _MIDS)) - mu * mu, 0.0))))
     runs = [_Rollout(plan, delays, old=False), _Rollout(plan, delays, old=True)]
     for r in runs:
         r.tick(0.0)
@@ -392,26 +445,30 @@ def simulate(
         now += world.tick_s
         requests = rng.poisson(rates * world.tick_s)
         per_device = [m.counts(rng, requests, world.shadow_rate) for m in models]
-        # Devices grouped by the version they ran in each of the two rollouts, so that both
-        # rollouts see the same numbers for the devices on which they agree.
+        local = [c[:, 0] - c[:, 1] - c[:, 2] for c in per_device]
+        # Each device's confidence mass (sum of its local answers' confidences): normal with
+        # the bucket distribution's mean and variance (a multinomial per device costs 4x).
+        mass = [
+            np.clip(k * mu + np.sqrt(k) * sd * rng.standard_normal(n), 0.0, k)
+            for k, (mu, sd) in zip(local, moments, strict=True)
+        ]
+        # Histograms per group of devices (by the version they ran in each of the two
+        # rollouts), so that both rollouts see the same numbers where they agree.
         group = runs[0].on_new.astype(np.int64) + 2 * runs[1].on_new
-        draws = []
-        for g in range(4):
-            mask = group == g
-            draws.append(
-                [
-                    _Draw.of(rng, m, c[mask].sum(axis=0))
-                    for m, c in zip(models, per_device, strict=True)
-                ]
+        hists = {
+            (v, g): (
+                rng.multinomial(int(local[v][group == g].sum()), models[v].conf),
+                rng.multinomial(int(local[v][group == g].sum()), models[v].latency),
             )
-        for bit, r in enumerate(runs):
+            for v in range(2)
+            for g in range(4)
+        }
+        draw = _Tick(
+            (per_device[0], per_device[1]), (local[0], local[1]), (mass[0], mass[1]), group, hists
+        )
+        for r in runs:
             if r.outcome is None:
-                on = [(g >> bit) & 1 for g in range(4)]
-                r.tick(
-                    now,
-                    [draws[g][1] for g in range(4) if on[g]],
-                    [draws[g][0] for g in range(4) if not on[g]],
-                )
+                r.tick(now, draw)
                 if r.outcome is None and now >= world.horizon_s:
                     r.stall(now)
     new_outcome, old_outcome = (r.outcome for r in runs)

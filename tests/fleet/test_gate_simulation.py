@@ -1,9 +1,13 @@
 """The rollout gates over simulated rollouts (bench/gate_sim.py, small sizes; the 200 + 200
 rollout figures are bench/bench_gates.py): the engine's statistical gates do not abort good
 versions, stop every clearly bad one, and the raw-ratio gates they replaced abort good
-versions on small samples (the regression of issue 12)."""
+versions on small samples (the regression of issue 12); when devices' rates differ, the
+device-clustered intervals keep good versions from aborting (the binomial width alone aborted
+3 of these 30)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from bench import gate_sim as sim
 from tandem.cloud.fleet import engine as eng
@@ -30,8 +34,9 @@ def test_clearly_bad_versions_are_all_stopped() -> None:
     bad = sim.bad_versions(PLAN, factor=2.0)
     r = sim.run("bad", PLAN, WORLD, RUNS, seed=102, bad=bad)
     assert sim.count(r.new, "completed") == 0, "\n".join(sim.by_kind(r))
-    # Stopped by the gate that sees it, in the first stage, not by waiting out max_wait_s.
-    assert sim.count(r.new, "aborted") == RUNS, "\n".join(sim.by_kind(r))
+    # Stopped by the gate that sees it, in the first stage, nearly always without waiting out
+    # max_wait_s (a canary of two devices on 30 shadow samples may lack the evidence).
+    assert sim.count(r.new, "aborted") >= RUNS - 2, "\n".join(sim.by_kind(r))
     assert {o.stage for o in r.new} == {0}
     mute = [o for o, k in zip(r.new, r.kinds, strict=True) if k.startswith("mute")]
     assert mute and all(o.reason == "fallback_rate" for o in mute)
@@ -45,3 +50,14 @@ def test_old_rule_aborts_on_the_issues_small_sample_and_runs_are_seeded() -> Non
     ]
     once = sim.simulate((7, 0), PLAN, sim.BASE, sim.BASE, WORLD)
     assert sim.simulate((7, 0), PLAN, sim.BASE, sim.BASE, WORLD) == once
+
+
+def test_good_versions_do_not_abort_when_device_rates_differ() -> None:
+    # Each device's error, fallback and agreement rates shifted by N(0, 0.3) on the logit
+    # scale, the same under both versions: requests on one device are correlated.
+    world = replace(WORLD, device_spread=0.3)
+    r = sim.run("good, devices differ", PLAN, world, 30, seed=103)
+    # At most 1% false aborts gives 2 or more in 30 with probability 4%; the binomial
+    # intervals abort 3 of these 30 rollouts.
+    assert sim.count(r.new, "aborted") <= 1, sim.table([r])
+    assert {o.status for o in r.new} <= {"completed", "paused", "aborted"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tandem.cloud.fleet import engine as eng
@@ -69,3 +71,98 @@ def test_the_false_abort_budget_is_shared_only_by_gates_that_sample() -> None:
     )
     assert plan.gate_alpha(0) == pytest.approx(0.01 / (2 * 2))
     assert plan.gate_alpha(1) == pytest.approx(0.01 / (2 * 1))
+
+
+# --- device-clustered intervals -----------------------------------------------------------
+
+
+def _width(v: stats.Verdict) -> float:
+    assert v.low is not None and v.high is not None
+    return v.high - v.low
+
+
+def _judge(x: float, n: int, clusters: stats.Clusters | None, **kw: object) -> stats.Verdict:
+    args: dict[str, object] = dict(
+        x=x, n=n, threshold=0.005, higher_is_better=False, alpha=0.01, min_effect=0.02,
+        min_samples=0, clusters=clusters,
+    )  # fmt: skip
+    args.update(kw)
+    return stats.judge_proportion(**args)[1]  # type: ignore[arg-type]
+
+
+def test_t_quantile_matches_the_tables() -> None:
+    assert abs(stats.t_for(0.025, 1) - 12.7062) < 1e-3
+    assert abs(stats.t_for(0.025, 10) - 2.2281) < 1e-3
+    assert abs(stats.t_for(0.005, 30) - 2.7500) < 1e-3
+    assert abs(stats.t_for(1e-6, 100000) - stats.z_for(1e-6)) < 1e-9
+
+
+def test_identical_devices_give_about_the_binomial_width() -> None:
+    devices = [(100, 1000)] * 200  # every device exactly at 10%
+    c = stats.Clusters.of(devices)
+    assert c.count == 200 and c.x == 20_000 and c.n == 200_000
+    assert stats.between_device_variance([c]) == (0.0, 199)
+    plain, clustered = _judge(c.x, 200_000, None), _judge(c.x, 200_000, c)
+    assert 1.0 <= _width(clustered) / _width(plain) < 1.1
+
+
+def test_heterogeneous_devices_widen_the_interval() -> None:
+    # Same totals as above, but half the devices at 5% and half at 15%.
+    c = stats.Clusters.of([(50, 1000), (150, 1000)] * 100)
+    tau2, _ = stats.between_device_variance([c])
+    assert abs(tau2 - 0.05**2) < 2e-4  # the spread of the device rates, not of requests
+    plain, clustered = _judge(c.x, 200_000, None), _judge(c.x, 200_000, c)
+    assert _width(clustered) > 5 * _width(plain)
+    # A cohort of two devices borrows the fleet's between-device variance from the baseline.
+    cohort = stats.Clusters.of([(50, 1000), (150, 1000)])
+    base = _judge(200, 2000, None, base_x=c.x, base_n=200_000)
+    borrowed = _judge(200, 2000, cohort, base_x=c.x, base_n=200_000, base_clusters=c)
+    assert _width(borrowed) > 2 * _width(base)
+    assert borrowed.passed is None
+
+
+def test_few_devices_fall_back_to_the_score_interval() -> None:
+    # One device: no between-device variance to estimate; the Wilson interval judges.
+    one = stats.Clusters.of([(10, 1000)])
+    assert _judge(10, 1000, one) == _judge(10, 1000, None)
+    # Two identical cohort devices against a homogeneous fleet: about Newcombe's width.
+    fleet = stats.Clusters.of([(100, 1000)] * 100)
+    cohort = stats.Clusters.of([(100, 1000)] * 2)
+    plain = _judge(200, 2000, None, base_x=fleet.x, base_n=100_000)
+    clustered = _judge(200, 2000, cohort, base_x=fleet.x, base_n=100_000, base_clusters=fleet)
+    assert 1.0 <= _width(clustered) / _width(plain) < 1.1
+
+
+def test_engine_judges_the_clustered_interval() -> None:
+    # 1.5% against a 1% baseline: a clear failure per request, noise across devices.
+    gate = Gate(GateMetric.ERROR_RATE, 0.0, 0, relative=True, min_effect=0.001)
+    cohort = VersionStats(requests=40_000, errors=600)
+    baseline = VersionStats(requests=400_000, errors=4_000)
+    (naive,) = evaluate_gates([gate], cohort, baseline, 0, 40)
+    assert naive.passed is False
+    spread = [(5, 1000), (25, 1000)] * 20  # device rates 0.5% and 2.5%
+    fleet = [(1, 1000), (19, 1000)] * 200
+    cohort = replace(cohort, error_clusters=stats.Clusters.of(spread))
+    baseline = replace(baseline, error_clusters=stats.Clusters.of(fleet))
+    (clustered,) = evaluate_gates([gate], cohort, baseline, 0, 40)
+    assert clustered.passed is None, clustered.reason
+
+
+def test_device_totals_come_from_the_same_rows() -> None:
+    from tandem.cloud.fleet.observe import version_stats
+    from tandem.cloud.fleet.telemetry import Aggregate, combine
+
+    rows = [
+        Aggregate("a", "m", 1, 0, requests=100, errors=2, shadow_sampled=10, shadow_agreed=9),
+        Aggregate("a", "m", 1, 60_000, requests=50, errors=1),
+        Aggregate("b", "m", 1, 0, requests=30, fallbacks=3, confidence=[0, 10]),
+    ]
+    s = combine("m", 1, rows, 120.0)
+    assert [(d.device_id, d.requests, d.errors, d.answers) for d in s.per_device] == [
+        ("a", 150, 3, 0),
+        ("b", 30, 0, 10),
+    ]
+    assert s.per_device[1].confidence_mass == 10 * 0.75
+    v = version_stats(s)
+    assert v.error_clusters == stats.Clusters.of([(3, 150), (0, 30)])
+    assert v.agreement_clusters is not None and v.agreement_clusters.count == 1

@@ -180,6 +180,7 @@ def evaluate_gates(
             x, n = (est[0] * est[1], est[1]) if est else (0.0, 0)
             bx, bn = (best[0] * best[1], best[1]) if best else (0.0, 0)
             base_value = best[0] if best else None
+            clusters = cohort.accuracy_clusters, baseline.accuracy_clusters
         else:
             x, n, bx, bn = {
                 GateMetric.ERROR_RATE: (
@@ -194,6 +195,13 @@ def evaluate_gates(
                 ),
             }[m]  # fmt: skip
             base_value = bx / bn if bn else None
+            clusters = {
+                GateMetric.ERROR_RATE: (cohort.error_clusters, baseline.error_clusters),
+                GateMetric.FALLBACK_RATE: (cohort.fallback_clusters, baseline.fallback_clusters),
+                GateMetric.SHADOW_AGREEMENT: (
+                    cohort.agreement_clusters, baseline.agreement_clusters
+                ),
+            }[m]  # fmt: skip
         value, v = stats.judge_proportion(
             x=x,
             n=n,
@@ -204,6 +212,10 @@ def evaluate_gates(
             min_samples=gate.min_samples,
             base_x=bx if gate.relative else None,
             base_n=bn,
+            # Device-clustered when the per-device totals are known; the baseline's devices
+            # also inform an absolute gate's between-device variance.
+            clusters=clusters[0],
+            base_clusters=clusters[1],
         )
         results.append(
             GateResult(m, value, gate.threshold, v.passed, n, base_value, v.low, v.high, v.reason)

@@ -7,7 +7,16 @@ A gate is judged through a confidence bound, not a raw ratio:
   over sample-size epochs (epoch k covers n in [2**(k-1), 2**k), and gets alpha / (k (k + 1)),
   which sums to alpha). That is a union bound across epochs, not a strict confidence
   sequence: several looks inside one epoch share its budget, so the realised false-abort rate
-  still has to be measured by simulation (not written yet; issue 12).
+  is measured by simulation (bench/bench_gates.py, bench/results/gates-simulation.txt).
+- Requests on one device are not independent: its inputs make it easy or hard for any model,
+  so devices' rates differ and a cohort of a few devices varies more than its request count
+  says (the binomial width alone let 13% of good versions abort in bench/bench_gates.py when
+  device rates differed). With per-device totals (`Clusters`) the interval is the widest of:
+  the Wilson / Newcombe score interval; a random-effects width, whose between-device variance
+  tau^2 is estimated by moments from every device of both sides (the cohort is a hashed
+  sample of the same fleet, so a canary of two devices borrows the fleet's tau^2); and, from
+  `MIN_ROBUST_CLUSTERS` cohort devices on, the cluster-robust (sandwich, CR1) width with a t
+  quantile on G - 1 degrees of freedom (Welch-Satterthwaite for a difference).
 - "fail" only when the bound shows the cohort is worse than the threshold; "pass" only when it
   shows the cohort is within threshold + `min_effect` (the smallest degradation the gate is
   meant to catch); otherwise "wait".
@@ -23,12 +32,173 @@ A gate is judged through a confidence bound, not a raw ratio:
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
 _NORMAL = NormalDist()
+
+
+# From this many cohort devices on, the cluster-robust (sandwich) variance counts as well.
+MIN_ROBUST_CLUSTERS = 20
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """Moments of per-device (x_i, n_i) totals (successes, trials): enough for the ratio
+    estimator's sandwich variance and the between-device variance, whatever the count."""
+
+    count: int = 0  # devices with n_i > 0
+    x: float = 0.0
+    n: float = 0.0
+    xx: float = 0.0  # sum x_i^2
+    xn: float = 0.0  # sum x_i n_i
+    nn: float = 0.0  # sum n_i^2
+    nnn: float = 0.0  # sum n_i^3
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[float, float]]) -> Clusters:
+        g = 0
+        x = n = xx = xn = nn = nnn = 0.0
+        for xi, ni in pairs:
+            if ni <= 0:
+                continue
+            g += 1
+            x, n = x + xi, n + ni
+            xx, xn, nn, nnn = xx + xi * xi, xn + xi * ni, nn + ni * ni, nnn + ni**3
+        return cls(g, x, n, xx, xn, nn, nnn)
+
+    def residual_ss(self) -> float:
+        """sum (x_i - p n_i)^2 with p = x / n."""
+        if self.n <= 0:
+            return 0.0
+        p = self.x / self.n
+        return max(0.0, self.xx - 2 * p * self.xn + p * p * self.nn)
+
+    def sandwich(self) -> float | None:
+        """The CR1 cluster-robust variance of x / n; None under two devices."""
+        if self.count < 2 or self.n <= 0:
+            return None
+        return self.count / (self.count - 1) * self.residual_ss() / (self.n * self.n)
+
+
+def between_device_variance(sides: Sequence[Clusters]) -> tuple[float, int]:
+    """(tau^2, degrees of freedom): the variance of device rates around their side's rate,
+    by moments under x_i ~ n_i p (1 - p) + n_i^2 tau^2, pooled over the sides."""
+    num = den = 0.0
+    df = 0
+    for c in sides:
+        if c.count < 2 or c.n <= 0:
+            continue
+        p = min(max(c.x / c.n, 0.0), 1.0)
+        num += c.residual_ss() - p * (1 - p) * (c.n - c.nn / c.n)
+        den += c.nn - 2 * c.nnn / c.n + c.nn * c.nn / (c.n * c.n)
+        df += c.count - 1
+    if den <= 0 or df == 0:
+        return 0.0, 0
+    return max(0.0, num / den), df
+
+
+def random_effects_variance(c: Clusters, tau2: float) -> float:
+    """The variance of x / n over devices drawn from a fleet with between-device `tau2`."""
+    p = min(max(c.x / c.n, 0.0), 1.0)
+    return (p * (1 - p) * c.n + tau2 * c.nn) / (c.n * c.n)
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularized incomplete beta (Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-13:
+            break
+    return h
+
+
+def t_sf(t: float, df: float) -> float:
+    """P(T > t) for Student's t with `df` degrees of freedom (t >= 0)."""
+    x = df / (df + t * t)
+    a, b = df / 2.0, 0.5
+    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    front = math.exp(lbeta + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        inc = front * _betacf(a, b, x) / a
+    else:
+        inc = 1.0 - front * _betacf(b, a, 1.0 - x) / b
+    return 0.5 * inc
+
+
+@functools.lru_cache(maxsize=4096)
+def t_for(alpha: float, df: int) -> float:
+    """The one-sided Student t quantile: P(T > t) = alpha (bisection on log t). Cached: the
+    engine asks for few distinct (alpha, df) pairs (alpha per epoch, whole df)."""
+    z = z_for(alpha)
+    if df >= 1e4:
+        return z
+    lo, hi = z, z
+    while t_sf(hi, df) > alpha:
+        hi *= 2.0
+        if hi > 1e12:
+            return hi
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        if t_sf(mid, df) > alpha:
+            lo = mid
+        else:
+            hi = mid
+        if hi / lo < 1 + 1e-9:
+            break
+    return hi
+
+
+def clustered_halfwidths(
+    alpha: float, cohort: Clusters, baseline: Clusters | None, relative: bool
+) -> list[float]:
+    """Half-widths beyond the score interval (see the module doc): the random-effects one,
+    and the sandwich-t one from `MIN_ROBUST_CLUSTERS` cohort devices on."""
+    if cohort.n <= 0 or (relative and (baseline is None or baseline.n <= 0)):
+        return []
+    sides = [cohort] + ([baseline] if baseline is not None and baseline.n > 0 else [])
+    tau2, df = between_device_variance(sides)
+    out = []
+    if df > 0:
+        var = random_effects_variance(cohort, tau2)
+        if relative:
+            assert baseline is not None
+            var += random_effects_variance(baseline, tau2)
+        out.append(t_for(alpha, df) * math.sqrt(var))
+    vc = cohort.sandwich()
+    if cohort.count >= MIN_ROBUST_CLUSTERS and vc is not None:
+        if not relative:
+            out.append(t_for(alpha, cohort.count - 1) * math.sqrt(vc))
+        else:
+            assert baseline is not None
+            vb = baseline.sandwich()
+            if vb is not None and vc + vb > 0:
+                # Welch-Satterthwaite degrees of freedom of the sum of the two variances.
+                dfs = (vc + vb) ** 2 / (
+                    vc * vc / (cohort.count - 1) + vb * vb / (baseline.count - 1)
+                )
+                # Rounded down: fewer degrees of freedom, a wider quantile.
+                out.append(t_for(alpha, max(1, int(dfs))) * math.sqrt(vc + vb))
+    return out
 
 
 @dataclass(frozen=True)
@@ -83,8 +253,11 @@ def judge_proportion(
     min_samples: int,
     base_x: float | None = None,
     base_n: int = 0,
+    clusters: Clusters | None = None,
+    base_clusters: Clusters | None = None,
 ) -> tuple[float | None, Verdict]:
     """Judges a proportion x/n (or, with a baseline, its difference to base_x/base_n).
+    With per-device `clusters` (and the baseline's) the interval is device-clustered.
 
     Returns (value, verdict). value is the proportion, or for relative gates the degradation
     (cohort - baseline, or baseline - cohort when higher is better)."""
@@ -92,7 +265,8 @@ def judge_proportion(
     if n <= 0 or (relative and base_n <= 0):
         what = "no cohort samples" if n <= 0 else "no baseline samples"
         return None, Verdict(None, None, None, what)
-    z = z_for(spent_alpha(alpha, n))
+    a = spent_alpha(alpha, n)
+    z = z_for(a)
     if relative:
         assert base_x is not None
         d, lo, hi = difference(x, n, base_x, base_n, z)
@@ -105,6 +279,14 @@ def judge_proportion(
         value = x / n
         low, high = wilson(x, n, z)
         hib = higher_is_better
+    if clusters is not None:
+        for half in clustered_halfwidths(a, clusters, base_clusters, relative):
+            low, high = min(low, value - half), max(high, value + half)
+        if not relative:
+            low, high = max(0.0, low), min(1.0, high)
+    if relative:
+        worse_bound, better_bound = low, high
+    else:
         worse_bound, better_bound = (high, low) if hib else (low, high)
     if n < min_samples:
         return value, Verdict(None, low, high, f"{n} of {min_samples} samples")

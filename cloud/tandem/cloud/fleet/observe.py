@@ -9,8 +9,9 @@ from tandem.sdk.histogram import LogHistogram
 
 from . import engine as eng
 from .errors import NotFoundError
+from .gates import Clusters
 from .store import Artifact, Device, Rollout, Store, pick_variant
-from .telemetry import TelemetryStats
+from .telemetry import DeviceTotals, TelemetryStats
 
 
 def observation(store: Store, r: Rollout, now: float, targets: Sequence[Device]) -> eng.Observation:
@@ -99,4 +100,18 @@ def version_stats(
         latency_layout=hist.layout if hist is not None else None,
         confidence_buckets=stats.confidence_buckets,
         confidence_sum=stats.confidence_sum,
+        **clusters(stats.per_device),
     )
+
+
+def clusters(devices: Sequence[DeviceTotals]) -> dict[str, Clusters | None]:
+    """The per-device moments of each proportion (gates.Clusters), for the VersionStats
+    fields of the same names; None without per-device totals."""
+    if not devices:
+        return {}
+    return {
+        "error_clusters": Clusters.of((d.errors, d.requests) for d in devices),
+        "fallback_clusters": Clusters.of((d.fallbacks, d.requests) for d in devices),
+        "agreement_clusters": Clusters.of((d.shadow_agreed, d.shadow_sampled) for d in devices),
+        "accuracy_clusters": Clusters.of((d.confidence_mass, d.answers) for d in devices),
+    }

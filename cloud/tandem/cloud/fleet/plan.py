@@ -17,6 +17,8 @@ from typing import Any
 
 from tandem.errors import ConfigError
 
+from .gates import Clusters
+
 # --- the plan -----------------------------------------------------------------------------
 
 
@@ -323,6 +325,12 @@ class VersionStats(Rates):
     # Merged confidence buckets (linear over [0, 1]) of the local answers.
     confidence_buckets: tuple[int, ...] = ()
     confidence_sum: float = 0.0  # their sum when known: the exact mean (see gates)
+    # Per-device totals of the proportions (successes, trials on each device) as moments:
+    # the gates' device-clustered variance (gates.Clusters). None: only totals are known.
+    error_clusters: Clusters | None = None  # (errors, requests)
+    fallback_clusters: Clusters | None = None  # (fallbacks, requests)
+    agreement_clusters: Clusters | None = None  # (shadow_agreed, shadow_sampled)
+    accuracy_clusters: Clusters | None = None  # (confidence mass, local answers)
 
 
 @dataclass(frozen=True)

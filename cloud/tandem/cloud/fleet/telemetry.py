@@ -172,6 +172,48 @@ def summarize_summaries(
 
 
 @dataclass(frozen=True)
+class DeviceTotals:
+    """One device's totals of one version over the span: a cluster for the gates."""
+
+    device_id: str
+    requests: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    shadow_sampled: int = 0
+    shadow_agreed: int = 0
+    answers: int = 0  # local answers with a confidence
+    confidence_mass: float = 0.0  # their estimated-accuracy mass (mean confidence x answers)
+
+
+def device_totals(rows: Sequence[Aggregate]) -> tuple[DeviceTotals, ...]:
+    """The rows (any windows) summed per device, in device order."""
+    by: dict[str, Aggregate] = {}
+    for r in rows:
+        agg = by.get(r.device_id)
+        if agg is None:
+            agg = by[r.device_id] = Aggregate(r.device_id, r.model, r.version, 0)
+            agg.latency_local = None
+        agg.requests += r.requests
+        agg.errors += r.errors
+        agg.fallbacks += r.fallbacks
+        agg.shadow_sampled += r.shadow_sampled
+        agg.shadow_agreed += r.shadow_agreed
+        agg.confidence = merge_confidence(agg.confidence, r.confidence)
+        agg.confidence_sum += r.confidence_sum
+    out = []
+    for device_id in sorted(by):
+        a = by[device_id]
+        est = estimated_accuracy(a.confidence, a.confidence_sum)
+        out.append(
+            DeviceTotals(
+                device_id, a.requests, a.errors, a.fallbacks, a.shadow_sampled,
+                a.shadow_agreed, est[1] if est else 0, est[0] * est[1] if est else 0.0,
+            )
+        )  # fmt: skip
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class TelemetryStats(Rates):
     """Totals and rates of one model version over devices and a time span."""
 
@@ -194,6 +236,8 @@ class TelemetryStats(Rates):
     # Their sum, when every device sent it (0.0 otherwise): the exact mean confidence.
     confidence_sum: float = 0.0
     latency_local: LogHistogram | None = field(default=None, compare=False, repr=False)
+    # Each device's totals (from the same rows: no extra query), for the clustered gates.
+    per_device: tuple[DeviceTotals, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def estimated_accuracy(self) -> float | None:
@@ -259,4 +303,5 @@ def combine(model: str, version: int, rows: Sequence[Aggregate], span_s: float) 
         confidence_buckets=tuple(confidence),
         confidence_sum=confidence_sum,
         latency_local=local,
+        per_device=device_totals(rows),
     )
