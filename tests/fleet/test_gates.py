@@ -121,6 +121,19 @@ def test_heterogeneous_devices_widen_the_interval() -> None:
     assert borrowed.passed is None
 
 
+def test_between_device_variance_never_exceeds_what_rates_in_0_1_allow() -> None:
+    # Two devices at opposite extremes with little traffic each: the moment estimate
+    # overshoots; rates in [0, 1] around a mean p vary by at most p (1 - p).
+    c = stats.Clusters.of([(0, 3), (40, 40)])
+    tau2, df = stats.between_device_variance([c])
+    p = 40 / 43
+    assert df == 1
+    assert tau2 == pytest.approx(p * (1 - p))
+    verdict = _judge(40, 43, c, base_x=40, base_n=43, base_clusters=c)
+    assert verdict.low is not None and verdict.high is not None
+    assert -1.0 <= verdict.low and verdict.high <= 1.0
+
+
 def test_few_devices_fall_back_to_the_score_interval() -> None:
     # One device: no between-device variance to estimate; the Wilson interval judges.
     one = stats.Clusters.of([(10, 1000)])

@@ -98,7 +98,13 @@ def between_device_variance(sides: Sequence[Clusters]) -> tuple[float, int]:
         df += c.count - 1
     if den <= 0 or df == 0:
         return 0.0, 0
-    return max(0.0, num / den), df
+    # Rates lie in [0, 1], so their variance around a mean p is at most p (1 - p); the moment
+    # estimate from a handful of devices can overshoot that and give a degradation interval
+    # wider than [-1, 1] (seen on the demo's four devices).
+    total_x = sum(c.x for c in sides if c.n > 0)
+    total_n = sum(c.n for c in sides if c.n > 0)
+    p = min(max(total_x / total_n, 0.0), 1.0)
+    return min(max(0.0, num / den), p * (1 - p)), df
 
 
 def random_effects_variance(c: Clusters, tau2: float) -> float:
@@ -282,8 +288,10 @@ def judge_proportion(
     if clusters is not None:
         for half in clustered_halfwidths(a, clusters, base_clusters, relative):
             low, high = min(low, value - half), max(high, value + half)
-        if not relative:
-            low, high = max(0.0, low), min(1.0, high)
+        # A proportion lies in [0, 1], a difference of two in [-1, 1].
+        low, high = (
+            (max(0.0, low), min(1.0, high)) if not relative else (max(-1.0, low), min(1.0, high))
+        )
     if relative:
         worse_bound, better_bound = low, high
     else:
