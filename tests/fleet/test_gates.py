@@ -131,7 +131,7 @@ def test_between_device_variance_never_exceeds_what_rates_in_0_1_allow() -> None
     assert tau2 == pytest.approx(p * (1 - p))
     verdict = _judge(40, 43, c, base_x=40, base_n=43, base_clusters=c)
     assert verdict.low is not None and verdict.high is not None
-    assert -1.0 <= verdict.low and verdict.high <= 1.0
+    assert verdict.low >= -1.0 and verdict.high <= 1.0
 
 
 def test_few_devices_fall_back_to_the_score_interval() -> None:
