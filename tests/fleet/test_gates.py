@@ -134,6 +134,19 @@ def test_between_device_variance_never_exceeds_what_rates_in_0_1_allow() -> None
     assert verdict.low >= -1.0 and verdict.high <= 1.0
 
 
+def test_a_one_device_canary_in_a_like_fleet_gets_about_the_score_interval() -> None:
+    # The demo's first stage: one cohort device, 264 shadow samples at 0.99 agreement, against
+    # three baseline devices at about 0.999 (tau^2 about 0, 2 df). The t quantile of 2 df
+    # applies to the between-device part only; on the whole variance it gave +-0.3.
+    cohort = stats.Clusters.of([(261, 264)])
+    base = stats.Clusters.of([(999, 1000), (998, 1000), (1000, 1000)])
+    kw = dict(higher_is_better=True, threshold=0.15, base_x=base.x, base_n=3000)
+    plain = _judge(261, 264, None, **kw)
+    clustered = _judge(261, 264, cohort, base_clusters=base, **kw)
+    assert _width(clustered) < 1.5 * _width(plain)
+    assert clustered.passed is True
+
+
 def test_few_devices_fall_back_to_the_score_interval() -> None:
     # One device: no between-device variance to estimate; the Wilson interval judges.
     one = stats.Clusters.of([(10, 1000)])

