@@ -27,39 +27,9 @@ from tandem.cloud.build.signing import Signer, generate_keypair  # noqa: E402
 from tandem.errors import InputError, SignatureError, TandemError  # noqa: E402
 from tandem.sdk.artifacts import TrustedKeys, load_public_key_raw  # noqa: E402
 from tandem.sdk.generation import LocalGenerator  # noqa: E402
+from tests.support.tiny_llm import EOS, VOCAB, tiny_model, tiny_tokenizer_json  # noqa: E402
 
-VOCAB = 64
-EOS = 1
 PROMPTS = ("w5 w9 w3", "w10 w11", "w40 w2 w7 w7", "w33")
-
-
-def tiny_model() -> Any:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        initializer_range=0.3,  # peaked logits: greedy picks that random init leaves clear
-        rope_theta=10000.0,
-        bos_token_id=None,
-        eos_token_id=EOS,
-        pad_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def tiny_tokenizer_json() -> str:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<eos>": EOS, **{f"w{i}": i for i in range(2, VOCAB)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return str(tokenizer.to_str())
 
 
 @pytest.fixture(scope="module")

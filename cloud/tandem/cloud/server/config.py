@@ -196,12 +196,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: Path) -> ModelConfig:
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RepositoryError(f"cannot read {path}: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise RepositoryError(f"{path}: expected a JSON object")
+        raw = read_json_object(path)
         try:
             config = cls.from_dict(raw)
         except ConfigError as exc:
@@ -211,6 +206,18 @@ class ModelConfig:
                 f"{path}: name {config.name!r} differs from its folder {path.parent.name!r}"
             )
         return config
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A repository file that must hold one JSON object (config.json, generation.json);
+    RepositoryError names the file when it cannot be read or holds something else."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RepositoryError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RepositoryError(f"{path}: expected a JSON object")
+    return raw
 
 
 @dataclass(frozen=True)
