@@ -35,6 +35,25 @@ from tandem.errors import (
 from tandem.sdk.artifacts import TrustedKeys
 from tandem.sdk.cache import CacheConfig, PredictionCache, cache_key
 from tandem.sdk.cloud import CloudClient, CloudConfig
+from tandem.sdk.generation.api import (
+    AsyncGenerationStream,
+    GenerationStream,
+    GenerativeVariant,
+    GeneratorPool,
+    prompt_ids,
+)
+from tandem.sdk.generation.session import (
+    DEFAULT_CASCADE_THRESHOLD,
+    DEFAULT_CASCADE_WINDOW,
+    GENERATION_ONLY,
+    AsyncCloud,
+    GenerationResult,
+    Run,
+    Settings,
+    SyncCloud,
+    run_async,
+    run_sync,
+)
 from tandem.sdk.local import (
     LocalModel,
     LocalModels,
@@ -93,6 +112,10 @@ class Client:
         if not model:
             raise ConfigError("model", "a model name is needed")
         self.model = model
+        # generate()'s default policy; "speculative" exists only there (infer prefers local)
+        self.generation_policy = policy if isinstance(policy, str) else policy.name
+        if policy in GENERATION_ONLY:
+            policy = "prefer_local"
         self.policy = make_policy(policy, **policy_settings)
         self.cloud_config = _cloud_config(cloud, token, tls)
         if artifacts is None and self.cloud_config is None:
@@ -147,6 +170,23 @@ class Client:
         if shadow is not None and shadow.fraction > 0:
             self.shadow = ShadowSampler(shadow, self._shadow_call, self.telemetry.record_shadow)
         self._shadow_offer = self.shadow.offer if self.shadow is not None else None
+        self._trusted = TrustedKeys.from_files(trusted_keys) if trusted_keys else None
+        self._generators: GeneratorPool | None = None
+        self._generators_lock = threading.Lock()
+        # Generation counters for stats(); not yet in the telemetry summaries (issue 14).
+        self._generation_totals: dict[str, float] = dict.fromkeys(
+            (
+                "generations",
+                "errors",
+                "tokens_local",
+                "tokens_cloud",
+                "drafted",
+                "accepted",
+                "escalations",
+                "seconds",
+            ),
+            0,
+        )
 
     # --- public API ------------------------------------------------------------------------
 
@@ -325,6 +365,187 @@ class Client:
             raise CloudError("breaker open: shadow sample skipped")
         return self.cloud.infer(feeds, timeout_ms=timeout_ms).outputs
 
+    # --- generation ------------------------------------------------------------------------
+
+    def _generator_pool(self) -> GeneratorPool | None:
+        """The pool over the store's active generative variant (None without one); a new
+        active version gets a new pool."""
+        if self.local_models is None:
+            return None
+        with self._generators_lock:
+            try:
+                version, _variants = self.local_models.store.active_variants(self.model)
+                pool = self._generators
+                if pool is None or pool.variant.version != version:
+                    found = GenerativeVariant.find(
+                        self.local_models.store, self.model, self._trusted
+                    )
+                    self._generators = pool = GeneratorPool(found)
+            except TandemError as exc:
+                log.debug("no local generative variant of %s: %s", self.model, exc)
+                return None
+            return pool
+
+    def _generation(
+        self,
+        prompt: Any,
+        max_tokens: int,
+        policy: str | None,
+        cascade_threshold: float | None,
+        cascade_window: int | None,
+        draft_tokens: int,
+    ) -> tuple[Run, Any, GeneratorPool | None]:
+        """Everything checked before the first token: a bad call raises here, not mid-stream."""
+        if self._state == "closed":
+            raise ClientClosedError("the client is closed")
+        pool = self._generator_pool()
+        config = pool.variant.config if pool is not None else {}
+        settings = Settings(
+            policy=policy or self.generation_policy,
+            model=self.cloud.model if self.cloud is not None else self.model,
+            max_tokens=max_tokens,
+            has_local=pool is not None,
+            has_cloud=self.cloud is not None,
+            cascade_threshold=float(
+                cascade_threshold
+                if cascade_threshold is not None
+                else config.get("cascade_threshold", DEFAULT_CASCADE_THRESHOLD)
+            ),
+            cascade_window=int(
+                cascade_window
+                if cascade_window is not None
+                else config.get("cascade_window", DEFAULT_CASCADE_WINDOW)
+            ),
+            draft_tokens=draft_tokens,
+        )
+        if settings.policy in ("cloud_only", "prefer_local") and pool is None:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InputError(
+                    "without a local generative variant the prompt must be a non-empty string "
+                    "(chat messages need the variant's chat template)"
+                )
+            run = Run(settings, [], frozenset(), None, None, text=prompt)
+            return run, None, None
+        tokenizer = pool.tokenizer if pool is not None else None
+        ids = prompt_ids(prompt, tokenizer, config)
+        generator = pool.take() if pool is not None else None
+        decode = tokenizer.decode if tokenizer is not None else None
+        eos = tokenizer.eos_ids if tokenizer is not None else frozenset()
+        try:
+            run = Run(settings, ids, eos, generator, decode)
+        except BaseException:
+            if pool is not None and generator is not None:
+                pool.give(generator)
+            raise
+        return run, generator, pool
+
+    def _generation_done(
+        self, run: Run, ok: bool, generator: Any, pool: GeneratorPool | None
+    ) -> None:
+        if pool is not None and generator is not None:
+            pool.give(generator)
+        result, state = run.result, run.state
+        with self._generators_lock:
+            totals = self._generation_totals
+            totals["generations"] += 1
+            totals["errors"] += 0 if ok and result is not None else 1
+            totals["tokens_local"] += state.sources["local"]
+            totals["tokens_cloud"] += state.sources["cloud"]
+            totals["drafted"] += state.drafted
+            totals["accepted"] += state.accepted
+            totals["escalations"] += 1 if state.escalated else 0
+            totals["seconds"] += result.seconds if result is not None else 0.0
+
+    def _sync_cloud(self) -> SyncCloud | None:
+        if self.cloud is None:
+            return None
+        endpoint = self.cloud.generation_endpoint()
+        return SyncCloud(endpoint.stub, self.cloud.call_metadata, self._generation_timeout())
+
+    def _async_cloud(self) -> AsyncCloud | None:
+        if self.cloud is None:
+            return None
+        endpoint = self.cloud.generation_endpoint()
+        return AsyncCloud(endpoint.aio_stub(), self.cloud.call_metadata, self._generation_timeout())
+
+    def _generation_timeout(self) -> float:
+        return max(60.0, 10 * (self.cloud_config.timeout_ms if self.cloud_config else 0) / 1e3)
+
+    def generate(
+        self,
+        prompt_or_messages: str | Sequence[Mapping[str, str]],
+        max_tokens: int = 64,
+        stream: bool = True,
+        *,
+        policy: str | None = None,
+        cascade_threshold: float | None = None,
+        cascade_window: int | None = None,
+        draft_tokens: int = 4,
+    ) -> GenerationStream | GenerationResult:
+        """Greedy text generation under a generation policy (default: the client's).
+
+        stream=True returns a GenerationStream of tokens (`.id`, `.text`, `.source`) whose
+        `.result` holds the GenerationResult once exhausted; stream=False returns the
+        GenerationResult. Bad input raises before the first token (tandem.errors)."""
+        run, generator, pool = self._generation(
+            prompt_or_messages, max_tokens, policy, cascade_threshold, cascade_window, draft_tokens
+        )
+        try:
+            cloud = self._sync_cloud() if run.settings.policy != "local_only" else None
+        except TandemError:
+            if run.settings.policy in ("cloud_only", "speculative"):
+                self._generation_done(run, False, generator, pool)
+                raise
+            cloud = None
+        tokens = GenerationStream(
+            run, run_sync(run, cloud), lambda r, ok: self._generation_done(r, ok, generator, pool)
+        )
+        if stream:
+            return tokens
+        for _token in tokens:
+            pass
+        assert tokens.result is not None
+        return tokens.result
+
+    async def agenerate(
+        self,
+        prompt_or_messages: str | Sequence[Mapping[str, str]],
+        max_tokens: int = 64,
+        stream: bool = True,
+        *,
+        policy: str | None = None,
+        cascade_threshold: float | None = None,
+        cascade_window: int | None = None,
+        draft_tokens: int = 4,
+    ) -> AsyncGenerationStream | GenerationResult:
+        """`generate` on the event loop (grpc.aio; local steps in a worker thread): the same
+        plan, so the same tokens. `stream = await client.agenerate(...)`, then `async for`."""
+        run, generator, pool = await asyncio.to_thread(
+            self._generation,
+            prompt_or_messages,
+            max_tokens,
+            policy,
+            cascade_threshold,
+            cascade_window,
+            draft_tokens,
+        )
+        try:
+            cloud = self._async_cloud() if run.settings.policy != "local_only" else None
+        except TandemError:
+            if run.settings.policy in ("cloud_only", "speculative"):
+                self._generation_done(run, False, generator, pool)
+                raise
+            cloud = None
+        tokens = AsyncGenerationStream(
+            run, run_async(run, cloud), lambda r, ok: self._generation_done(r, ok, generator, pool)
+        )
+        if stream:
+            return tokens
+        async for _token in tokens:
+            pass
+        assert tokens.result is not None
+        return tokens.result
+
     def stats(self) -> dict[str, Any]:
         """Counters for logs and the CLI."""
         models = self.local_models
@@ -353,7 +574,21 @@ class Client:
                 if self.shadow is not None
                 else None
             ),
+            "generation": self._generation_stats(),
         }
+
+    def _generation_stats(self) -> dict[str, float]:
+        with self._generators_lock:
+            totals = dict(self._generation_totals)
+        tokens = totals["tokens_local"] + totals["tokens_cloud"]
+        totals["tokens_per_s"] = tokens / totals["seconds"] if totals["seconds"] else 0.0
+        totals["acceptance_rate"] = (
+            totals["accepted"] / totals["drafted"] if totals["drafted"] else 0.0
+        )
+        totals["escalation_rate"] = (
+            totals["escalations"] / totals["generations"] if totals["generations"] else 0.0
+        )
+        return totals
 
     def close(self) -> None:
         """Stops the background threads, flushes telemetry and closes the channels."""

@@ -333,6 +333,20 @@ class CloudClient:
         states = ", ".join(f"{e.address}={e.state()}" for e in self.endpoints)
         raise CircuitOpenError(f"no cloud endpoint may be called: breakers {states}")
 
+    @property
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata every call carries (the bearer token), for the generation calls."""
+        return self._metadata
+
+    def generation_endpoint(self) -> Endpoint:
+        """Where a generation goes: the first endpoint whose breaker allows a call (a token
+        stream is one long call; its fallback is the generation policy's, not a retry)."""
+        now = time.monotonic()
+        for endpoint in self.endpoints:
+            if endpoint.breaker.allows(now):
+                return endpoint
+        return self.endpoints[0]
+
     def _deadline(self, timeout_ms: float | None) -> float:
         return time.monotonic() + (timeout_ms or self.config.timeout_ms) / 1e3
 
