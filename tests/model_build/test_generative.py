@@ -27,7 +27,7 @@ from tandem.cloud.build.signing import Signer, generate_keypair  # noqa: E402
 from tandem.errors import InputError, SignatureError, TandemError  # noqa: E402
 from tandem.sdk.artifacts import TrustedKeys, load_public_key_raw  # noqa: E402
 from tandem.sdk.generation import LocalGenerator  # noqa: E402
-from tests.support.tiny_llm import EOS, VOCAB, tiny_model, tiny_tokenizer_json  # noqa: E402
+from tests.support.tiny_llm import EOS, VOCAB, tiny_model, tiny_source  # noqa: E402
 
 PROMPTS = ("w5 w9 w3", "w10 w11", "w40 w2 w7 w7", "w33")
 
@@ -39,15 +39,7 @@ def model() -> Any:
 
 @pytest.fixture(scope="module")
 def source(model: Any) -> Source:
-    return Source(
-        name="tiny random Llama",
-        digest="tiny-0",
-        load_model=lambda: model,
-        tokenizer_json=tiny_tokenizer_json(),
-        bos_token_id=None,
-        eos_token_ids=(EOS,),
-        max_context=128,
-    )
+    return tiny_source(model)
 
 
 def _context(root: Path, **options: Any) -> BuildContext:

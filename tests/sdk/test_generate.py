@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
 from tandem.cloud.build.context import BuildContext
-from tandem.cloud.build.generative import Source, build_generative
+from tandem.cloud.build.generative import build_generative
 from tandem.cloud.build.signing import Signer, generate_keypair
 from tandem.errors import CloudError, ConfigError, InputError
 from tandem.sdk import Client
@@ -29,11 +29,10 @@ from tandem.sdk.generation import LocalGenerator
 from tests.cloud.conftest import ServerProcess, start_server
 from tests.support.proxy import FaultProxy
 from tests.support.tiny_llm import (
-    EOS,
     repository_entry,
     save_folder,
     tiny_model,
-    tiny_tokenizer_json,
+    tiny_source,
 )
 
 MODEL = "tiny"
@@ -70,15 +69,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cache_dir=root / ".cache",
         options={"steps": 8, "timed_prompts": 1, "min_agreement": 0.5},
     )
-    source = Source(
-        name="tiny random Llama",
-        digest="tiny-0",
-        load_model=lambda: model,
-        tokenizer_json=tiny_tokenizer_json(),
-        bos_token_id=None,
-        eos_token_ids=(EOS,),
-        max_context=128,
-    )
+    source = tiny_source(model)
     build_generative(ctx, source, ("w5 w9 w3", "w10 w11", "w40 w2 w7 w7"))
     return root
 

@@ -56,6 +56,21 @@ def tiny_tokenizer_json() -> str:
     return str(tokenizer.to_str())
 
 
+def tiny_source(model: Any) -> Any:
+    """The generative build's `Source` over `model` (imported here: tandem.cloud needs torch)."""
+    from tandem.cloud.build.generative import Source
+
+    return Source(
+        name="tiny random Llama",
+        digest="tiny-0",
+        load_model=lambda: model,
+        tokenizer_json=tiny_tokenizer_json(),
+        bos_token_id=None,
+        eos_token_ids=(EOS,),
+        max_context=128,
+    )
+
+
 def save_folder(model: Any, folder: Path) -> Path:
     """`model` (from tiny_model) and the tokenizer as a transformers folder, loadable offline
     by AutoModelForCausalLM / AutoTokenizer.from_pretrained(folder)."""
