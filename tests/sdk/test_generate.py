@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,8 @@ def test_speculative_equals_cloud_only_on_100_prompts(client: Client) -> None:
     drafted = accepted = 0
     rejected_rounds = 0
     before = client.stats()["generation"]
+    mark_ms = int(time.time() * 1000)
+    client.telemetry.flush()  # the summaries from here on cover this loop only
     for i in range(100):
         prompt = _prompt(rng)
         cloud = client.generate(prompt, max_tokens=10, stream=False, policy="cloud_only")
@@ -115,6 +118,22 @@ def test_speculative_equals_cloud_only_on_100_prompts(client: Client) -> None:
     assert after["drafted"] - before["drafted"] == drafted
     assert after["accepted"] - before["accepted"] == accepted
     assert 0 < after["acceptance_rate"] < 1 and after["tokens_per_s"] > 0
+    # ... and so did the telemetry summaries the agent forwards to the fleet (issue 14)
+    client.telemetry.flush()
+    sent = [x for x in client.telemetry.summaries if x.interval_start_ms >= mark_ms]
+    assert sum(x.generations for x in sent) == 200
+    assert sum(x.generation_errors for x in sent) == 0
+    assert sum(x.drafted for x in sent) == drafted
+    assert sum(x.accepted for x in sent) == accepted
+    assert sum(x.generated_tokens for x in sent) == (
+        after["tokens_local"]
+        + after["tokens_cloud"]
+        - before["tokens_local"]
+        - before["tokens_cloud"]
+    )
+    seconds = sum(x.generation_seconds for x in sent)
+    assert seconds == pytest.approx(after["seconds"] - before["seconds"])
+    assert sum(x.ttft_ms.count for x in sent) == 200
 
 
 def test_local_only_streams_the_device_greedy(client: Client, zoo: Path) -> None:

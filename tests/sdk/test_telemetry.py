@@ -81,6 +81,37 @@ def test_recorder_summaries_and_spool(tmp_path: Path) -> None:
     assert rec.flush() == []  # a new interval with nothing in it writes nothing
 
 
+def test_generations_go_into_the_same_summary(tmp_path: Path) -> None:
+    rec = TelemetryRecorder(TelemetryConfig(spool_dir=tmp_path, device_id="dev-1", interval_s=3600))
+    rec.record("tiny", 1, "onnx", "local", "ok", 0.5, None, None, False, False)
+    # speculative: 8 drafted, 6 accepted; cascade handed over; a local run with no drafts
+    rec.record_generation(
+        "tiny", 1, finished=True, tokens=10, seconds=0.5, drafted=8, accepted=6, ttft_ms=20.0
+    )
+    rec.record_generation(
+        "tiny", 1, finished=True, tokens=30, seconds=1.5, escalated=True, ttft_ms=80.0
+    )
+    rec.record_generation("tiny", 1, finished=True, tokens=0, seconds=0.1)  # no first token
+    # one that raised or was abandoned: an error, and none of its partial figures
+    rec.record_generation("tiny", 1, finished=False, tokens=5, seconds=9.0, drafted=4)
+    rec.record_generation("tiny", 2, finished=True, tokens=4, seconds=1.0)
+    by_version = {s.version: s for s in rec.flush()}
+    s = by_version[1]
+    assert s.requests == 1  # infer() and generate() share the model version's summary
+    assert (s.generations, s.generation_errors) == (3, 1)
+    assert s.generated_tokens == 40 and s.generation_seconds == pytest.approx(2.1)
+    assert (s.drafted, s.accepted, s.escalations) == (8, 6, 1)
+    assert s.ttft_ms.count == 2 and s.ttft_ms.sum == pytest.approx(100.0)
+    ttft = LogHistogram.from_proto(s.ttft_ms)
+    assert ttft is not None and ttft.quantile(0.99) == pytest.approx(80.0, rel=0.2)
+    other = by_version[2]
+    assert (other.generations, other.generated_tokens, other.requests) == (1, 4, 0)
+    assert not other.HasField("ttft_ms")
+    # what the agent reads from the spool carries them unchanged
+    spooled = {x.version: x for f in tmp_path.iterdir() for x in read_spool_file(f)}
+    assert spooled[1] == s and spooled[2] == other
+
+
 def test_spool_is_bounded_and_failures_are_caught(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     rec = TelemetryRecorder(TelemetryConfig(spool_dir=spool, interval_s=3600, max_spool_files=3))

@@ -173,7 +173,7 @@ class Client:
         self._trusted = TrustedKeys.from_files(trusted_keys) if trusted_keys else None
         self._generators: GeneratorPool | None = None
         self._generators_lock = threading.Lock()
-        # Generation counters for stats(); not yet in the telemetry summaries (issue 14).
+        # Generation counters for stats(); the telemetry summaries carry them too.
         self._generation_totals: dict[str, float] = dict.fromkeys(
             (
                 "generations",
@@ -455,6 +455,18 @@ class Client:
             totals["accepted"] += state.accepted
             totals["escalations"] += 1 if state.escalated else 0
             totals["seconds"] += result.seconds if result is not None else 0.0
+        finished = ok and result is not None
+        self.telemetry.record_generation(
+            self.model,
+            pool.variant.version if pool is not None else 0,
+            finished=finished,
+            tokens=len(result.token_ids) if result is not None else 0,
+            seconds=result.seconds if result is not None else 0.0,
+            drafted=state.drafted,
+            accepted=state.accepted,
+            escalated=state.escalated,
+            ttft_ms=result.ttft_ms if result is not None else None,
+        )
 
     def _sync_cloud(self) -> SyncCloud | None:
         if self.cloud is None:

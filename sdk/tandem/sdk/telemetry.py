@@ -8,6 +8,11 @@ one file, `<summary_id>.pb.zst` = zstd(TelemetryBatch{summaries: [summary]}), wr
 temporary name and renamed, so the agent only ever sees whole files. The agent ships them and
 deletes each after the fleet acknowledges it. When the deque is full the oldest events are
 dropped rather than blocking the caller; the recorder catches and logs its own failures.
+
+Text generations (`record_generation`, one event per generation that ended) go into the same
+per-(model, version) summary: counts, tokens and seconds summed (tokens/s is their ratio over
+any set of summaries), drafted and accepted tokens, escalations, and a time-to-first-token
+histogram on the latency histograms' layout.
 """
 
 from __future__ import annotations
@@ -86,12 +91,21 @@ class _Aggregate:
     shadow_agreed: int = 0
     runtime: str = ""
     confidence_sum: float = 0.0
+    generations: int = 0
+    generation_errors: int = 0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    escalations: int = 0
+    ttft: LogHistogram | None = None
 
 
 # Event tuples (cheap to build on the hot path):
 #   ("req", model, version, runtime, path, outcome, local_ms, cloud_ms, confidence,
 #    fallback, cached)
 #   ("shadow", model, version, sampled, agreed)
+#   ("gen", model, version, finished, tokens, seconds, drafted, accepted, escalated, ttft_ms)
 # `confidence` is a float, None, or a zero-argument callable evaluated on the drain thread.
 Event = tuple[Any, ...]
 
@@ -143,6 +157,27 @@ class TelemetryRecorder:
     def record_shadow(self, model: str, version: int, sampled: int, agreed: int) -> None:
         self._events.append(("shadow", model, version, sampled, agreed))
 
+    def record_generation(
+        self,
+        model: str,
+        version: int,
+        *,
+        finished: bool,
+        tokens: int = 0,
+        seconds: float = 0.0,
+        drafted: int = 0,
+        accepted: int = 0,
+        escalated: bool = False,
+        ttft_ms: float | None = None,
+    ) -> None:
+        """One generation that ended: `finished` when its result was built; one that raised
+        or was abandoned counts as a generation error only (its partial figures would skew
+        tokens/s and the rates)."""
+        self._events.append(
+            ("gen", model, version, finished, tokens, seconds, drafted, accepted, escalated,
+             ttft_ms)
+        )  # fmt: skip
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="tandem-telemetry", daemon=True)
@@ -188,6 +223,9 @@ class TelemetryRecorder:
             agg.shadow_sampled += sampled
             agg.shadow_agreed += agreed
             return
+        if event[0] == "gen":
+            self._apply_generation(event)
+            return
         _, model, version, runtime, path, outcome, local_ms, cloud_ms, conf, fallback, cached = (
             event
         )
@@ -212,6 +250,24 @@ class TelemetryRecorder:
             buckets = agg.confidence
             buckets[min(int(conf * len(buckets)), len(buckets) - 1)] += 1
             agg.confidence_sum += conf
+
+    def _apply_generation(self, event: Event) -> None:
+        _, model, version, finished, tokens, seconds, drafted, accepted, escalated, ttft = event
+        agg = self._aggregate(model, version)
+        if not finished:
+            agg.generation_errors += 1
+            return
+        agg.generations += 1
+        agg.generated_tokens += int(tokens)
+        agg.generation_seconds += float(seconds)
+        agg.drafted += int(drafted)
+        agg.accepted += int(accepted)
+        agg.escalations += 1 if escalated else 0
+        if ttft is not None:
+            if agg.ttft is None:
+                c = self.config
+                agg.ttft = LogHistogram(c.latency_min_ms, c.latency_growth, c.latency_buckets)
+            agg.ttft.add(ttft)
 
     def flush(self) -> list[Any]:
         """Ends the interval: drains, builds summaries, spools them. Returns the summaries."""
@@ -255,6 +311,14 @@ class TelemetryRecorder:
             shadow_sampled=agg.shadow_sampled,
             shadow_agreed=agg.shadow_agreed,
             runtime=agg.runtime,
+            generations=agg.generations,
+            generation_errors=agg.generation_errors,
+            generated_tokens=agg.generated_tokens,
+            generation_seconds=agg.generation_seconds,
+            drafted=agg.drafted,
+            accepted=agg.accepted,
+            escalations=agg.escalations,
+            ttft_ms=agg.ttft.to_proto() if agg.ttft is not None else None,
         )
 
     def _spool(self, summary: Any) -> None:
