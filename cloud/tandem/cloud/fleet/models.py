@@ -181,6 +181,15 @@ class TelemetryRow(Base):
     runtime: Mapped[str] = mapped_column(String(32), default="")
     summaries: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[float] = mapped_column(Float)
+    # Text generation (issue 14); added in place to older databases (store.base).
+    generations: Mapped[int] = mapped_column(BigInteger, default=0)
+    generation_errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    generated_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    generation_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    drafted: Mapped[int] = mapped_column(BigInteger, default=0)
+    accepted: Mapped[int] = mapped_column(BigInteger, default=0)
+    escalations: Mapped[int] = mapped_column(BigInteger, default=0)
+    ttft: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("device_id", "model", "version", "window_start_ms", name="uq_telemetry"),

@@ -5,6 +5,11 @@ model version and one interval. The store merges summaries into one aggregate pe
 model version and time window (`Aggregate`), and ingests each `summary_id` once. Latency
 quantiles come from the merged log histograms, so a fleet-wide p95 is exact to the bucket
 width (the growth factor), whatever the number of devices.
+
+Text generation rides in the same summaries: generations, their errors, tokens and seconds,
+drafted and accepted tokens, escalations and a time-to-first-token histogram, summed like the
+request counts. Rates are ratios of sums (tokens/s = tokens / seconds, acceptance = accepted /
+drafted), so they are the same however the windows and devices are grouped.
 """
 
 from __future__ import annotations
@@ -86,6 +91,14 @@ class Aggregate:
     latency_cloud: LogHistogram | None = None
     runtime: str = ""
     summaries: int = 0
+    generations: int = 0
+    generation_errors: int = 0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    escalations: int = 0
+    ttft: LogHistogram | None = None
 
     @property
     def key(self) -> tuple[str, str, int, int]:
@@ -113,6 +126,15 @@ class Aggregate:
         if s.runtime:
             self.runtime = s.runtime
         self.summaries += 1
+        self.generations += s.generations
+        self.generation_errors += s.generation_errors
+        self.generated_tokens += s.generated_tokens
+        self.generation_seconds += s.generation_seconds
+        self.drafted += s.drafted
+        self.accepted += s.accepted
+        self.escalations += s.escalations
+        if s.HasField("ttft_ms"):
+            self.ttft = merge_histograms([self.ttft, LogHistogram.from_proto(s.ttft_ms)])
 
     def merge(self, other: Aggregate) -> None:
         self.requests += other.requests
@@ -129,6 +151,14 @@ class Aggregate:
         self.latency_cloud = merge_histograms([self.latency_cloud, other.latency_cloud])
         self.runtime = other.runtime or self.runtime
         self.summaries += other.summaries
+        self.generations += other.generations
+        self.generation_errors += other.generation_errors
+        self.generated_tokens += other.generated_tokens
+        self.generation_seconds += other.generation_seconds
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.escalations += other.escalations
+        self.ttft = merge_histograms([self.ttft, other.ttft])
 
 
 def merge_confidence(a: Sequence[int], b: Sequence[int]) -> list[int]:
@@ -183,6 +213,12 @@ class DeviceTotals:
     shadow_agreed: int = 0
     answers: int = 0  # local answers with a confidence
     confidence_mass: float = 0.0  # their estimated-accuracy mass (mean confidence x answers)
+    generations: int = 0  # finished text generations
+    escalations: int = 0  # of those, the ones that changed path (cascade, fallback)
+    drafted: int = 0  # speculative tokens the device drafted
+    accepted: int = 0  # of those, accepted by the cloud
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
 
 
 def device_totals(rows: Sequence[Aggregate]) -> tuple[DeviceTotals, ...]:
@@ -200,6 +236,12 @@ def device_totals(rows: Sequence[Aggregate]) -> tuple[DeviceTotals, ...]:
         agg.shadow_agreed += r.shadow_agreed
         agg.confidence = merge_confidence(agg.confidence, r.confidence)
         agg.confidence_sum += r.confidence_sum
+        agg.generations += r.generations
+        agg.escalations += r.escalations
+        agg.drafted += r.drafted
+        agg.accepted += r.accepted
+        agg.generated_tokens += r.generated_tokens
+        agg.generation_seconds += r.generation_seconds
     out = []
     for device_id in sorted(by):
         a = by[device_id]
@@ -208,6 +250,8 @@ def device_totals(rows: Sequence[Aggregate]) -> tuple[DeviceTotals, ...]:
             DeviceTotals(
                 device_id, a.requests, a.errors, a.fallbacks, a.shadow_sampled,
                 a.shadow_agreed, est[1] if est else 0, est[0] * est[1] if est else 0.0,
+                a.generations, a.escalations, a.drafted, a.accepted, a.generated_tokens,
+                a.generation_seconds,
             )
         )  # fmt: skip
     return tuple(out)
@@ -238,6 +282,31 @@ class TelemetryStats(Rates):
     latency_local: LogHistogram | None = field(default=None, compare=False, repr=False)
     # Each device's totals (from the same rows: no extra query), for the clustered gates.
     per_device: tuple[DeviceTotals, ...] = field(default=(), compare=False, repr=False)
+    # Text generation (0 where the devices' agents predate it).
+    generations: int = 0
+    generation_errors: int = 0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    escalations: int = 0
+    p50_ttft_ms: float | None = None
+    p95_ttft_ms: float | None = None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Tokens over the seconds the finished generations took (not a mean of rates)."""
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds else None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted over drafted speculative tokens."""
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def escalation_rate(self) -> float | None:
+        """Generations that changed path (cascade to the cloud, fallback) over generations."""
+        return self.escalations / self.generations if self.generations else None
 
     @property
     def estimated_accuracy(self) -> float | None:
@@ -270,12 +339,25 @@ class TelemetryStats(Rates):
             "p95_cloud_latency_ms": self.p95_cloud_latency_ms,
             "confidence_buckets": list(self.confidence_buckets),
             "estimated_accuracy": self.estimated_accuracy,
+            "generations": self.generations,
+            "generation_errors": self.generation_errors,
+            "generated_tokens": self.generated_tokens,
+            "generation_seconds": self.generation_seconds,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "escalations": self.escalations,
+            "tokens_per_s": self.tokens_per_s,
+            "acceptance_rate": self.acceptance_rate,
+            "escalation_rate": self.escalation_rate,
+            "p50_ttft_ms": self.p50_ttft_ms,
+            "p95_ttft_ms": self.p95_ttft_ms,
         }
 
 
 def combine(model: str, version: int, rows: Sequence[Aggregate], span_s: float) -> TelemetryStats:
     local = merge_histograms(r.latency_local for r in rows)
     cloud = merge_histograms(r.latency_cloud for r in rows)
+    ttft = merge_histograms(r.ttft for r in rows)
     confidence: list[int] = []
     for r in rows:
         confidence = merge_confidence(confidence, r.confidence)
@@ -304,4 +386,13 @@ def combine(model: str, version: int, rows: Sequence[Aggregate], span_s: float) 
         confidence_sum=confidence_sum,
         latency_local=local,
         per_device=device_totals(rows),
+        generations=sum(r.generations for r in rows),
+        generation_errors=sum(r.generation_errors for r in rows),
+        generated_tokens=sum(r.generated_tokens for r in rows),
+        generation_seconds=sum(r.generation_seconds for r in rows),
+        drafted=sum(r.drafted for r in rows),
+        accepted=sum(r.accepted for r in rows),
+        escalations=sum(r.escalations for r in rows),
+        p50_ttft_ms=ttft.quantile(0.5) if ttft else None,
+        p95_ttft_ms=ttft.quantile(0.95) if ttft else None,
     )

@@ -143,6 +143,16 @@ def _aggregate(row: Any) -> Aggregate:
         latency_cloud=LogHistogram.from_json(row.latency_cloud),
         runtime=row.runtime,
         summaries=row.summaries,
+        # None in rows an older tandem wrote before the columns existed (SQLite's ADD
+        # COLUMN fills the default; a NULL is read as 0 all the same).
+        generations=int(row.generations or 0),
+        generation_errors=int(row.generation_errors or 0),
+        generated_tokens=int(row.generated_tokens or 0),
+        generation_seconds=float(row.generation_seconds or 0.0),
+        drafted=int(row.drafted or 0),
+        accepted=int(row.accepted or 0),
+        escalations=int(row.escalations or 0),
+        ttft=LogHistogram.from_json(row.ttft),
     )
 
 
@@ -165,6 +175,14 @@ def _aggregate_values(agg: Aggregate, now: float) -> dict[str, Any]:
         "latency_cloud": agg.latency_cloud.to_json() if agg.latency_cloud else None,
         "runtime": agg.runtime,
         "summaries": agg.summaries,
+        "generations": agg.generations,
+        "generation_errors": agg.generation_errors,
+        "generated_tokens": agg.generated_tokens,
+        "generation_seconds": agg.generation_seconds,
+        "drafted": agg.drafted,
+        "accepted": agg.accepted,
+        "escalations": agg.escalations,
+        "ttft": agg.ttft.to_json() if agg.ttft else None,
         "updated_at": now,
     }
 

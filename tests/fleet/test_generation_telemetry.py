@@ -1,0 +1,142 @@
+"""Text-generation telemetry in the fleet (issue 14): tokens/s, acceptance and escalation
+rates per device, version and window, on SQLite and a real PostgreSQL, and through REST."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tandem.cloud.fleet.config import ServiceConfig
+from tandem.cloud.fleet.service import FleetService
+from tandem.cloud.fleet.store import Store
+from tandem.protos.fleet.v1 import fleet_pb2
+from tests.fleet.helpers import histogram, summary
+
+T0 = 1_700_000_000_000
+GENERATION_COLUMNS = (
+    "generations",
+    "generation_errors",
+    "generated_tokens",
+    "generation_seconds",
+    "drafted",
+    "accepted",
+    "escalations",
+    "ttft",
+)
+
+
+def generating(
+    device_id: str,
+    version: int,
+    *,
+    start_ms: int = T0,
+    generations: int = 10,
+    tokens: int = 200,
+    seconds: float = 4.0,
+    drafted: int = 100,
+    accepted: int = 80,
+    escalations: int = 1,
+    ttft_ms: float = 30.0,
+) -> fleet_pb2.TelemetrySummary:
+    s = summary(device_id, version, start_ms=start_ms, model="tiny", requests=0, fallbacks=0)
+    s.ClearField("latency_local_ms")
+    s.generations, s.generation_errors = generations, 1
+    s.generated_tokens, s.generation_seconds = tokens, seconds
+    s.drafted, s.accepted, s.escalations = drafted, accepted, escalations
+    s.ttft_ms.CopyFrom(histogram([ttft_ms] * generations))
+    return s
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    s = Store(url, telemetry_window_s=60)
+    yield s
+    s.close()
+
+
+def test_generation_totals_and_rates_per_device_and_window(store: Store) -> None:
+    fast = generating("d1", 2, tokens=300, seconds=2.0, drafted=100, accepted=90, escalations=0)
+    slow = generating("d2", 2, tokens=100, seconds=8.0, drafted=50, accepted=10, escalations=5)
+    # d1 again, 20 s later: the same 60 s window, merged into the stored row by a later batch
+    later = generating("d1", 2, start_ms=T0 + 20_000, tokens=100, seconds=2.0, ttft_ms=300.0)
+    other_version = generating("d1", 1, tokens=1, seconds=1.0)
+    assert store.ingest([fast, slow, other_version]).ingested == 3
+    assert store.ingest([later, fast]).ingested == 1  # `fast` again is a duplicate
+    assert store.telemetry_count() == (3, 4)
+
+    stats = store.telemetry_stats("tiny", 2)
+    assert (stats.generations, stats.generation_errors, stats.escalations) == (30, 3, 6)
+    assert (stats.generated_tokens, stats.drafted, stats.accepted) == (500, 250, 180)
+    # tokens / seconds summed over devices: 500 / 12, not the mean of 150, 12.5 and 50 tok/s
+    assert stats.generation_seconds == pytest.approx(12.0)
+    assert stats.tokens_per_s == pytest.approx(500 / 12)
+    assert stats.acceptance_rate == pytest.approx(180 / 250)
+    assert stats.escalation_rate == pytest.approx(6 / 30)
+    assert stats.p50_ttft_ms == pytest.approx(30.0, rel=0.1)
+    assert stats.p95_ttft_ms == pytest.approx(300.0, rel=0.1)
+    assert stats.requests == 0 and stats.error_rate is None  # generation-only telemetry
+
+    by_device = {d.device_id: d for d in stats.per_device}
+    assert (by_device["d1"].drafted, by_device["d1"].accepted) == (200, 170)
+    assert (by_device["d2"].generations, by_device["d2"].escalations) == (10, 5)
+    assert by_device["d1"].generated_tokens == 400
+    assert by_device["d1"].generation_seconds == pytest.approx(4.0)
+
+    only_d2 = store.telemetry_stats("tiny", 2, device_ids=["d2"])
+    assert only_d2.tokens_per_s == pytest.approx(100 / 8)
+    assert only_d2.acceptance_rate == pytest.approx(0.2)
+    assert store.telemetry_stats("tiny", 1).generated_tokens == 1
+    # a summary from an agent that predates these fields: zeros, and no rate
+    old = summary("d3", 4, model="tiny", start_ms=T0)
+    store.ingest([old])
+    empty = store.telemetry_stats("tiny", 4)
+    assert empty.generations == 0 and empty.p95_ttft_ms is None
+    assert (empty.tokens_per_s, empty.acceptance_rate, empty.escalation_rate) == (None,) * 3
+
+
+def test_an_older_database_gains_the_generation_columns_and_rest_shows_them(
+    tmp_path: Path,
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from tandem.cloud.fleet.rest import create_app
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    config = ServiceConfig(url, tmp_path / "store")
+    service = FleetService(config)
+    service.ingest([summary("d0", 2, model="tiny", start_ms=T0)])  # a row before the upgrade
+    service.close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for column in GENERATION_COLUMNS:
+            conn.execute(text(f"ALTER TABLE telemetry DROP COLUMN {column}"))
+    engine.dispose()
+
+    service = FleetService(config)
+    try:
+        service.ingest([generating("d1", 2, tokens=120, seconds=3.0, drafted=40, accepted=30)])
+        stats = service.store.telemetry_stats("tiny", 2)
+        assert stats.devices == 2 and stats.requests == 100  # the old row is still read
+        assert stats.tokens_per_s == pytest.approx(40.0)
+        with TestClient(create_app(service, tokens={"tok": "alice"})) as http:
+            got = http.get(
+                "/api/v1/telemetry",
+                params={"model": "tiny", "version": 2},
+                headers={"Authorization": "Bearer tok"},
+            )
+        assert got.status_code == 200, got.text
+        [shown] = got.json()
+        assert shown["generated_tokens"] == 120 and shown["generations"] == 10
+        assert shown["tokens_per_s"] == pytest.approx(40.0)
+        assert shown["acceptance_rate"] == pytest.approx(0.75)
+        assert shown["escalation_rate"] == pytest.approx(0.1)
+        assert shown["p95_ttft_ms"] == pytest.approx(30.0, rel=0.1)
+    finally:
+        service.close()
