@@ -38,3 +38,26 @@ def test_spool_reads_the_sdk_format_and_consumes_garbage(tmp_path: Path) -> None
         zstandard.ZstdDecompressor().decompress(batch.payload())
     )
     assert [s.summary_id for s in decoded.summaries] == [s.summary_id for s in batch.summaries]
+
+
+def test_generation_fields_are_forwarded_unchanged(tmp_path: Path) -> None:
+    """The agent ships the SDK's summaries as they are: the generation fields (issue 14)
+    reach the fleet without the agent knowing them."""
+    recorder = TelemetryRecorder(TelemetryConfig(spool_dir=tmp_path, interval_s=3600))
+    recorder.record_generation(
+        "tiny", 3, finished=True, tokens=12, seconds=0.25, drafted=8, accepted=5, ttft_ms=9.0
+    )
+    recorder.record_generation("tiny", 3, finished=True, tokens=4, seconds=0.5, escalated=True)
+    recorder.record_generation("tiny", 3, finished=False)
+    [written] = recorder.flush()
+    batch = read_batch(tmp_path, "dev-7", limit=10)
+    decoded = fleet_pb2.TelemetryBatch.FromString(
+        zstandard.ZstdDecompressor().decompress(batch.payload())
+    )
+    [shipped] = decoded.summaries
+    assert shipped.device_id == "dev-7"  # the one field the agent fills in
+    assert (shipped.generations, shipped.generation_errors, shipped.escalations) == (2, 1, 1)
+    assert (shipped.generated_tokens, shipped.drafted, shipped.accepted) == (16, 8, 5)
+    assert shipped.generation_seconds == 0.75 and shipped.ttft_ms.count == 1
+    shipped.device_id = written.device_id
+    assert shipped == written
