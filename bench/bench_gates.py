@@ -50,11 +50,30 @@ def _scenarios() -> list[sim.Result]:
     plan = sim.make_plan()
     results.append(sim.run(EXTRA, plan, differ, RUNS, seed=20))
     results.append(sim.run(EXTRA_BAD, plan, differ, RUNS, seed=21, bad=sim.bad_versions(plan)))
+    # An hour of baseline history on every device: the relative gates compare each device
+    # with itself (gates.Change), on the same seeds as the scenarios without it.
+    for number, (label, boundary, world) in enumerate(
+        (
+            ("margin", False, replace(WORLD, history_s=HISTORY_S)),
+            ("boundary", True, replace(WORLD, history_s=HISTORY_S)),
+            (f"margin, differ {SPREAD}", False, replace(differ, history_s=HISTORY_S)),
+        )
+    ):
+        plan = sim.make_plan(boundary=boundary)
+        seed = (0, 10, 20)[number]
+        results.append(sim.run(f"good, {label}, history", plan, world, RUNS, seed=seed))
+        bad = sim.bad_versions(plan)
+        results.append(sim.run(f"bad, {label}, history", plan, world, RUNS, seed=seed + 1, bad=bad))
     return results
 
 
 EXTRA = f"good, margin, differ {SPREAD}"
 EXTRA_BAD = f"bad, margin, differ {SPREAD}"
+HISTORY_S = 3600.0  # observe.HISTORY_S
+
+
+def _history(r: sim.Result) -> bool:
+    return r.name.endswith(", history")
 
 
 def _describe(plan_label: str, boundary: bool) -> str:
@@ -106,7 +125,7 @@ def test_gates_simulation(benchmark: Any) -> None:
         "canary = the first stage's decision (advance, abort or pause): cohort requests, "
         "shadow samples and minutes since creation; rollout min = minutes to the final state",
         "",
-        *sim.table([r for r in results if r.name not in (EXTRA, EXTRA_BAD)]),
+        *sim.table([r for r in results if r.name not in (EXTRA, EXTRA_BAD) and not _history(r)]),
         "",
         f"devices differ (asserted like the above): each device's error, fallback and agreement "
         f"rates shifted by N(0, {SPREAD}) on the logit scale (the same shift for both versions: "
@@ -115,6 +134,13 @@ def test_gates_simulation(benchmark: Any) -> None:
         "judge device-clustered intervals (gates.Clusters: random-effects width with the "
         "fleet's between-device variance, sandwich CR1 + t from 20 cohort devices on)",
         *sim.table([r for r in results if r.name in (EXTRA, EXTRA_BAD)]),
+        "",
+        f"with history (asserted like the above): every device has {HISTORY_S:g} s of "
+        "baseline telemetry from before the rollout, as the fleet store keeps it "
+        "(observe.HISTORY_S), so the relative gates judge each cohort device against itself "
+        "minus the baseline devices' drift (gates.Change, within-device); the same seeds as "
+        "the rows without history. The old rule does not use history: its rows repeat.",
+        *sim.table([r for r in results if _history(r)]),
         "",
         "bad rollouts by degradation:",
     ]

@@ -35,7 +35,8 @@ from statistics import NormalDist
 import numpy as np
 
 from tandem.cloud.fleet import engine as eng
-from tandem.cloud.fleet.gates import Clusters
+from tandem.cloud.fleet.gates import AGRESTI_COULL, Change, Clusters
+from tandem.cloud.fleet.observe import ChangeFields
 
 LAT_MIN_MS = 0.5  # latency histogram layout: underflow below, then log buckets
 LAT_GROWTH = 1.1
@@ -67,6 +68,10 @@ class World:
     # Sigma of each device's logit shift of its error, fallback and agreement rates (its
     # inputs); 0: the same true rates on every device, as the gates' binomial model assumes.
     device_spread: float = 0.0
+    # Seconds of baseline-version telemetry every device has from before the rollout (the
+    # store's history, observe.HISTORY_S): with it the relative gates compare each device
+    # with itself (gates.Change); 0: no history, the fleet comparison only.
+    history_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,48 @@ def _clusters(x: np.ndarray, n: np.ndarray) -> Clusters:
         int(on.sum()), float(x.sum()), float(n.sum()), float(x @ x), float(x @ n),
         float(n @ n), float((n * n) @ n),
     )  # fmt: skip
+
+
+def _change(xa: np.ndarray, na: np.ndarray, xb: np.ndarray, nb: np.ndarray) -> Change:
+    """`gates.Change` of per-device (after, before) totals, as `Change.of` sums them
+    (vectorised)."""
+    on, had = na > 0, nb > 0
+    both = on & had
+    xa, na, xb, nb = (a[both].astype(float) for a in (xa, na, xb, nb))
+    w = na * nb / (na + nb)
+    d = xa / na - xb / nb
+    k = AGRESTI_COULL
+    q = (xa + xb + k) / (na + nb + 2 * k)
+    return Change(
+        int(both.sum()), int((on & ~had).sum()), float(na.sum()), float(w.sum()),
+        float(w @ d), float(w @ (q * (1 - q))), float(w @ w), float((w * w) @ d),
+        float((w * w) @ (d * d)),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _History:
+    """Each device's baseline-version telemetry from before the rollout."""
+
+    dev: np.ndarray  # (devices, 5) as _Totals.dev
+    answers: np.ndarray
+    mass: np.ndarray
+
+
+def _changes(
+    dev: np.ndarray, answers: np.ndarray, mass: np.ndarray, h: _History, mask: np.ndarray
+) -> ChangeFields:
+    """The VersionStats change fields of the devices in `mask` (observe.changes)."""
+
+    def of(x: int, n: int) -> Change:
+        return _change(dev[mask, x], dev[mask, n], h.dev[mask, x], h.dev[mask, n])
+
+    return {
+        "error_change": of(1, 0),
+        "fallback_change": of(2, 0),
+        "agreement_change": of(4, 3),
+        "accuracy_change": _change(mass[mask], answers[mask], h.mass[mask], h.answers[mask]),
+    }
 
 
 class _Totals:
@@ -308,6 +355,7 @@ class _Rollout:
         self.cohort, self.baseline = _Totals(len(delays)), _Totals(len(delays))
         self.outcome: Outcome | None = None
         self.canary: tuple[float, int, int] | None = None
+        self.history: _History | None = None
 
     def tick(self, now: float, draw: _Tick | None = None) -> None:
         """`draw`: the interval's telemetry of every device under both versions; the cohort
@@ -327,6 +375,11 @@ class _Rollout:
                 self.on_new[i] = True
         views = list(self.views.values())
         cohort, baseline = self.cohort.stats(), self.baseline.stats()
+        if self.history is not None:
+            touched = np.array([v.state is not None for v in views])
+            h, new, old = self.history, self.cohort, self.baseline
+            cohort = replace(cohort, **_changes(new.dev, new.answers, new.mass, h, touched))
+            baseline = replace(baseline, **_changes(old.dev, old.answers, old.mass, h, ~touched))
         obs = eng.Observation(now, views, cohort, baseline)
         decision = eng.step(self.walk, self.state, obs)
         if self.old:
@@ -438,6 +491,12 @@ def simulate(
         mu = float(m.conf @ _MIDS)
         moments.append((mu, math.sqrt(max(float(m.conf @ (_MIDS * _MIDS)) - mu * mu, 0.0))))
     runs = [_Rollout(plan, delays, old=False), _Rollout(plan, delays, old=True)]
+    if world.history_s > 0:
+        before = models[0].counts(rng, rng.poisson(rates * world.history_s), world.shadow_rate)
+        k = before[:, 0] - before[:, 1] - before[:, 2]
+        mu, sd = moments[0]
+        mass = np.clip(k * mu + np.sqrt(k) * sd * rng.standard_normal(n), 0.0, k)
+        runs[0].history = _History(before, k, mass)  # the old rule had no use for it
     for r in runs:
         r.tick(0.0)
     now = 0.0

@@ -61,3 +61,18 @@ def test_good_versions_do_not_abort_when_device_rates_differ() -> None:
     # intervals abort 3 of these 30 rollouts.
     assert sim.count(r.new, "aborted") <= 1, sim.table([r])
     assert {o.status for o in r.new} <= {"completed", "paused", "aborted"}
+
+
+def test_with_history_heterogeneous_fleets_complete_and_bad_versions_still_stop() -> None:
+    # The same heterogeneous fleet with an hour of baseline history on every device: each
+    # cohort device is compared with itself (gates.Change). Without history all 30 good
+    # versions of this seed pause at the 2-device canary, and 7 of 20 bad ones pause.
+    world = replace(WORLD, device_spread=0.3, history_s=3600.0)
+    good = sim.run("good, devices differ, history", PLAN, world, 30, seed=103)
+    assert sim.count(good.new, "aborted") <= 1, sim.table([good])
+    assert sim.count(good.new, "completed") >= 15, sim.table([good])
+    bad = sim.run("bad, history", PLAN, world, 20, seed=102, bad=sim.bad_versions(PLAN, 2.0))
+    assert sim.count(bad.new, "completed") == 0, "\n".join(sim.by_kind(bad))
+    assert sim.count(bad.new, "aborted") >= 18, "\n".join(sim.by_kind(bad))
+    without = sim.run("good, devices differ", PLAN, replace(world, history_s=0.0), 30, seed=103)
+    assert sim.count(without.new, "completed") < 5, sim.table([without])

@@ -192,3 +192,110 @@ def test_device_totals_come_from_the_same_rows() -> None:
     v = version_stats(s)
     assert v.error_clusters == stats.Clusters.of([(3, 150), (0, 30)])
     assert v.agreement_clusters is not None and v.agreement_clusters.count == 1
+
+
+# --- within-device comparisons (gates.Change) ------------------------------------------------
+
+# The demo's fallback gate when CI failed: the canary (one device) against three baseline
+# devices of other runtimes whose rare fallbacks (1, 0 and 3) make tau^2 > 0 on 2 df, and a t
+# quantile of about 67 at the spent alpha: the good version could never pass and paused.
+CANARY_AFTER, CANARY_BEFORE = (0, 444), (0, 80)
+FLEET_AFTER = [(1, 292), (0, 292), (3, 237)]
+FLEET_BEFORE = [(0, 80), (0, 80), (1, 70)]
+DEMO_GATE = dict(threshold=0.25, min_effect=0.05, min_samples=30)
+
+
+def _paired(after: list[tuple[int, int]], before: list[tuple[int, int]]) -> stats.Change:
+    return stats.Change.of(zip(after, before, strict=True))
+
+
+def _demo_judge(canary_after: tuple[int, int], within: bool) -> stats.Verdict:
+    x, n = canary_after
+    base_x = sum(f[0] for f in FLEET_AFTER)
+    base_n = sum(f[1] for f in FLEET_AFTER)
+    extra = (
+        dict(
+            change=_paired([canary_after], [CANARY_BEFORE]),
+            base_change=_paired(FLEET_AFTER, FLEET_BEFORE),
+        )
+        if within
+        else {}
+    )
+    return _judge(
+        x, n, stats.Clusters.of([canary_after]), base_x=base_x, base_n=base_n,
+        base_clusters=stats.Clusters.of(FLEET_AFTER), **DEMO_GATE, **extra,
+    )  # fmt: skip
+
+
+def test_the_demos_canary_passes_within_device_where_the_fleet_comparison_cannot() -> None:
+    unpaired = _demo_judge(CANARY_AFTER, within=False)
+    assert unpaired.passed is None and (unpaired.high or 0) > 0.3  # waits, then pauses
+    paired = _demo_judge(CANARY_AFTER, within=True)
+    assert paired.passed is True, paired.reason
+    assert paired.reason.startswith("within-device: ")
+    assert paired.high is not None and paired.high < 0.1
+
+
+def test_within_device_still_stops_a_bad_version_at_once() -> None:
+    # v3 in the demo: 37 of 38 requests fell back to the cloud.
+    bad = _demo_judge((37, 38), within=True)
+    assert bad.passed is False and bad.low is not None and bad.low > 0.25
+
+
+def test_a_device_is_compared_with_itself_not_with_the_fleet() -> None:
+    # The canary's inputs are hard: it falls back on 10% of requests under either version;
+    # the fleet's devices on 1%. Against the fleet that is a 9-point degradation.
+    gate = Gate(GateMetric.FALLBACK_RATE, 0.02, 0, relative=True, min_effect=0.02)
+    canary_after, canary_before = (400, 4000), (800, 8000)
+    fleet_after, fleet_before = [(40, 4000)] * 9, [(80, 8000)] * 9
+    cohort = VersionStats(
+        requests=4000,
+        fallbacks=400,
+        fallback_clusters=stats.Clusters.of([canary_after]),
+        fallback_change=_paired([canary_after], [canary_before]),
+    )
+    baseline = VersionStats(
+        requests=36_000,
+        fallbacks=360,
+        fallback_clusters=stats.Clusters.of(fleet_after),
+        fallback_change=_paired(fleet_after, fleet_before),
+    )
+    (paired,) = evaluate_gates([gate], cohort, baseline, 0, 1)
+    assert paired.passed is True and paired.value == pytest.approx(0.0), paired.reason
+    (unpaired,) = evaluate_gates([gate], replace(cohort, fallback_change=None), baseline, 0, 1)
+    assert unpaired.passed is False  # the fleet comparison blames the version for the device
+
+
+def test_the_baseline_devices_drift_is_subtracted() -> None:
+    # Everyone's fallbacks rose from 1% to 6% during the canary (say, a lighting change at the
+    # sites): the version did nothing; without the baseline's drift the cohort's change fails.
+    after, before = [(60, 1000)] * 2, [(20, 2000)] * 2
+    fleet_after, fleet_before = [(60, 1000)] * 20, [(20, 2000)] * 20
+    kw = dict(threshold=0.02, min_effect=0.02, base_x=1200, base_n=20_000)
+    alone = _judge(120, 2000, None, change=_paired(after, before), **kw)
+    assert alone.passed is False
+    drift = _judge(
+        120, 2000, None, change=_paired(after, before),
+        base_change=_paired(fleet_after, fleet_before), **kw,
+    )  # fmt: skip
+    assert drift.passed is True, drift.reason
+
+
+def test_a_cohort_device_without_history_is_judged_against_the_fleet() -> None:
+    change = stats.Change.of([((0, 444), (0, 80)), ((2, 300), (0, 0))])
+    assert change.count == 1 and change.unpaired == 1
+    kw: dict[str, object] = dict(base_x=4, base_n=821, **DEMO_GATE)
+    assert _judge(2, 744, None, change=change, **kw) == _judge(2, 744, None, **kw)
+
+
+def test_rare_events_keep_a_width_and_many_devices_add_the_robust_one() -> None:
+    zero = stats.Change.of([((0, 500), (0, 500))])
+    assert zero.effect == 0 and zero.variance() > 0  # Agresti-Coull: never a zero width
+    # Twenty cohort devices whose changes spread (the version helps some, hurts others):
+    # the CR1 variance of the changes is wider than the binomial one.
+    spread = stats.Change.of([((150, 1000), (100, 1000)), ((50, 1000), (100, 1000))] * 10)
+    assert abs(spread.effect) < 1e-12
+    robust = spread.robust()
+    assert robust is not None and robust > spread.variance()
+    _, low, high = stats.within_device(1e-4, spread, None, higher_is_better=False)
+    assert high - low > 2 * stats.z_for(1e-4) * spread.variance() ** 0.5

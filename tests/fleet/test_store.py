@@ -321,3 +321,45 @@ def test_a_report_received_twice_is_applied_once(tmp_path: Path) -> None:
     )
     assert outcome[0].duplicate and not outcome[0].desired_changed
     svc.close()
+
+
+def test_observation_compares_each_cohort_device_with_its_own_history(store: Store) -> None:
+    from tandem.cloud.fleet import observe
+
+    add_versions(store, 1, 2)
+    t = 1_700_000_000.0
+    for i in range(4):
+        store.upsert_presence(presence(f"d{i}", int(t * 1000)))
+    # An hour of history before the rollout: d0..d2 on v1 (d0's inputs are hard: 30%
+    # fallbacks), d3 none (it joined later); and one window too old to count.
+    for i, fallbacks in enumerate((30, 5, 5)):
+        store.ingest([summary(f"d{i}", 1, start_ms=int((t - 600) * 1000), fallbacks=fallbacks)])
+    store.ingest([summary("d1", 1, start_ms=int((t - 7200) * 1000), fallbacks=90)])
+    plan = eng.RolloutPlan("digits", 2, (eng.Stage(50, 0), eng.Stage(100, 0)))
+    r = store.create_rollout("r1", plan, baseline_version=1, selector={}, created_by="a", now=t)
+    targets, variants = observe.targets(store, r)
+    d = eng.step(plan, r.state, observe.observation(store, r, t + 1, targets))
+    store.apply_decision(
+        "r1", r.state, d, t + 1, variants=variants, previous=dict.fromkeys(d.assign, 1),
+        baseline_variants={},
+    )  # fmt: skip
+    cohort = set(d.assign)
+    assert cohort == {"d1", "d2"}  # the first half of the model's hashed device order
+    after = int((t + 60) * 1000)
+    for i in range(4):
+        dev = f"d{i}"
+        store.ingest([summary(dev, 2 if dev in cohort else 1, start_ms=after, fallbacks=8)])
+    obs = observe.observation(store, store.rollout("r1"), t + 120, targets)
+    change, drift = obs.cohort.fallback_change, obs.baseline.fallback_change
+    assert change is not None and drift is not None
+    # Each cohort device against itself (8% now, 5% before; d1's window two hours back, at
+    # 90%, is outside the hour of history): +3 points.
+    assert (change.count, change.unpaired) == (2, 0)
+    assert change.effect == pytest.approx(0.03)
+    # The baseline's drift: d0 (30% -> 8%); d3 has no history, so it cannot say.
+    assert (drift.count, drift.unpaired) == (1, 1)
+    assert drift.effect == pytest.approx(-0.22)
+    gate = eng.Gate(eng.GateMetric.FALLBACK_RATE, 0.05, 0, relative=True, min_effect=0.05)
+    (result,) = eng.evaluate_gates([gate], obs.cohort, obs.baseline, 0, 2)
+    assert result.reason.startswith("within-device: ")
+    assert result.value == pytest.approx(0.03 + 0.22)

@@ -44,6 +44,12 @@ from .summary import (
 )
 from .zoo import StoryZoo
 
+# What the fleet should hold of v1 from each device (on average) before the first rollout: at
+# 8 requests a second and 25% shadow sampling, about 10 s of traffic. With it the one-device
+# canary passes its gates on its own evidence (about 450 requests, 100 shadow samples).
+HISTORY_REQUESTS = 80
+HISTORY_SHADOW = 20
+
 log = logging.getLogger(__name__)
 
 
@@ -225,6 +231,28 @@ class Story(Launcher):
 
         self.wait("v1: download, verify, warm up, health window", installed, timeout_s=180)
         self.say(f"   all {len(self.device_ids)} devices run v1 (signed, verified, healthy)")
+        self.wait_history(1)
+
+    def wait_history(self, version: int) -> None:
+        """Until the fleet holds some telemetry of `version` from every device: the gates
+        compare each canary device with its own numbers from before the rollout, and a
+        device with none is judged against the others, whose runtimes differ."""
+        n = len(self.device_ids)
+        want = (HISTORY_REQUESTS * n, HISTORY_SHADOW * n)
+
+        def enough() -> tuple[int, int]:
+            [stats] = self.api("GET", "/telemetry", model=MODEL, version=version) or [{}]
+            if int(stats.get("devices") or 0) < n:
+                return 0, 1
+            got = (int(stats["requests"]), int(stats["shadow_sampled"]))
+            share = min(min(g / w for g, w in zip(got, want, strict=True)), 1.0)
+            return int(100 * share), 100
+
+        self.wait(f"v{version} telemetry from every device, for the gates", enough, timeout_s=120)
+        self.say(
+            f"   v{version} history: at least {HISTORY_REQUESTS} requests and "
+            f"{HISTORY_SHADOW} shadow samples a device on average, for the within-device gates"
+        )
 
     def rollout(self, version: int, expect: str) -> RolloutSummary:
         body = {
@@ -297,6 +325,16 @@ class Story(Launcher):
                     )
                 time.sleep(0.5)
         events = self.api("GET", f"/rollouts/{rid}/events")
+        if final["status"] == "paused":
+            # A paused rollout moves no device back: nothing to wait for.
+            raise StoryError(
+                f"rollout {rid} paused at stage {int(final['stage_index']) + 1}: "
+                f"{final.get('paused_reason') or 'no reason given'}; gates: "
+                + "; ".join(
+                    f"{g['metric']} ({g.get('reason') or 'no data'})"
+                    for g in final.get("gates") or []
+                )
+            )
         if final["status"] != "completed":
             self.wait_rolled_back(rid, int(final["baseline_version"]))
             final = self.api("GET", f"/rollouts/{rid}")

@@ -181,6 +181,7 @@ def evaluate_gates(
             bx, bn = (best[0] * best[1], best[1]) if best else (0.0, 0)
             base_value = best[0] if best else None
             clusters = cohort.accuracy_clusters, baseline.accuracy_clusters
+            changes = cohort.accuracy_change, baseline.accuracy_change
         else:
             x, n, bx, bn = {
                 GateMetric.ERROR_RATE: (
@@ -202,6 +203,11 @@ def evaluate_gates(
                     cohort.agreement_clusters, baseline.agreement_clusters
                 ),
             }[m]  # fmt: skip
+            changes = {
+                GateMetric.ERROR_RATE: (cohort.error_change, baseline.error_change),
+                GateMetric.FALLBACK_RATE: (cohort.fallback_change, baseline.fallback_change),
+                GateMetric.SHADOW_AGREEMENT: (cohort.agreement_change, baseline.agreement_change),
+            }[m]  # fmt: skip
         value, v = stats.judge_proportion(
             x=x,
             n=n,
@@ -216,6 +222,10 @@ def evaluate_gates(
             # also inform an absolute gate's between-device variance.
             clusters=clusters[0],
             base_clusters=clusters[1],
+            # A relative gate compares each cohort device with itself before the rollout
+            # when every one of them has that history (gates.within_device).
+            change=changes[0],
+            base_change=changes[1],
         )
         results.append(
             GateResult(m, value, gate.threshold, v.passed, n, base_value, v.low, v.high, v.reason)

@@ -17,6 +17,18 @@ A gate is judged through a confidence bound, not a raw ratio:
   sample of the same fleet, so a canary of two devices borrows the fleet's tau^2); and, from
   `MIN_ROBUST_CLUSTERS` cohort devices on, the cluster-robust (sandwich, CR1) width with a t
   quantile on G - 1 degrees of freedom (Welch-Satterthwaite for a difference).
+- Within-device (`Change`): when every cohort device also answered on the baseline version
+  before the rollout, a relative gate compares each device with itself: the cohort's change
+  (each device's rate after minus its own rate before, weighted by n_after n_before /
+  (n_after + n_before)) minus the same change on the devices still on the baseline (the
+  fleet's drift over the same time: a difference in differences). A device's own effect
+  cancels, so the between-device variance does not enter and a one-device canary can pass
+  on its own evidence; the variance is binomial, each device's rate taken over both periods
+  with two successes and two failures added (Agresti-Coull) so that a rare event seen 0 or
+  3 times still has a width. From `MIN_ROBUST_CLUSTERS` cohort devices on, the CR1 variance
+  of the device changes (which also holds when the version's effect differs across devices)
+  widens it with a t quantile. What it assumes: a device's inputs stay as easy or hard
+  across the two periods, up to the drift the baseline devices share.
 - "fail" only when the bound shows the cohort is worse than the threshold; "pass" only when it
   shows the cohort is within threshold + `min_effect` (the smallest degradation the gate is
   meant to catch); otherwise "wait".
@@ -35,7 +47,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 
 _NORMAL = NormalDist()
@@ -82,6 +94,85 @@ class Clusters:
         if self.count < 2 or self.n <= 0:
             return None
         return self.count / (self.count - 1) * self.residual_ss() / (self.n * self.n)
+
+
+AGRESTI_COULL = 2.0  # successes and failures added to a device's rate for its variance
+
+
+@dataclass(frozen=True)
+class Change:
+    """Moments of per-device changes of one proportion between two periods (after, before),
+    over the devices with samples in both: enough for the weighted mean change, its binomial
+    variance and its cluster-robust variance. Device i has weight w_i = n_a n_b / (n_a +
+    n_b), change d_i = x_a / n_a - x_b / n_b and pooled rate q_i (Agresti-Coull)."""
+
+    count: int = 0  # devices with samples in both periods
+    unpaired: int = 0  # devices with samples after but none before
+    n_after: float = 0.0
+    w: float = 0.0  # sum w_i
+    wd: float = 0.0  # sum w_i d_i
+    wq: float = 0.0  # sum w_i q_i (1 - q_i)
+    ww: float = 0.0  # sum w_i^2
+    wwd: float = 0.0  # sum w_i^2 d_i
+    wwdd: float = 0.0  # sum w_i^2 d_i^2
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[tuple[float, float], tuple[float, float]]]) -> Change:
+        """From ((x_after, n_after), (x_before, n_before)) per device."""
+        g = unpaired = 0
+        n_after = w = wd = wq = ww = wwd = wwdd = 0.0
+        for (xa, na), (xb, nb) in pairs:
+            if na <= 0:
+                continue
+            if nb <= 0:
+                unpaired += 1
+                continue
+            g += 1
+            wi = na * nb / (na + nb)
+            di = xa / na - xb / nb
+            qi = (xa + xb + AGRESTI_COULL) / (na + nb + 2 * AGRESTI_COULL)
+            n_after += na
+            w, wd, wq = w + wi, wd + wi * di, wq + wi * qi * (1 - qi)
+            ww, wwd, wwdd = ww + wi * wi, wwd + wi * wi * di, wwdd + wi * wi * di * di
+        return cls(g, unpaired, n_after, w, wd, wq, ww, wwd, wwdd)
+
+    @property
+    def effect(self) -> float:
+        return self.wd / self.w if self.w > 0 else 0.0
+
+    def variance(self) -> float:
+        """The binomial variance of `effect` (w_i (1/n_a + 1/n_b) = 1, so each device adds
+        w_i q_i (1 - q_i) / W^2)."""
+        return self.wq / (self.w * self.w) if self.w > 0 else 0.0
+
+    def robust(self) -> float | None:
+        """The CR1 variance of `effect` from the spread of the device changes; None under
+        two devices."""
+        if self.count < 2 or self.w <= 0:
+            return None
+        d = self.effect
+        ss = max(0.0, self.wwdd - 2 * d * self.wwd + d * d * self.ww)
+        return self.count / (self.count - 1) * ss / (self.w * self.w)
+
+
+def within_device(
+    alpha: float, cohort: Change, control: Change | None, higher_is_better: bool
+) -> tuple[float, float, float]:
+    """(degradation, low, high) of the cohort's within-device change against the control's
+    (the baseline devices' drift; none at the last stage), see the module doc. The
+    degradation is cohort - baseline (baseline - cohort when higher is better)."""
+    drift = control.effect if control is not None and control.count else 0.0
+    var_c = cohort.variance()
+    var_b = control.variance() if control is not None and control.count else 0.0
+    half = z_for(alpha) * math.sqrt(var_c + var_b)
+    robust = cohort.robust()
+    if cohort.count >= MIN_ROBUST_CLUSTERS and robust is not None:
+        rb = control.robust() if control is not None else None
+        half = max(half, t_for(alpha, cohort.count - 1) * math.sqrt(robust + (rb or var_b)))
+    d = cohort.effect - drift
+    if higher_is_better:
+        d = -d
+    return d, max(-1.0, d - half), min(1.0, d + half)
 
 
 def between_device_variance(sides: Sequence[Clusters]) -> tuple[float, int]:
@@ -268,60 +359,82 @@ def judge_proportion(
     base_n: int = 0,
     clusters: Clusters | None = None,
     base_clusters: Clusters | None = None,
+    change: Change | None = None,
+    base_change: Change | None = None,
 ) -> tuple[float | None, Verdict]:
     """Judges a proportion x/n (or, with a baseline, its difference to base_x/base_n).
-    With per-device `clusters` (and the baseline's) the interval is device-clustered.
+    With per-device `clusters` (and the baseline's) the interval is device-clustered. A
+    relative gate with the cohort's within-device `change` (and the baseline devices'
+    `base_change`, their drift) judges that instead, when every cohort device has samples
+    from before (see the module doc).
 
     Returns (value, verdict). value is the proportion, or for relative gates the degradation
     (cohort - baseline, or baseline - cohort when higher is better)."""
     relative = base_x is not None
-    if n <= 0 or (relative and base_n <= 0):
+    paired = relative and change is not None and change.count > 0 and change.unpaired == 0
+    if n <= 0 or (relative and base_n <= 0 and not paired):
         what = "no cohort samples" if n <= 0 else "no baseline samples"
         return None, Verdict(None, None, None, what)
     a = spent_alpha(alpha, n)
     z = z_for(a)
-    if relative:
+    if paired:
+        assert change is not None
+        value, low, high = within_device(a, change, base_change, higher_is_better)
+        hib = False
+    elif relative:
         assert base_x is not None
         d, lo, hi = difference(x, n, base_x, base_n, z)
         if higher_is_better:  # degradation = baseline - cohort
             d, lo, hi = -d, -hi, -lo
-        value, low, high = d, lo, hi
-        worse_bound, better_bound = low, high  # degradation: lower is better
+        value, low, high = d, lo, hi  # degradation: lower is better
         hib = False
     else:
         value = x / n
         low, high = wilson(x, n, z)
         hib = higher_is_better
-    if clusters is not None:
+    if clusters is not None and not paired:
         for half in clustered_halfwidths(a, clusters, base_clusters, relative):
             low, high = min(low, value - half), max(high, value + half)
         # A proportion lies in [0, 1], a difference of two in [-1, 1].
         low, high = (
             (max(0.0, low), min(1.0, high)) if not relative else (max(-1.0, low), min(1.0, high))
         )
+    verdict = decide(low, high, relative, hib, n, threshold, min_effect, min_samples)
+    if paired:
+        verdict = replace(verdict, reason="within-device: " + verdict.reason)
+    return value, verdict
+
+
+def decide(
+    low: float,
+    high: float,
+    relative: bool,
+    hib: bool,
+    n: int,
+    threshold: float,
+    min_effect: float,
+    min_samples: int,
+) -> Verdict:
+    """The verdict of an interval [low, high] (see the module doc)."""
     if relative:
         worse_bound, better_bound = low, high
     else:
         worse_bound, better_bound = (high, low) if hib else (low, high)
     if n < min_samples:
-        return value, Verdict(None, low, high, f"{n} of {min_samples} samples")
+        return Verdict(None, low, high, f"{n} of {min_samples} samples")
     if hib:
         if worse_bound < threshold:
-            return value, Verdict(False, low, high, f"upper bound {high:.3g} < {threshold:g}")
+            return Verdict(False, low, high, f"upper bound {high:.3g} < {threshold:g}")
         if better_bound >= threshold - min_effect:
             bound = threshold - min_effect
-            return value, Verdict(True, low, high, f"lower bound {low:.3g} >= {bound:.3g}")
-        return value, Verdict(
-            None, low, high, f"interval [{low:.3g}, {high:.3g}] straddles {threshold:g}"
-        )
+            return Verdict(True, low, high, f"lower bound {low:.3g} >= {bound:.3g}")
+        return Verdict(None, low, high, f"interval [{low:.3g}, {high:.3g}] straddles {threshold:g}")
     if worse_bound > threshold:
-        return value, Verdict(False, low, high, f"lower bound {low:.3g} > {threshold:g}")
+        return Verdict(False, low, high, f"lower bound {low:.3g} > {threshold:g}")
     if better_bound <= threshold + min_effect:
         bound = threshold + min_effect
-        return value, Verdict(True, low, high, f"upper bound {high:.3g} <= {bound:.3g}")
-    return value, Verdict(
-        None, low, high, f"interval [{low:.3g}, {high:.3g}] straddles {threshold:g}"
-    )
+        return Verdict(True, low, high, f"upper bound {high:.3g} <= {bound:.3g}")
+    return Verdict(None, low, high, f"interval [{low:.3g}, {high:.3g}] straddles {threshold:g}")
 
 
 def estimated_accuracy(

@@ -3,21 +3,29 @@ the baseline's telemetry as `VersionStats`. Reads the store, decides nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TypedDict
 
 from tandem.sdk.histogram import LogHistogram
 
 from . import engine as eng
 from .errors import NotFoundError
-from .gates import Clusters
+from .gates import Change, Clusters
 from .store import Artifact, Device, Rollout, Store, pick_variant
 from .telemetry import DeviceTotals, TelemetryStats
+
+# How far back before a rollout's creation each device's baseline-version telemetry is read:
+# the history that the within-device gates compare every device with (gates.Change).
+HISTORY_S = 3600.0
 
 
 def observation(store: Store, r: Rollout, now: float, targets: Sequence[Device]) -> eng.Observation:
     """What the engine sees of rollout `r` at `now`: every targeted device's state, and the
     telemetry of the cohort (the new version on the devices it was assigned to, since the
-    stage's gate window opened) and of the baseline version over the same window."""
+    stage's gate window opened) and of the baseline version over the same window; and each
+    device's baseline-version telemetry in the `HISTORY_S` before the rollout, from which
+    both sides get their within-device change (`changes`)."""
     assignments = {a.device_id: a for a in store.assignments(r.rollout_id)}
     views = [eng.DeviceView(d.device_id) for d in targets if d.device_id not in assignments]
     views += [
@@ -38,7 +46,16 @@ def observation(store: Store, r: Rollout, now: float, targets: Sequence[Device])
         else None
     )
     base_hist = baseline.latency_local if baseline is not None else None
-    return eng.Observation(now, views, version_stats(cohort, base_hist), version_stats(baseline))
+    cohort_view, baseline_view = version_stats(cohort, base_hist), version_stats(baseline)
+    if r.baseline_version is not None and cohort is not None and baseline is not None:
+        before = store.telemetry_stats(
+            r.plan.model, r.baseline_version, since=r.created_at - HISTORY_S, until=r.created_at
+        ).per_device
+        mine = set(touched)
+        cohort_view = replace(cohort_view, **changes(cohort.per_device, before, keep=mine))
+        others = {d.device_id for d in baseline.per_device} - mine
+        baseline_view = replace(baseline_view, **changes(baseline.per_device, before, keep=others))
+    return eng.Observation(now, views, cohort_view, baseline_view)
 
 
 def targets(store: Store, r: Rollout) -> tuple[list[Device], dict[str, str]]:
@@ -104,7 +121,21 @@ def version_stats(
     )
 
 
-def clusters(devices: Sequence[DeviceTotals]) -> dict[str, Clusters | None]:
+class ClusterFields(TypedDict, total=False):
+    error_clusters: Clusters
+    fallback_clusters: Clusters
+    agreement_clusters: Clusters
+    accuracy_clusters: Clusters
+
+
+class ChangeFields(TypedDict):
+    error_change: Change
+    fallback_change: Change
+    agreement_change: Change
+    accuracy_change: Change
+
+
+def clusters(devices: Sequence[DeviceTotals]) -> ClusterFields:
     """The per-device moments of each proportion (gates.Clusters), for the VersionStats
     fields of the same names; None without per-device totals."""
     if not devices:
@@ -114,4 +145,24 @@ def clusters(devices: Sequence[DeviceTotals]) -> dict[str, Clusters | None]:
         "fallback_clusters": Clusters.of((d.fallbacks, d.requests) for d in devices),
         "agreement_clusters": Clusters.of((d.shadow_agreed, d.shadow_sampled) for d in devices),
         "accuracy_clusters": Clusters.of((d.confidence_mass, d.answers) for d in devices),
+    }
+
+
+def changes(
+    after: Sequence[DeviceTotals], before: Sequence[DeviceTotals], keep: set[str]
+) -> ChangeFields:
+    """Each proportion's within-device change (gates.Change) of the devices in `keep`, from
+    their totals `before` to `after`, for the VersionStats fields of the same names."""
+    old = {d.device_id: d for d in before}
+    none = DeviceTotals("")
+    pairs = [(d, old.get(d.device_id, none)) for d in after if d.device_id in keep]
+
+    def of(x: Callable[[DeviceTotals], tuple[float, float]]) -> Change:
+        return Change.of((x(a), x(b)) for a, b in pairs)
+
+    return {
+        "error_change": of(lambda d: (d.errors, d.requests)),
+        "fallback_change": of(lambda d: (d.fallbacks, d.requests)),
+        "agreement_change": of(lambda d: (d.shadow_agreed, d.shadow_sampled)),
+        "accuracy_change": of(lambda d: (d.confidence_mass, d.answers)),
     }

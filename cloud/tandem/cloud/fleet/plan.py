@@ -17,7 +17,7 @@ from typing import Any
 
 from tandem.errors import ConfigError
 
-from .gates import Clusters
+from .gates import Change, Clusters
 
 # --- the plan -----------------------------------------------------------------------------
 
@@ -331,6 +331,13 @@ class VersionStats(Rates):
     fallback_clusters: Clusters | None = None  # (fallbacks, requests)
     agreement_clusters: Clusters | None = None  # (shadow_agreed, shadow_sampled)
     accuracy_clusters: Clusters | None = None  # (confidence mass, local answers)
+    # The same devices' change since before the rollout, per device (gates.Change): for the
+    # cohort, from the baseline version before to the new one now; for the baseline, its
+    # devices' drift over the same time. None: no per-device history.
+    error_change: Change | None = None
+    fallback_change: Change | None = None
+    agreement_change: Change | None = None
+    accuracy_change: Change | None = None
 
 
 @dataclass(frozen=True)
