@@ -11,6 +11,7 @@ in flight finish on the old version and no call fails because of the swap.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -177,13 +178,27 @@ class Selection:
         }
 
 
+def payload_id(variant: Variant) -> str:
+    """A short digest of the variant's payload: the names and sha256s its manifest signs."""
+    digest = hashlib.sha256()
+    for entry in sorted(variant.manifest.files, key=lambda e: e.name):
+        digest.update(f"{entry.name}\0{entry.sha256}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def unpack_to_cache(variant: Variant, cache_dir: Path) -> Path:
     """Where the variant's payload files are usable: in place when the agent already
-    decompressed them, else in the cache folder (never inside a build's artifacts folder)."""
+    decompressed them, else in the cache folder (never inside a build's artifacts folder).
+
+    The cache folder is named by the payload's digest as well as model, version and variant:
+    a rebuild keeps those three (a test zoo, a user rebuilding version 1 with new weights), and
+    an INT8 file of the same architecture keeps its size, so a folder named by them alone
+    served the previous build's model, and its reference outputs, whose check then passed.
+    """
     if unpacked_is_complete(variant, variant.path):
         return variant.path
     m = variant.manifest
-    dest = cache_dir / "unpacked" / m.model / str(m.version) / m.variant
+    dest = cache_dir / "unpacked" / m.model / str(m.version) / f"{m.variant}-{payload_id(variant)}"
     return unpack_variant(variant, dest)
 
 
