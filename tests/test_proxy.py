@@ -83,6 +83,7 @@ def test_latency_round_trip_takes_the_rtt_half_each_way(
     assert back - arrived >= RTT_S / 2  # and server -> client
     assert back - sent >= RTT_S
     assert proxy.stats.delayed >= 2
+    assert (proxy.stats.bytes_up, proxy.stats.bytes_down) == (4, 4)
 
 
 def test_latency_is_pipelined_not_one_chunk_per_delay(

@@ -10,8 +10,8 @@ Runs its own asyncio loop in a thread. Modes, switchable while it runs:
              overlap and throughput is not one chunk per delay, as on a real long link;
 - `stall`:   connections are accepted and then nothing is forwarded (a black hole);
 - `drop`:    new connections are reset at once, and open ones are cut.
-Counts connections and chunks so tests can say how many faults they injected (`delayed`
-counts the chunks held back by `delay` and by `latency`).
+Counts connections, chunks and bytes each way, so tests can say how many faults they injected
+(`delayed` counts the chunks held back by `delay` and by `latency`) and what crossed the wire.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class ProxyStats:
     delayed: int = 0
     stalled: int = 0
     dropped: int = 0
+    bytes_up: int = 0  # client -> server, as read from the client's socket
+    bytes_down: int = 0  # server -> client
 
 
 class _Link:
@@ -162,6 +164,10 @@ class FaultProxy:
                 while data := await reader.read(65536):
                     arrived = loop.time()
                     self.stats.chunks += 1
+                    if upstream:
+                        self.stats.bytes_up += len(data)
+                    else:
+                        self.stats.bytes_down += len(data)
                     if self.mode == "stall":
                         # Hold everything (both directions) until the mode changes.
                         self.stats.stalled += 1
@@ -197,11 +203,10 @@ class FaultProxy:
         async def shutdown() -> None:
             self._server.close()
             self._cut_all()
-            # Let the connections' tasks see their aborted transports and end, so that none
-            # is left pending when the loop stops.
+            # Let the connections' tasks see their aborted transports and end by themselves
+            # (a cancelled connection handler would be logged as an error by asyncio), so
+            # that none is left pending when the loop stops.
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=2)
 
