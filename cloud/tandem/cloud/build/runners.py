@@ -91,11 +91,15 @@ def _tflite(path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...], threa
         raise MissingDependencyError("ai-edge-litert", "tflite", "TFLite variants") from exc
     interpreter = Interpreter(model_path=str(path), num_threads=threads)
     interpreter.allocate_tensors()
-    # LiteRT loses tensor names in conversion (args_0, output_0); position is the contract.
-    in_details = sorted(interpreter.get_input_details(), key=lambda d: int(d["index"]))
-    out_details = sorted(interpreter.get_output_details(), key=lambda d: int(d["index"]))
-    if len(in_details) != len(inputs) or len(out_details) != len(outputs):
-        raise ExportError(f"{path.name}: tensor count differs from the manifest")
+    # The SDK's matcher (names, else the signature's positions), so build and device agree.
+    from tandem.errors import RuntimeBackendError
+    from tandem.sdk.runtimes.litert import match_tensors
+
+    try:
+        in_details = match_tensors(interpreter, inputs, "inputs")
+        out_details = match_tensors(interpreter, outputs, "outputs")
+    except RuntimeBackendError as exc:
+        raise ExportError(f"{path.name}: {exc}") from exc
     fixed_batch = int(in_details[0]["shape"][0])
 
     def invoke(rows: Mapping[str, Array]) -> list[Array]:

@@ -454,41 +454,40 @@ def name_tflite_tensors(path: Path, inputs: Sequence[str], outputs: Sequence[str
 
 
 def tflite_runner(path: Path, inputs: Sequence[str], outputs: Sequence[str]) -> Any:
-    """Row-by-row LiteRT runner; (de)quantizes int8 tensors with their scale and zero point."""
+    """Row-by-row LiteRT runner: the SDK's tensor matching and (de)quantization, so the
+    build checks a variant's file the way a device will read it."""
     from ai_edge_litert.interpreter import Interpreter
+
+    from tandem.errors import RuntimeBackendError
+    from tandem.sdk.runtimes.litert import dequantize, match_tensors, quantize
 
     interpreter = Interpreter(model_path=str(path), num_threads=1)
     interpreter.allocate_tensors()
-    by_name = {
-        str(d["name"]): d
-        for d in interpreter.get_input_details() + interpreter.get_output_details()
-    }
-    if any(n not in by_name for n in (*inputs, *outputs)):
-        raise ExportError(f"{path.name}: tensors {sorted(by_name)}; expected {[*inputs, *outputs]}")
-    in_details = [by_name[n] for n in inputs]
-    out_details = [by_name[n] for n in outputs]
-
-    def put(detail: Mapping[str, Any], value: Array) -> None:
-        scale, zero = detail["quantization"]
-        if detail["dtype"] in (np.int8, np.uint8) and scale:
-            info = np.iinfo(detail["dtype"])
-            value = np.clip(np.round(value / scale + zero), info.min, info.max)
-        interpreter.set_tensor(detail["index"], np.ascontiguousarray(value.astype(detail["dtype"])))
-
-    def get(detail: Mapping[str, Any]) -> Array:
-        value = np.array(interpreter.get_tensor(detail["index"]))
-        scale, zero = detail["quantization"]
-        if detail["dtype"] in (np.int8, np.uint8) and scale:
-            return np.asarray((value.astype(np.float32) - zero) * scale, dtype=np.float32)
-        return value
+    try:
+        in_details = match_tensors(interpreter, inputs, "inputs")
+        out_details = match_tensors(interpreter, outputs, "outputs")
+    except RuntimeBackendError as exc:
+        raise ExportError(f"{path.name}: {exc}") from exc
+    wants = [
+        np.dtype(np.float32)
+        if np.dtype(d["dtype"]).kind in "iu" and d["quantization"][0]
+        else np.dtype(d["dtype"])
+        for d in out_details
+    ]
 
     def run(feeds: Mapping[str, Array]) -> dict[str, Array]:
         rows: list[list[Array]] = []
         for i in range(int(feeds[inputs[0]].shape[0])):
             for name, detail in zip(inputs, in_details, strict=True):
-                put(detail, feeds[name][i : i + 1])
+                value = np.ascontiguousarray(quantize(feeds[name][i : i + 1], detail))
+                interpreter.set_tensor(detail["index"], value)
             interpreter.invoke()
-            rows.append([get(d) for d in out_details])
+            rows.append(
+                [
+                    dequantize(interpreter.get_tensor(d["index"]), d, want)
+                    for d, want in zip(out_details, wants, strict=True)
+                ]
+            )
         return {n: np.concatenate([r[k] for r in rows]) for k, n in enumerate(outputs)}
 
     return run

@@ -1,16 +1,18 @@
 """LiteRT (`ai_edge_litert`), falling back to `tflite_runtime` only where LiteRT is absent.
 
-Tensors are matched to the manifest by name where the model keeps the names, else by
-position. Quantized (int8/uint8) inputs and outputs are (de)quantized with the tensor's scale
-and zero point, so callers always see the manifest's dtypes. A LiteRT interpreter is not
-thread-safe, and resizing for a new batch size re-allocates, so runs are serialised and the
-last shape is kept.
+Tensors are matched to the manifest by name where the model keeps the names, else by the
+signature's keys (`match_tensors`, which the build's check of the same file uses too).
+Quantized (int8/uint8) inputs and outputs are (de)quantized with each tensor's own scale and
+zero point, so callers always see the manifest's dtypes. Variants are exported for batch 1;
+a batch of N is served by resizing the input where the model allows it, else row by row. A
+LiteRT interpreter is not thread-safe, and resizing re-allocates, so runs are serialised and
+the last shape is kept.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +23,74 @@ from tandem.sdk.artifacts import Manifest
 from tandem.sdk.runtimes.base import Arrays, Runtime, register_runtime
 
 
-def _match(details: list[dict[str, Any]], names: tuple[str, ...]) -> list[dict[str, Any]]:
-    by_name: dict[str, dict[str, Any]] = {}
-    for d in details:
-        raw = str(d["name"])
-        for name in names:
-            if raw == name or raw.endswith(f"_{name}") or raw.endswith(f"{name}:0"):
-                by_name[name] = d
-    if len(by_name) == len(names):
+def match_tensors(
+    interpreter: Any, names: Sequence[str], side: str = "outputs"
+) -> list[dict[str, Any]]:
+    """The interpreter's input or output (`side`) tensor details, in the order of `names`.
+
+    By exact tensor name first (tandem's builds write the manifest's names into the file);
+    else by the signature's keys: the names themselves (TensorFlow keeps them) or, from
+    litert-torch, `args_<i>` / `output_<i>` by position. The tensors' own order is when they
+    are computed, not their position, so it is a last resort, taken only where every tensor
+    has its own shape and a swap could not pass the reference check unseen. One matcher for
+    the SDK and the build's check of the same file, so the two cannot disagree.
+    """
+    details = list(
+        interpreter.get_input_details() if side == "inputs" else interpreter.get_output_details()
+    )
+    by_name = {str(d["name"]): d for d in details}
+    if all(n in by_name for n in names):
         return [by_name[n] for n in names]
     if len(details) != len(names):
         raise RuntimeBackendError(
-            f"LiteRT model has {len(details)} tensors, manifest names {len(names)}: {names}"
+            f"LiteRT model has {len(details)} {side}, the manifest names {len(names)}: "
+            f"{list(names)}"
         )
-    return sorted(details, key=lambda d: int(d["index"]))
+    by_index = {int(d["index"]): d for d in details}
+    keyed = _signature_indices(interpreter, side)
+    if keyed is not None and all(n in keyed for n in names):
+        return [by_index[keyed[n]] for n in names]
+    positional = _positions(keyed) if keyed is not None else None
+    if positional is not None and len(positional) == len(names):
+        return [by_index[i] for i in positional]
+    suffixed = [
+        [d for d in details if str(d["name"]).endswith((f"_{n}", f"{n}:0", f"/{n}"))] for n in names
+    ]
+    if all(len(c) == 1 for c in suffixed) and len({id(c[0]) for c in suffixed}) == len(names):
+        return [c[0] for c in suffixed]
+    shapes = [tuple(int(x) for x in d["shape"]) for d in details]
+    if len(set(shapes)) == len(shapes):
+        return sorted(details, key=lambda d: int(d["index"]))
+    raise RuntimeBackendError(
+        f"LiteRT model's {side} {sorted(by_name)} cannot be told apart for the manifest's "
+        f"{list(names)}: no names or signature match them and some share a shape"
+    )
+
+
+def _signature_indices(interpreter: Any, side: str) -> dict[str, int] | None:
+    """{signature key: tensor index} of the model's only signature; None without exactly one."""
+    try:
+        signatures = interpreter.get_signature_list()
+        if len(signatures) != 1:
+            return None
+        runner = interpreter.get_signature_runner(next(iter(signatures)))
+        details = runner.get_input_details() if side == "inputs" else runner.get_output_details()
+        return {str(key): int(d["index"]) for key, d in details.items()}
+    except (AttributeError, ValueError, RuntimeError, KeyError):
+        return None
+
+
+def _positions(keyed: Mapping[str, int]) -> list[int] | None:
+    """Tensor indices by position from keys `<prefix>_<i>` numbering 0..n-1, else None."""
+    numbered: dict[int, int] = {}
+    for key, index in keyed.items():
+        prefix, _, number = key.rpartition("_")
+        if not prefix or not number.isdigit():
+            return None
+        numbered[int(number)] = index
+    if sorted(numbered) != list(range(len(keyed))):
+        return None
+    return [numbered[i] for i in range(len(keyed))]
 
 
 @register_runtime
@@ -49,8 +105,8 @@ class LiteRTRuntime(Runtime):
         self.interpreter = interpreter
         self._lock = threading.Lock()
         self.input_names = tuple(t.name for t in manifest.inputs)
-        self._inputs = _match(interpreter.get_input_details(), self.input_names)
-        self._outputs = _match(interpreter.get_output_details(), self.output_names)
+        self._inputs = match_tensors(interpreter, self.input_names, "inputs")
+        self._outputs = match_tensors(interpreter, self.output_names, "outputs")
         self._fixed_shape = False
         self._resized_ok = False
         self._shapes = {
@@ -117,10 +173,10 @@ class LiteRTRuntime(Runtime):
             if resized:
                 it.allocate_tensors()
             for name, detail in zip(self.input_names, self._inputs, strict=True):
-                it.set_tensor(detail["index"], _quantize(feeds[name], detail))
+                it.set_tensor(detail["index"], quantize(feeds[name], detail))
             it.invoke()
             outputs = {
-                name: _dequantize(it.get_tensor(detail["index"]), detail, spec.dtype)
+                name: dequantize(it.get_tensor(detail["index"]), detail, spec.dtype)
                 for name, detail, spec in zip(
                     self.output_names, self._outputs, self.manifest.outputs, strict=True
                 )
@@ -132,7 +188,8 @@ class LiteRTRuntime(Runtime):
         return outputs
 
 
-def _quantize(array: np.ndarray[Any, Any], detail: dict[str, Any]) -> np.ndarray[Any, Any]:
+def quantize(array: np.ndarray[Any, Any], detail: dict[str, Any]) -> np.ndarray[Any, Any]:
+    """`array` in the input tensor's dtype; float into int8/uint8 by its scale and zero point."""
     dtype = np.dtype(detail["dtype"])
     if array.dtype == dtype:
         return array
@@ -146,9 +203,10 @@ def _quantize(array: np.ndarray[Any, Any], detail: dict[str, Any]) -> np.ndarray
     return array.astype(dtype)
 
 
-def _dequantize(
+def dequantize(
     array: np.ndarray[Any, Any], detail: dict[str, Any], want: np.dtype[Any]
 ) -> np.ndarray[Any, Any]:
+    """An output tensor's copy in dtype `want`; int8/uint8 into float by scale and zero point."""
     scale, zero = detail.get("quantization", (0.0, 0))
     if array.dtype.kind in "iu" and want.kind == "f" and scale:
         real: np.ndarray[Any, Any] = (array.astype(np.float32) - zero) * scale
