@@ -3,7 +3,8 @@
 The real SmolLM2 build takes minutes (bench/bench_generation_device.py); here a 2-layer
 LlamaForCausalLM built from a config exercises the same code: KV-cache export, INT8
 quantization, the agreement gate, signing and packing, and LocalGenerator's greedy decode and
-draft/accept rollback against transformers' own greedy output.
+draft/accept rollback against transformers' own greedy output, and the cascade threshold
+calibrated on the held-out prompts.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from tandem.sdk.generation import LocalGenerator  # noqa: E402
 from tests.support.tiny_llm import EOS, VOCAB, tiny_model, tiny_source  # noqa: E402
 
 PROMPTS = ("w5 w9 w3", "w10 w11", "w40 w2 w7 w7", "w33")
+CASCADE_WINDOW = 3  # below the 8 tokens per prompt, so that the gate has windows to act on
+CASCADE_TARGET = 1.0  # above the tiny INT8 model's agreement: the gate has to act
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,14 @@ def _context(root: Path, **options: Any) -> BuildContext:
         signer=Signer.from_file(key),
         work_dir=work,
         cache_dir=root / ".cache" / "tiny",
-        options={"steps": 8, "timed_prompts": 1, "min_agreement": 0.5, **options},
+        options={
+            "steps": 8,
+            "timed_prompts": 1,
+            "min_agreement": 0.5,
+            "cascade_window": CASCADE_WINDOW,
+            "cascade_target": CASCADE_TARGET,
+            **options,
+        },
     )
 
 
@@ -198,3 +208,81 @@ def test_agreement_below_tolerance_is_refused_and_export_is_cached(
     # The refused build reused the cached export (same weights digest, same code).
     assert (stage / "model.int8.onnx").stat().st_mtime_ns == before
     assert entry["metrics"]["greedy_agreement"] < 1.01
+
+
+def _sdk_cascade_split(confidences: list[float], threshold: float, window: int) -> int:
+    """Tokens the SDK's cascade keeps local, written out again from session.Run._local."""
+    seen: list[float] = []
+    for i, confidence in enumerate(confidences):
+        seen.append(confidence)
+        last = i == len(confidences) - 1
+        recent = seen[-window:]
+        if not last and len(recent) == window and sum(recent) / window < threshold:
+            return i + 1
+    return len(confidences)
+
+
+def _local_figures(
+    records: list[tuple[list[float], list[bool]]], threshold: float, window: int
+) -> tuple[int, float]:
+    kept = hits = 0
+    for confidences, agrees in records:
+        n = _sdk_cascade_split(confidences, threshold, window)
+        kept += n
+        hits += sum(agrees[:n])
+    return kept, hits / kept
+
+
+def test_cascade_threshold_is_calibrated_on_the_held_out_prompts(
+    built: tuple[Path, dict[str, Any]], model: Any
+) -> None:
+    root, entry = built
+    variant = root / "artifacts" / "tiny" / "1" / "onnx-int8"
+    config = json.loads((variant / "generation.json").read_text())
+    threshold, window, target = (
+        config["cascade_threshold"],
+        config["cascade_window"],
+        config["cascade_target"],
+    )
+    assert window == CASCADE_WINDOW and target == CASCADE_TARGET and 0.0 <= threshold <= 1.0
+    metrics = entry["metrics"]
+    assert metrics["cascade_calibrated"] is True
+    assert metrics["cascade_threshold"] == pytest.approx(threshold, abs=1e-6)
+
+    # The records again, independently: the signed variant through the SDK's generator
+    # (its confidences are what the cascade sees), each token judged by transformers.
+    generator = LocalGenerator.from_variant(variant, _trusted(root))
+    records = []
+    for text in PROMPTS:
+        ids = generator.encode(text)
+        generator.start(ids)
+        tokens, confidences = [], []
+        while len(tokens) < 8 and (not tokens or tokens[-1] != EOS):
+            token, confidence = generator.step()
+            tokens.append(token)
+            confidences.append(confidence)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([[*ids, *tokens[:-1]]])).logits[0]
+        picks = logits[len(ids) - 1 :].argmax(-1).tolist()
+        records.append((confidences, [p == t for p, t in zip(picks, tokens, strict=True)]))
+
+    kept, local_agreement = _local_figures(records, threshold, window)
+    total = sum(len(c) for c, _ in records)
+    assert metrics["cascade_tokens"] == total
+    assert metrics["cascade_local_share"] == pytest.approx(kept / total, abs=1e-4)
+    assert metrics["cascade_local_agreement"] == pytest.approx(local_agreement, abs=1e-4)
+    # The rule: the local tokens meet the target, and no threshold keeps more tokens local
+    # while meeting it (every running mean that could trip the gate, and just above/below).
+    assert metrics["cascade_target_met"] == (local_agreement >= target)
+    means = {
+        sum(c[i - window + 1 : i + 1]) / window
+        for c, _ in records
+        for i in range(window - 1, len(c) - 1)
+    }
+    probes = {0.0, 1.0} | {min(1.0, m + d) for m in means for d in (-1e-9, 1e-9)}
+    if metrics["cascade_target_met"]:
+        for probe in probes:
+            more, agreement_at = _local_figures(records, probe, window)
+            assert not (more > kept and agreement_at >= target), probe
+    else:  # unreachable: the most cautious threshold, the one that hands over first
+        assert kept == min(_local_figures(records, p, window)[0] for p in probes)

@@ -9,6 +9,12 @@ greedy agreement with the full transformers model (teacher-forced on its continu
 FP32 graph's agreement as the export check, tokens/s FP32 vs INT8 and sizes. A variant whose
 agreement is below `min_agreement` is refused. The export stage is cached under
 `.cache/smollm2/` by the GGUF's digest and this code's source.
+
+The SDK's `cascade` threshold is calibrated on the same prompts (`generative_cascade`): the
+variant generates greedily, the full model judges each token after the device's own prefix,
+and `cascade_threshold`/`cascade_window`/`cascade_target` go into generation.json.
+Options: `cascade_window` (default 8), `cascade_target` (default 0.9: agreement of the tokens
+kept on the device), `cascade_min_prompts` (default 4; fewer prompts write the SDK default).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 
 from tandem.cloud.build.context import BuildContext
 from tandem.cloud.build.errors import QualityGateError
+from tandem.cloud.build.generative_cascade import CascadeOptions, Record, calibrate
 from tandem.cloud.build.generative_export import export_decoder, quantize_int8
 from tandem.cloud.build.packaging import write_variant
 from tandem.cloud.build.pipeline import module_source
@@ -144,6 +151,43 @@ def decode_greedy(
     return tokens, first, (steps - 1) / elapsed if elapsed > 0 else float("inf")
 
 
+def _softmax_max(logits: Any) -> float:
+    values = np.asarray(logits, np.float64)
+    weights = np.exp(values - values.max())
+    return float(weights.max() / weights.sum())
+
+
+def device_run(
+    sess: Any, facts: Mapping[str, Any], prompt: Sequence[int], steps: int, eos: Sequence[int]
+) -> tuple[list[int], list[float]]:
+    """The variant's own greedy tokens and confidences (max softmax probability, as the SDK's
+    LocalGenerator gives them), up to `steps` tokens or through the first EOS."""
+    names = [f"past_{k}.{i}" for i in range(int(facts["layers"])) for k in ("key", "value")]
+    out = sess.run(None, {"input_ids": np.asarray([list(prompt)], np.int64), **_empty_past(facts)})
+    tokens: list[int] = []
+    confidences: list[float] = []
+    while True:
+        logits = out[0][0, -1]
+        tokens.append(int(logits.argmax()))
+        confidences.append(_softmax_max(logits))
+        if len(tokens) == steps or tokens[-1] in eos:
+            return tokens, confidences
+        feed = {"input_ids": np.asarray([[tokens[-1]]], np.int64)}
+        feed.update(zip(names, out[1:], strict=True))
+        out = sess.run(None, feed)
+
+
+def full_model_agrees(model: Any, prompt: Sequence[int], tokens: Sequence[int]) -> list[bool]:
+    """Per device token: whether the full model's greedy pick after the same prefix (the
+    prompt and the device's earlier tokens) is that token. One teacher-forced pass."""
+    import torch
+
+    with torch.no_grad():
+        ids = torch.tensor([[*prompt, *tokens[:-1]]])
+        picks = model(input_ids=ids).logits[0, len(prompt) - 1 :].argmax(-1)
+    return [int(p) == t for p, t in zip(picks.tolist(), tokens, strict=True)]
+
+
 def reference_continuations(
     model: Any, prompts: Sequence[Sequence[int]], steps: int
 ) -> list[list[int]]:
@@ -234,7 +278,8 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
     steps_out = int(opts.get("steps", 32))
     threads = int(opts.get("threads", 2))
     keep_lm_head = bool(opts.get("lm_head_fp32", False))
-    steps = ctx.steps(6)
+    cascade_options = CascadeOptions.from_options(opts, steps_out)
+    steps = ctx.steps(7)
     stage = _stage(ctx, source, keep_lm_head, steps)
     facts = json.loads((stage / "export.json").read_text())
     from tokenizers import Tokenizer
@@ -248,10 +293,18 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
     steps.advance(f"greedy reference: the full model on {len(prompts)} held-out prompts")
     model = source.load_model()
     continuations = reference_continuations(model, encoded, steps_out)
+    int8 = session(stage / "model.int8.onnx", threads)
+
+    steps.advance("calibrating the cascade threshold: device tokens judged by the full model")
+    records = []
+    for ids in encoded:
+        tokens, confidences = device_run(int8, facts, ids, steps_out, source.eos_token_ids)
+        records.append(Record(tuple(confidences), tuple(full_model_agrees(model, ids, tokens))))
     del model
+    cascade = calibrate(records, cascade_options)
 
     steps.advance("agreement and tokens/s, FP32 vs INT8")
-    fp32, int8 = session(stage / "model.onnx", threads), session(stage / "model.int8.onnx", threads)
+    fp32 = session(stage / "model.onnx", threads)
     agree_fp32 = agreement(fp32, facts, encoded, continuations)
     agree_int8 = agreement(int8, facts, encoded, continuations)
     speed: dict[str, list[float]] = {"fp32": [], "int8": []}
@@ -276,6 +329,7 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
         "eos_token_ids": list(source.eos_token_ids),
         "bos_token_id": source.bos_token_id,
         "max_context": source.max_context,
+        **cascade.generation_config(),
     }
     extra = ctx.work_dir / "generation"
     extra.mkdir(parents=True, exist_ok=True)
@@ -294,6 +348,7 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
         "fp32_time_to_first_token_ms": round(1000 * statistics.median(first["fp32"]), 1),
         "threads": threads,
         "quantization": facts["quantization"],
+        **cascade.report(),
     }
     written = write_variant(
         ctx.variant_dir(VARIANT),
@@ -363,10 +418,28 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
             f"prompts (FP32 ONNX {agree_fp32:.2%}; tolerance {min_agreement:.0%}).",
             f"{VARIANT} is {verdict} than FP32: {rate_int8:.1f} vs {rate_fp32:.1f} tokens/s "
             f"(x{rate_int8 / rate_fp32:.2f}, {threads} threads, median of {len(timed)} prompts).",
+            _cascade_note(cascade),
             "OpenVINO + NNCF weight compression: not built in this version (only the ONNX "
             "Runtime variant is packed).",
         ],
     }
+
+
+def _cascade_note(cascade: Any) -> str:
+    figures, outcome = cascade.report(), cascade.outcome
+    escalated = figures["cascade_escalated_agreement"]
+    note = (
+        f"cascade: threshold {cascade.threshold:.4f} over {cascade.window} tokens (target: "
+        f"the local tokens agree >= {cascade.target:.0%} with the full model): "
+        f"{figures['cascade_local_share']:.0%} of {figures['cascade_tokens']} device tokens "
+        f"stay local at {outcome.local_agreement:.2%} agreement; {outcome.escalations} "
+        "sequences handed over, whose device tokens after the hand-off would have agreed "
+        + ("n/a" if escalated is None else f"{escalated:.2%}")
+        + "."
+    )
+    if not (cascade.calibrated and cascade.target_met):
+        note += f" {cascade.reason[:1].upper()}{cascade.reason[1:]}."
+    return note
 
 
 def build(ctx: BuildContext) -> dict[str, Any]:
