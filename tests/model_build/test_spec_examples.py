@@ -98,27 +98,34 @@ def test_cnn_example_builds_every_runtime_and_answers_locally() -> None:
     full = answers["torch"]  # FP32: the full model's answer
     for runtime in ("torch", "onnx"):
         assert np.all(_cosine(full, answers[runtime]) > 0.98), runtime
-    _CNN_TFLITE_EMBEDDINGS.update(full=full, tflite=answers["tflite"])
-
-
-_CNN_TFLITE_EMBEDDINGS: dict[str, np.ndarray] = {}
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-@pytest.mark.xfail(
-    reason="known bug (issue 11, open): on some trainings of the example the SDK's LiteRT "
-    "runtime answers the INT8 CNN's secondary output far from the build's own check of the "
-    "same file (cosine about 0.2 against 0.99999 on a fresh clone); the logits agree",
-    strict=False,
-)
 def test_cnn_example_tflite_secondary_output_matches_the_full_model() -> None:
-    if not _CNN_TFLITE_EMBEDDINGS:
-        pytest.skip("needs test_cnn_example_builds_every_runtime_and_answers_locally first")
-    full, tflite = _CNN_TFLITE_EMBEDDINGS["full"], _CNN_TFLITE_EMBEDDINGS["tflite"]
-    assert np.all(_cosine(full, tflite) > 0.98)
+    """Issue 11: the SDK's LiteRT embedding came from a previous build's file, left in the
+    device cache under the same model, version and variant (and size); the build's check of
+    the new file passed. The example is retrained whenever its code changes."""
+    pytest.importorskip("torch")
+    pytest.importorskip("litert_torch")
+    from tandem.sdk import Client
+
+    folder = _cnn_example()
+    zoo = CNN_WORK / "zoo"
+    build_from_spec(folder / "model.toml", zoo)  # cached by content after the test above
+    rows = np.load(folder / "val.npz")["pixels"][:8]
+    answers = {}
+    for runtime in ("torch", "tflite"):
+        with Client(
+            model="cnn", artifacts=zoo / "artifacts", policy="local_only", runtime=runtime
+        ) as client:
+            answers[runtime] = client.infer({"pixels": rows}).outputs
+    assert answers["tflite"]["embedding"].shape == (8, 32)
+    assert np.all(_cosine(answers["torch"]["embedding"], answers["tflite"]["embedding"]) > 0.98)
+    agree = answers["torch"]["logits"].argmax(1) == answers["tflite"]["logits"].argmax(1)
+    assert agree.sum() >= 7, agree
 
 
 def test_the_guides_cnn_spec_is_the_examples() -> None:
