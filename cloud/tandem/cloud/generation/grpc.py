@@ -94,8 +94,9 @@ async def stream_infer(
                 prompt = model.encode(tensors["text_input"][0].decode("utf-8", "replace"))
             else:
                 raise InvalidInputError("give text_input (BYTES [1]) or input_ids (INT64 [n])")
-            tokens = model.generate(prompt, sampling)
+            tokens = model.generate(prompt, sampling, kind="stream")
         except CloudServerError as exc:
+            service.rejected(request.model_name, "stream", exc)
             yield pb.ModelStreamInferResponse(error_message=str(exc))
             continue
         try:
@@ -123,18 +124,22 @@ async def verify_infer(
     service: GenerationService, request: pb.ModelInferRequest
 ) -> pb.ModelInferResponse:
     """The verify call over ModelInfer; raises the server's errors for the caller to map."""
-    model = service.get(request.model_name)
-    tensors = _inputs(request)
-    sequence_id = _param(request.parameters, "sequence_id")
-    if sequence_id is None or sequence_id == "" or sequence_id == 0:
-        raise InvalidInputError("the verify call needs the parameter sequence_id")
-    result = await model.verify(
-        str(sequence_id),
-        tensors.get("draft_ids", []),
-        start=bool(_param(request.parameters, "sequence_start")),
-        prompt=tensors.get("prompt_ids", []),
-        end=bool(_param(request.parameters, "sequence_end")),
-    )
+    try:
+        model = service.get(request.model_name)
+        tensors = _inputs(request)
+        sequence_id = _param(request.parameters, "sequence_id")
+        if sequence_id is None or sequence_id == "" or sequence_id == 0:
+            raise InvalidInputError("the verify call needs the parameter sequence_id")
+        result = await model.verify(
+            str(sequence_id),
+            tensors.get("draft_ids", []),
+            start=bool(_param(request.parameters, "sequence_start")),
+            prompt=tensors.get("prompt_ids", []),
+            end=bool(_param(request.parameters, "sequence_end")),
+        )
+    except CloudServerError as exc:
+        service.rejected(request.model_name, "verify", exc)
+        raise
     response = pb.ModelInferResponse(
         model_name=request.model_name, model_version="1", id=request.id
     )

@@ -80,10 +80,17 @@ def mount(app: FastAPI, service: GenerationService, draining: Callable[[], bool]
             return model, model.generate(ids, sampling)
         return model, model.generate(model.encode(body.get("text_input")), sampling)
 
+    async def v2_open(name: str, request: Request) -> AsyncIterator[Any]:
+        try:
+            return (await v2_start(name, request))[1]
+        except CloudServerError as exc:
+            service.rejected(name, "generate", exc)
+            raise
+
     @app.post("/v2/models/{name}/generate")
     async def v2_generate(name: str, request: Request) -> Response:
         try:
-            _, tokens = await v2_start(name, request)
+            tokens = await v2_open(name, request)
             text, ids, reason = [], [], "length"
             async for item in tokens:
                 if isinstance(item, Done):
@@ -105,7 +112,7 @@ def mount(app: FastAPI, service: GenerationService, draining: Callable[[], bool]
     @app.post("/v2/models/{name}/generate_stream")
     async def v2_generate_stream(name: str, request: Request) -> Response:
         try:
-            _, tokens = await v2_start(name, request)
+            tokens = await v2_open(name, request)
         except CloudServerError as exc:
             return v2_error(exc)
 
@@ -127,6 +134,7 @@ def mount(app: FastAPI, service: GenerationService, draining: Callable[[], bool]
 
     # --- OpenAI-compatible ------------------------------------------------------------------------
     async def openai_call(request: Request, chat: bool) -> Response:
+        body: dict[str, Any] = {}
         try:
             check_serving()
             body = await _body(request)
@@ -143,8 +151,12 @@ def mount(app: FastAPI, service: GenerationService, draining: Callable[[], bool]
             if body.get("n", 1) != 1:
                 raise InvalidInputError("only n=1 is served")
             sampling = model.params(body)
-            tokens = model.generate(prompt, sampling)
+            tokens = model.generate(prompt, sampling, kind="openai")
         except CloudServerError as exc:
+            named = body.get("model")
+            if not named and len(service.models) == 1:
+                named = next(iter(service.models))
+            service.rejected(named if isinstance(named, str) else None, "openai", exc)
             return openai_error(exc)
         created = int(time.time())
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -253,6 +265,7 @@ def mount(app: FastAPI, service: GenerationService, draining: Callable[[], bool]
                 end=bool(body.get("sequence_end", False)),
             )
         except CloudServerError as exc:
+            service.rejected(name, "verify", exc)
             return v2_error(exc)
         return JSONResponse(
             {"accepted": result.accepted, "next_token": result.next_token, "length": result.length}

@@ -17,13 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from tandem.cloud.server.config import read_json_object
-from tandem.cloud.server.errors import InvalidInputError, ModelNotFoundError, RepositoryError
+from tandem.cloud.server.errors import (
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    RepositoryError,
+)
+from tandem.cloud.server.metrics import GenerationMetrics, StreamMetrics
+from tandem.cloud.server.protocol import status_of
 from tandem.errors import ConfigError
 
 from .engine import Done, Engine, EngineLimits, SamplingParams, VerifyResult
@@ -85,6 +95,16 @@ class GenerativeModel:
     engine: Engine
     tokenizer: Any
     stop_ids: frozenset[int]
+    metrics: GenerationMetrics = field(
+        default_factory=lambda: GenerationMetrics(CollectorRegistry())
+    )
+    _by_kind: dict[str, StreamMetrics] = field(default_factory=dict, repr=False)
+
+    def metrics_of(self, kind: str) -> StreamMetrics:
+        found = self._by_kind.get(kind)
+        if found is None:
+            found = self._by_kind[kind] = self.metrics.for_stream(self.config.name, kind)
+        return found
 
     def encode(self, text: Any) -> list[int]:
         if not isinstance(text, str) or not text:
@@ -122,28 +142,56 @@ class GenerativeModel:
         params.check(self.engine.limits)
         return params
 
-    def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Any]:
+    def generate(
+        self, prompt: list[int], params: SamplingParams, kind: str = "generate"
+    ) -> AsyncIterator[Any]:
         """Admits the sequence now (raising past the limits), then the iterator yields
-        (token_id, text_delta) per token and the Done. Closing it early frees the sequence."""
-        return self._tokens(self.engine.submit(prompt, params))
+        (token_id, text_delta) per token and the Done. Closing it early frees the sequence.
+        `kind` names the endpoint in the metrics."""
+        seq = self.engine.submit(prompt, params)
+        metrics = self.metrics_of(kind)
+        metrics.prompt_tokens.inc(len(seq.prompt))
+        return self._tokens(seq, metrics, time.perf_counter())
 
-    async def _tokens(self, seq: Any) -> AsyncIterator[Any]:
+    async def _tokens(
+        self, seq: Any, metrics: StreamMetrics, admitted: float
+    ) -> AsyncIterator[Any]:
         ids: list[int] = []
         sent = ""
         stream = self.engine.stream(seq)
+        last = admitted
+        reason = "cancelled"  # what is left when the consumer stops early
+        counted = False
         try:
             async for item in stream:
                 if isinstance(item, Done):
+                    metrics.finished(item.reason)
+                    counted = True
                     yield item
                     return
+                now = time.perf_counter()
+                if ids:
+                    metrics.inter_token.observe(now - last)
+                else:
+                    metrics.time_to_first_token.observe(now - admitted)
+                last = now
+                metrics.tokens.inc()
                 ids.append(item)
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 delta = ""
                 if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte char
                     delta, sent = text[len(sent) :], text
                 yield item, delta
+        except ModelUnavailableError:
+            reason = "shutdown"
+            raise
+        except Exception:
+            reason = "error"
+            raise
         finally:
             await stream.aclose()
+            if not counted:
+                metrics.finished(reason)
 
     async def verify(
         self,
@@ -154,18 +202,34 @@ class GenerativeModel:
         prompt: Sequence[int] = (),
         end: bool = False,
     ) -> VerifyResult:
-        return await asyncio.to_thread(
+        result = await asyncio.to_thread(
             self.engine.verify, sequence_id, draft, start=start, prompt=prompt, end=end
         )
+        name = self.config.name
+        self.metrics.verify_calls.labels(name).inc()
+        self.metrics.drafted.labels(name).inc(len(draft))
+        self.metrics.accepted.labels(name).inc(result.accepted)
+        metrics = self.metrics_of("verify")
+        metrics.tokens.inc(result.accepted + 1)
+        if start:
+            metrics.prompt_tokens.inc(len(prompt))
+        return result
 
 
 class GenerationService:
-    def __init__(self, models: dict[str, GenerativeModel]) -> None:
+    def __init__(
+        self, models: dict[str, GenerativeModel], metrics: GenerationMetrics | None = None
+    ) -> None:
         self.models = models
+        self.metrics = metrics if metrics is not None else GenerationMetrics(CollectorRegistry())
+        for name, model in models.items():
+            model.metrics = self.metrics
+            model._by_kind.clear()
+            self.metrics.watch(name, model.engine.stats)
         self._reaper: asyncio.Task[None] | None = None
 
     @classmethod
-    def load(cls, paths: list[Path]) -> GenerationService:
+    def load(cls, paths: list[Path], metrics: GenerationMetrics | None = None) -> GenerationService:
         models = {}
         for path in paths:
             config = GenerativeConfig.load(path)
@@ -175,7 +239,13 @@ class GenerationService:
                 config, engine, tokenizer, stop_token_ids(tokenizer)
             )
             log.info("generative model %s loaded (%s)", config.name, config.model)
-        return cls(models)
+        return cls(models, metrics)
+
+    def rejected(self, name: str | None, kind: str, exc: Exception) -> None:
+        """Counts a request refused before it started (label: the gRPC status name). A model
+        name we do not serve is counted under "", so clients cannot grow the label set."""
+        model = name if name in self.models else ""
+        self.metrics.rejected.labels(model, kind, status_of(exc).name).inc()
 
     def get(self, name: str) -> GenerativeModel:
         found = self.models.get(name)

@@ -7,12 +7,12 @@ pays for an increment, not for a label lookup.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,23 @@ _LATENCY_BUCKETS = (
     10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Per-token latencies: from ~1 ms (a tiny model, a GPU) to seconds (a big batch on a CPU).
+_TOKEN_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 
 @dataclass(frozen=True)
@@ -119,6 +136,13 @@ class ServerMetrics:
         gpu = _GpuCollector.create()
         if gpu is not None:
             self.registry.register(gpu)
+        self._generation: GenerationMetrics | None = None
+
+    def for_generation(self) -> GenerationMetrics:
+        """The generation metrics, registered on first use: a tensor-only server has none."""
+        if self._generation is None:
+            self._generation = GenerationMetrics(self.registry)
+        return self._generation
 
     def for_version(self, model: str, version: int) -> VersionMetrics:
         v = str(version)
@@ -141,6 +165,159 @@ class ServerMetrics:
     def serve(self, host: str, port: int) -> Any:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server
+
+
+@dataclass(frozen=True)
+class StreamMetrics:
+    """The metric children of one generative model and endpoint kind."""
+
+    tokens: Any
+    prompt_tokens: Any
+    time_to_first_token: Any
+    inter_token: Any
+    _parent: GenerationMetrics
+    _model: str
+    _kind: str
+
+    def finished(self, reason: str) -> None:
+        self._parent.finished.labels(self._model, self._kind, reason).inc()
+
+
+class GenerationMetrics:
+    """Metrics of the generative models (docs/generation.md). `kind` is the endpoint: stream
+    (gRPC ModelStreamInfer), generate (HTTP V2 generate and generate_stream), openai
+    (/v1/chat/completions, /v1/completions) or verify (speculative decoding)."""
+
+    KINDS = ("stream", "generate", "openai", "verify")
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        by_kind = ("model", "kind")
+        self.tokens = Counter(
+            "tandem_generation_tokens",
+            "Tokens generated; for verify, the accepted drafted tokens plus the next token.",
+            by_kind,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "tandem_generation_prompt_tokens",
+            "Prompt tokens of the sequences admitted (and of the verify sessions started).",
+            by_kind,
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "tandem_generation_time_to_first_token_seconds",
+            "Time from admitting a sequence until its first token is handed to the client.",
+            by_kind,
+            buckets=_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token = Histogram(
+            "tandem_generation_inter_token_latency_seconds",
+            "Time between two consecutive tokens of one sequence.",
+            by_kind,
+            buckets=_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.finished = Counter(
+            "tandem_generation_sequences_finished",
+            "Generated sequences that ended, by reason: stop (a stop token), length "
+            "(max_tokens), cancelled (the client went away), shutdown, error.",
+            (*by_kind, "reason"),
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "tandem_generation_requests_rejected",
+            "Generation and verify requests refused, by reason (the gRPC status name: "
+            "RESOURCE_EXHAUSTED is HTTP 429).",
+            (*by_kind, "reason"),
+            registry=registry,
+        )
+        self.verify_calls = Counter(
+            "tandem_generation_verify_calls",
+            "Verify calls answered.",
+            ("model",),
+            registry=registry,
+        )
+        self.drafted = Counter(
+            "tandem_generation_drafted_tokens",
+            "Drafted tokens sent to the verify call.",
+            ("model",),
+            registry=registry,
+        )
+        self.accepted = Counter(
+            "tandem_generation_accepted_tokens",
+            "Drafted tokens the verify call accepted.",
+            ("model",),
+            registry=registry,
+        )
+        self._engines: dict[str, Callable[[], dict[str, int]]] = {}
+        registry.register(_EngineCollector(self._engines))
+
+    def for_stream(self, model: str, kind: str) -> StreamMetrics:
+        return StreamMetrics(
+            tokens=self.tokens.labels(model, kind),
+            prompt_tokens=self.prompt_tokens.labels(model, kind),
+            time_to_first_token=self.time_to_first_token.labels(model, kind),
+            inter_token=self.inter_token.labels(model, kind),
+            _parent=self,
+            _model=model,
+            _kind=kind,
+        )
+
+    def watch(self, model: str, stats: Callable[[], dict[str, int]]) -> None:
+        """Exports the engine's live figures (`Engine.stats()`), read at scrape time."""
+        self._engines[model] = stats
+
+
+class _EngineCollector(Collector):
+    """The generation engines' live state, read when scraped: nothing on the token path."""
+
+    GAUGES = (
+        ("active_sequences", "tandem_generation_active_sequences", "Sequences being decoded."),
+        (
+            "waiting_sequences",
+            "tandem_generation_queued_sequences",
+            "Sequences admitted, waiting for their prefill.",
+        ),
+        ("verify_sessions", "tandem_generation_verify_sessions", "Verify sessions alive."),
+        (
+            "reserved_tokens",
+            "tandem_generation_reserved_tokens",
+            "Tokens reserved against max_total_tokens.",
+        ),
+    )
+    COUNTERS = (
+        ("decode_steps", "tandem_generation_decode_steps", "Batched decode iterations run."),
+        (
+            "decode_rows",
+            "tandem_generation_decode_rows",
+            "Sequence-rows over those iterations (rows / steps: the mean batch).",
+        ),
+    )
+
+    def __init__(self, engines: dict[str, Callable[[], dict[str, int]]]) -> None:
+        self._engines = engines
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())  # nothing to describe until scraped: the families depend on the engines
+
+    def collect(self) -> Iterator[Any]:
+        families: list[tuple[str, GaugeMetricFamily | CounterMetricFamily]] = [
+            (key, GaugeMetricFamily(n, h, labels=["model"])) for key, n, h in self.GAUGES
+        ]
+        families += [
+            (key, CounterMetricFamily(n, h, labels=["model"])) for key, n, h in self.COUNTERS
+        ]
+        for model, stats in list(self._engines.items()):
+            try:
+                figures = stats()
+            except Exception:
+                log.warning("cannot read the generation engine of %s", model, exc_info=True)
+                continue
+            for key, family in families:
+                family.add_metric([model], float(figures.get(key, 0)))
+        for _, family in families:
+            yield family
 
 
 class _GpuCollector(Collector):

@@ -146,7 +146,9 @@ async def _load_generation(state: ServerState) -> None:
         return
     from tandem.cloud.generation.service import GenerationService
 
-    state.generation = await asyncio.to_thread(GenerationService.load, paths)
+    state.generation = await asyncio.to_thread(
+        GenerationService.load, paths, state.metrics.for_generation()
+    )
     state.generation.start()
 
 
