@@ -4,13 +4,14 @@ and SIGTERM drains the streams and verify sessions (new work refused with UNAVAI
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.cloud.conftest import ServerProcess, start_server
+from tests.cloud.conftest import ServerProcess, http_get, start_server
 from tests.support.processes import wait_until
 
 pytest.importorskip("transformers")
@@ -194,3 +195,63 @@ def test_metrics_count_tokens_latencies_verify_and_refusals(server: ServerProces
     assert scrape.after[_key("tandem_generation_active_sequences", tiny)] == 0
     assert scrape.after[_key("tandem_generation_verify_sessions", tiny)] == 0
     assert scrape.delta("tandem_generation_decode_steps_total", **tiny) >= 4 + 2 + 1
+
+
+def test_model_metadata_describes_the_generative_model(server: ServerProcess) -> None:
+    import grpc
+
+    from tandem.protos.inference import grpc_predict_v2_pb2 as pb
+
+    status, raw = http_get(f"{server.http_url}/v2/models/{MODEL}")
+    assert status == 200, raw
+    meta = json.loads(raw)
+    tensors = {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]}
+    assert tensors["text_input"] == ("BYTES", [1])
+    assert tensors["input_ids"] == ("INT64", [-1])
+    assert tensors["max_tokens"] == ("INT32", [1])
+    assert tensors["draft_ids"] == ("INT64", [-1])
+    outputs = {t["name"]: (t["datatype"], t["shape"]) for t in meta["outputs"]}
+    assert outputs["text_output"] == ("BYTES", [1])
+    assert (meta["name"], meta["versions"], meta["platform"]) == (
+        MODEL,
+        ["1"],
+        "transformers_generative",
+    )
+    params = meta["parameters"]
+    assert params["generative"] is True
+    for name in ("max_sequences", "max_prompt_tokens", "max_new_tokens", "max_total_tokens"):
+        assert params[name] == LIMITS[name]
+    assert params["max_sequence_tokens"] == LIMITS["max_prompt_tokens"] + LIMITS["max_new_tokens"]
+    assert params["context_length"] == 128  # tiny_model's max_position_embeddings
+    assert params["vocab_size"] == 64 and params["stop_token_ids"] == [1]
+    assert http_get(f"{server.http_url}/v2/models/{MODEL}/versions/1")[0] == 200
+    assert http_get(f"{server.http_url}/v2/models/{MODEL}/versions/2")[0] == 404
+
+    stub = server.stub()
+    answer = stub.ModelMetadata(pb.ModelMetadataRequest(name=MODEL), timeout=10)
+    assert (answer.name, list(answer.versions), answer.platform) == (
+        MODEL,
+        ["1"],
+        "transformers_generative",
+    )
+    assert [(t.name, t.datatype, list(t.shape)) for t in answer.inputs] == [
+        (t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]
+    ]
+    assert [(t.name, t.datatype, list(t.shape)) for t in answer.outputs] == [
+        (t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]
+    ]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelMetadata(pb.ModelMetadataRequest(name=MODEL, version="7"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # The sampling inputs the metadata names are taken as tensors, as Triton's models take them
+    request = pb.ModelInferRequest(model_name=MODEL)
+    text = request.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    text.contents.bytes_contents.append(b"w5 w9 w17")
+    limit = request.inputs.add(name="max_tokens", datatype="INT32", shape=[1])
+    limit.contents.int_contents.append(4)
+    eos = request.inputs.add(name="ignore_eos", datatype="BOOL", shape=[1])
+    eos.contents.bool_contents.append(True)
+    responses = list(stub.ModelStreamInfer(iter([request]), timeout=30))
+    assert [r.error_message for r in responses] == [""] * 5  # 4 tokens, then the final one
+    assert responses[-1].infer_response.parameters["finish_reason"].string_param == "length"

@@ -2,9 +2,11 @@
 
 - `ModelStreamInfer` (Triton's streaming extension): each request carries `text_input`
   (BYTES [1]) or `input_ids` (INT64 [n]) and the parameters max_tokens, temperature, top_p,
-  seed; the answer is one response per token (outputs `text_output` BYTES [1], `token_id`
-  INT64 [1]), then a last one with the parameters `triton_final_response: true` and
-  `finish_reason`. An error answers that request in `error_message`; the stream goes on.
+  seed, ignore_eos (as request parameters, or as one-value input tensors of those names, as
+  Triton's TensorRT-LLM models take them; `random_seed` is seed); the answer is one response
+  per token (outputs `text_output` BYTES [1], `token_id` INT64 [1]), then a last one with
+  the parameters `triton_final_response: true` and `finish_reason`. An error answers that
+  request in `error_message`; the stream goes on.
 - the verify call, as `ModelInfer` on the generative model with Triton's sequence parameters:
   `sequence_id` (string or int), `sequence_start`, `sequence_end` (bool); inputs `draft_ids`
   (INT64 [k], may be empty) and, with sequence_start, `prompt_ids` (INT64 [n]); outputs
@@ -34,22 +36,41 @@ def _param(params: Any, name: str) -> Any:
     return getattr(p, kind) if kind else None
 
 
+# The scalar inputs a generation request may carry as tensors (as Triton's TensorRT-LLM and
+# vLLM models take them) instead of parameters: (datatype, numpy dtype, contents field).
+_NUMERIC = {
+    "INT64": ("<i8", "int64_contents"),
+    "INT32": ("<i4", "int_contents"),
+    "UINT64": ("<u8", "uint64_contents"),
+    "UINT32": ("<u4", "uint_contents"),
+    "FP32": ("<f4", "fp32_contents"),
+    "FP64": ("<f8", "fp64_contents"),
+    "BOOL": ("?", "bool_contents"),
+}
+SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "ignore_eos")
+# Tensor names that mean a sampling parameter (random_seed: TensorRT-LLM's name for seed).
+SAMPLING_TENSORS = {**{k: k for k in SAMPLING}, "random_seed": "seed"}
+
+
 def _inputs(request: pb.ModelInferRequest) -> dict[str, Any]:
-    """The request's tensors by name: INT64 as lists of ints, BYTES as lists of bytes."""
+    """The request's tensors by name: numbers as lists of Python numbers, BYTES as lists of
+    bytes."""
     out: dict[str, Any] = {}
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidInputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
     for i, tensor in enumerate(request.inputs):
-        if tensor.datatype == "INT64":
+        if tensor.datatype in _NUMERIC:
+            dtype, contents = _NUMERIC[tensor.datatype]
             if raw:
-                if len(raw[i]) % 8:
+                size = np.dtype(dtype).itemsize
+                if len(raw[i]) % size:
                     raise InvalidInputError(
-                        f"input {tensor.name!r}: raw size is not 8*n", tensor.name
+                        f"input {tensor.name!r}: raw size is not {size}*n", tensor.name
                     )
-                out[tensor.name] = np.frombuffer(raw[i], dtype="<i8").tolist()
+                out[tensor.name] = np.frombuffer(raw[i], dtype=dtype).tolist()
             else:
-                out[tensor.name] = list(tensor.contents.int64_contents)
+                out[tensor.name] = list(getattr(tensor.contents, contents))
         elif tensor.datatype == "BYTES":
             if raw:
                 data, items = raw[i], []
@@ -62,10 +83,26 @@ def _inputs(request: pb.ModelInferRequest) -> dict[str, Any]:
                 out[tensor.name] = list(tensor.contents.bytes_contents)
         else:
             raise InvalidInputError(
-                f"input {tensor.name!r}: datatype {tensor.datatype} (INT64 or BYTES here)",
+                f"input {tensor.name!r}: datatype {tensor.datatype} is not served here",
                 tensor.name,
             )
     return out
+
+
+def _sampling(request: pb.ModelInferRequest, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Sampling parameters from the request's parameters, or from scalar input tensors of the
+    same names; a parameter wins over a tensor."""
+    params: dict[str, Any] = {}
+    for tensor_name, name in SAMPLING_TENSORS.items():
+        if tensor_name in tensors:
+            values = tensors[tensor_name]
+            if len(values) != 1:
+                raise InvalidInputError(f"input {tensor_name!r} must hold one value", tensor_name)
+            params[name] = values[0]
+    for name in SAMPLING:
+        if name in request.parameters:
+            params[name] = _param(request.parameters, name)
+    return params
 
 
 def _int64(response: pb.ModelInferResponse, name: str, value: int) -> None:
@@ -82,12 +119,7 @@ async def stream_infer(
         try:
             model = service.get(request.model_name)
             tensors = _inputs(request)
-            params = {
-                k: _param(request.parameters, k)
-                for k in ("max_tokens", "temperature", "top_p", "seed", "ignore_eos")
-                if k in request.parameters
-            }
-            sampling = model.params(params)
+            sampling = model.params(_sampling(request, tensors))
             if "input_ids" in tensors:
                 prompt = model.engine.check_tokens(tensors["input_ids"], "input_ids")
             elif len(tensors.get("text_input", ())) == 1:

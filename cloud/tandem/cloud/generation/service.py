@@ -42,6 +42,8 @@ from .model import MODEL_ID, check_messages, load_folder_model, load_full_model,
 log = logging.getLogger(__name__)
 
 BACKENDS = ("transformers",)
+# The V2 metadata's platform of a generative model: generation on the transformers backend.
+PLATFORM = "transformers_generative"
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,61 @@ class GenerativeModel:
         if found is None:
             found = self._by_kind[kind] = self.metrics.for_stream(self.config.name, kind)
         return found
+
+    def metadata(self) -> dict[str, Any]:
+        """The V2 model metadata: the tensors its endpoints take and give (Triton's generate
+        names: text_input, text_output, and the sampling inputs), and, in `parameters`, that
+        it is generative and its limits."""
+        limits = self.config.limits
+        inputs = [
+            ("text_input", "BYTES", [1]),
+            ("input_ids", "INT64", [-1]),
+            ("max_tokens", "INT32", [1]),
+            ("temperature", "FP32", [1]),
+            ("top_p", "FP32", [1]),
+            ("seed", "INT64", [1]),
+            ("ignore_eos", "BOOL", [1]),
+            ("prompt_ids", "INT64", [-1]),  # the verify call
+            ("draft_ids", "INT64", [-1]),
+        ]
+        outputs = [
+            ("text_output", "BYTES", [1]),
+            ("token_id", "INT64", [1]),
+            ("accepted", "INT64", [1]),  # the verify call
+            ("next_token", "INT64", [1]),
+        ]
+        model_config = getattr(self.engine.model, "config", None)
+        context = getattr(model_config, "max_position_embeddings", None)
+        return {
+            "name": self.config.name,
+            "versions": ["1"],
+            "platform": PLATFORM,
+            "inputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in inputs],
+            "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in outputs],
+            "parameters": {
+                "generative": True,
+                "backend": self.config.backend,
+                "model": Path(self.config.model).name,
+                "vocab_size": self.engine.vocab_size,
+                # the model's own window, and the longest sequence these limits let through
+                "context_length": int(context) if context else None,
+                "max_sequence_tokens": limits.max_prompt_tokens + limits.max_new_tokens,
+                "max_sequences": limits.max_sequences,
+                "max_total_tokens": limits.max_total_tokens,
+                "max_prompt_tokens": limits.max_prompt_tokens,
+                "max_new_tokens": limits.max_new_tokens,
+                "max_draft_tokens": limits.max_draft_tokens,
+                "idle_timeout_s": limits.idle_timeout_s,
+                "stop_token_ids": sorted(self.stop_ids),
+                "endpoints": [
+                    "ModelStreamInfer",
+                    "generate",
+                    "generate_stream",
+                    "openai",
+                    "verify",
+                ],
+            },
+        }
 
     def encode(self, text: Any) -> list[int]:
         if not isinstance(text, str) or not text:

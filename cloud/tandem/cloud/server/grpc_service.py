@@ -95,6 +95,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.ModelMetadataResponse:
+        generation = self._state.generation
+        if generation is not None and request.name in generation.models:
+            if request.version not in ("", "1"):
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"generative model {request.name!r} has version 1 only",
+                )
+            return _generative_metadata(generation.models[request.name].metadata())
         try:
             mv = self._repo.get(request.name, request.version)
             versions = self._repo.versions(request.name)
@@ -215,6 +223,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async for response in stream_infer(generation, request_iterator):
             yield response
+
+
+def _generative_metadata(meta: dict[str, Any]) -> pb.ModelMetadataResponse:
+    """A generative model's metadata over gRPC: the V2 message has no parameters field, so the
+    limits are on HTTP only (GET /v2/models/{name})."""
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=meta["name"],
+        versions=meta["versions"],
+        platform=meta["platform"],
+        inputs=[tensor(**t) for t in meta["inputs"]],
+        outputs=[tensor(**t) for t in meta["outputs"]],
+    )
 
 
 class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]

@@ -84,6 +84,10 @@ def create_app(state: ServerState) -> FastAPI:
         return Response(status_code=200 if state.ready else 503)
 
     def metadata(name: str, version: str) -> Response:
+        if state.generation is not None and name in state.generation.models:
+            if version not in ("", "1"):
+                return _error(404, f"generative model {name!r} has version 1 only")
+            return JSONResponse(state.generation.models[name].metadata())
         try:
             mv = repo.get(name, version)
             versions = repo.versions(name) if not version else [mv.version]
