@@ -5,6 +5,9 @@ and SIGTERM drains the streams and verify sessions (new work refused with UNAVAI
 from __future__ import annotations
 
 import json
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -255,3 +258,62 @@ def test_model_metadata_describes_the_generative_model(server: ServerProcess) ->
     responses = list(stub.ModelStreamInfer(iter([request]), timeout=30))
     assert [r.error_message for r in responses] == [""] * 5  # 4 tokens, then the final one
     assert responses[-1].infer_response.parameters["finish_reason"].string_param == "length"
+
+
+def test_sigterm_drains_streams_and_sessions_and_refuses_new_work(server: ServerProcess) -> None:
+    """Last in this module: it stops the server. The drain timeout is 2 s (the fixture)."""
+    import grpc
+
+    stub = server.stub()
+    greedy = _generate(server, PROMPT, 3)
+    session = stub.ModelInfer(_verify_request("d-1", [], PROMPT), timeout=30)
+    assert session.outputs[1].contents.int64_contents[0] == greedy[0]
+    arrivals: list[float] = []
+    ended: list[Any] = []
+
+    def consume() -> None:  # a stream far longer than the grace
+        call = stub.ModelStreamInfer(iter([_stream_request(PROMPT, 3900)]), timeout=60)
+        try:
+            for _ in call:
+                arrivals.append(time.monotonic())
+        except grpc.RpcError as exc:
+            ended.append(exc)
+        else:
+            ended.append(None)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    wait_until(lambda: len(arrivals) > 0, timeout=20, message="the long stream started")
+    server.proc.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    wait_until(
+        lambda: http_get(f"{server.http_url}/v2/health/ready")[0] == 503,
+        timeout=5,
+        message="readiness off while draining",
+    )
+    # new work is refused with UNAVAILABLE / 503 ...
+    status, answer = _post(server, f"/v2/models/{MODEL}/generate", {"input_ids": PROMPT})
+    assert status == 503 and "shutting down" in answer["error"]
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.ModelStreamInfer(iter([_stream_request(PROMPT, 2)]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(_verify_request("d-2", [], PROMPT), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in str(err.value.details())
+    # ... while the live verify session goes on to its end
+    step = stub.ModelInfer(_verify_request("d-1", [greedy[1]]), timeout=10)
+    assert [o.contents.int64_contents[0] for o in step.outputs] == [1, greedy[2]]
+    end = _verify_request("d-1", [])
+    end.parameters["sequence_end"].bool_param = True
+    stub.ModelInfer(end, timeout=10)
+    # and the stream keeps streaming through the grace, then ends with UNAVAILABLE
+    reader.join(timeout=20)
+    assert ended and isinstance(ended[0], grpc.RpcError), ended
+    assert ended[0].code() == grpc.StatusCode.UNAVAILABLE
+    assert ended[0].details() == "server shutting down"
+    during = [t for t in arrivals if t > stopped]
+    assert during and during[-1] - stopped > 1.0, "the stream did not go on through the grace"
+    assert len(arrivals) < 3900
+    assert server.proc.wait(timeout=15) == 0
+    assert time.monotonic() - stopped < 2 + 5

@@ -14,6 +14,10 @@ the cache is cropped back to the accepted prefix afterwards.
 
 Limits (`EngineLimits`) refuse work past them with `QueueFullError` (RESOURCE_EXHAUSTED / 429),
 and bad input with `InvalidInputError`; an unknown sequence id is `ModelNotFoundError`.
+
+Shutdown: `drain()` refuses new sequences and verify sessions with `ModelUnavailableError`
+(UNAVAILABLE / 503) while the live ones go on (a verify session keeps taking calls until it
+ends); `close()` ends whatever is left with the same error.
 """
 
 from __future__ import annotations
@@ -31,12 +35,18 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from tandem.cloud.server.errors import InvalidInputError, ModelNotFoundError, QueueFullError
+from tandem.cloud.server.errors import (
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    QueueFullError,
+)
 from tandem.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, heads, length, dim]
+SHUTTING_DOWN = "server shutting down"
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,7 @@ class Engine:
         self._active: dict[int, _Sequence] = {}
         self._sessions: dict[str, _Session] = {}
         self._closed = False
+        self._draining = False
         self.steps = 0  # batched decode iterations run
         self.step_rows = 0  # sequence-rows over those iterations (mean batch = rows / steps)
         self.cancelled = 0
@@ -172,9 +183,9 @@ class Engine:
         return len(self._waiting) + len(self._active) + len(self._sessions)
 
     def _admit_check(self, tokens: int) -> None:
-        """Under self._lock: refuses past the limits."""
-        if self._closed:
-            raise QueueFullError("the generation engine is shutting down")
+        """Under self._lock: refuses past the limits, and everything new once draining."""
+        if self._closed or self._draining:
+            raise ModelUnavailableError(SHUTTING_DOWN)
         if self._count() >= self.limits.max_sequences:
             raise QueueFullError(
                 f"{self.limits.max_sequences} sequences are running already (max_sequences)"
@@ -261,11 +272,22 @@ class Engine:
                 with self._lock:
                     self.cancelled += 1
 
+    def drain(self) -> None:
+        """Refuses new sequences and verify sessions from now on; the live ones go on."""
+        with self._lock:
+            self._draining = True
+
+    def idle(self) -> bool:
+        """No sequence and no verify session alive."""
+        with self._lock:
+            return self._count() == 0
+
     def close(self) -> None:
+        """Ends every live sequence with UNAVAILABLE and drops the verify sessions."""
         with self._lock:
             self._closed = True
             for seq in [*self._waiting, *self._active.values()]:
-                seq.emit(QueueFullError("the server is shutting down"))
+                seq.emit(ModelUnavailableError(SHUTTING_DOWN))
                 seq.cancelled = True
             self._waiting.clear()
             self._active.clear()

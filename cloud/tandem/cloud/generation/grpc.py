@@ -6,7 +6,8 @@
   Triton's TensorRT-LLM models take them; `random_seed` is seed); the answer is one response
   per token (outputs `text_output` BYTES [1], `token_id` INT64 [1]), then a last one with
   the parameters `triton_final_response: true` and `finish_reason`. An error answers that
-  request in `error_message`; the stream goes on.
+  request in `error_message`; the stream goes on, except while the server shuts down: then
+  the call ends with UNAVAILABLE ("server shutting down").
 - the verify call, as `ModelInfer` on the generative model with Triton's sequence parameters:
   `sequence_id` (string or int), `sequence_start`, `sequence_end` (bool); inputs `draft_ids`
   (INT64 [k], may be empty) and, with sequence_start, `prompt_ids` (INT64 [n]); outputs
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tandem.cloud.server.errors import InvalidInputError
+from tandem.cloud.server.errors import InvalidInputError, ModelUnavailableError
 from tandem.errors import CloudServerError
 from tandem.protos.inference import grpc_predict_v2_pb2 as pb
 
@@ -129,6 +130,8 @@ async def stream_infer(
             tokens = model.generate(prompt, sampling, kind="stream")
         except CloudServerError as exc:
             service.rejected(request.model_name, "stream", exc)
+            if isinstance(exc, ModelUnavailableError):
+                raise  # shutting down: the call ends with UNAVAILABLE
             yield pb.ModelStreamInferResponse(error_message=str(exc))
             continue
         try:
@@ -146,6 +149,8 @@ async def stream_infer(
                 text.contents.bytes_contents.append(item[1].encode())
                 _int64(response, "token_id", item[0])
                 yield pb.ModelStreamInferResponse(infer_response=response)
+        except ModelUnavailableError:
+            raise
         except CloudServerError as exc:
             yield pb.ModelStreamInferResponse(error_message=str(exc))
         finally:

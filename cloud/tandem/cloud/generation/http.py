@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from tandem.cloud.server.errors import InvalidInputError, ModelUnavailableError
 from tandem.errors import CloudServerError
 
-from .engine import Done
+from .engine import SHUTTING_DOWN, Done
 from .service import GenerationService, GenerativeModel
 
 FINISH = {"stop": "stop", "length": "length"}
@@ -62,7 +62,7 @@ def mount(app: FastAPI, service: GenerationService, draining: Callable[[], bool]
 
     def check_serving() -> None:
         if draining():
-            raise ModelUnavailableError("server is draining")
+            raise ModelUnavailableError(SHUTTING_DOWN)
 
     # --- V2 generate ---------------------------------------------------------------------------
     async def v2_start(name: str, request: Request) -> tuple[GenerativeModel, AsyncIterator[Any]]:
@@ -248,7 +248,8 @@ def mount(app: FastAPI, service: GenerationService, draining: Callable[[], bool]
     @app.post("/v2/models/{name}/verify")
     async def verify(name: str, request: Request) -> Response:
         try:
-            check_serving()
+            # no check_serving(): while draining, a live session may go on to its end (the
+            # engine refuses new sessions)
             model = service.get(name)
             body = await _body(request)
             draft = body.get("draft_ids", [])

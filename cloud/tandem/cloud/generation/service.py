@@ -329,7 +329,27 @@ class GenerationService:
 
         self._reaper = asyncio.create_task(reap(), name="generation-reaper")
 
+    def refuse_new(self) -> None:
+        """The first step of shutdown: new generations and verify sessions are refused with
+        UNAVAILABLE; the live ones go on."""
+        for m in self.models.values():
+            m.engine.drain()
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuses new work and waits up to `grace_s` for the live streams to end and the
+        verify sessions to be ended by their clients (or to expire). True when all did."""
+        self.refuse_new()
+        deadline = time.monotonic() + grace_s
+        while not all(m.engine.idle() for m in self.models.values()):
+            if time.monotonic() >= deadline:
+                left = {n: m.engine.stats() for n, m in self.models.items()}
+                log.warning("drain: grace of %.1f s over, ending %s", grace_s, left)
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     async def close(self) -> None:
+        """Ends what is still live with UNAVAILABLE ("server shutting down"); idempotent."""
         if self._reaper is not None:
             self._reaper.cancel()
         for m in self.models.values():

@@ -138,8 +138,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if generation is not None and request.model_name in generation.models:
                 from tandem.cloud.generation.grpc import verify_infer
 
-                if self._state.draining:
-                    raise ModelUnavailableError("server is draining")
+                # While draining, the engine refuses new sessions; live ones go on to their end.
                 return await verify_infer(generation, request)
             mv = self._repo.get(request.model_name, request.model_version)
             config = mv.config
@@ -219,10 +218,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED, "ModelStreamInfer serves generative models only"
             )
+        from tandem.cloud.generation.engine import SHUTTING_DOWN
         from tandem.cloud.generation.grpc import stream_infer
 
-        async for response in stream_infer(generation, request_iterator):
-            yield response
+        if self._state.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        try:
+            async for response in stream_infer(generation, request_iterator):
+                yield response
+        except ModelUnavailableError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
 
 def _generative_metadata(meta: dict[str, Any]) -> pb.ModelMetadataResponse:

@@ -223,19 +223,26 @@ async def run_server(config: ServerConfig, ready: asyncio.Event | None = None) -
         log.info("draining: no new requests, finishing %d queued", repository.queued())
     finally:
         state.draining = True
+        deadline = loop.time() + config.drain_timeout_s
+        if state.generation is not None:
+            state.generation.refuse_new()
         await health.enter_graceful_shutdown()
+        if state.generation is not None:
+            # Streams and verify sessions go on up to the grace (the ports stay open, so a
+            # session's next call arrives; anything new is UNAVAILABLE), then what is left is
+            # ended with UNAVAILABLE "server shutting down", sent before the ports close.
+            await state.generation.drain(config.drain_timeout_s)
+            await state.generation.close()
         if http is not None:
             http.stop()
         # Stop takes no new RPCs at once and waits up to the grace for the ones in flight,
         # whose requests sit in the batchers, which keep computing.
-        await server.stop(config.drain_timeout_s)
+        await server.stop(max(deadline - loop.time(), min(config.drain_timeout_s, 1.0)))
         for task in tasks:
             if task.get_name() == "poll":
                 task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await repository.close()
-        if state.generation is not None:
-            await state.generation.close()
         if metrics_server is not None:
             metrics_server.shutdown()
         log.info("stopped")
