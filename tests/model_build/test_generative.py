@@ -248,6 +248,10 @@ def test_cascade_threshold_is_calibrated_on_the_held_out_prompts(
     metrics = entry["metrics"]
     assert metrics["cascade_calibrated"] is True
     assert metrics["cascade_threshold"] == pytest.approx(threshold, abs=1e-6)
+    rows = {row["target"]: row for row in metrics["cascade_by_target"]}
+    assert rows[CASCADE_TARGET]["threshold"] == metrics["cascade_threshold"]
+    shares = [rows[t]["local_share"] for t in sorted(rows)]
+    assert shares == sorted(shares, reverse=True)  # a higher target keeps no more local
 
     # The records again, independently: the signed variant through the SDK's generator
     # (its confidences are what the cascade sees), each token judged by transformers.

@@ -37,7 +37,7 @@ import numpy as np
 
 from tandem.cloud.build.context import BuildContext
 from tandem.cloud.build.errors import QualityGateError
-from tandem.cloud.build.generative_cascade import CascadeOptions, Record, calibrate
+from tandem.cloud.build.generative_cascade import CascadeOptions, Record, by_target, calibrate
 from tandem.cloud.build.generative_export import export_decoder, quantize_int8
 from tandem.cloud.build.packaging import write_variant
 from tandem.cloud.build.pipeline import module_source
@@ -61,6 +61,8 @@ PROMPTS = (
     "What is the boiling point of water at sea level?",
     "Once upon a time, in a small village,",
 )
+# Targets whose calibrated thresholds the report lists beside the chosen one.
+CASCADE_REPORT_TARGETS = (0.9, 0.95, 0.97, 0.99, 1.0)
 INPUTS = (TensorSpec("input_ids", "INT64", (1, -1)),)
 OUTPUTS = (TensorSpec("logits", "FP32", (1, -1, -1)),)
 
@@ -302,6 +304,7 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
         records.append(Record(tuple(confidences), tuple(full_model_agrees(model, ids, tokens))))
     del model
     cascade = calibrate(records, cascade_options)
+    cascade_rows = by_target(records, cascade_options, CASCADE_REPORT_TARGETS)
 
     steps.advance("agreement and tokens/s, FP32 vs INT8")
     fp32 = session(stage / "model.onnx", threads)
@@ -349,6 +352,7 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
         "threads": threads,
         "quantization": facts["quantization"],
         **cascade.report(),
+        "cascade_by_target": cascade_rows,
     }
     written = write_variant(
         ctx.variant_dir(VARIANT),

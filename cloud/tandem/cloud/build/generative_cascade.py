@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tandem.errors import ConfigError
@@ -212,3 +212,24 @@ def calibrate(records: Sequence[Record], options: CascadeOptions) -> Calibration
     )
     log.warning("cascade %s", reason)
     return Calibration(best.threshold, window, target, True, False, best, len(outcomes), reason)
+
+
+def by_target(
+    records: Sequence[Record], options: CascadeOptions, targets: Sequence[float]
+) -> list[dict[str, Any]]:
+    """What other targets would choose on the same records (for the report: how much
+    agreement each share of local tokens costs)."""
+    rows = []
+    for target in targets:
+        result = calibrate(records, replace(options, target=target))
+        figures = result.report()
+        rows.append(
+            {
+                "target": target,
+                "threshold": figures["cascade_threshold"],
+                "target_met": result.target_met,
+                "local_share": figures["cascade_local_share"],
+                "local_agreement": figures["cascade_local_agreement"],
+            }
+        )
+    return rows

@@ -58,7 +58,7 @@ KNOWN_MODELS = (*MODELS, *OPTIONAL_MODELS)
 MODEL_SOURCES: dict[str, tuple[str, ...]] = {
     "digits": ("digits",),
     "minilm": ("minilm",),
-    "smollm2": ("generative", "generative_export"),
+    "smollm2": ("generative", "generative_export", "generative_cascade"),
 }
 # Modules whose source shapes every model's outputs; a model's own module is added to these.
 SHARED_MODULES = ("context", "packaging", "signing", "runners")
