@@ -23,6 +23,7 @@ ends); `close()` ends whatever is left with the same error.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import threading
@@ -140,6 +141,16 @@ def _kv_of(cache: Any) -> KV:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def _cache_argument(model: Any) -> str:
+    """The forward's name for the KV cache: `cache` since transformers 5.2x, which deprecates
+    `past_key_values` (and `out.past_key_values`); older versions know only the latter."""
+    try:
+        names = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in names else "past_key_values"
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
     """Greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
     if params.temperature <= 0.0:
@@ -158,6 +169,7 @@ class Engine:
     def __init__(self, model: Any, vocab_size: int, limits: EngineLimits) -> None:
         self.model = model
         self.vocab_size = vocab_size
+        self._cache_kw = _cache_argument(model)
         self.limits = limits
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # guards the tables below
@@ -296,6 +308,11 @@ class Engine:
         self._thread.join(timeout=5)
 
     # --- the worker ---------------------------------------------------------------------------
+    def _forward(self, cache: Any, **inputs: Any) -> Any:
+        """One forward that extends `cache` (a DynamicCache) in place; the caller reads the new
+        keys and values from `cache`, not from the output."""
+        return self.model(**inputs, **{self._cache_kw: cache}, use_cache=True)
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         torch.set_num_threads(self.limits.threads)
@@ -345,13 +362,12 @@ class Engine:
     def _prefill(self, seq: _Sequence) -> None:
         if seq.cancelled:
             return
+        cache = DynamicCache()
         with self._model_lock:
-            out = self.model(
-                input_ids=torch.tensor([seq.prompt]), past_key_values=DynamicCache(), use_cache=True
-            )
+            out = self._forward(cache, input_ids=torch.tensor([seq.prompt]))
         if seq.cancelled:
             return
-        seq.kv = _kv_of(out.past_key_values)
+        seq.kv = _kv_of(cache)
         seq.length = len(seq.prompt)
         self._accept(seq, out.logits[0, -1])
 
@@ -382,17 +398,14 @@ class Engine:
                 mask[row, longest - n :] = 1
         inputs = torch.tensor([[s.last] for s in batch])
         positions = torch.tensor([[n] for n in lengths])
+        cache = DynamicCache(ddp_cache_data=stacked)  # type: ignore[arg-type]
         with self._model_lock:
-            out = self.model(
-                input_ids=inputs,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=DynamicCache(ddp_cache_data=stacked),  # type: ignore[arg-type]
-                use_cache=True,
+            out = self._forward(
+                cache, input_ids=inputs, attention_mask=mask, position_ids=positions
             )
         self.steps += 1
         self.step_rows += len(batch)
-        new = _kv_of(out.past_key_values)
+        new = _kv_of(cache)
         for row, seq in enumerate(batch):
             if seq.cancelled:
                 continue
@@ -489,9 +502,7 @@ class Engine:
             tokens = fed + drafted
             cache = DynamicCache(ddp_cache_data=session.kv) if session.kv else DynamicCache()  # type: ignore[arg-type]
             with torch.no_grad(), self._model_lock:
-                out = self.model(
-                    input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True
-                )
+                out = self._forward(cache, input_ids=torch.tensor([tokens]))
             predicted = torch.argmax(out.logits[0], dim=-1).tolist()
             base = len(fed) - 1  # predicted[base + j] is the model's choice for drafted[j]
             accepted = 0
@@ -499,7 +510,7 @@ class Engine:
                 accepted += 1
             next_token = int(predicted[base + accepted])
             keep = session.length + len(fed) + accepted
-            session.kv = [(k[:, :, :keep], v[:, :, :keep]) for k, v in _kv_of(out.past_key_values)]
+            session.kv = [(k[:, :, :keep], v[:, :, :keep]) for k, v in _kv_of(cache)]
             session.length = keep
             session.pending = next_token
             return VerifyResult(accepted, next_token, keep)
