@@ -244,10 +244,12 @@ def test_within_device_still_stops_a_bad_version_at_once() -> None:
 
 def test_a_device_is_compared_with_itself_not_with_the_fleet() -> None:
     # The canary's inputs are hard: it falls back on 10% of requests under either version;
-    # the fleet's devices on 1%. Against the fleet that is a 9-point degradation.
+    # the fleet's devices on 1% or 10%. Against a fleet that spread no canary of one device
+    # can show a 2-point margin; against itself it can.
     gate = Gate(GateMetric.FALLBACK_RATE, 0.02, 0, relative=True, min_effect=0.02)
     canary_after, canary_before = (400, 4000), (800, 8000)
-    fleet_after, fleet_before = [(40, 4000)] * 9, [(80, 8000)] * 9
+    fleet_after = [(40, 4000), (400, 4000)] * 5
+    fleet_before = [(80, 8000), (800, 8000)] * 5
     cohort = VersionStats(
         requests=4000,
         fallbacks=400,
@@ -255,15 +257,42 @@ def test_a_device_is_compared_with_itself_not_with_the_fleet() -> None:
         fallback_change=_paired([canary_after], [canary_before]),
     )
     baseline = VersionStats(
-        requests=36_000,
-        fallbacks=360,
+        requests=40_000,
+        fallbacks=2200,
         fallback_clusters=stats.Clusters.of(fleet_after),
         fallback_change=_paired(fleet_after, fleet_before),
     )
     (paired,) = evaluate_gates([gate], cohort, baseline, 0, 1)
     assert paired.passed is True and paired.value == pytest.approx(0.0), paired.reason
+    assert paired.reason.startswith("within-device: ")
     (unpaired,) = evaluate_gates([gate], replace(cohort, fallback_change=None), baseline, 0, 1)
-    assert unpaired.passed is False  # the fleet comparison blames the version for the device
+    assert unpaired.passed is None, unpaired.reason
+
+
+def test_a_fleet_of_like_devices_is_judged_by_the_fleet_comparison_too() -> None:
+    # Little history (800 requests a device) makes the within-device interval wide; the
+    # fleet of like devices gives the narrow one, and it alone passes the gate.
+    gate = Gate(GateMetric.FALLBACK_RATE, 0.0, 0, relative=True, min_effect=0.02)
+    after, before = [(400, 4000)] * 2, [(80, 800)] * 2
+    fleet = [(100, 1000)] * 100
+    cohort = VersionStats(
+        requests=8000,
+        fallbacks=800,
+        fallback_clusters=stats.Clusters.of(after),
+        fallback_change=_paired(after, before),
+    )
+    baseline = VersionStats(
+        requests=100_000,
+        fallbacks=10_000,
+        fallback_clusters=stats.Clusters.of(fleet),
+        fallback_change=_paired(fleet, [(80, 800)] * 100),
+    )
+    (both,) = evaluate_gates([gate], cohort, baseline, 0, 2)
+    assert both.passed is True and not both.reason.startswith("within-device"), both.reason
+    only_within = stats.within_device(
+        stats.spent_alpha(0.01, 8000) / 2, _paired(after, before), None, False
+    )
+    assert only_within[2] > 0.02  # alone it would have waited
 
 
 def test_the_baseline_devices_drift_is_subtracted() -> None:

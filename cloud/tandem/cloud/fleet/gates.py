@@ -28,7 +28,13 @@ A gate is judged through a confidence bound, not a raw ratio:
   3 times still has a width. From `MIN_ROBUST_CLUSTERS` cohort devices on, the CR1 variance
   of the device changes (which also holds when the version's effect differs across devices)
   widens it with a t quantile. What it assumes: a device's inputs stay as easy or hard
-  across the two periods, up to the drift the baseline devices share.
+  across the two periods, up to the drift the baseline devices share. Neither comparison
+  is better everywhere: within-device pays for the history's own noise (on a fleet of like
+  devices its interval is wider than the fleet comparison's, whose baseline is large), and
+  the fleet comparison pays for the devices' differences. So a relative gate with history
+  judges both, each at half the look's alpha (Bonferroni): it fails when either shows the
+  cohort worse, passes when either shows it within the margin (and neither fails), else
+  waits; each error rate stays within alpha.
 - "fail" only when the bound shows the cohort is worse than the threshold; "pass" only when it
   shows the cohort is within threshold + `min_effect` (the smallest degradation the gate is
   meant to catch); otherwise "wait".
@@ -365,23 +371,56 @@ def judge_proportion(
     """Judges a proportion x/n (or, with a baseline, its difference to base_x/base_n).
     With per-device `clusters` (and the baseline's) the interval is device-clustered. A
     relative gate with the cohort's within-device `change` (and the baseline devices'
-    `base_change`, their drift) judges that instead, when every cohort device has samples
-    from before (see the module doc).
+    `base_change`, their drift) also judges that, when every cohort device has samples from
+    before; each comparison then gets half the alpha (see the module doc).
 
     Returns (value, verdict). value is the proportion, or for relative gates the degradation
     (cohort - baseline, or baseline - cohort when higher is better)."""
     relative = base_x is not None
     paired = relative and change is not None and change.count > 0 and change.unpaired == 0
-    if n <= 0 or (relative and base_n <= 0 and not paired):
+    fleet = not relative or base_n > 0
+    if n <= 0 or not (fleet or paired):
         what = "no cohort samples" if n <= 0 else "no baseline samples"
         return None, Verdict(None, None, None, what)
-    a = spent_alpha(alpha, n)
-    z = z_for(a)
+    # With both comparisons each gets half the look's alpha (Bonferroni), see the module doc.
+    a = spent_alpha(alpha, n) / (2 if paired and fleet else 1)
+    judged: list[tuple[float, Verdict]] = []
+    if fleet:
+        value, low, high, hib = fleet_interval(
+            a, x, n, higher_is_better, base_x, base_n, clusters, base_clusters
+        )
+        judged.append(
+            (value, decide(low, high, relative, hib, n, threshold, min_effect, min_samples))
+        )
     if paired:
         assert change is not None
         value, low, high = within_device(a, change, base_change, higher_is_better)
-        hib = False
-    elif relative:
+        v = decide(low, high, True, False, n, threshold, min_effect, min_samples)
+        judged.append((value, replace(v, reason="within-device: " + v.reason)))
+    for want in (False, True):
+        for value, v in judged:
+            if v.passed is want:
+                return value, v
+    # Both wait: show the narrower interval.
+    return min(judged, key=lambda j: (j[1].high or 0.0) - (j[1].low or 0.0))
+
+
+def fleet_interval(
+    a: float,
+    x: float,
+    n: int,
+    higher_is_better: bool,
+    base_x: float | None,
+    base_n: int,
+    clusters: Clusters | None,
+    base_clusters: Clusters | None,
+) -> tuple[float, float, float, bool]:
+    """(value, low, high, higher is better) of the cohort against the fleet at spent alpha
+    `a`: the score interval, widened by the device-clustered widths when `clusters` are
+    known. With `base_x` the value is the degradation (lower is better)."""
+    relative = base_x is not None
+    z = z_for(a)
+    if relative:
         assert base_x is not None
         d, lo, hi = difference(x, n, base_x, base_n, z)
         if higher_is_better:  # degradation = baseline - cohort
@@ -392,17 +431,14 @@ def judge_proportion(
         value = x / n
         low, high = wilson(x, n, z)
         hib = higher_is_better
-    if clusters is not None and not paired:
+    if clusters is not None:
         for half in clustered_halfwidths(a, clusters, base_clusters, relative):
             low, high = min(low, value - half), max(high, value + half)
         # A proportion lies in [0, 1], a difference of two in [-1, 1].
         low, high = (
             (max(0.0, low), min(1.0, high)) if not relative else (max(-1.0, low), min(1.0, high))
         )
-    verdict = decide(low, high, relative, hib, n, threshold, min_effect, min_samples)
-    if paired:
-        verdict = replace(verdict, reason="within-device: " + verdict.reason)
-    return value, verdict
+    return value, low, high, hib
 
 
 def decide(
