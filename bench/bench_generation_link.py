@@ -20,6 +20,7 @@ first run also builds the device variant, ~3 minutes). `make bench` runs it thro
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -46,6 +47,7 @@ MODEL = "smollm2"
 RESULTS = ROOT / "bench" / "results" / "generation-link.txt"
 DEFAULT_ZOO = ROOT / "build" / "bench-zoo"  # /build/ is git-ignored: the cached device build
 POLICIES = ("cloud_only", "speculative", "local_only")
+DEFAULT_DRAFTS = (4, 8)  # the SDK's default first k, and a longer first draft
 GOAL = 1.5  # speculative / cloud_only tokens/s
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -181,8 +183,43 @@ def local_step_ms(generator: Any, prompt: Sequence[int], steps: int = 32) -> flo
     return statistics.median(times)
 
 
+def server_costs_ms(address: str, prompt: Sequence[int], k: int = 8) -> tuple[float, float]:
+    """(one streamed decode step, one verify call of k drafted tokens) on the server, over a
+    direct channel (no link delay): medians, ms."""
+    import grpc
+
+    from tandem.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+    from tandem.sdk.generation.session import stream_request, verify_request
+
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        arrivals, tokens = [], []
+        for response in stub.ModelStreamInfer(iter([stream_request(MODEL, prompt, 32)])):
+            arrivals.append(time.perf_counter())
+            for out in response.infer_response.outputs:
+                if out.name == "token_id":
+                    tokens.append(int(out.contents.int64_contents[0]))
+        step = statistics.median(b - a for a, b in itertools.pairwise(arrivals[:-1]))
+        sequence = f"bench-link-{os.getpid()}"
+        stub.ModelInfer(verify_request(MODEL, sequence, [], prompt=prompt, start=True))
+        times = []
+        for j in range(3):  # the server's own tokens: every draft is accepted
+            draft = tokens[1 + j * (k + 1) : 1 + j * (k + 1) + k]
+            started = time.perf_counter()
+            stub.ModelInfer(verify_request(MODEL, sequence, draft))
+            times.append(time.perf_counter() - started)
+        stub.ModelInfer(verify_request(MODEL, sequence, [], end=True))
+    return 1000 * step, 1000 * statistics.median(times)
+
+
+def arms(draft_tokens: Sequence[int]) -> list[tuple[str, str, int]]:
+    """(label, policy, first k) of every configuration run side by side."""
+    spec = [(f"spec k0={k}", "speculative", k) for k in draft_tokens]
+    return [("cloud_only", "cloud_only", 4), *spec, ("local_only", "local_only", 4)]
+
+
 def run_bench(
-    prompts: int, tokens: int, rtt_ms: float, zoo: Path, draft_tokens: int
+    prompts: int, tokens: int, rtt_ms: float, zoo: Path, draft_tokens: Sequence[int]
 ) -> tuple[str, bool]:
     """(the results text, whether speculative's output equalled cloud_only's everywhere)."""
     from tandem.sdk import Client
@@ -192,12 +229,14 @@ def run_bench(
     artifacts, public_key, how = build_variant(zoo)
     built_s = time.perf_counter() - started
     chosen, server_ids = chat_texts([PROMPTS[i % len(PROMPTS)] for i in range(prompts)])
-    summaries = {policy: Summary() for policy in POLICIES}
+    configurations = arms(draft_tokens)
+    summaries = {label: Summary() for label, _, _ in configurations}
     with tempfile.TemporaryDirectory() as tmp:
         server = serve(Path(tmp))
         proxy = FaultProxy(server.grpc_port)
         try:
             direct_ms = measured_rtt_ms(server.grpc_address)
+            server_step_ms, verify_ms = server_costs_ms(server.grpc_address, server_ids[0])
             proxy.set_latency(rtt_s=rtt_ms / 1000)
             link_ms = measured_rtt_ms(proxy.address)
             with Client(
@@ -214,34 +253,22 @@ def run_bench(
                 for text, ids in zip(chosen, server_ids, strict=True):
                     # the device's tokenizer must see the prompt as the server's does
                     assert pool.tokenizer.encode(text) == ids, text
-                first_ids = server_ids[0]
                 probe = pool.take()
-                step_ms = local_step_ms(probe, first_ids)
+                step_ms = local_step_ms(probe, server_ids[0])
                 pool.give(probe)
                 for i, prompt in enumerate(chosen):
-                    order = POLICIES if i % 2 == 0 else tuple(reversed(POLICIES))
-                    for policy in order:
+                    order = configurations if i % 2 == 0 else configurations[::-1]
+                    for label, policy, k in order:
                         up, down = proxy.stats.bytes_up, proxy.stats.bytes_down
                         result = client.generate(
-                            prompt,
-                            max_tokens=tokens,
-                            stream=False,
-                            policy=policy,
-                            draft_tokens=draft_tokens,
+                            prompt, max_tokens=tokens, stream=False, policy=policy, draft_tokens=k
                         )
                         assert isinstance(result, GenerationResult)
-                        summaries[policy].rows.append(
-                            Row(
-                                policy,
-                                i,
-                                result,
-                                proxy.stats.bytes_up - up,
-                                proxy.stats.bytes_down - down,
-                            )
-                        )
+                        wire = (proxy.stats.bytes_up - up, proxy.stats.bytes_down - down)
+                        summaries[label].rows.append(Row(label, i, result, *wire))
                         print(
-                            f"prompt {i} {policy:>11}: {len(result.token_ids):3} tokens "
-                            f"{result.tokens_per_s:5.1f} tok/s ttft {result.ttft_ms:6.0f} ms "
+                            f"prompt {i} {label:>11}: {len(result.token_ids):3} tokens "
+                            f"{result.tokens_per_s:5.1f} tok/s ttft {result.ttft_ms or 0:6.0f} ms "
                             f"accepted {result.accepted}/{result.drafted}",
                             file=sys.stderr,
                             flush=True,
@@ -253,29 +280,29 @@ def run_bench(
         "prompts": prompts,
         "tokens": tokens,
         "rtt_ms": rtt_ms,
-        "draft_tokens": draft_tokens,
         "direct_ms": direct_ms,
         "link_ms": link_ms,
         "step_ms": step_ms,
+        "server_step_ms": server_step_ms,
+        "verify_ms": verify_ms,
         "build": f"{how} in {built_s:.0f} s",
         "seconds": time.perf_counter() - started,
+        "load": os.getloadavg(),
     }
     return report(summaries, facts)
 
 
+def _tokens_per_s(row: Row) -> float:
+    return float(row.result.tokens_per_s)
+
+
+def _ttft(row: Row) -> float | None:
+    return row.result.ttft_ms  # type: ignore[no-any-return]
+
+
 def report(summaries: dict[str, Summary], facts: dict[str, Any]) -> tuple[str, bool]:
-    cloud, spec, local = (summaries[p] for p in POLICIES)
-    same = [
-        c.result.token_ids == s.result.token_ids and c.result.text == s.result.text
-        for c, s in zip(cloud.rows, spec.rows, strict=True)
-    ]
-    ratios = [
-        s.result.tokens_per_s / c.result.tokens_per_s
-        for c, s in zip(cloud.rows, spec.rows, strict=True)
-    ]
-    ratio = spec.median(lambda r: r.result.tokens_per_s) / cloud.median(
-        lambda r: r.result.tokens_per_s
-    )
+    cloud, local = summaries["cloud_only"], summaries["local_only"]
+    specs = {label: s for label, s in summaries.items() if label.startswith("spec")}
     commit = _git("rev-parse", "--short", "HEAD")
     changed = _git(
         "status",
@@ -286,26 +313,31 @@ def report(summaries: dict[str, Summary], facts: dict[str, Any]) -> tuple[str, b
         "tests/support/proxy.py",
     )
     dirty = " (generation code with uncommitted changes)" if changed else ""
+    load = ", ".join(f"{x:.1f}" for x in facts["load"])
     lines = [
         "bench_generation_link: speculative vs cloud_only over a link with a round-trip delay",
         f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {commit}{dirty}, "
-        f"{platform.machine()}, nproc {os.cpu_count()} "
-        "(shared: other people run tests on this machine during the run)",
+        f"{platform.machine()}, nproc {os.cpu_count()}, load average at the end {load} "
+        "(shared machine: other people run tests and builds on it during the run)",
         "device: SmolLM2-135M-Instruct signed ONNX INT8 variant, ONNX Runtime CPU, 2 threads "
-        f"(device build {facts['build']}); server: tandem serve, the full FP32 model, "
-        "1 torch thread, on the same 2 cores",
+        f"(the SDK's GeneratorPool default; device build {facts['build']}); server: tandem "
+        "serve, the full FP32 model, 1 torch thread; client, server and proxy share the cores",
         f"link: tests.support.proxy latency mode, {facts['rtt_ms']:.0f} ms RTT "
         f"({facts['rtt_ms'] / 2:.0f} ms each way, pipelined); gRPC ServerLive round trip "
         f"{facts['direct_ms']:.1f} ms direct, {facts['link_ms']:.1f} ms through the link",
         f"{facts['prompts']} chat prompts x up to {facts['tokens']} new tokens, greedy; "
-        "policies interleaved prompt by prompt, order alternating; speculative starts at "
-        f"k = {facts['draft_tokens']} (adaptive 1..16); run took {facts['seconds']:.0f} s",
+        "configurations interleaved prompt by prompt, order reversed every other prompt; "
+        "spec k0=K: speculative starting at k = K (then adaptive, 1..16); "
+        f"run took {facts['seconds']:.0f} s",
+        f"costs, medians: device draft step {facts['step_ms']:.1f} ms; server decode step "
+        f"{facts['server_step_ms']:.1f} ms; server verify of 8 drafted tokens "
+        f"{facts['verify_ms']:.1f} ms (both over a direct channel)",
         "",
-        f"{'policy':>12} {'tokens':>6} {'tok/s':>6} {'ttft ms':>8} {'accept':>7} "
+        f"{'':>12} {'tokens':>6} {'tok/s':>6} {'ttft ms':>8} {'accept':>7} "
         f"{'block':>6} {'rt/tok':>7} {'sent/tok':>9} {'recv/tok':>9} {'wire up/tok':>12} "
         f"{'wire down/tok':>14}",
     ]
-    for policy, summary in summaries.items():
+    for label, summary in summaries.items():
         n = max(summary.tokens, 1)
         drafted = summary.total(lambda r: r.result.drafted)
         accepted = summary.total(lambda r: r.result.accepted)
@@ -313,17 +345,13 @@ def report(summaries: dict[str, Summary], facts: dict[str, Any]) -> tuple[str, b
         acceptance = f"{accepted / drafted:7.1%}" if drafted else f"{'-':>7}"
         block = f"{accepted / blocks:6.2f}" if drafted and blocks else f"{'-':>6}"
         lines.append(
-            f"{policy:>12} {summary.tokens:>6} "
-            f"{summary.median(lambda r: r.result.tokens_per_s):>6.1f} "
-            f"{summary.median(lambda r: r.result.ttft_ms):>8.0f} {acceptance} {block} "
-            f"{summary.total(lambda r: r.result.round_trips) / n:>7.3f} "
+            f"{label:>12} {summary.tokens:>6} {summary.median(_tokens_per_s):>6.1f} "
+            f"{summary.median(_ttft):>8.0f} {acceptance} {block} {blocks / n:>7.3f} "
             f"{summary.total(lambda r: r.result.bytes_sent) / n:>9.1f} "
             f"{summary.total(lambda r: r.result.bytes_received) / n:>9.1f} "
             f"{summary.total(lambda r: r.wire_up) / n:>12.1f} "
             f"{summary.total(lambda r: r.wire_down) / n:>14.1f}"
         )
-    spec_rounds = spec.total(lambda r: r.result.round_trips)
-    spec_seconds = spec.total(lambda r: r.result.seconds)
     lines += [
         "",
         "tok/s and ttft ms: medians over the prompts (tok/s = generated tokens / wall time "
@@ -333,21 +361,32 @@ def report(summaries: dict[str, Summary], facts: dict[str, Any]) -> tuple[str, b
         "protobuf bytes as the SDK counts them (GenerationResult.bytes_sent / "
         "bytes_received); wire: bytes through the proxy (gRPC + HTTP/2 framing).",
         "",
-        f"speculative / cloud_only tokens/s: {ratio:.2f}x on the medians "
-        f"(per prompt: median {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, "
-        f"max {max(ratios):.2f}x); goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'}",
-        f"time to first token, medians: local_only "
-        f"{local.median(lambda r: r.result.ttft_ms):.0f} ms, cloud_only "
-        f"{cloud.median(lambda r: r.result.ttft_ms):.0f} ms, speculative "
-        f"{spec.median(lambda r: r.result.ttft_ms):.0f} ms",
-        f"speculative output == cloud_only output (token ids and text): "
-        f"{sum(same)}/{len(same)} prompts",
-        f"where speculative's time goes: {spec_rounds:.0f} round trips in {spec_seconds:.1f} s "
-        f"= {1000 * spec_seconds / max(spec_rounds, 1):.0f} ms per round trip for "
-        f"{spec.tokens / max(spec_rounds, 1):.2f} tokens; one device draft step "
-        f"{facts['step_ms']:.1f} ms (median), the link's RTT {facts['link_ms']:.0f} ms",
+        f"time to first token, medians: local_only {local.median(_ttft):.0f} ms, "
+        f"cloud_only {cloud.median(_ttft):.0f} ms, "
+        + ", ".join(f"{label} {s.median(_ttft):.0f} ms" for label, s in specs.items()),
     ]
-    return "\n".join(lines) + "\n", all(same)
+    all_same = True
+    for label, spec in specs.items():
+        pairs = list(zip(cloud.rows, spec.rows, strict=True))
+        same = [
+            c.result.token_ids == s.result.token_ids and c.result.text == s.result.text
+            for c, s in pairs
+        ]
+        all_same = all_same and all(same)
+        ratios = [s.result.tokens_per_s / c.result.tokens_per_s for c, s in pairs]
+        ratio = spec.median(_tokens_per_s) / cloud.median(_tokens_per_s)
+        rounds = spec.total(lambda r: r.result.round_trips)
+        seconds = spec.total(lambda r: r.result.seconds)
+        lines += [
+            f"{label} / cloud_only tokens/s: {ratio:.2f}x on the medians (per prompt: "
+            f"median {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max "
+            f"{max(ratios):.2f}x); goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'}; "
+            f"output == cloud_only's (token ids and text) on {sum(same)}/{len(same)} prompts; "
+            f"{rounds:.0f} round trips in {seconds:.1f} s = "
+            f"{1000 * seconds / max(rounds, 1):.0f} ms each for "
+            f"{spec.tokens / max(rounds, 1):.2f} tokens",
+        ]
+    return "\n".join(lines) + "\n", all_same
 
 
 def _git(*args: str) -> str:
@@ -365,7 +404,7 @@ def test_speculative_over_a_slow_link() -> None:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    text, same = run_bench(8, 64, 50.0, DEFAULT_ZOO, 4)
+    text, same = run_bench(8, 64, 50.0, DEFAULT_ZOO, DEFAULT_DRAFTS)
     RESULTS.write_text(text)
     print(text)
     assert same, text
@@ -376,12 +415,20 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=8, help="how many prompts (1..)")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
     parser.add_argument("--rtt-ms", type=float, default=50.0, help="injected round trip, ms")
-    parser.add_argument("--draft-tokens", type=int, default=4, help="speculative's first k")
+    parser.add_argument(
+        "--draft-tokens",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_DRAFTS),
+        help="speculative's first k; several values run side by side",
+    )
     parser.add_argument("--zoo", type=Path, default=DEFAULT_ZOO, help="device build folder")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file")
     args = parser.parse_args()
     if args.prompts < 1 or args.tokens < 1 or args.rtt_ms < 0:
         parser.error("--prompts and --tokens must be >= 1, --rtt-ms >= 0")
+    if not all(1 <= k <= 16 for k in args.draft_tokens):
+        parser.error("--draft-tokens must be in 1..16")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     text, same = run_bench(args.prompts, args.tokens, args.rtt_ms, args.zoo, args.draft_tokens)
     args.out.write_text(text)
