@@ -20,6 +20,7 @@ first run also builds the device variant, ~3 minutes). `make bench` runs it thro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -48,6 +49,7 @@ RESULTS = ROOT / "bench" / "results" / "generation-link.txt"
 DEFAULT_ZOO = ROOT / "build" / "bench-zoo"  # /build/ is git-ignored: the cached device build
 POLICIES = ("cloud_only", "speculative", "local_only")
 DEFAULT_DRAFTS = (4, 8)  # the SDK's default first k, and a longer first draft
+WHAT_IF_K = 8  # the what-if row: speculative from k = 8 with the device on 1 thread
 GOAL = 1.5  # speculative / cloud_only tokens/s
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -212,14 +214,39 @@ def server_costs_ms(address: str, prompt: Sequence[int], k: int = 8) -> tuple[fl
     return 1000 * step, 1000 * statistics.median(times)
 
 
-def arms(draft_tokens: Sequence[int]) -> list[tuple[str, str, int]]:
-    """(label, policy, first k) of every configuration run side by side."""
-    spec = [(f"spec k0={k}", "speculative", k) for k in draft_tokens]
-    return [("cloud_only", "cloud_only", 4), *spec, ("local_only", "local_only", 4)]
+def arms(draft_tokens: Sequence[int], what_if_k: int | None) -> list[tuple[str, str, int, int]]:
+    """(label, policy, first k, device threads) of every configuration run side by side."""
+    spec = [(f"spec k0={k}", "speculative", k, 2) for k in draft_tokens]
+    if what_if_k is not None:
+        spec.append((f"spec k0={what_if_k} 1t", "speculative", what_if_k, 1))
+    return [("cloud_only", "cloud_only", 4, 2), *spec, ("local_only", "local_only", 4, 2)]
+
+
+def one_thread_pool(client: Any) -> Any:
+    """What-if (not the SDK's behaviour): the client's device generators on 1 ONNX Runtime
+    thread instead of the GeneratorPool's fixed 2. Reaches into the client's private pool,
+    which has no public thread setting."""
+    from tandem.sdk.generation.api import GeneratorPool
+    from tandem.sdk.generation.generator import LocalGenerator
+
+    class OneThread(GeneratorPool):
+        def _new(self) -> LocalGenerator:
+            v = self.variant
+            return LocalGenerator(v.model_path, v.tokenizer_path, v.config, threads=1)
+
+    found = client._generator_pool()
+    assert found is not None
+    client._generators = OneThread(found.variant)
+    return client._generators
 
 
 def run_bench(
-    prompts: int, tokens: int, rtt_ms: float, zoo: Path, draft_tokens: Sequence[int]
+    prompts: int,
+    tokens: int,
+    rtt_ms: float,
+    zoo: Path,
+    draft_tokens: Sequence[int],
+    what_if_k: int | None = None,
 ) -> tuple[str, bool]:
     """(the results text, whether speculative's output equalled cloud_only's everywhere)."""
     from tandem.sdk import Client
@@ -229,8 +256,9 @@ def run_bench(
     artifacts, public_key, how = build_variant(zoo)
     built_s = time.perf_counter() - started
     chosen, server_ids = chat_texts([PROMPTS[i % len(PROMPTS)] for i in range(prompts)])
-    configurations = arms(draft_tokens)
-    summaries = {label: Summary() for label, _, _ in configurations}
+    configurations = arms(draft_tokens, what_if_k)
+    summaries = {label: Summary() for label, *_ in configurations}
+    step_ms: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = serve(Path(tmp))
         proxy = FaultProxy(server.grpc_port)
@@ -239,35 +267,46 @@ def run_bench(
             server_step_ms, verify_ms = server_costs_ms(server.grpc_address, server_ids[0])
             proxy.set_latency(rtt_s=rtt_ms / 1000)
             link_ms = measured_rtt_ms(proxy.address)
-            with Client(
-                MODEL,
-                artifacts=artifacts,
-                cloud=proxy.address,
-                trusted_keys=[public_key],
-                cache_dir=Path(tmp) / "cache",
-            ) as client:
-                for policy in POLICIES:  # warm up: sessions, channel, first-call costs
-                    client.generate("Hello.", max_tokens=4, stream=False, policy=policy)
-                pool = client._generator_pool()  # the device variant's own step cost
-                assert pool is not None
-                for text, ids in zip(chosen, server_ids, strict=True):
-                    # the device's tokenizer must see the prompt as the server's does
-                    assert pool.tokenizer.encode(text) == ids, text
-                probe = pool.take()
-                step_ms = local_step_ms(probe, server_ids[0])
-                pool.give(probe)
+            clients: dict[int, Any] = {}
+            with contextlib.ExitStack() as stack:
+                for threads in sorted({t for *_, t in configurations}):
+                    clients[threads] = stack.enter_context(
+                        Client(
+                            MODEL,
+                            artifacts=artifacts,
+                            cloud=proxy.address,
+                            trusted_keys=[public_key],
+                            cache_dir=Path(tmp) / "cache",
+                        )
+                    )
+                    pool = (
+                        one_thread_pool(clients[threads])
+                        if threads == 1
+                        else clients[threads]._generator_pool()
+                    )
+                    assert pool is not None
+                    for policy in POLICIES:  # warm up: sessions, channel, first-call costs
+                        clients[threads].generate(
+                            "Hello.", max_tokens=4, stream=False, policy=policy
+                        )
+                    for text, ids in zip(chosen, server_ids, strict=True):
+                        # the device's tokenizer must see the prompt as the server's does
+                        assert pool.tokenizer.encode(text) == ids, text
+                    probe = pool.take()
+                    step_ms[threads] = local_step_ms(probe, server_ids[0])
+                    pool.give(probe)
                 for i, prompt in enumerate(chosen):
                     order = configurations if i % 2 == 0 else configurations[::-1]
-                    for label, policy, k in order:
+                    for label, policy, k, threads in order:
                         up, down = proxy.stats.bytes_up, proxy.stats.bytes_down
-                        result = client.generate(
+                        result = clients[threads].generate(
                             prompt, max_tokens=tokens, stream=False, policy=policy, draft_tokens=k
                         )
                         assert isinstance(result, GenerationResult)
                         wire = (proxy.stats.bytes_up - up, proxy.stats.bytes_down - down)
                         summaries[label].rows.append(Row(label, i, result, *wire))
                         print(
-                            f"prompt {i} {label:>11}: {len(result.token_ids):3} tokens "
+                            f"prompt {i} {label:>14}: {len(result.token_ids):3} tokens "
                             f"{result.tokens_per_s:5.1f} tok/s ttft {result.ttft_ms or 0:6.0f} ms "
                             f"accepted {result.accepted}/{result.drafted}",
                             file=sys.stderr,
@@ -327,9 +366,12 @@ def report(summaries: dict[str, Summary], facts: dict[str, Any]) -> tuple[str, b
         f"{facts['direct_ms']:.1f} ms direct, {facts['link_ms']:.1f} ms through the link",
         f"{facts['prompts']} chat prompts x up to {facts['tokens']} new tokens, greedy; "
         "configurations interleaved prompt by prompt, order reversed every other prompt; "
-        "spec k0=K: speculative starting at k = K (then adaptive, 1..16); "
+        "spec k0=K: speculative starting at k = K (then adaptive, 1..16); 1t: a what-if, "
+        "the device generator on 1 ONNX Runtime thread instead of the SDK's fixed 2; "
         f"run took {facts['seconds']:.0f} s",
-        f"costs, medians: device draft step {facts['step_ms']:.1f} ms; server decode step "
+        "costs, medians: device draft step "
+        + ", ".join(f"{ms:.1f} ms on {t} thread(s)" for t, ms in sorted(facts["step_ms"].items()))
+        + f"; server decode step "
         f"{facts['server_step_ms']:.1f} ms; server verify of 8 drafted tokens "
         f"{facts['verify_ms']:.1f} ms (both over a direct channel)",
         "",
@@ -404,7 +446,7 @@ def test_speculative_over_a_slow_link() -> None:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    text, same = run_bench(8, 64, 50.0, DEFAULT_ZOO, DEFAULT_DRAFTS)
+    text, same = run_bench(8, 64, 50.0, DEFAULT_ZOO, DEFAULT_DRAFTS, WHAT_IF_K)
     RESULTS.write_text(text)
     print(text)
     assert same, text
@@ -422,15 +464,29 @@ def main() -> int:
         default=list(DEFAULT_DRAFTS),
         help="speculative's first k; several values run side by side",
     )
+    parser.add_argument(
+        "--what-if-k",
+        type=int,
+        default=WHAT_IF_K,
+        help="also run speculative from this k with the device generator on 1 thread "
+        "(a what-if beside the SDK's fixed 2 threads); 0: not",
+    )
     parser.add_argument("--zoo", type=Path, default=DEFAULT_ZOO, help="device build folder")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file")
     args = parser.parse_args()
     if args.prompts < 1 or args.tokens < 1 or args.rtt_ms < 0:
         parser.error("--prompts and --tokens must be >= 1, --rtt-ms >= 0")
-    if not all(1 <= k <= 16 for k in args.draft_tokens):
+    if not all(1 <= k <= 16 for k in [*args.draft_tokens, args.what_if_k or 1]):
         parser.error("--draft-tokens must be in 1..16")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    text, same = run_bench(args.prompts, args.tokens, args.rtt_ms, args.zoo, args.draft_tokens)
+    text, same = run_bench(
+        args.prompts,
+        args.tokens,
+        args.rtt_ms,
+        args.zoo,
+        args.draft_tokens,
+        args.what_if_k or None,
+    )
     args.out.write_text(text)
     sys.stdout.write(text)
     return 0 if same else 1
