@@ -407,6 +407,15 @@ def report(summaries: dict[str, Summary], facts: dict[str, Any]) -> tuple[str, b
         f"cloud_only {cloud.median(_ttft):.0f} ms, "
         + ", ".join(f"{label} {s.median(_ttft):.0f} ms" for label, s in specs.items()),
     ]
+    lines += ["", "tokens/s per prompt (same order as above):"]
+    for i in range(len(cloud.rows)):
+        lines.append(
+            f"  prompt {i:>2}: "
+            + ", ".join(
+                f"{label} {s.rows[i].result.tokens_per_s:.1f}" for label, s in summaries.items()
+            )
+        )
+    lines.append("")
     all_same = True
     for label, spec in specs.items():
         pairs = list(zip(cloud.rows, spec.rows, strict=True))
@@ -420,7 +429,7 @@ def report(summaries: dict[str, Summary], facts: dict[str, Any]) -> tuple[str, b
         rounds = spec.total(lambda r: r.result.round_trips)
         seconds = spec.total(lambda r: r.result.seconds)
         lines += [
-            f"{label} / cloud_only tokens/s: {ratio:.2f}x on the medians (per prompt: "
+            f"{label} / cloud_only tokens/s: {ratio:.3f}x on the medians (per prompt: "
             f"median {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max "
             f"{max(ratios):.2f}x); goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'}; "
             f"output == cloud_only's (token ids and text) on {sum(same)}/{len(same)} prompts; "
