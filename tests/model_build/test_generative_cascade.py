@@ -72,13 +72,20 @@ def test_a_lower_target_keeps_more_local() -> None:
     assert result.threshold == 0.0 and result.outcome.escalations == 0
 
 
-def test_an_unreachable_target_writes_the_most_cautious_threshold() -> None:
-    wrong_early = _record([0.9, 0.9, 0.9, 0.9], [False, True, True, True])
+def test_an_unreachable_target_writes_the_threshold_closest_to_it() -> None:
+    # Wrong first: handing over early keeps the miss and drops the right tokens after it.
+    wrong_early = _record([0.9, 0.9, 0.5, 0.5], [False, True, True, True])
     records = [wrong_early] * 4
     result = calibrate(records, CascadeOptions(window=2, target=1.0, min_prompts=4))
     assert result.calibrated and not result.target_met
-    assert result.outcome.local_tokens == 2 * 4  # handed over at the first full window
+    assert result.threshold == 0.0 and result.outcome.local_agreement == 0.75
     assert "not reachable" in result.reason
+    # The first full window holds a miss, so 100% is out of reach; handing over after the
+    # third token (running mean 0.55) keeps 2 of 3 right, better than any other split.
+    wrong_late = _record([0.9, 0.9, 0.2, 0.2, 0.2], [True, False, True, False, False])
+    result = calibrate([wrong_late] * 4, CascadeOptions(window=2, target=1.0, min_prompts=4))
+    assert not result.target_met and 0.55 < result.threshold < 0.9
+    assert result.outcome.local_tokens == 3 * 4 and result.outcome.local_hits == 2 * 4
 
 
 def test_too_few_prompts_fall_back_to_the_sdk_default() -> None:

@@ -10,7 +10,8 @@ Here that rule is replayed on what the build measured: for each held-out prompt,
 variant's own greedy tokens with their confidences, and for each token whether the full model
 picks the same token after the same prefix. The threshold chosen is the one that keeps the
 most tokens on the device while the tokens kept on the device agree with the full model at
-least `cascade_target` of the time. The decision is pure (no model, no IO) so that a test can
+least `cascade_target` of the time; when no threshold reaches the target, the one whose
+local tokens agree best (the report says the target was not met). The decision is pure (no model, no IO) so that a test can
 check it on the recorded data.
 """
 
@@ -202,13 +203,12 @@ def calibrate(records: Sequence[Record], options: CascadeOptions) -> Calibration
             f"{best.local_agreement:.2%} agreement (target {target:.0%})"
         )
         return Calibration(best.threshold, window, target, True, True, best, len(outcomes), reason)
-    # Even handing over at the first full window misses the target: the first `window`
-    # tokens are always the device's. The most cautious threshold is the closest to it.
-    best = outcomes[-1]
+    # No threshold meets the target (the first `window` tokens are always the device's, and
+    # handing over early can even lower the local agreement): the one closest to it.
+    best = max(outcomes, key=lambda o: (o.local_agreement, o.local_tokens, -o.threshold))
     reason = (
-        f"target {target:.0%} not reachable: handing over at the first full window still "
-        f"leaves local agreement at {best.local_agreement:.2%}; the most cautious threshold "
-        f"{best.threshold:.4f} is written"
+        f"target {target:.0%} not reachable: the best local agreement any threshold gives is "
+        f"{best.local_agreement:.2%}, at threshold {best.threshold:.4f}, which is written"
     )
     log.warning("cascade %s", reason)
     return Calibration(best.threshold, window, target, True, False, best, len(outcomes), reason)

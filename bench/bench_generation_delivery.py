@@ -1,0 +1,481 @@
+"""Delivering the real SmolLM2 device variant through the fleet: full, then a delta update.
+
+Nothing simulated on the wire: a Mosquitto started from `tandem fleet broker-config` output,
+one `tandem fleet serve` process, `tandem fleet import` of the signed variants, and real
+`tandem agent run` processes; the desired state goes in through the REST API, and an MQTT
+observer (the fleet account) times the device's reports and counts the chunk bytes.
+
+- v1: `build_zoo(..., ["smollm2"])` into `build/gen-delivery-zoo` (cached there: a cold
+  build takes ~7 minutes on 2 shared cores, a cached one seconds).
+- v2: v1's files with one weight changed, signed and packed the same way (zstd level 10):
+  the final RMSNorm weight (`inner.norm.weight`, 576 floats) scaled by 1.001 in place, so
+  every other byte of the 253 MiB model.onnx is unchanged, as after a small fine-tune of one
+  tensor. Scaling the last norm scales the logits only, so the greedy reference tokens (the
+  warm-up's check) stay valid.
+
+Three findings shape the run (see bench/results/generation-delivery.txt):
+
+1. The agent's warm-up runs a variant's reference through the SDK's plain runtime, which
+   cannot feed a KV-cache decoder (`past_key.*` inputs): a generative variant is delivered
+   and VERIFIED, then FAILED at warm-up, and never becomes active (so no delta base either).
+   Device A runs the agent as it is and shows this. Device B runs it with a generation
+   warm-up shim (`LocalGenerator` greedy on the reference prompt vs the packed tokens).
+2. The service's delta (zstd level 19 with the old file as raw dictionary, default window)
+   cannot reach back 253 MiB into the dictionary, and level 19 over 253 MiB costs tens of
+   minutes of service CPU; timed here on a 16 MiB slice, not over the wire.
+3. So the service runs with a proposed delta: `zstd --patch-from=<old> --long=<bits>`
+   (the old file as a prefix with long-distance matching; python-zstandard has no prefix
+   API, so the CLI), the same frame format the agent decodes with the old file as raw
+   dictionary; device B's agent only needs `max_window_size` raised to match (the shim).
+
+    .venv/bin/python -m pytest bench/bench_generation_delivery.py -q -s
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+ZOO = ROOT / "build" / "gen-delivery-zoo"
+RESULTS = ROOT / "bench" / "results" / "generation-delivery.txt"
+DEVICES = ("dev-as-is", "dev-shimmed")
+MODEL, VARIANT = "smollm2", "onnx-int8"
+PROPOSED_LEVEL = 3  # with --patch-from and --long the level hardly changes the size here
+ZSTD = shutil.which("zstd") or "zstd"
+WAIT_S = float(os.environ.get("GEN_DELIVERY_WAIT_S", "420"))  # per delivery
+SLICE = 16 << 20  # bytes of model.onnx the current level-19 delta is timed on
+
+
+# --- the shims (run inside the service and agent processes) --------------------------------
+
+
+def proposed_delta(old: bytes, new: bytes, level: int = PROPOSED_LEVEL) -> bytes:
+    """`zstd --patch-from=old --long=<bits of the size>`: the old file as a prefix with long
+    distance matching, the same frame format the agent already decodes with the old file as
+    raw-content dictionary (it only needs a larger max_window_size). python-zstandard 0.25
+    has no prefix API, so the CLI does the compressing."""
+    window_log = min(31, max(len(old), len(new), 1 << 20).bit_length())
+    with tempfile.TemporaryDirectory() as folder:
+        base, target, delta = (Path(folder) / n for n in ("old", "new", "delta"))
+        base.write_bytes(old)
+        target.write_bytes(new)
+        subprocess.run(
+            [ZSTD, "-q", "-f", f"-{level}", f"--long={window_log}", f"--patch-from={base}",
+             str(target), "-o", str(delta)],
+            check=True, timeout=600,
+        )  # fmt: skip
+        return delta.read_bytes()
+
+
+def _generation_runner(variant_dir: Path, manifest: Any) -> Any:
+    import numpy as np
+
+    from tandem.agent import warmup
+    from tandem.sdk.generation import LocalGenerator
+
+    config = json.loads((variant_dir / "generation.json").read_text())
+    generator = LocalGenerator(
+        variant_dir / manifest.entrypoint, variant_dir / "tokenizer.json", config
+    )
+    steps = int(warmup.reference_io(variant_dir, manifest)[1]["tokens"].shape[1])
+
+    def run(inputs: Any) -> dict[str, Any]:
+        generator.start([int(t) for t in inputs["input_ids"][0]])
+        return {"tokens": np.asarray([[generator.step()[0] for _ in range(steps)]], np.int64)}
+
+    return run
+
+
+def _shim(role: str, argv: list[str]) -> None:
+    import zstandard
+
+    if role == "service":
+        import tandem.cloud.fleet.delivery as delivery
+
+        delivery.make_delta = proposed_delta  # type: ignore[assignment]
+    else:
+        from tandem.agent import warmup
+
+        plain = warmup.load_runner
+
+        def load_runner(variant_dir: Path, manifest: Any) -> Any:
+            if manifest.task == "generation":
+                return _generation_runner(variant_dir, manifest)
+            return plain(variant_dir, manifest)
+
+        warmup.load_runner = load_runner  # type: ignore[assignment]
+        zstandard.ZstdDecompressor = functools.partial(  # type: ignore[misc]
+            zstandard.ZstdDecompressor, max_window_size=1 << 31
+        )
+    from tandem.cli import main
+
+    sys.argv = ["tandem", *argv]
+    main()
+
+
+# --- the harness ---------------------------------------------------------------------------
+
+
+class Observer:
+    """The fleet account's view of one device: its reports, and the chunk bytes sent to it."""
+
+    def __init__(self, broker: Any, devices: tuple[str, ...]) -> None:
+        import paho.mqtt.client as mqtt
+
+        from tandem.protos.fleet.v1 import fleet_pb2, topics
+
+        self._pb = fleet_pb2
+        self.lock = threading.Lock()
+        self.reports: list[tuple[float, str, Any]] = []
+        self.chunk_bytes = dict.fromkeys(devices, 0)
+        self.chunks = dict.fromkeys(devices, 0)
+        self._seen: set[str] = set()
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id="bench-observer", protocol=mqtt.MQTTv5
+        )
+        password = Path(broker.written.fleet_password_file).read_text().strip()
+        client.username_pw_set("tandem-fleet", password)
+        client.on_message = self._on_message
+        client.connect(broker.host, broker.port)
+        for device in devices:
+            client.subscribe(topics.device_topic(device, topics.CHUNKS), qos=0)
+            client.subscribe(topics.device_topic(device, topics.REPORTS), qos=1)
+        client.loop_start()
+        self.client = client
+
+    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        device, leaf = message.topic.split("/")[3], message.topic.split("/", 4)[4]
+        with self.lock:
+            if leaf == "chunks":
+                self.chunk_bytes[device] += len(message.payload)
+                self.chunks[device] += 1
+            elif leaf == "reports":
+                report = self._pb.DeviceReport.FromString(message.payload)
+                if report.report_id not in self._seen:
+                    self._seen.add(report.report_id)
+                    self.reports.append((time.perf_counter(), device, report))
+
+    def wait(self, device: str, version: int, kinds: set[str], since: float) -> tuple[float, Any]:
+        """The first report of `device` for `version` of one of `kinds` after `since`."""
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            with self.lock:
+                for at, who, report in self.reports:
+                    kind = self._pb.DeviceReport.Kind.Name(report.kind)
+                    if who == device and report.version == version and kind in kinds and at > since:
+                        return at, report
+            time.sleep(0.05)
+        raise TimeoutError(f"{device}: no {sorted(kinds)} report for v{version} in {WAIT_S} s")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def ensure_v1() -> tuple[Path, float]:
+    from tandem.cloud.build.pipeline import build_zoo
+
+    started = time.perf_counter()
+    build_zoo(ZOO, [MODEL], version=1)
+    return ZOO / "artifacts" / MODEL / "1" / VARIANT, time.perf_counter() - started
+
+
+def make_v2(v1: Path, out: Path) -> tuple[Path, int]:
+    """v1 with the final norm weight scaled by 1.001 in place; returns it and bytes changed."""
+    import numpy as np
+    import onnx
+    import zstandard
+    from onnx import numpy_helper
+
+    from tandem.cloud.build.generative import INPUTS, OUTPUTS
+    from tandem.cloud.build.packaging import write_variant
+    from tandem.cloud.build.signing import Signer
+    from tandem.sdk.artifacts import Manifest, load_npz
+
+    manifest = Manifest.from_json(json.loads((v1 / "manifest.json").read_text()))
+    work = Path(tempfile.mkdtemp(dir=out.parent))
+    try:
+        files = {}
+        for entry in manifest.files:
+            with (v1 / entry.stored_as).open("rb") as fh:
+                data = zstandard.ZstdDecompressor().stream_reader(fh).read(entry.size + 1)
+            (work / entry.name).write_bytes(data)
+            files[entry.name] = work / entry.name
+        model = bytearray((work / "model.onnx").read_bytes())
+        graph = onnx.load(str(work / "model.onnx")).graph
+        (norm,) = [t for t in graph.initializer if t.name == "inner.norm.weight"]
+        old = norm.raw_data
+        at = model.find(old)
+        assert at >= 0 and model.find(old, at + 1) < 0, "the norm weight is not unique in the file"
+        scaled = (numpy_helper.to_array(norm) * np.float32(1.001)).astype(np.float32).tobytes()
+        model[at : at + len(old)] = scaled
+        (work / "model.onnx").write_bytes(bytes(model))
+        changed = sum(a != b for a, b in zip(old, scaled, strict=True))
+        payload = {k: v for k, v in files.items() if k != "reference.npz"}
+        arrays = load_npz(files["reference.npz"])
+        write_variant(
+            out / "artifacts" / MODEL / "2" / VARIANT,
+            signer=Signer.from_file(ZOO / "keys" / "signing.key"),
+            model=MODEL,
+            version=2,
+            variant=VARIANT,
+            runtime=manifest.runtime,
+            precision=manifest.precision,
+            task=manifest.task,
+            entrypoint=manifest.entrypoint,
+            payload_files=payload,
+            inputs=INPUTS,
+            outputs=OUTPUTS,
+            reference=dict(arrays),
+            metrics={**manifest.metrics, "note": "v1 with inner.norm.weight x1.001"},
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out / "artifacts" / MODEL / "2" / VARIANT, changed
+
+
+def current_delta_cost(v1: Path, v2: Path) -> dict[str, float]:
+    """The service's delta as it is (level 19, default window) on a 16 MiB slice from the
+    middle of model.onnx (one byte flipped in the new one): the whole file would take
+    minutes; and the proposed one on the whole v1 -> v2 model.onnx."""
+    import zstandard
+
+    from tandem.cloud.fleet.delivery import make_delta
+
+    def whole(folder: Path) -> bytes:
+        with (folder / "model.onnx.zst").open("rb") as fh:
+            return bytes(zstandard.ZstdDecompressor().stream_reader(fh).read(1 << 30))
+
+    old_file, new_file = whole(v1), whole(v2)
+    middle = len(old_file) // 2
+    old, new = old_file[middle : middle + SLICE], bytearray(new_file[middle : middle + SLICE])
+    new[-1] ^= 1  # one byte differs, so the delta is not empty
+    started = time.perf_counter()
+    current = make_delta(old, bytes(new))
+    current_s = time.perf_counter() - started
+    started = time.perf_counter()
+    proposed = proposed_delta(old_file, new_file)
+    proposed_s = time.perf_counter() - started
+    return {
+        "current_bytes": len(current),
+        "current_s": current_s,
+        "slice_full_bytes": len(zstandard.ZstdCompressor(level=10).compress(bytes(new))),
+        "proposed_bytes": len(proposed),
+        "proposed_s": proposed_s,
+    }
+
+
+def _import(zoo: Path, db: str, artifacts: Path, key: Path) -> None:
+    from tests.fleet.conftest import TANDEM
+
+    subprocess.run(
+        [TANDEM, "fleet", "import", "--zoo", str(zoo), "--db", db, "--artifacts", str(artifacts),
+         "--trusted-key", str(key)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_generation_delivery(tmp_path: Path) -> None:
+    from tests.fleet.conftest import GeneratedBroker, ServiceProcess, fleet_serve_argv
+    from tests.support.agent import agent_argv
+    from tests.support.processes import free_port, stop_process, wait_until
+
+    v1, build_s = ensure_v1()
+    started = time.perf_counter()
+    v2, changed = make_v2(v1, tmp_path / "zoo-v2")
+    pack_s = time.perf_counter() - started
+    slice_figures = current_delta_cost(v1, v2)
+    key = ZOO / "keys" / "signing.pub"
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    artifacts = tmp_path / "fleet-artifacts"
+    _import(ZOO, db, artifacts, key)
+    _import(tmp_path / "zoo-v2", db, artifacts, key)
+
+    broker = GeneratedBroker.started(tmp_path / "broker", list(DEVICES))
+    observer = Observer(broker, DEVICES)
+    rest_port = free_port()
+    argv = fleet_serve_argv(
+        broker, client_id="tandem-fleet-bench", db=db, artifacts=artifacts, rest_port=rest_port,
+        extra=["--tick", "0.2"],
+    )  # fmt: skip
+    shim = [sys.executable, str(Path(__file__).resolve())]
+    service = ServiceProcess([*shim, "service", *argv[1:]], rest_port, tmp_path / "fleet.log")
+    procs: list[subprocess.Popen[bytes]] = []
+    legs: dict[str, dict[str, Any]] = {}
+    try:
+        service.start()
+        for device in DEVICES:
+            command = agent_argv(
+                device,
+                broker.url,
+                broker.written.device_passwords[device],
+                tmp_path / device / "store",
+                key,
+                runtimes=("onnx",),
+            )
+            if device == "dev-shimmed":
+                command = [*shim, "agent", *command[1:]]
+            procs.append(
+                subprocess.Popen(
+                    command,
+                    stdout=(tmp_path / f"{device}.log").open("wb"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    cwd=ROOT,
+                )
+            )
+
+        def online() -> bool:
+            devices = service.get("/devices", params={"online": True})
+            return isinstance(devices, list) and len(devices) == len(DEVICES)
+
+        wait_until(online, timeout=60, interval=0.2, message="both agents online")
+
+        def deliver(device: str, version: int, name: str) -> None:
+            with observer.lock:
+                before = observer.chunk_bytes[device], observer.chunks[device]
+            at = time.perf_counter()
+            body = {"model": MODEL, "version": version, "variant": VARIANT}
+            response = service.http.put(f"/devices/{device}/desired", json=body)
+            assert response.status_code < 300, response.text
+            verified, _ = observer.wait(device, version, {"VERIFIED", "REFUSED", "FAILED"}, at)
+            end, final = observer.wait(
+                device, version, {"HEALTHY", "FAILED", "REFUSED", "ROLLED_BACK"}, at
+            )
+            with observer.lock:
+                wire = observer.chunk_bytes[device] - before[0]
+                chunks = observer.chunks[device] - before[1]
+            legs[name] = {
+                "verified_s": verified - at,
+                "final_s": end - at,
+                "final": final,
+                "wire_bytes": wire,
+                "chunks": chunks,
+            }
+
+        deliver("dev-as-is", 1, "as-is v1 full")
+        deliver("dev-shimmed", 1, "shimmed v1 full")
+        deliver("dev-shimmed", 2, "shimmed v2 delta")
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+        service.stop()
+        observer.close()
+        broker.stop()
+    _write(v1, v2, changed, build_s, pack_s, slice_figures, legs, tmp_path)
+    assert legs["shimmed v2 delta"]["wire_bytes"] < legs["shimmed v1 full"]["wire_bytes"]
+
+
+def _stored(folder: Path) -> tuple[int, int]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    files = manifest.get("files", [])
+    return sum(int(f["size"]) for f in files), sum(int(f["stored_size"]) for f in files)
+
+
+def _write(
+    v1: Path,
+    v2: Path,
+    changed: int,
+    build_s: float,
+    pack_s: float,
+    slice_figures: dict[str, float],
+    legs: dict[str, dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    from tandem.protos.fleet.v1 import fleet_pb2
+
+    size, stored = _stored(v1)
+    mib = 1 << 20
+    lines = [
+        "# Generative variant delivery: SmolLM2-135M-Instruct onnx-int8 through the fleet",
+        f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
+        f"machine: {platform.platform()}, {platform.machine()}; 2 shared cores (other work ran",
+        "  at the same time: absolute seconds are noisy)",
+        "harness: Mosquitto from `tandem fleet broker-config`, `tandem fleet serve` (process),",
+        "  `tandem fleet import`, `tandem agent run` (processes), desired state by REST PUT,",
+        "  an MQTT observer as the fleet account timing reports and counting chunk bytes;",
+        "  64 KiB chunks, fsync per chunk (the agent's defaults); one delivery per leg (each",
+        "  moves 181 MiB; the whole run takes ~2 min once v1 is built, ~7 min cold)",
+        f"v1: build_zoo smollm2 ({build_s:.0f} s here; cached after the first run); "
+        f"{size / mib:.1f} MiB of files, {stored / mib:.1f} MiB stored (zstd 10)",
+        f"v2: v1 with inner.norm.weight (576 FP32) x1.001 in place: {changed} bytes of "
+        f"model.onnx differ; signed and packed in {pack_s:.0f} s",
+        "",
+        "leg                    desired->VERIFIED  desired->final  outcome     chunks   wire bytes",
+    ]
+    for name, leg in legs.items():
+        final = leg["final"]
+        kind = fleet_pb2.DeviceReport.Kind.Name(final.kind)
+        lines.append(
+            f"{name:<22} {leg['verified_s']:>14.1f} s {leg['final_s']:>12.1f} s  {kind:<10} "
+            f"{leg['chunks']:>7,d} {leg['wire_bytes']:>13,d}"
+        )
+    for name, leg in legs.items():
+        reason = leg["final"].reason
+        if reason:
+            lines.append(f"  {name}: {reason[:300]}")
+    full, delta = legs["shimmed v1 full"], legs["shimmed v2 delta"]
+    lines += [
+        "",
+        f"delta vs full, bytes on the wire: {delta['wire_bytes']:,d} vs {full['wire_bytes']:,d} "
+        f"({delta['wire_bytes'] / full['wire_bytes']:.4%}, "
+        f"{full['wire_bytes'] / max(delta['wire_bytes'], 1):,.0f}x less)",
+        f"delta vs full, desired->VERIFIED: {delta['verified_s']:.1f} s vs "
+        f"{full['verified_s']:.1f} s (the delta's includes the service building it, "
+        f"{slice_figures['proposed_s']:.1f} s in-process below, once: the payload is cached "
+        "for the next device, and the device applying it against its 253 MiB v1)",
+        f"delta vs full, desired->HEALTHY: {delta['final_s']:.1f} s vs {full['final_s']:.1f} s "
+        "(both include staging, the warm-up generation and the agent's 1.5 s health window)",
+        "",
+        f"the service's delta as it is (zstd 19, raw dictionary, default window) on a "
+        f"{SLICE // mib} MiB slice of model.onnx with 1 byte changed: "
+        f"{slice_figures['current_bytes']:,.0f} B in {slice_figures['current_s']:.1f} s "
+        f"(the slice alone at zstd 10: {slice_figures['slice_full_bytes']:,.0f} B)",
+        f"  it scales with the file: ~{slice_figures['current_s'] * size / SLICE / 60:.0f} min "
+        "of service CPU for the whole model.onnx before the first chunk; its 8 MiB window (and "
+        "its match finder's tables) cannot reach 253 MiB back into the dictionary, so the "
+        "result is about the stored size. A first run of this bench with zstd 12 and a 256 MiB "
+        "window via python-zstandard still gave 182,615,464 B vs 188,825,572 stored.",
+        f"proposed: zstd --patch-from --long={size.bit_length()} -{PROPOSED_LEVEL} on the whole "
+        f"v1 -> v2 model.onnx: {slice_figures['proposed_bytes']:,.0f} B in "
+        f"{slice_figures['proposed_s']:.1f} s (the same frame format; the agent decodes it "
+        "with its existing raw-dictionary code once max_window_size allows the window)",
+        "",
+        "shims (device dev-shimmed only; dev-as-is runs the agent unchanged):",
+        "  agent: warm-up of task=generation runs LocalGenerator greedy on the reference prompt",
+        "    and compares the packed tokens (the plain runtime cannot feed past_key.* inputs);",
+        "    zstd decompressor max_window_size 2 GiB (a delta window over a 253 MiB file)",
+        f"  service: make_delta = zstd CLI -{PROPOSED_LEVEL} --patch-from=<old> "
+        "--long=<bits of the file size>",
+        "to fix in the code (not done here): delivery.make_delta as above (a binding with "
+        "ZSTD_CCtx_refPrefix + long-distance matching, or the CLI), the agent's delta "
+        "decompressor's max_window_size, and a generation-aware warm-up/health probe",
+    ]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    for log in sorted(tmp_path.glob("*.log")):
+        print(f"--- {log.name} (tail)\n{log.read_text(errors='replace')[-1500:]}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("service", "agent"):
+        _shim(sys.argv[1], sys.argv[2:])
+    else:
+        import pytest
+
+        raise SystemExit(pytest.main([__file__, "-q", "-s"]))
