@@ -10,6 +10,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tandem.cloud.fleet.config import ServiceConfig
+from tandem.cloud.fleet.engine import Gate, GateMetric, VersionStats, evaluate_gates
+from tandem.cloud.fleet.observe import version_stats
 from tandem.cloud.fleet.service import FleetService
 from tandem.cloud.fleet.store import Store
 from tandem.protos.fleet.v1 import fleet_pb2
@@ -140,3 +142,53 @@ def test_an_older_database_gains_the_generation_columns_and_rest_shows_them(
         assert shown["p95_ttft_ms"] == pytest.approx(30.0, rel=0.1)
     finally:
         service.close()
+
+
+def _version(store: Store, version: int, acceptance: float, escalation: float) -> VersionStats:
+    """Eight devices of one version, each with its own spread around the rates."""
+    batch = []
+    for i in range(8):
+        jitter = (i - 3.5) / 100  # per-device rates a few points apart
+        drafted, generations = 400, 100
+        batch.append(
+            generating(
+                f"d{i}",
+                version,
+                generations=generations,
+                drafted=drafted,
+                accepted=round(drafted * (acceptance + jitter)),
+                escalations=round(generations * max(0.0, escalation + jitter / 2)),
+            )
+        )
+    store.ingest(batch)
+    return version_stats(store.telemetry_stats("tiny", version))
+
+
+def test_acceptance_and_escalation_gates_fail_a_bad_cohort_and_pass_a_good_one(
+    tmp_path: Path,
+) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'fleet.db'}", telemetry_window_s=60)
+    try:
+        baseline = _version(store, 1, acceptance=0.80, escalation=0.05)
+        good = _version(store, 2, acceptance=0.79, escalation=0.06)
+        bad = _version(store, 3, acceptance=0.35, escalation=0.40)
+    finally:
+        store.close()
+    assert good.acceptance_clusters is not None and good.escalation_clusters is not None
+    gates = [
+        Gate(GateMetric.ACCEPTANCE_RATE, 0.6, min_samples=200),
+        Gate(GateMetric.ESCALATION_RATE, 0.2, min_samples=100),
+        Gate(GateMetric.ACCEPTANCE_RATE, 0.1, relative=True, min_samples=200),
+    ]
+    passed = evaluate_gates(gates, good, baseline, 0.0, 8)
+    failed = evaluate_gates(gates, bad, baseline, 0.0, 8)
+    assert [r.passed for r in passed] == [True, True, True], passed
+    assert [r.passed for r in failed] == [False, False, False], failed
+    assert passed[0].value == pytest.approx(good.accepted / good.drafted)
+    assert failed[1].value == pytest.approx(bad.escalations / bad.generations)
+    assert failed[2].baseline == pytest.approx(baseline.accepted / baseline.drafted)
+    # Below min_samples (drafted tokens) the gate waits instead of judging.
+    few = evaluate_gates(
+        [Gate(GateMetric.ACCEPTANCE_RATE, 0.6, min_samples=10_000)], bad, baseline, 0.0, 8
+    )
+    assert few[0].passed is None

@@ -194,6 +194,13 @@ def evaluate_gates(
                     cohort.shadow_agreed, cohort.shadow_sampled,
                     baseline.shadow_agreed, baseline.shadow_sampled,
                 ),
+                GateMetric.ACCEPTANCE_RATE: (
+                    cohort.accepted, cohort.drafted, baseline.accepted, baseline.drafted
+                ),
+                GateMetric.ESCALATION_RATE: (
+                    cohort.escalations, cohort.generations,
+                    baseline.escalations, baseline.generations,
+                ),
             }[m]  # fmt: skip
             base_value = bx / bn if bn else None
             clusters = {
@@ -202,11 +209,19 @@ def evaluate_gates(
                 GateMetric.SHADOW_AGREEMENT: (
                     cohort.agreement_clusters, baseline.agreement_clusters
                 ),
+                GateMetric.ACCEPTANCE_RATE: (
+                    cohort.acceptance_clusters, baseline.acceptance_clusters
+                ),
+                GateMetric.ESCALATION_RATE: (
+                    cohort.escalation_clusters, baseline.escalation_clusters
+                ),
             }[m]  # fmt: skip
             changes = {
                 GateMetric.ERROR_RATE: (cohort.error_change, baseline.error_change),
                 GateMetric.FALLBACK_RATE: (cohort.fallback_change, baseline.fallback_change),
                 GateMetric.SHADOW_AGREEMENT: (cohort.agreement_change, baseline.agreement_change),
+                GateMetric.ACCEPTANCE_RATE: (cohort.acceptance_change, baseline.acceptance_change),
+                GateMetric.ESCALATION_RATE: (cohort.escalation_change, baseline.escalation_change),
             }[m]  # fmt: skip
         value, v = stats.judge_proportion(
             x=x,

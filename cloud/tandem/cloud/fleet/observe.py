@@ -117,6 +117,10 @@ def version_stats(
         latency_layout=hist.layout if hist is not None else None,
         confidence_buckets=stats.confidence_buckets,
         confidence_sum=stats.confidence_sum,
+        drafted=stats.drafted,
+        accepted=stats.accepted,
+        generations=stats.generations,
+        escalations=stats.escalations,
         **clusters(stats.per_device),
     )
 
@@ -126,6 +130,8 @@ class ClusterFields(TypedDict, total=False):
     fallback_clusters: Clusters
     agreement_clusters: Clusters
     accuracy_clusters: Clusters
+    acceptance_clusters: Clusters
+    escalation_clusters: Clusters
 
 
 class ChangeFields(TypedDict):
@@ -133,6 +139,8 @@ class ChangeFields(TypedDict):
     fallback_change: Change
     agreement_change: Change
     accuracy_change: Change
+    acceptance_change: Change
+    escalation_change: Change
 
 
 def clusters(devices: Sequence[DeviceTotals]) -> ClusterFields:
@@ -145,6 +153,8 @@ def clusters(devices: Sequence[DeviceTotals]) -> ClusterFields:
         "fallback_clusters": Clusters.of((d.fallbacks, d.requests) for d in devices),
         "agreement_clusters": Clusters.of((d.shadow_agreed, d.shadow_sampled) for d in devices),
         "accuracy_clusters": Clusters.of((d.confidence_mass, d.answers) for d in devices),
+        "acceptance_clusters": Clusters.of((d.accepted, d.drafted) for d in devices),
+        "escalation_clusters": Clusters.of((d.escalations, d.generations) for d in devices),
     }
 
 
@@ -165,4 +175,6 @@ def changes(
         "fallback_change": of(lambda d: (d.fallbacks, d.requests)),
         "agreement_change": of(lambda d: (d.shadow_agreed, d.shadow_sampled)),
         "accuracy_change": of(lambda d: (d.confidence_mass, d.answers)),
+        "acceptance_change": of(lambda d: (d.accepted, d.drafted)),
+        "escalation_change": of(lambda d: (d.escalations, d.generations)),
     }

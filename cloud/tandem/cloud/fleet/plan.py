@@ -30,10 +30,18 @@ class GateMetric(StrEnum):
     FAILED_DEVICE_PCT = "failed_device_pct"  # failed devices / cohort devices, in percent
     # Label-free: mean calibrated confidence of local answers (higher is better).
     ESTIMATED_ACCURACY = "estimated_accuracy"
+    # Text generation: accepted / drafted speculative tokens (higher is better), and
+    # generations that changed path (cascade to the cloud, fallback) / generations.
+    ACCEPTANCE_RATE = "acceptance_rate"
+    ESCALATION_RATE = "escalation_rate"
 
 
 # Metrics where a higher value is better: the gate fails when the value drops below.
-HIGHER_IS_BETTER = {GateMetric.SHADOW_AGREEMENT, GateMetric.ESTIMATED_ACCURACY}
+HIGHER_IS_BETTER = {
+    GateMetric.SHADOW_AGREEMENT,
+    GateMetric.ESTIMATED_ACCURACY,
+    GateMetric.ACCEPTANCE_RATE,
+}
 # Metrics that can also be bounded relative to the baseline version (value - baseline).
 TELEMETRY_METRICS = {
     GateMetric.ERROR_RATE,
@@ -41,6 +49,8 @@ TELEMETRY_METRICS = {
     GateMetric.FALLBACK_RATE,
     GateMetric.SHADOW_AGREEMENT,
     GateMetric.ESTIMATED_ACCURACY,
+    GateMetric.ACCEPTANCE_RATE,
+    GateMetric.ESCALATION_RATE,
 }
 
 
@@ -331,6 +341,8 @@ class VersionStats(Rates):
     fallback_clusters: Clusters | None = None  # (fallbacks, requests)
     agreement_clusters: Clusters | None = None  # (shadow_agreed, shadow_sampled)
     accuracy_clusters: Clusters | None = None  # (confidence mass, local answers)
+    acceptance_clusters: Clusters | None = None  # (accepted, drafted)
+    escalation_clusters: Clusters | None = None  # (escalations, generations)
     # The same devices' change since before the rollout, per device (gates.Change): for the
     # cohort, from the baseline version before to the new one now; for the baseline, its
     # devices' drift over the same time. None: no per-device history.
@@ -338,6 +350,13 @@ class VersionStats(Rates):
     fallback_change: Change | None = None
     agreement_change: Change | None = None
     accuracy_change: Change | None = None
+    acceptance_change: Change | None = None
+    escalation_change: Change | None = None
+    # Text generation totals: the acceptance_rate and escalation_rate gates' samples.
+    drafted: int = 0
+    accepted: int = 0
+    generations: int = 0
+    escalations: int = 0
 
 
 @dataclass(frozen=True)
