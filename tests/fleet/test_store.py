@@ -324,7 +324,7 @@ def test_a_report_received_twice_is_applied_once(tmp_path: Path) -> None:
 
 
 def test_observation_compares_each_cohort_device_with_its_own_history(store: Store) -> None:
-    from tandem.cloud.fleet import observe
+    from tandem.cloud.fleet import gates, observe
 
     add_versions(store, 1, 2)
     t = 1_700_000_000.0
@@ -359,7 +359,6 @@ def test_observation_compares_each_cohort_device_with_its_own_history(store: Sto
     # The baseline's drift: d0 (30% -> 8%); d3 has no history, so it cannot say.
     assert (drift.count, drift.unpaired) == (1, 1)
     assert drift.effect == pytest.approx(-0.22)
-    gate = eng.Gate(eng.GateMetric.FALLBACK_RATE, 0.05, 0, relative=True, min_effect=0.05)
-    (result,) = eng.evaluate_gates([gate], obs.cohort, obs.baseline, 0, 2)
-    assert result.reason.startswith("within-device: ")
-    assert result.value == pytest.approx(0.03 + 0.22)
+    # The gates' within-device degradation: the cohort's change minus the baseline's drift.
+    value, low, high = gates.within_device(1e-3, change, drift, higher_is_better=False)
+    assert value == pytest.approx(0.03 + 0.22) and low < value < high
