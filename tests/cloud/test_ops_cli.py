@@ -169,3 +169,20 @@ def test_the_gate_table_shows_bounds_samples_and_reasons() -> None:
     assert "straddles" in row
     row = next(line for line in text.splitlines() if "estimated_accuracy" in line)
     assert ">= 2.0%" in row and "pass" in row
+
+
+def test_the_cli_and_the_console_offer_every_gate_the_engine_judges() -> None:
+    # Both keep their own lists (they talk REST, not to the engine); this keeps them in step.
+    from tandem.cloud.console import cli
+    from tandem.cloud.fleet.plan import HIGHER_IS_BETTER, GateMetric
+
+    engine = {m.value for m in GateMetric}
+    assert set(cli.GATE_METRICS) == engine
+    assert cli.HIGHER_IS_BETTER == {m.value for m in HIGHER_IS_BETTER}
+    js = (Path(cli.__file__).parent / "static" / "console.js").read_text()
+    listed = re.search(r"const METRICS = \[([^\]]*)\]", js)
+    higher = re.search(r"const HIGHER_IS_BETTER = new Set\(\[([^\]]*)\]\)", js)
+    assert listed and higher
+    assert set(re.findall(r'"(\w+)"', listed.group(1))) == engine
+    assert set(re.findall(r'"(\w+)"', higher.group(1))) == cli.HIGHER_IS_BETTER
+    assert parse_gate("acceptance_rate:0.6:100")["metric"] == "acceptance_rate"

@@ -33,6 +33,9 @@ GATE_METRICS = (
     "fallback_rate",
     "shadow_agreement",
     "failed_device_pct",
+    "estimated_accuracy",
+    "acceptance_rate",
+    "escalation_rate",
 )
 STATE_STYLES = {
     "succeeded": "green",
@@ -143,7 +146,7 @@ def _gate_value(metric: str, v: float | None) -> str:
 
 
 # Gates whose metric fails below its threshold (the others fail above it).
-HIGHER_IS_BETTER = frozenset({"shadow_agreement", "estimated_accuracy"})
+HIGHER_IS_BETTER = frozenset({"shadow_agreement", "estimated_accuracy", "acceptance_rate"})
 
 
 def _interval(low: float | None, high: float | None) -> str:

@@ -5,7 +5,7 @@
 
 const READ = "/console/api";
 const ACT = "/api/v1";
-const METRICS = ["error_rate", "p95_latency_ratio", "fallback_rate", "shadow_agreement", "failed_device_pct"];
+const METRICS = ["error_rate", "p95_latency_ratio", "fallback_rate", "shadow_agreement", "failed_device_pct", "estimated_accuracy", "acceptance_rate", "escalation_rate"];
 const STATES = ["succeeded", "failed", "rolled_back", "installing", "assigned"];
 
 // --- tiny DOM helper (text only: data from the API never becomes HTML) ---------------------
@@ -60,7 +60,7 @@ function gateValue(metric, v) {
   if (metric === "failed_device_pct") return v.toFixed(1) + "%";
   return fmt.pct(v);
 }
-const HIGHER_IS_BETTER = new Set(["shadow_agreement", "estimated_accuracy"]);
+const HIGHER_IS_BETTER = new Set(["shadow_agreement", "estimated_accuracy", "acceptance_rate"]);
 // A gate's confidence bounds, on what it compares (the value, its difference to the baseline
 // for a relative gate, the AUC rank statistic for latency); its reason says which.
 function gateInterval(g) {
