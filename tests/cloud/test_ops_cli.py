@@ -178,7 +178,7 @@ def test_the_cli_and_the_console_offer_every_gate_the_engine_judges() -> None:
 
     engine = {m.value for m in GateMetric}
     assert set(cli.GATE_METRICS) == engine
-    assert cli.HIGHER_IS_BETTER == {m.value for m in HIGHER_IS_BETTER}
+    assert {m.value for m in HIGHER_IS_BETTER} == cli.HIGHER_IS_BETTER
     js = (Path(cli.__file__).parent / "static" / "console.js").read_text()
     listed = re.search(r"const METRICS = \[([^\]]*)\]", js)
     higher = re.search(r"const HIGHER_IS_BETTER = new Set\(\[([^\]]*)\]\)", js)
