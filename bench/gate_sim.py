@@ -204,6 +204,9 @@ def _changes(
         "fallback_change": of(2, 0),
         "agreement_change": of(4, 3),
         "accuracy_change": _change(mass[mask], answers[mask], h.mass[mask], h.answers[mask]),
+        # The simulated fleet does not generate text.
+        "acceptance_change": Change(),
+        "escalation_change": Change(),
     }
 
 
