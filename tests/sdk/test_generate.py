@@ -258,3 +258,26 @@ def test_agenerate_matches_generate(client: Client) -> None:
             sync = client.generate(prompt, max_tokens=8, stream=False, policy=policy)
             assert streamed == whole == sync.token_ids, (policy, prompt)  # type: ignore[union-attr]
             assert result.tokens_by_source == sync.tokens_by_source  # type: ignore[union-attr]
+
+
+def test_generation_threads_is_a_client_setting(zoo: Path) -> None:
+    def threads(c: Client) -> set[int]:
+        pool = c._generator_pool()
+        assert pool is not None
+        first, second = pool.take(), pool.take()  # the pool's own and a new one
+        try:  # the ONNX Runtime sessions they decode with
+            return {
+                int(g._session.get_session_options().intra_op_num_threads) for g in (first, second)
+            }
+        finally:
+            pool.give(first)
+            pool.give(second)
+
+    with Client(MODEL, artifacts=zoo / "artifacts", generation_threads=1) as one:
+        assert threads(one) == {1}
+        assert one.generate("w5 w9", max_tokens=4, stream=False, policy="local_only").token_ids
+    with Client(MODEL, artifacts=zoo / "artifacts") as default:
+        assert threads(default) == {2}  # unchanged default
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ConfigError, match="generation_threads"):
+            Client(MODEL, artifacts=zoo / "artifacts", generation_threads=bad)  # type: ignore[arg-type]

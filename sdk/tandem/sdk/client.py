@@ -36,6 +36,7 @@ from tandem.sdk.artifacts import TrustedKeys
 from tandem.sdk.cache import CacheConfig, PredictionCache, cache_key
 from tandem.sdk.cloud import CloudClient, CloudConfig
 from tandem.sdk.generation.api import (
+    DEFAULT_THREADS,
     AsyncGenerationStream,
     GenerationStream,
     GenerativeVariant,
@@ -107,6 +108,7 @@ class Client:
         tls: bool = False,
         trusted_keys: Sequence[str | os.PathLike[str]] | None = None,
         watch_interval_s: float = 0.25,
+        generation_threads: int = DEFAULT_THREADS,
         **policy_settings: Any,
     ) -> None:
         if not model:
@@ -137,6 +139,17 @@ class Client:
             raise ConfigError("cloud", "policy 'cloud_only' needs a cloud endpoint")
         if self.policy.name == "local_only" and artifacts is None:
             raise ConfigError("artifacts", "policy 'local_only' needs a local model store")
+        if (
+            not isinstance(generation_threads, int)
+            or isinstance(generation_threads, bool)
+            or generation_threads < 1
+        ):
+            raise ConfigError(
+                "generation_threads",
+                f"ONNX Runtime threads per local generator must be an integer >= 1, "
+                f"got {generation_threads!r}",
+            )
+        self.generation_threads = generation_threads
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
         self._state = "open"
@@ -380,7 +393,7 @@ class Client:
                     found = GenerativeVariant.find(
                         self.local_models.store, self.model, self._trusted
                     )
-                    self._generators = pool = GeneratorPool(found)
+                    self._generators = pool = GeneratorPool(found, threads=self.generation_threads)
             except TandemError as exc:
                 log.debug("no local generative variant of %s: %s", self.model, exc)
                 return None

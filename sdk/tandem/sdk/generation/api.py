@@ -24,6 +24,7 @@ from tandem.sdk.generation.session import GenerationResult, Run, Token
 from tandem.sdk.store import ModelStore
 
 ROLES = ("system", "user", "assistant")
+DEFAULT_THREADS = 2  # ONNX Runtime intra-op threads per local generator (Client's default)
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,9 @@ class GenerativeVariant:
 class GeneratorPool:
     """LocalGenerators of one variant: each generation holds one alone (they are stateful)."""
 
-    def __init__(self, variant: GenerativeVariant) -> None:
+    def __init__(self, variant: GenerativeVariant, *, threads: int = DEFAULT_THREADS) -> None:
         self.variant = variant
+        self.threads = threads  # ONNX Runtime intra-op threads of each generator
         self._free: list[LocalGenerator] = []
         self._lock = threading.Lock()
         self.tokenizer = self._new()  # also the one that encodes prompts (read-only use)
@@ -68,7 +70,7 @@ class GeneratorPool:
 
     def _new(self) -> LocalGenerator:
         v = self.variant
-        return LocalGenerator(v.model_path, v.tokenizer_path, v.config)
+        return LocalGenerator(v.model_path, v.tokenizer_path, v.config, threads=self.threads)
 
     def take(self) -> LocalGenerator:
         with self._lock:
