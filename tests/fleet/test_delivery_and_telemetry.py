@@ -185,3 +185,15 @@ def test_decode_batch_round_trip_and_refusals() -> None:
     bomb = zstandard.ZstdCompressor().compress(b"\x00" * (2 << 20))
     with pytest.raises(TelemetryDecodeError, match="inflates"):
         decode_batch(bomb, max_bytes=1 << 20)
+
+
+def test_a_delta_is_tried_only_where_the_window_reaches_the_old_file() -> None:
+    import os
+
+    from tandem.cloud.fleet.delivery import MAX_DELTA_SOURCE, make_delta
+
+    assert MAX_DELTA_SOURCE == 8 << 20  # level 19's window
+    old = os.urandom(MAX_DELTA_SOURCE)
+    new = bytearray(old)
+    new[len(old) // 2] ^= 1
+    assert len(make_delta(old, bytes(new))) < 4096  # two bytes changed: a tiny delta

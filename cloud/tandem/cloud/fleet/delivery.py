@@ -37,10 +37,15 @@ from .store import Artifact
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 64 * 1024  # bytes of payload per ArtifactChunk
-# Uncompressed file size up to which a delta is attempted (bytes): a raw-content dictionary
-# of the old file is held in memory, and compressing against it costs CPU per new byte.
-MAX_DELTA_SOURCE = 512 * 1024 * 1024
 DELTA_LEVEL = 19
+# Uncompressed file size up to which a delta is attempted (bytes). A match into the old file
+# (a raw-content dictionary before the new one) must lie within the compressor's window, 8 MiB
+# at level 19: an unchanged byte of a larger file sits further back than that, so the delta
+# came out at about the stored size after minutes of CPU (a 253 MiB SmolLM2 variant with one
+# tensor changed, bench/results/generation-delivery.txt; a 12 MiB file with two bytes
+# changed: 4.2 MB). Larger files go in full. `zstd --patch-from --long` reaches further
+# (29.6 kB for that variant) but python-zstandard has no ZSTD_CCtx_refPrefix to do it with.
+MAX_DELTA_SOURCE = 1 << zstandard.ZstdCompressionParameters.from_level(DELTA_LEVEL).window_log
 
 
 @dataclass(frozen=True)
