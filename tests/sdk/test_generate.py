@@ -9,6 +9,7 @@ rejections as well as acceptances, and its greedy output must still equal cloud_
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Iterator
@@ -281,3 +282,19 @@ def test_generation_threads_is_a_client_setting(zoo: Path) -> None:
     for bad in (0, -1, 1.5, "2", True):
         with pytest.raises(ConfigError, match="generation_threads"):
             Client(MODEL, artifacts=zoo / "artifacts", generation_threads=bad)  # type: ignore[arg-type]
+
+
+def test_a_generative_variant_is_not_loaded_as_a_tensor_model(
+    zoo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.DEBUG, logger="tandem"),
+        Client(MODEL, artifacts=zoo / "artifacts") as c,
+    ):
+        assert c.current is None  # nothing for infer: the store holds a generative variant
+        result = c.generate("w5 w9 w3", max_tokens=6, stream=False, policy="local_only")
+    assert result.tokens_by_source == {"local": len(result.token_ids), "cloud": 0}
+    assert result.token_ids == [t.id for t in _variant(zoo).generate("w5 w9 w3", 6)]
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == []  # no "variant onnx-int8 rejected", no "cannot load"
+    assert "no tensor variant (only generative ones)" in caplog.text

@@ -53,6 +53,7 @@ from tandem.sdk.store import ModelStore
 log = logging.getLogger(__name__)
 
 CHOICES_FILE = "runtime-choices.json"
+GENERATION_TASK = "generation"  # a manifest task that tandem.sdk.generation loads, not runtimes
 
 
 def default_cache_dir() -> Path:
@@ -436,13 +437,23 @@ class LocalModels:
             if token == self._token:
                 return False
             try:
-                version, variants = self.store.active_variants(self.model)
+                version, found = self.store.active_variants(self.model)
+                # Generative variants are the generation path's (Client.generate), never a
+                # tensor model: loading one here only wastes seconds and warns.
+                variants = [v for v in found if v.manifest.task != GENERATION_TASK]
                 if self.trusted is not None:
                     variants = [load_variant(v.path, self.trusted) for v in variants]
             except (TandemError, OSError) as exc:
                 self._token = token
                 self.error = exc
                 log.warning("no usable active version of %s: %s", self.model, exc)
+                return False
+            if found and not variants:  # generative-only: nothing for infer, nothing wrong
+                self._token = token
+                self.error = NoLocalModelError(
+                    f"{self.model} v{version} has no tensor variant (only generative ones)"
+                )
+                log.debug("%s", self.error)
                 return False
             current = self.current
             if (
