@@ -3,6 +3,13 @@
 `load_runner` is the one seam to the runtimes: the SDK's runtime layer
 (`tandem.sdk.runtimes.get_runtime(name).load(manifest, folder)`), the same code the app
 will run the model with, so a version that passes here loads there too.
+
+A generative variant (task "generation": a decoder with `past_key.*`/`past_value.*` inputs
+that the plain runtimes cannot feed) goes through `load_generator` instead, the SDK's
+`LocalGenerator.from_variant`, which is what the app generates with. Its reference is the
+build's greedy continuation of a prompt (`input.input_ids` -> `output.tokens`, decoded with
+the KV cache and without stopping at EOS); the device's greedy tokens must equal it exactly,
+since one different argmax is a different model, whatever the tolerance on floats.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import numpy as np
 from tandem.agent.errors import WarmupError
 from tandem.errors import TandemError
 from tandem.sdk.artifacts import Manifest, load_npz, split_reference
+from tandem.sdk.local import GENERATION_TASK
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,62 @@ def load_runner(variant_dir: Path, manifest: Manifest) -> Runner:
             f"{manifest.runtime} could not load {manifest.entrypoint}: {exc!r}"
         ) from exc
     return lambda inputs: dict(backend.run(dict(inputs)))
+
+
+def load_generator(variant_dir: Path, manifest: Manifest, steps: int) -> Runner:
+    """A callable decoding `steps` greedy tokens after `input_ids` with the SDK's generator.
+
+    Every step is taken (an EOS token does not stop it), as the build's reference was made.
+    Raises WarmupError when the generator cannot be loaded (no generation.json or tokenizer,
+    a config without the cache's shape, a graph ONNX Runtime rejects).
+    """
+    try:
+        from tandem.sdk.generation import LocalGenerator
+
+        generator = LocalGenerator.from_variant(variant_dir)
+    except TandemError as exc:
+        raise WarmupError(f"the generator could not load {manifest.entrypoint}: {exc}") from exc
+    except Exception as exc:  # onnxruntime, tokenizers, json and missing files: translate here
+        raise WarmupError(f"the generator could not load {manifest.entrypoint}: {exc!r}") from exc
+
+    def run(inputs: Mapping[str, np.ndarray[Any, Any]]) -> Arrays:
+        generator.start([int(t) for t in np.asarray(inputs["input_ids"]).reshape(-1)])
+        tokens = [generator.step()[0] for _ in range(steps)]
+        return {"tokens": np.asarray([tokens], np.int64)}
+
+    return run
+
+
+def generation_reference(reference: str, inputs: Arrays, outputs: Arrays) -> int:
+    """Checks a generative reference's shape; returns how many tokens it holds."""
+    prompt, tokens = inputs.get("input_ids"), outputs.get("tokens")
+    if prompt is None or tokens is None:
+        raise WarmupError(
+            f"{reference} of a generative variant needs input.input_ids and output.tokens, "
+            f"it holds inputs {sorted(inputs)} and outputs {sorted(outputs)}"
+        )
+    for name, array in (("input.input_ids", prompt), ("output.tokens", tokens)):
+        if array.ndim != 2 or array.shape[0] != 1 or array.shape[1] < 1:
+            raise WarmupError(f"{reference}: {name} has shape {array.shape}, not (1, n >= 1)")
+        if not np.issubdtype(array.dtype, np.integer):
+            raise WarmupError(f"{reference}: {name} holds {array.dtype}, not token ids")
+    return int(tokens.shape[1])
+
+
+def compare_tokens(got: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    """Raises WarmupError naming the first generated token that differs from the reference."""
+    have = np.asarray(got["tokens"]).reshape(-1)
+    want = np.asarray(expected["tokens"]).reshape(-1)
+    if have.shape != want.shape:
+        raise WarmupError(f"generated {have.size} tokens, the reference has {want.size}")
+    differ = np.flatnonzero(have != want)
+    if differ.size:
+        first = int(differ[0])
+        raise WarmupError(
+            f"greedy token {first} of {want.size} after the reference prompt is "
+            f"{int(have[first])}, the reference has {int(want[first])} "
+            f"({differ.size} of {want.size} tokens differ)"
+        )
 
 
 def reference_io(variant_dir: Path, manifest: Manifest) -> tuple[Arrays, Arrays]:
@@ -84,7 +148,12 @@ class Probe:
         self.rtol = rtol
         self.atol = atol
         self.inputs, self.outputs = reference_io(variant_dir, manifest)
-        self.runner = load_runner(variant_dir, manifest)
+        self.generative = manifest.task == GENERATION_TASK
+        if self.generative:
+            steps = generation_reference(manifest.reference or "", self.inputs, self.outputs)
+            self.runner = load_generator(variant_dir, manifest, steps)
+        else:
+            self.runner = load_runner(variant_dir, manifest)
 
     def check(self) -> None:
         """Runs the reference inputs once; raises WarmupError on any failure."""
@@ -94,7 +163,10 @@ class Probe:
             raise WarmupError(f"reference run failed: {exc}") from exc
         except Exception as exc:  # runtime errors of any type are a failed probe
             raise WarmupError(f"reference run failed: {exc!r}") from exc
-        compare_outputs(got, self.outputs, self.rtol, self.atol)
+        if self.generative:
+            compare_tokens(got, self.outputs)
+        else:
+            compare_outputs(got, self.outputs, self.rtol, self.atol)
 
 
 def warm_up(variant_dir: Path, manifest: Manifest, rtol: float, atol: float) -> Probe:
