@@ -67,7 +67,10 @@ def load_generator(variant_dir: Path, manifest: Manifest, steps: int) -> Runner:
     except TandemError as exc:
         raise WarmupError(f"the generator could not load {manifest.entrypoint}: {exc}") from exc
     except Exception as exc:  # onnxruntime, tokenizers, json and missing files: translate here
-        raise WarmupError(f"the generator could not load {manifest.entrypoint}: {exc!r}") from exc
+        # The type and the text: a repr drops an OSError's file name, a str a KeyError's type.
+        raise WarmupError(
+            f"the generator could not load {manifest.entrypoint}: {type(exc).__name__}: {exc}"
+        ) from exc
 
     def run(inputs: Mapping[str, np.ndarray[Any, Any]]) -> Arrays:
         generator.start([int(t) for t in np.asarray(inputs["input_ids"]).reshape(-1)])
