@@ -23,12 +23,25 @@ pytest.importorskip("onnxruntime")
 
 from tandem.cloud.build.context import BuildContext  # noqa: E402
 from tandem.cloud.build.errors import QualityGateError  # noqa: E402
-from tandem.cloud.build.generative import Source, build_generative  # noqa: E402
+from tandem.cloud.build.generative import (  # noqa: E402
+    Source,
+    build_generative,
+    chat_template_of,
+    special_tokens_of,
+)
 from tandem.cloud.build.signing import Signer, generate_keypair  # noqa: E402
 from tandem.errors import InputError, SignatureError, TandemError  # noqa: E402
 from tandem.sdk.artifacts import TrustedKeys, load_public_key_raw  # noqa: E402
 from tandem.sdk.generation import LocalGenerator  # noqa: E402
-from tests.support.tiny_llm import EOS, VOCAB, tiny_model, tiny_source  # noqa: E402
+from tests.support.tiny_llm import (  # noqa: E402
+    CHAT_TEMPLATE,
+    EOS,
+    VOCAB,
+    save_folder,
+    tiny_model,
+    tiny_source,
+    tiny_tokenizer_json,
+)
 
 PROMPTS = ("w5 w9 w3", "w10 w11", "w40 w2 w7 w7", "w33")
 CASCADE_WINDOW = 3  # below the 8 tokens per prompt, so that the gate has windows to act on
@@ -291,3 +304,20 @@ def test_cascade_threshold_is_calibrated_on_the_held_out_prompts(
     else:  # unreachable: the threshold closest to the target
         best = max(_local_figures(records, p, window)[1] for p in probes)
         assert local_agreement == pytest.approx(best)
+
+
+def test_the_chat_template_goes_into_generation_json(
+    built: tuple[Path, dict[str, Any]], model: Any, tmp_path: Path
+) -> None:
+    root, _entry = built
+    variant = root / "artifacts" / "tiny" / "1" / "onnx-int8"
+    config = json.loads((variant / "generation.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE and config["eos_token"] == "<eos>"
+    # smollm2_source reads them off the transformers tokenizer the same way
+    served = transformers.AutoTokenizer.from_pretrained(str(save_folder(model, tmp_path)))
+    assert chat_template_of(served) == CHAT_TEMPLATE
+    assert special_tokens_of(served) == {"eos_token": "<eos>"}
+    bare = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer.from_str(tiny_tokenizer_json())
+    )
+    assert chat_template_of(bare) is None and special_tokens_of(bare) == {}

@@ -9,6 +9,7 @@ rejections as well as acceptances, and its greedy output must still equal cloud_
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -28,7 +29,8 @@ from tandem.cloud.build.signing import Signer, generate_keypair
 from tandem.errors import CloudError, ConfigError, InputError
 from tandem.sdk import Client
 from tandem.sdk.generation import LocalGenerator
-from tests.cloud.conftest import ServerProcess, start_server
+from tandem.sdk.generation.api import prompt_ids
+from tests.cloud.conftest import ServerProcess, http_post, start_server
 from tests.support.proxy import FaultProxy
 from tests.support.tiny_llm import (
     repository_entry,
@@ -231,8 +233,13 @@ def test_bad_input_is_refused_clearly(client: Client, zoo: Path) -> None:
         client.generate([{"role": "robot", "content": "w5"}], max_tokens=4)
     with pytest.raises(InputError, match="messages must be"):
         client.generate([], max_tokens=4)
+    gen = _variant(zoo)  # a variant whose generation.json has no chat template:
     with pytest.raises(InputError, match="chat template"):
-        client.generate([{"role": "user", "content": "w5"}], max_tokens=4)
+        prompt_ids([{"role": "user", "content": "w5"}], gen, {})
+    # a template that refuses the messages (raise_exception, as transformers gives it)
+    refusing = {"chat_template": "{{ raise_exception('no system role here') }}"}
+    with pytest.raises(InputError, match="no system role here"):
+        prompt_ids([{"role": "system", "content": "w5"}], gen, refusing)
     with pytest.raises(ConfigError, match="unknown generation policy"):
         client.generate("w5", max_tokens=4, policy="sometimes")
     # A prompt the server refuses (past its max_prompt_tokens): one clear cloud error.
@@ -298,3 +305,30 @@ def test_a_generative_variant_is_not_loaded_as_a_tensor_model(
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warned == []  # no "variant onnx-int8 rejected", no "cannot load"
     assert "no tensor variant (only generative ones)" in caplog.text
+
+
+def test_chat_messages_render_as_the_server_renders_them(
+    client: Client, zoo: Path, server: ServerProcess
+) -> None:
+    from transformers import AutoTokenizer
+
+    messages = [
+        {"role": "system", "content": "w3 w4"},
+        {"role": "user", "content": "w5 w9"},
+        {"role": "assistant", "content": "w20"},
+        {"role": "user", "content": "w7"},
+    ]
+    # the server's rendering: transformers' apply_chat_template over the served folder
+    served = AutoTokenizer.from_pretrained(str(zoo / "weights"))
+    rendered = served.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    server_ids = list(served(rendered, add_special_tokens=False)["input_ids"])
+    local = client.generate(messages, max_tokens=8, stream=False, policy="local_only")
+    assert local.token_ids == [t.id for t in _variant(zoo).generate(server_ids, 8)]
+    cloud = client.generate(messages, max_tokens=8, stream=False, policy="cloud_only")
+    body = {"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0}
+    status, raw = http_post(server.http_url + "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 200, raw
+    answer = json.loads(raw)
+    assert answer["usage"]["prompt_tokens"] == len(server_ids)
+    assert cloud.text == answer["choices"][0]["message"]["content"]
+    assert cloud.token_ids  # the same messages, rendered on the device, sent as ids

@@ -68,6 +68,8 @@ def tiny_source(model: Any) -> Any:
         bos_token_id=None,
         eos_token_ids=(EOS,),
         max_context=128,
+        chat_template=CHAT_TEMPLATE,  # the one save_folder gives the server's tokenizer
+        special_tokens={"eos_token": "<eos>"},
     )
 
 

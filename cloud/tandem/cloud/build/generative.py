@@ -80,6 +80,10 @@ class Source:
     max_context: int
     # the cloud tier's `repository/<model>/generation.json` (tandem.cloud.generation.service)
     repository: Mapping[str, Any] | None = None
+    # the tokenizer's chat template (Jinja, as transformers renders it), if it has one, and
+    # the special-token strings a template may name (bos_token, eos_token)
+    chat_template: str | None = None
+    special_tokens: Mapping[str, str] | None = None
 
 
 def file_digest(path: Path) -> str:
@@ -104,7 +108,23 @@ def smollm2_source() -> Source:
         eos_token_ids=tuple(sorted(stop_token_ids(tokenizer))),
         max_context=2048,
         repository={"name": MODEL, "backend": "transformers", "model": "SmolLM2-135M-Instruct"},
+        chat_template=chat_template_of(tokenizer),
+        special_tokens=special_tokens_of(tokenizer),
     )
+
+
+def chat_template_of(tokenizer: Any) -> str | None:
+    """A transformers tokenizer's (single) chat template, or None."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: the default one
+        template = template.get("default")
+    return template if isinstance(template, str) and template else None
+
+
+def special_tokens_of(tokenizer: Any) -> dict[str, str]:
+    """The special-token strings a chat template may use (bos_token, eos_token)."""
+    found = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token")}
+    return {name: str(value) for name, value in found.items() if value}
 
 
 # --- measurement ------------------------------------------------------------------------------
@@ -334,6 +354,9 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
         "max_context": source.max_context,
         **cascade.generation_config(),
     }
+    if source.chat_template:  # what the SDK renders chat messages with (render_chat)
+        config["chat_template"] = source.chat_template
+        config.update(source.special_tokens or {})
     extra = ctx.work_dir / "generation"
     extra.mkdir(parents=True, exist_ok=True)
     (extra / "tokenizer.json").write_text(source.tokenizer_json, encoding="utf-8")

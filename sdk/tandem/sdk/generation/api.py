@@ -101,20 +101,46 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
 
 
 def render_chat(template: str, messages: list[dict[str, str]], config: Mapping[str, Any]) -> str:
-    """The chat template (Jinja, as transformers renders it) with the generation prompt."""
+    """The chat template (Jinja, in the environment transformers' apply_chat_template gives
+    it: trim/lstrip blocks, loop controls, raise_exception, a tojson that keeps non-ASCII)
+    with the generation prompt, so that the device renders what the server renders."""
     try:
+        import jinja2
+        from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as exc:
         raise MissingDependencyError("jinja2", "generation", "chat messages") from exc
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return str(
-        env.from_string(template).render(
-            messages=messages,
-            add_generation_prompt=True,
-            bos_token=config.get("bos_token", ""),
-            eos_token=config.get("eos_token", ""),
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(
+        x: Any,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: tuple[str, str] | None = None,
+        sort_keys: bool = False,
+    ) -> str:
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
         )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
     )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return str(
+            env.from_string(template).render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=config.get("bos_token", ""),
+                eos_token=config.get("eos_token", ""),
+            )
+        )
+    except jinja2.exceptions.TemplateError as exc:
+        raise InputError(f"the variant's chat template refused the messages: {exc}") from exc
 
 
 def prompt_ids(
