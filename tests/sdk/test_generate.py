@@ -332,3 +332,24 @@ def test_chat_messages_render_as_the_server_renders_them(
     assert answer["usage"]["prompt_tokens"] == len(server_ids)
     assert cloud.text == answer["choices"][0]["message"]["content"]
     assert cloud.token_ids  # the same messages, rendered on the device, sent as ids
+
+
+def test_speculative_first_token_is_the_servers_after_one_prompt_only_verify(
+    client: Client,
+) -> None:
+    for prompt in ("w5 w9 w3", "w10 w11", "w33"):
+        cloud = client.generate(prompt, max_tokens=8, stream=False, policy="cloud_only")
+        stream = client.generate(prompt, max_tokens=8, policy="speculative")
+        first = next(stream)  # type: ignore[call-overload]
+        state = stream._run.state  # type: ignore[union-attr]
+        # one round trip, nothing drafted yet: the device prefilled beside the server's call
+        assert (state.round_trips, state.drafted) == (1, 0)
+        assert first.source == "cloud" and first.id == cloud.token_ids[0]
+        rest = [t.id for t in stream]  # type: ignore[union-attr]
+        assert [first.id, *rest] == cloud.token_ids
+        assert stream.result.drafted > 0  # type: ignore[union-attr]
+    one = client.generate("w5 w9 w3", max_tokens=1, stream=False, policy="speculative")
+    assert one.round_trips == 1 and one.drafted == 0
+    assert (
+        one.token_ids == client.generate("w5 w9 w3", 1, stream=False, policy="cloud_only").token_ids
+    )

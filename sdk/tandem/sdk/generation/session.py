@@ -27,6 +27,7 @@ import contextlib
 import functools
 import itertools
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,15 @@ class Verify:
 
 
 @dataclass(frozen=True)
+class VerifyWhile:
+    """A verify call with blocking local compute overlapped: -> the verify response. fn's
+    value is dropped; when it raises, that is raised once the call is back."""
+
+    request: Any
+    fn: Callable[[], Any]
+
+
+@dataclass(frozen=True)
 class Open:
     request: Any  # pb.ModelInferRequest -> a stream handle
 
@@ -103,7 +113,7 @@ class Close:
     handle: Any
 
 
-Op = Local | Verify | Open | Next | Close
+Op = Local | Verify | VerifyWhile | Open | Next | Close
 
 
 class StreamFailed(CloudError):
@@ -162,6 +172,13 @@ def _output(response: Any, name: str) -> int:
         if out.name == name:
             return int(out.contents.int64_contents[0])
     raise CloudError(f"the verify answer has no output {name!r}")
+
+
+def _prefill(generator: Any, prompt: Sequence[int], draft_one: bool) -> None:
+    """The device's prompt into its cache (computing the cache also drafts one token)."""
+    generator.start(list(prompt))
+    if draft_one:
+        generator.draft(1)
 
 
 # --- the state machine ------------------------------------------------------------------
@@ -340,24 +357,32 @@ class Run:
             yield Close(handle)
 
     def _speculative(self) -> Plan:
+        """The first verify carries the prompt alone (an empty draft): the server's first
+        token comes after one round trip and its prefill, while the device prefills the same
+        prompt beside it (its one drafted token is dropped for the server's). Each later round
+        drafts k tokens from prompt + out and verifies them in one call."""
         gen, state, s = self.generator, self.state, self.settings
         sequence = f"spec-{os.getpid()}-{next(_ids)}-{time.monotonic_ns()}"
         k = s.draft_tokens
-        yield Local(lambda: gen.start(list(state.prompt)))
         first, ended = True, False
         try:
             while not self.done():
                 k_now = min(k, state.remaining - 1, MAX_DRAFT)
-                draft: list[int] = (
-                    (yield Local(functools.partial(gen.draft, k_now))) if k_now > 0 else []
-                )
                 last = k_now == 0  # the verifier's token is the last one wanted
+                draft: list[int] = (
+                    (yield Local(functools.partial(gen.draft, k_now)))
+                    if k_now > 0 and not first
+                    else []
+                )
                 request = verify_request(
                     s.model, sequence, draft, prompt=state.prompt, start=first, end=last
                 )
-                first = False
                 state.sent += request.ByteSize()
-                response = yield Verify(request)
+                if first:
+                    prefill = functools.partial(_prefill, gen, state.prompt, not last)
+                    response = yield VerifyWhile(request, prefill)
+                else:
+                    response = yield Verify(request)
                 state.received += response.ByteSize()
                 state.round_trips += 1
                 ended = ended or last
@@ -365,7 +390,7 @@ class Run:
                 state.drafted += len(draft)
                 state.accepted += n
                 state.blocks.append(n)
-                if draft:
+                if draft or (first and not last):  # the prefill drafted one token: dropped
                     yield Local(functools.partial(gen.accept, n, bonus))
                 kept = [(t, "local") for t in draft[:n]] + [(bonus, "cloud")]
                 for token, source in kept:
@@ -378,6 +403,7 @@ class Run:
                     k = min(k + 1, MAX_DRAFT)
                 elif draft and n < len(draft) // 2:
                     k = max(k // 2, MIN_DRAFT)
+                first = False
         finally:
             if not ended:  # free the server's sequence; a failure here changes nothing
                 request = verify_request(s.model, sequence, [], end=True)
@@ -522,12 +548,35 @@ def _perform(op: Op, cloud: SyncCloud | None) -> Any:
         raise ConfigError("cloud", "this generation needs a cloud endpoint")
     if isinstance(op, Verify):
         return cloud.verify(op.request)
+    if isinstance(op, VerifyWhile):
+        return _verify_while(op, cloud)
     if isinstance(op, Open):
         return cloud.open(op.request)
     if isinstance(op, Next):
         return cloud.next(op.handle)
     cloud.close(op.handle)
     return None
+
+
+def _verify_while(op: VerifyWhile, cloud: SyncCloud) -> Any:
+    """op.fn on a worker thread during the call; both are done when this returns."""
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            op.fn()
+        except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread below
+            failed.append(exc)
+
+    worker = threading.Thread(target=work, name="tandem-prefill", daemon=True)
+    worker.start()
+    try:
+        response = cloud.verify(op.request)
+    finally:
+        worker.join()
+    if failed:
+        raise failed[0]
+    return response
 
 
 class AsyncCloud:
@@ -566,6 +615,16 @@ async def _aperform(op: Op, cloud: AsyncCloud | None) -> Any:
         raise ConfigError("cloud", "this generation needs a cloud endpoint")
     if isinstance(op, Verify):
         return await cloud.verify(op.request)
+    if isinstance(op, VerifyWhile):
+        local = asyncio.ensure_future(asyncio.to_thread(op.fn))
+        try:
+            response = await cloud.verify(op.request)
+        finally:
+            await asyncio.wait([local])  # the worker thread is done before anything moves on
+            failed = local.exception()  # retrieved even when the call raised
+        if failed is not None:
+            raise failed
+        return response
     if isinstance(op, Open):
         return cloud.open(op.request)
     if isinstance(op, Next):
