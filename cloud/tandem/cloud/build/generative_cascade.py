@@ -11,8 +11,8 @@ variant's own greedy tokens with their confidences, and for each token whether t
 picks the same token after the same prefix. The threshold chosen is the one that keeps the
 most tokens on the device while the tokens kept on the device agree with the full model at
 least `cascade_target` of the time; when no threshold reaches the target, the one whose
-local tokens agree best (the report says the target was not met). The decision is pure (no model, no IO) so that a test can
-check it on the recorded data.
+local tokens agree best (the report says the target was not met). The decision is pure (no
+model, no IO) so that a test can check it on the recorded data.
 """
 
 from __future__ import annotations
