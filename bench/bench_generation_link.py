@@ -49,7 +49,7 @@ RESULTS = ROOT / "bench" / "results" / "generation-link.txt"
 DEFAULT_ZOO = ROOT / "build" / "bench-zoo"  # /build/ is git-ignored: the cached device build
 POLICIES = ("cloud_only", "speculative", "local_only")
 DEFAULT_DRAFTS = (4, 8)  # the SDK's default first k, and a longer first draft
-WHAT_IF_K = 8  # the what-if row: speculative from k = 8 with the device on 1 thread
+WHAT_IF_K = 8  # the 1t row: speculative from k = 8 with generation_threads=1
 GOAL = 1.5  # speculative / cloud_only tokens/s
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -111,9 +111,8 @@ def chat_texts(prompts: Sequence[str]) -> tuple[list[str], list[list[int]]]:
     """Each prompt as one user turn rendered by the full model's own chat template, and the
     ids the server's tokenizer makes of it.
 
-    The text, not the messages, goes to Client.generate: the device variant's generation.json
-    has no chat_template (the build does not write one), so the SDK refuses chat messages
-    for smollm2."""
+    The text goes to Client.generate, so that both sides provably start from the same ids
+    (asserted against the device's tokenizer below)."""
     from transformers import AutoTokenizer
 
     from tandem.cloud.generation.model import cache_dir, gguf_path, load_full_model
@@ -222,24 +221,6 @@ def arms(draft_tokens: Sequence[int], what_if_k: int | None) -> list[tuple[str, 
     return [("cloud_only", "cloud_only", 4, 2), *spec, ("local_only", "local_only", 4, 2)]
 
 
-def one_thread_pool(client: Any) -> Any:
-    """What-if (not the SDK's behaviour): the client's device generators on 1 ONNX Runtime
-    thread instead of the GeneratorPool's fixed 2. Reaches into the client's private pool,
-    which has no public thread setting."""
-    from tandem.sdk.generation.api import GeneratorPool
-    from tandem.sdk.generation.generator import LocalGenerator
-
-    class OneThread(GeneratorPool):
-        def _new(self) -> LocalGenerator:
-            v = self.variant
-            return LocalGenerator(v.model_path, v.tokenizer_path, v.config, threads=1)
-
-    found = client._generator_pool()
-    assert found is not None
-    client._generators = OneThread(found.variant)
-    return client._generators
-
-
 def run_bench(
     prompts: int,
     tokens: int,
@@ -277,13 +258,10 @@ def run_bench(
                             cloud=proxy.address,
                             trusted_keys=[public_key],
                             cache_dir=Path(tmp) / "cache",
+                            generation_threads=threads,
                         )
                     )
-                    pool = (
-                        one_thread_pool(clients[threads])
-                        if threads == 1
-                        else clients[threads]._generator_pool()
-                    )
+                    pool = clients[threads]._generator_pool()
                     assert pool is not None
                     for policy in POLICIES:  # warm up: sessions, channel, first-call costs
                         clients[threads].generate(
@@ -366,8 +344,8 @@ def report(summaries: dict[str, Summary], facts: dict[str, Any]) -> tuple[str, b
         f"{facts['direct_ms']:.1f} ms direct, {facts['link_ms']:.1f} ms through the link",
         f"{facts['prompts']} chat prompts x up to {facts['tokens']} new tokens, greedy; "
         "configurations interleaved prompt by prompt, order reversed every other prompt; "
-        "spec k0=K: speculative starting at k = K (then adaptive, 1..16); 1t: a what-if, "
-        "the device generator on 1 ONNX Runtime thread instead of the SDK's fixed 2; "
+        "spec k0=K: speculative starting at k = K (then adaptive, 1..16); 1t: the same "
+        "with Client(generation_threads=1) instead of the default 2; "
         f"run took {facts['seconds']:.0f} s",
         "costs, medians: device draft step "
         + ", ".join(f"{ms:.1f} ms on {t} thread(s)" for t, ms in sorted(facts["step_ms"].items()))
@@ -478,7 +456,7 @@ def main() -> int:
         type=int,
         default=WHAT_IF_K,
         help="also run speculative from this k with the device generator on 1 thread "
-        "(a what-if beside the SDK's fixed 2 threads); 0: not",
+        "(Client(generation_threads=1) beside the default 2); 0: not",
     )
     parser.add_argument("--zoo", type=Path, default=DEFAULT_ZOO, help="device build folder")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file")
