@@ -1,5 +1,6 @@
-"""Fleet fixtures: a Mosquitto started from `tandem fleet broker-config` output, a fake zoo,
-and the fleet service as a real `tandem fleet serve` process."""
+"""Fleet fixtures: the store on SQLite and on a real PostgreSQL, a Mosquitto started from
+`tandem fleet broker-config` output, a fake zoo, and the fleet service as a real
+`tandem fleet serve` process."""
 
 from __future__ import annotations
 
@@ -15,12 +16,24 @@ import httpx
 import pytest
 
 from tandem.cloud.fleet.broker_config import BrokerConfig, Written, write_broker_config
+from tandem.cloud.fleet.store import Store
 from tests.fleet.helpers import fake_zoo
 from tests.support.mosquitto import MOSQUITTO
 from tests.support.processes import free_port, stop_process, wait_for_port, wait_until
 
 TANDEM = str(Path(sys.executable).parent / "tandem")
 TOKEN = "test-token"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    s = Store(url, telemetry_window_s=60)
+    yield s
+    s.close()
 
 
 @dataclass

@@ -3,7 +3,6 @@ rates per device, version and window, on SQLite and a real PostgreSQL, and throu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,17 +49,6 @@ def generating(
     s.drafted, s.accepted, s.escalations = drafted, accepted, escalations
     s.ttft_ms.CopyFrom(histogram([ttft_ms] * generations))
     return s
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'fleet.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    s = Store(url, telemetry_window_s=60)
-    yield s
-    s.close()
 
 
 def test_generation_totals_and_rates_per_device_and_window(store: Store) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,6 @@ from tandem.cloud.fleet.rollouts import apply_command
 from tandem.cloud.fleet.store import ReportIn, Store
 from tandem.protos.fleet.v1 import fleet_pb2
 from tests.fleet.helpers import summary
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'fleet.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    s = Store(url, telemetry_window_s=60)
-    yield s
-    s.close()
 
 
 def presence(device_id: str, ts: int, online: bool = True, **tags: str) -> fleet_pb2.Presence:
