@@ -13,6 +13,7 @@ from tandem.cloud.fleet.engine import Gate, GateMetric, VersionStats, evaluate_g
 from tandem.cloud.fleet.observe import version_stats
 from tandem.cloud.fleet.service import FleetService
 from tandem.cloud.fleet.store import Store
+from tandem.errors import ConfigError
 from tandem.protos.fleet.v1 import fleet_pb2
 from tests.fleet.helpers import histogram, summary
 
@@ -26,6 +27,7 @@ GENERATION_COLUMNS = (
     "accepted",
     "escalations",
     "ttft",
+    "ms_per_token",
 )
 
 
@@ -41,6 +43,7 @@ def generating(
     accepted: int = 80,
     escalations: int = 1,
     ttft_ms: float = 30.0,
+    ms_per_token: list[float] | None = None,
 ) -> fleet_pb2.TelemetrySummary:
     s = summary(device_id, version, start_ms=start_ms, model="tiny", requests=0, fallbacks=0)
     s.ClearField("latency_local_ms")
@@ -48,6 +51,8 @@ def generating(
     s.generated_tokens, s.generation_seconds = tokens, seconds
     s.drafted, s.accepted, s.escalations = drafted, accepted, escalations
     s.ttft_ms.CopyFrom(histogram([ttft_ms] * generations))
+    if ms_per_token is not None:
+        s.ms_per_token.CopyFrom(histogram(ms_per_token))
     return s
 
 
@@ -180,3 +185,53 @@ def test_acceptance_and_escalation_gates_fail_a_bad_cohort_and_pass_a_good_one(
         [Gate(GateMetric.ACCEPTANCE_RATE, 0.6, min_samples=10_000)], bad, baseline, 0.0, 8
     )
     assert few[0].passed is None
+
+
+def _speed(
+    store: Store, version: int, ms: float, devices: int = 4, generations: int = 30
+) -> VersionStats:
+    """`devices` devices of one version, `generations` each, per-generation ms/token spread
+    +-20% around `ms` (and each device a little faster or slower than the next)."""
+    batch = []
+    for i in range(devices):
+        own = ms * (1 + (i - devices / 2) / 50)
+        times = [own * (0.8 + 0.4 * k / max(1, generations - 1)) for k in range(generations)]
+        batch.append(generating(f"d{i}", version, generations=generations, ms_per_token=times))
+    store.ingest(batch)
+    return version_stats(store.telemetry_stats("tiny", version))
+
+
+def test_tokens_per_s_ratio_gate_fails_a_slower_cohort_and_passes_an_as_fast_one(
+    tmp_path: Path,
+) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'fleet.db'}", telemetry_window_s=60)
+    try:
+        baseline = _speed(store, 1, ms=50.0)
+        same = _speed(store, 2, ms=51.0)
+        slow = _speed(store, 3, ms=100.0)  # half the tokens/s
+        slightly = _speed(store, 4, ms=60.0, devices=1, generations=3)  # 0.83x, 3 generations
+    finally:
+        store.close()
+    assert slow.token_time_counts and slow.token_time_layout == baseline.token_time_layout
+    gate = [Gate(GateMetric.TOKENS_PER_S_RATIO, 0.9, min_samples=20)]
+    [passed] = evaluate_gates(gate, same, baseline, 0.0, 4)
+    [failed] = evaluate_gates(gate, slow, baseline, 0.0, 4)
+    assert passed.passed is True and passed.value == pytest.approx(50 / 51, rel=0.1)
+    assert failed.passed is False and failed.value == pytest.approx(0.5, rel=0.1)
+    assert "slower" in failed.reason
+    # the baseline column shows the baseline's median tokens/s
+    assert failed.baseline == pytest.approx(1000 / 50, rel=0.1)
+    # below the floor but on little evidence: Mann-Whitney must show it slower first
+    [unsure] = evaluate_gates(
+        [Gate(GateMetric.TOKENS_PER_S_RATIO, 0.9)], slightly, baseline, 0.0, 1
+    )
+    assert unsure.value is not None and unsure.value < 0.9
+    assert unsure.passed is None, unsure
+    # too few generations: waits
+    [few] = evaluate_gates(
+        [Gate(GateMetric.TOKENS_PER_S_RATIO, 0.9, min_samples=1000)], slow, baseline, 0.0, 4
+    )
+    assert few.passed is None
+    # a ratio to the baseline by definition: `relative` is refused
+    with pytest.raises(ConfigError, match=r"gate\.relative"):
+        Gate(GateMetric.TOKENS_PER_S_RATIO, 0.9, relative=True)

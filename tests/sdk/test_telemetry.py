@@ -104,6 +104,8 @@ def test_generations_go_into_the_same_summary(tmp_path: Path) -> None:
     assert s.ttft_ms.count == 2 and s.ttft_ms.sum == pytest.approx(100.0)
     ttft = LogHistogram.from_proto(s.ttft_ms)
     assert ttft is not None and ttft.quantile(0.99) == pytest.approx(80.0, rel=0.2)
+    # milliseconds per token of the two generations with tokens: 50 and 50; none for tokens=0
+    assert s.ms_per_token.count == 2 and s.ms_per_token.sum == pytest.approx(100.0)
     other = by_version[2]
     assert (other.generations, other.generated_tokens, other.requests) == (1, 4, 0)
     assert not other.HasField("ttft_ms")

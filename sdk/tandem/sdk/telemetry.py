@@ -99,6 +99,7 @@ class _Aggregate:
     accepted: int = 0
     escalations: int = 0
     ttft: LogHistogram | None = None
+    ms_per_token: LogHistogram | None = None
 
 
 # Event tuples (cheap to build on the hot path):
@@ -263,11 +264,17 @@ class TelemetryRecorder:
         agg.drafted += int(drafted)
         agg.accepted += int(accepted)
         agg.escalations += 1 if escalated else 0
+        c = self.config
         if ttft is not None:
             if agg.ttft is None:
-                c = self.config
                 agg.ttft = LogHistogram(c.latency_min_ms, c.latency_growth, c.latency_buckets)
             agg.ttft.add(ttft)
+        if tokens > 0 and seconds > 0:
+            if agg.ms_per_token is None:
+                agg.ms_per_token = LogHistogram(
+                    c.latency_min_ms, c.latency_growth, c.latency_buckets
+                )
+            agg.ms_per_token.add(1000.0 * float(seconds) / int(tokens))
 
     def flush(self) -> list[Any]:
         """Ends the interval: drains, builds summaries, spools them. Returns the summaries."""
@@ -319,6 +326,7 @@ class TelemetryRecorder:
             accepted=agg.accepted,
             escalations=agg.escalations,
             ttft_ms=agg.ttft.to_proto() if agg.ttft is not None else None,
+            ms_per_token=agg.ms_per_token.to_proto() if agg.ms_per_token is not None else None,
         )
 
     def _spool(self, summary: Any) -> None:

@@ -36,6 +36,7 @@ GATE_METRICS = (
     "estimated_accuracy",
     "acceptance_rate",
     "escalation_rate",
+    "tokens_per_s_ratio",
 )
 STATE_STYLES = {
     "succeeded": "green",
@@ -138,7 +139,7 @@ def _pct(v: float | None) -> str:
 def _gate_value(metric: str, v: float | None) -> str:
     if v is None:
         return "-"
-    if metric == "p95_latency_ratio":
+    if metric in ("p95_latency_ratio", "tokens_per_s_ratio"):
         return f"x{v:.2f}"
     if metric == "failed_device_pct":
         return f"{v:.1f}%"
@@ -146,7 +147,9 @@ def _gate_value(metric: str, v: float | None) -> str:
 
 
 # Gates whose metric fails below its threshold (the others fail above it).
-HIGHER_IS_BETTER = frozenset({"shadow_agreement", "estimated_accuracy", "acceptance_rate"})
+HIGHER_IS_BETTER = frozenset(
+    {"shadow_agreement", "estimated_accuracy", "acceptance_rate", "tokens_per_s_ratio"}
+)
 
 
 def _interval(low: float | None, high: float | None) -> str:
@@ -160,6 +163,8 @@ def _interval(low: float | None, high: float | None) -> str:
 def _baseline(metric: str, v: float | None) -> str:
     if metric == "p95_latency_ratio":  # the ratio's baseline is the baseline's p95 itself
         return "-" if v is None else f"{v:.2f} ms"
+    if metric == "tokens_per_s_ratio":  # the baseline's median tokens/s
+        return "-" if v is None else f"{v:.1f} tok/s"
     return _gate_value(metric, v)
 
 

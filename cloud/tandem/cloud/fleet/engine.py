@@ -174,6 +174,31 @@ def evaluate_gates(
                 )
             )  # fmt: skip
             continue
+        if m is GateMetric.TOKENS_PER_S_RATIO:
+            # Medians of per-generation ms/token: tokens/s ratio = baseline's / cohort's.
+            mine, base = cohort.p50_ms_per_token, baseline.p50_ms_per_token
+            value = base / mine if mine and base else None
+            same = (
+                cohort.token_time_layout is not None
+                and cohort.token_time_layout == baseline.token_time_layout
+            )
+            v = stats.judge_throughput(
+                ratio=value,
+                samples=cohort.generations,
+                new_counts=cohort.token_time_counts if same else (),
+                base_counts=baseline.token_time_counts if same else (),
+                threshold=gate.threshold,
+                alpha=alpha,
+                min_samples=gate.min_samples,
+            )
+            base_rate = 1000.0 / base if base else None
+            results.append(
+                GateResult(
+                    m, value, gate.threshold, v.passed, cohort.generations, base_rate,
+                    v.low, v.high, v.reason,
+                )
+            )  # fmt: skip
+            continue
         if m is GateMetric.ESTIMATED_ACCURACY:
             est = stats.estimated_accuracy(cohort.confidence_buckets, cohort.confidence_sum)
             best = stats.estimated_accuracy(baseline.confidence_buckets, baseline.confidence_sum)

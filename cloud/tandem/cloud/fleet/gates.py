@@ -531,22 +531,62 @@ def judge_latency(
     """The p95 ratio against the threshold, with evidence. With both histograms (same bucket
     layout) it fails only when the ratio is over the threshold and Mann-Whitney shows the
     cohort slower; without them the ratio judges once `min_samples` requests are in."""
+    return _judge_ratio(
+        "p95 ratio", ratio, samples, new_counts, base_counts, threshold, alpha, min_samples,
+        higher_is_better=False,
+    )  # fmt: skip
+
+
+def judge_throughput(
+    *,
+    ratio: float | None,
+    samples: int,
+    new_counts: Sequence[int],
+    base_counts: Sequence[int],
+    threshold: float,
+    alpha: float,
+    min_samples: int,
+) -> Verdict:
+    """The median tokens/s ratio (cohort over baseline) against a floor, as the latency gate:
+    the counts are per-generation milliseconds per token, so the cohort is slower when its
+    values rank higher; it fails only when the ratio is under the threshold and Mann-Whitney
+    shows the cohort slower. What it assumes: generations are independent (like requests in
+    the latency gate, they are not quite, within a device)."""
+    return _judge_ratio(
+        "tokens/s ratio", ratio, samples, new_counts, base_counts, threshold, alpha,
+        min_samples, higher_is_better=True,
+    )  # fmt: skip
+
+
+def _judge_ratio(
+    what: str,
+    ratio: float | None,
+    samples: int,
+    new_counts: Sequence[int],
+    base_counts: Sequence[int],
+    threshold: float,
+    alpha: float,
+    min_samples: int,
+    *,
+    higher_is_better: bool,
+) -> Verdict:
     if ratio is None:
-        return Verdict(None, None, None, "no latency data on one side")
+        return Verdict(None, None, None, f"no {what.split()[0]} data on one side")
     if samples < min_samples:
         return Verdict(None, None, None, f"{samples} of {min_samples} samples")
     test = mann_whitney(new_counts, base_counts)
     auc = test[0] if test else None
-    if ratio <= threshold:
-        return Verdict(True, auc, auc, f"p95 ratio {ratio:.3g} <= {threshold:g}")
+    good, bad = (">=", "<") if higher_is_better else ("<=", ">")
+    if ratio >= threshold if higher_is_better else ratio <= threshold:
+        return Verdict(True, auc, auc, f"{what} {ratio:.3g} {good} {threshold:g}")
     if test is None:
-        return Verdict(False, None, None, f"p95 ratio {ratio:.3g} > {threshold:g}")
+        return Verdict(False, None, None, f"{what} {ratio:.3g} {bad} {threshold:g}")
     z = test[1]
     crit = z_for(spent_alpha(alpha, sum(new_counts)))
     if z > crit:
         return Verdict(
-            False, auc, auc, f"p95 ratio {ratio:.3g} > {threshold:g}, slower (z={z:.2f})"
+            False, auc, auc, f"{what} {ratio:.3g} {bad} {threshold:g}, slower (z={z:.2f})"
         )
     return Verdict(
-        None, auc, auc, f"p95 ratio {ratio:.3g} > {threshold:g} but z={z:.2f} < {crit:.2f}"
+        None, auc, auc, f"{what} {ratio:.3g} {bad} {threshold:g} but z={z:.2f} < {crit:.2f}"
     )

@@ -190,6 +190,7 @@ class TelemetryRow(Base):
     accepted: Mapped[int] = mapped_column(BigInteger, default=0)
     escalations: Mapped[int] = mapped_column(BigInteger, default=0)
     ttft: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    ms_per_token: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("device_id", "model", "version", "window_start_ms", name="uq_telemetry"),

@@ -46,7 +46,9 @@ def observation(store: Store, r: Rollout, now: float, targets: Sequence[Device])
         else None
     )
     base_hist = baseline.latency_local if baseline is not None else None
-    cohort_view, baseline_view = version_stats(cohort, base_hist), version_stats(baseline)
+    base_tokens = baseline.ms_per_token if baseline is not None else None
+    cohort_view = version_stats(cohort, base_hist, base_tokens)
+    baseline_view = version_stats(baseline)
     if r.baseline_version is not None and cohort is not None and baseline is not None:
         before = store.telemetry_stats(
             r.plan.model, r.baseline_version, since=r.created_at - HISTORY_S, until=r.created_at
@@ -93,19 +95,27 @@ def baseline_variants(store: Store, r: Rollout, device_ids: Sequence[str]) -> di
     return out
 
 
+def _rebucketed(hist: LogHistogram | None, layout: LogHistogram | None) -> LogHistogram | None:
+    if hist is None or layout is None or hist.layout == layout.layout:
+        return hist
+    rebucketed = LogHistogram(layout.min_value, layout.growth, len(layout.counts))
+    rebucketed.merge(hist)
+    return rebucketed
+
+
 def version_stats(
-    stats: TelemetryStats | None, layout: LogHistogram | None = None
+    stats: TelemetryStats | None,
+    layout: LogHistogram | None = None,
+    token_layout: LogHistogram | None = None,
 ) -> eng.VersionStats:
     """The engine's view of one version's telemetry. The local-latency histogram goes into
-    `layout`'s buckets (the baseline's) when given, so cohort and baseline are ranked on one
-    bucket layout even when their devices were configured differently."""
+    `layout`'s buckets (the baseline's) when given, and the milliseconds-per-token histogram
+    into `token_layout`'s, so cohort and baseline are ranked on one bucket layout even when
+    their devices were configured differently."""
     if stats is None:
         return eng.VersionStats()
-    hist = stats.latency_local
-    if hist is not None and layout is not None and hist.layout != layout.layout:
-        rebucketed = LogHistogram(layout.min_value, layout.growth, len(layout.counts))
-        rebucketed.merge(hist)
-        hist = rebucketed
+    hist = _rebucketed(stats.latency_local, layout)
+    token_time = _rebucketed(stats.ms_per_token, token_layout)
     return eng.VersionStats(
         requests=stats.requests,
         errors=stats.errors,
@@ -115,6 +125,9 @@ def version_stats(
         p95_latency_ms=stats.p95_latency_ms,
         latency_counts=hist.bucket_counts() if hist is not None else (),
         latency_layout=hist.layout if hist is not None else None,
+        token_time_counts=token_time.bucket_counts() if token_time is not None else (),
+        token_time_layout=token_time.layout if token_time is not None else None,
+        p50_ms_per_token=token_time.quantile(0.5) if token_time else None,
         confidence_buckets=stats.confidence_buckets,
         confidence_sum=stats.confidence_sum,
         drafted=stats.drafted,

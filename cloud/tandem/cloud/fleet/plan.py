@@ -34,6 +34,8 @@ class GateMetric(StrEnum):
     # generations that changed path (cascade to the cloud, fallback) / generations.
     ACCEPTANCE_RATE = "acceptance_rate"
     ESCALATION_RATE = "escalation_rate"
+    # The cohort's median tokens/s per generation over the baseline's (higher is better).
+    TOKENS_PER_S_RATIO = "tokens_per_s_ratio"
 
 
 # Metrics where a higher value is better: the gate fails when the value drops below.
@@ -41,6 +43,7 @@ HIGHER_IS_BETTER = {
     GateMetric.SHADOW_AGREEMENT,
     GateMetric.ESTIMATED_ACCURACY,
     GateMetric.ACCEPTANCE_RATE,
+    GateMetric.TOKENS_PER_S_RATIO,
 }
 # Metrics that can also be bounded relative to the baseline version (value - baseline).
 TELEMETRY_METRICS = {
@@ -51,7 +54,10 @@ TELEMETRY_METRICS = {
     GateMetric.ESTIMATED_ACCURACY,
     GateMetric.ACCEPTANCE_RATE,
     GateMetric.ESCALATION_RATE,
+    GateMetric.TOKENS_PER_S_RATIO,
 }
+# Ratios to the baseline by definition: `relative` adds nothing to them.
+RATIO_METRICS = {GateMetric.P95_LATENCY_RATIO, GateMetric.TOKENS_PER_S_RATIO}
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ class Gate:
             raise ConfigError("gate.min_effect", f"must be >= 0, got {self.min_effect}")
         if self.min_samples < 0:
             raise ConfigError("gate.min_samples", f"must be >= 0, got {self.min_samples}")
-        if self.relative and self.metric not in TELEMETRY_METRICS - {GateMetric.P95_LATENCY_RATIO}:
+        if self.relative and self.metric not in TELEMETRY_METRICS - RATIO_METRICS:
             raise ConfigError("gate.relative", f"not meaningful for {self.metric.value}")
 
     def to_json(self) -> dict[str, Any]:
@@ -332,6 +338,10 @@ class VersionStats(Rates):
     # layout; the latency gate tests them when both sides share a layout.
     latency_counts: tuple[int, ...] = ()
     latency_layout: tuple[float, float] | None = None
+    # The same for text generation's per-generation milliseconds per token, and their median.
+    token_time_counts: tuple[int, ...] = ()
+    token_time_layout: tuple[float, float] | None = None
+    p50_ms_per_token: float | None = None
     # Merged confidence buckets (linear over [0, 1]) of the local answers.
     confidence_buckets: tuple[int, ...] = ()
     confidence_sum: float = 0.0  # their sum when known: the exact mean (see gates)

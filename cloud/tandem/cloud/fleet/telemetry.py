@@ -99,6 +99,7 @@ class Aggregate:
     accepted: int = 0
     escalations: int = 0
     ttft: LogHistogram | None = None
+    ms_per_token: LogHistogram | None = None
 
     @property
     def key(self) -> tuple[str, str, int, int]:
@@ -135,6 +136,10 @@ class Aggregate:
         self.escalations += s.escalations
         if s.HasField("ttft_ms"):
             self.ttft = merge_histograms([self.ttft, LogHistogram.from_proto(s.ttft_ms)])
+        if s.HasField("ms_per_token"):
+            self.ms_per_token = merge_histograms(
+                [self.ms_per_token, LogHistogram.from_proto(s.ms_per_token)]
+            )
 
     def merge(self, other: Aggregate) -> None:
         self.requests += other.requests
@@ -159,6 +164,7 @@ class Aggregate:
         self.accepted += other.accepted
         self.escalations += other.escalations
         self.ttft = merge_histograms([self.ttft, other.ttft])
+        self.ms_per_token = merge_histograms([self.ms_per_token, other.ms_per_token])
 
 
 def merge_confidence(a: Sequence[int], b: Sequence[int]) -> list[int]:
@@ -292,6 +298,8 @@ class TelemetryStats(Rates):
     escalations: int = 0
     p50_ttft_ms: float | None = None
     p95_ttft_ms: float | None = None
+    # Per-generation milliseconds per token, merged: the tokens_per_s_ratio gate's samples.
+    ms_per_token: LogHistogram | None = field(default=None, compare=False, repr=False)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -358,6 +366,7 @@ def combine(model: str, version: int, rows: Sequence[Aggregate], span_s: float) 
     local = merge_histograms(r.latency_local for r in rows)
     cloud = merge_histograms(r.latency_cloud for r in rows)
     ttft = merge_histograms(r.ttft for r in rows)
+    ms_per_token = merge_histograms(r.ms_per_token for r in rows)
     confidence: list[int] = []
     for r in rows:
         confidence = merge_confidence(confidence, r.confidence)
@@ -395,4 +404,5 @@ def combine(model: str, version: int, rows: Sequence[Aggregate], span_s: float) 
         escalations=sum(r.escalations for r in rows),
         p50_ttft_ms=ttft.quantile(0.5) if ttft else None,
         p95_ttft_ms=ttft.quantile(0.95) if ttft else None,
+        ms_per_token=ms_per_token,
     )

@@ -5,7 +5,7 @@
 
 const READ = "/console/api";
 const ACT = "/api/v1";
-const METRICS = ["error_rate", "p95_latency_ratio", "fallback_rate", "shadow_agreement", "failed_device_pct", "estimated_accuracy", "acceptance_rate", "escalation_rate"];
+const METRICS = ["error_rate", "p95_latency_ratio", "fallback_rate", "shadow_agreement", "failed_device_pct", "estimated_accuracy", "acceptance_rate", "escalation_rate", "tokens_per_s_ratio"];
 const STATES = ["succeeded", "failed", "rolled_back", "installing", "assigned"];
 
 // --- tiny DOM helper (text only: data from the API never becomes HTML) ---------------------
@@ -56,11 +56,11 @@ const fmt = {
 };
 function gateValue(metric, v) {
   if (v === null || v === undefined) return "–";
-  if (metric === "p95_latency_ratio") return "×" + v.toFixed(2);
+  if (metric === "p95_latency_ratio" || metric === "tokens_per_s_ratio") return "×" + v.toFixed(2);
   if (metric === "failed_device_pct") return v.toFixed(1) + "%";
   return fmt.pct(v);
 }
-const HIGHER_IS_BETTER = new Set(["shadow_agreement", "estimated_accuracy", "acceptance_rate"]);
+const HIGHER_IS_BETTER = new Set(["shadow_agreement", "estimated_accuracy", "acceptance_rate", "tokens_per_s_ratio"]);
 // A gate's confidence bounds, on what it compares (the value, its difference to the baseline
 // for a relative gate, the AUC rank statistic for latency); its reason says which.
 function gateInterval(g) {
@@ -479,7 +479,7 @@ async function rolloutPage(id) {
         h("td", { class: "num" }, gateValue(g.metric, g.value)),
         h("td", { class: "num interval" }, gateInterval(g)),
         h("td", { class: "num" }, (HIGHER_IS_BETTER.has(g.metric) ? "≥ " : "≤ ") + gateValue(g.metric, g.threshold)),
-        h("td", { class: "num" }, g.metric === "p95_latency_ratio" ? fmt.ms(g.baseline) : gateValue(g.metric, g.baseline)),
+        h("td", { class: "num" }, g.metric === "p95_latency_ratio" ? fmt.ms(g.baseline) : g.metric === "tokens_per_s_ratio" ? (g.baseline == null ? "-" : g.baseline.toFixed(1) + " tok/s") : gateValue(g.metric, g.baseline)),
         h("td", { class: "num" }, g.samples),
         h("td", {}, g.passed === true ? badge("pass") : g.passed === false ? badge("fail") : badge("waiting")),
         h("td", { class: "why muted" }, g.reason || "")));

@@ -153,6 +153,7 @@ def _aggregate(row: Any) -> Aggregate:
         accepted=int(row.accepted or 0),
         escalations=int(row.escalations or 0),
         ttft=LogHistogram.from_json(row.ttft),
+        ms_per_token=LogHistogram.from_json(row.ms_per_token),
     )
 
 
@@ -183,6 +184,7 @@ def _aggregate_values(agg: Aggregate, now: float) -> dict[str, Any]:
         "accepted": agg.accepted,
         "escalations": agg.escalations,
         "ttft": agg.ttft.to_json() if agg.ttft else None,
+        "ms_per_token": agg.ms_per_token.to_json() if agg.ms_per_token else None,
         "updated_at": now,
     }
 

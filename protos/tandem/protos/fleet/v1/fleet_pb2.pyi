@@ -192,7 +192,7 @@ class LogHistogram(_message.Message):
     def __init__(self, min_value: _Optional[float] = ..., growth: _Optional[float] = ..., counts: _Optional[_Iterable[int]] = ..., underflow: _Optional[int] = ..., count: _Optional[int] = ..., sum: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
 
 class TelemetrySummary(_message.Message):
-    __slots__ = ("summary_id", "device_id", "model", "version", "interval_start_ms", "interval_end_ms", "counts", "latency_local_ms", "latency_cloud_ms", "confidence_buckets", "requests", "fallbacks", "cache_hits", "errors", "shadow_sampled", "shadow_agreed", "runtime", "confidence_sum", "generations", "generation_errors", "generated_tokens", "generation_seconds", "drafted", "accepted", "escalations", "ttft_ms")
+    __slots__ = ("summary_id", "device_id", "model", "version", "interval_start_ms", "interval_end_ms", "counts", "latency_local_ms", "latency_cloud_ms", "confidence_buckets", "requests", "fallbacks", "cache_hits", "errors", "shadow_sampled", "shadow_agreed", "runtime", "confidence_sum", "generations", "generation_errors", "generated_tokens", "generation_seconds", "drafted", "accepted", "escalations", "ttft_ms", "ms_per_token")
     class CountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,7 @@ class TelemetrySummary(_message.Message):
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ESCALATIONS_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     summary_id: str
     device_id: str
     model: str
@@ -252,7 +253,8 @@ class TelemetrySummary(_message.Message):
     accepted: int
     escalations: int
     ttft_ms: LogHistogram
-    def __init__(self, summary_id: _Optional[str] = ..., device_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., interval_start_ms: _Optional[int] = ..., interval_end_ms: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., latency_local_ms: _Optional[_Union[LogHistogram, _Mapping]] = ..., latency_cloud_ms: _Optional[_Union[LogHistogram, _Mapping]] = ..., confidence_buckets: _Optional[_Iterable[int]] = ..., requests: _Optional[int] = ..., fallbacks: _Optional[int] = ..., cache_hits: _Optional[int] = ..., errors: _Optional[int] = ..., shadow_sampled: _Optional[int] = ..., shadow_agreed: _Optional[int] = ..., runtime: _Optional[str] = ..., confidence_sum: _Optional[float] = ..., generations: _Optional[int] = ..., generation_errors: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., generation_seconds: _Optional[float] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., escalations: _Optional[int] = ..., ttft_ms: _Optional[_Union[LogHistogram, _Mapping]] = ...) -> None: ...
+    ms_per_token: LogHistogram
+    def __init__(self, summary_id: _Optional[str] = ..., device_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., interval_start_ms: _Optional[int] = ..., interval_end_ms: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., latency_local_ms: _Optional[_Union[LogHistogram, _Mapping]] = ..., latency_cloud_ms: _Optional[_Union[LogHistogram, _Mapping]] = ..., confidence_buckets: _Optional[_Iterable[int]] = ..., requests: _Optional[int] = ..., fallbacks: _Optional[int] = ..., cache_hits: _Optional[int] = ..., errors: _Optional[int] = ..., shadow_sampled: _Optional[int] = ..., shadow_agreed: _Optional[int] = ..., runtime: _Optional[str] = ..., confidence_sum: _Optional[float] = ..., generations: _Optional[int] = ..., generation_errors: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., generation_seconds: _Optional[float] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., escalations: _Optional[int] = ..., ttft_ms: _Optional[_Union[LogHistogram, _Mapping]] = ..., ms_per_token: _Optional[_Union[LogHistogram, _Mapping]] = ...) -> None: ...
 
 class TelemetryBatch(_message.Message):
     __slots__ = ("summaries",)
