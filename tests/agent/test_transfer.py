@@ -170,6 +170,40 @@ def test_delta_against_the_previous_file(tmp_path: Path) -> None:
         apply_delta(tmp_path / "delta", tmp_path / "base" / "model.onnx", small, tmp_path / "o3")
 
 
+def test_block_delta_rebuilds_the_file_and_refuses_corruption(tmp_path: Path) -> None:
+    from tandem.cloud.fleet.delivery import make_block_delta
+
+    old = RAW * 4
+    new = bytearray(old)
+    new[5000:5100] = bytes(100)  # changed in place
+    new = bytes(new[:90000]) + b"inserted" * 600 + bytes(new[90000:])  # and shifted
+    delta = make_block_delta(old, new, block_size=4096)
+    assert len(delta) < len(new) // 2
+    base = tmp_path / "base.onnx"
+    base.write_bytes(old)
+    entry = FileEntry("model.onnx", len(new), hashlib.sha256(new).hexdigest(), "m.zst", 1, "x")
+    (tmp_path / "delta").write_bytes(delta)
+    apply_delta(tmp_path / "delta", base, entry, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == new
+    bad_ops = delta[:28] + zstandard.ZstdCompressor().compress(b"Q")  # header, then no op
+    cases = {
+        "truncated": (delta[: len(delta) - 20], "truncated"),
+        "bad ops": (bad_ops, "unknown op"),
+        "wrong version": (delta[:4] + b"\x09" + delta[5:], "version 9"),
+        # A zstd frame asking for a 2 GiB window (descriptor 0xA8), empty raw last block.
+        "window": (b"\x28\xb5\x2f\xfd\x00\xa8\x01\x00\x00", "too much memory"),
+    }
+    for label, (corrupt, reason) in cases.items():
+        (tmp_path / "delta").write_bytes(corrupt)
+        with pytest.raises(DigestError, match=reason):
+            apply_delta(tmp_path / "delta", base, entry, tmp_path / label)
+        assert not (tmp_path / label).exists(), label
+    (tmp_path / "delta").write_bytes(delta)
+    base.write_bytes(old[:-1])
+    with pytest.raises(DigestError, match="base"):
+        apply_delta(tmp_path / "delta", base, entry, tmp_path / "o2")
+
+
 def test_offsets_are_saved_only_for_synced_bytes(tmp_path: Path) -> None:
     m = staged_manifest()
     staging = Staging(tmp_path, "abc123", m, sync_every_bytes=10**9)

@@ -187,13 +187,17 @@ def test_decode_batch_round_trip_and_refusals() -> None:
         decode_batch(bomb, max_bytes=1 << 20)
 
 
-def test_a_delta_is_tried_only_where_the_window_reaches_the_old_file() -> None:
-    import os
+def test_a_large_file_gets_a_block_delta_that_rebuilds_it() -> None:
+    from tandem.cloud.fleet.delivery import BLOCK_DELTA_MAGIC, DICT_DELTA_MAX, make_delta
 
-    from tandem.cloud.fleet.delivery import MAX_DELTA_SOURCE, make_delta
-
-    assert MAX_DELTA_SOURCE == 8 << 20  # level 19's window
-    old = os.urandom(MAX_DELTA_SOURCE)
+    assert DICT_DELTA_MAX == 8 << 20  # level 19's window: the dictionary delta's reach
+    old = os.urandom(24 << 20)  # incompressible, like weights
     new = bytearray(old)
+    new[1000:5096] = os.urandom(4096)  # a tensor changed in place
     new[len(old) // 2] ^= 1
-    assert len(make_delta(old, bytes(new))) < 4096  # two bytes changed: a tiny delta
+    delta = make_delta(old, bytes(new))
+    assert delta[:4] == BLOCK_DELTA_MAGIC
+    assert len(delta) < 16 << 10, len(delta)  # ~4 KiB changed: a delta of about that
+    assert apply_delta(old, delta, len(new)) == new
+    grown = old[:100] + os.urandom(70_000) + old[100:]  # shifted: correct, if not small
+    assert apply_delta(old, make_delta(old, grown), len(grown)) == grown

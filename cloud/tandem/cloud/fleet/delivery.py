@@ -5,11 +5,15 @@ to its end (so a transfer resumes from the last chunk the device kept):
 
 - the stored file as built (`FileEntry.stored_as`, zstd-compressed; the device checks
   `stored_sha256` and decompresses), or
-- a zstd *delta* when the device offers a version it has (`ChunkRequest.have_version`,
-  `accept_delta`) whose same-named file of the same variant the service holds: the new
-  uncompressed file compressed with the old uncompressed file as a raw-content dictionary.
-  The device decompresses it with its old file as the dictionary and checks the manifest's
-  `sha256` of the result. The delta is used only when smaller than the stored file.
+- a *delta* when the device offers a version it has (`ChunkRequest.have_version`,
+  `accept_delta`) whose same-named file of the same variant the service holds. Files up to
+  `DICT_DELTA_MAX` get a zstd frame of the new uncompressed file with the old one as a
+  raw-content dictionary; larger files a *block delta* (`make_block_delta`): the new file in
+  `BLOCK_SIZE` blocks, each copied from an equal block of the old file, XORed with the old
+  block at the same offset or sent literally, the whole op stream zstd-compressed. The
+  device tells the two apart by their first bytes, rebuilds the file from its old one and
+  checks the manifest's `sha256` of the result. The delta is used only when smaller than
+  the stored file.
 
 Payloads are deterministic, so a resumed transfer continues with the same bytes; they are
 cached (bounded by bytes) because computing a delta costs far more than sending it.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -38,14 +43,37 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 64 * 1024  # bytes of payload per ArtifactChunk
 DELTA_LEVEL = 19
-# Uncompressed file size up to which a delta is attempted (bytes). A match into the old file
-# (a raw-content dictionary before the new one) must lie within the compressor's window, 8 MiB
-# at level 19: an unchanged byte of a larger file sits further back than that, so the delta
-# came out at about the stored size after minutes of CPU (a 253 MiB SmolLM2 variant with one
-# tensor changed, bench/results/generation-delivery.txt; a 12 MiB file with two bytes
-# changed: 4.2 MB). Larger files go in full. `zstd --patch-from --long` reaches further
-# (29.6 kB for that variant) but python-zstandard has no ZSTD_CCtx_refPrefix to do it with.
-MAX_DELTA_SOURCE = 1 << zstandard.ZstdCompressionParameters.from_level(DELTA_LEVEL).window_log
+# Uncompressed file size up to which the zstd-dictionary delta is used (bytes). A match into
+# the old file (a raw-content dictionary before the new one) must lie within the
+# compressor's window, 8 MiB at level 19: for a larger file an unchanged byte sits further
+# back than that and the delta comes out at about the stored size after minutes of CPU (a
+# 253 MiB SmolLM2 variant with one tensor changed). python-zstandard has no
+# ZSTD_CCtx_refPrefix (`zstd --patch-from`), and long-distance matching does not search a
+# dictionary: a 64 MiB random file with 6 KiB changed gave a 66 MB frame at window_log 28
+# with enable_ldm. Larger files get the block delta instead.
+DICT_DELTA_MAX = 1 << zstandard.ZstdCompressionParameters.from_level(DELTA_LEVEL).window_log
+
+# Block delta (files over DICT_DELTA_MAX), format version 1, all integers big-endian:
+#   header  BLOCK_DELTA_MAGIC, u8 version, 3 zero bytes, u32 block size, u64 old size,
+#           u64 new size; then one zstd frame of ops:
+#   b"C" u64 old offset, u64 length        copy from the old file
+#   b"X" u64 old offset, u32 length, data  new = data XOR old[offset:offset + length]
+#   b"L" u32 length, data                  new = data
+#   b"E"                                   end (a stream without it is truncated)
+# Data lengths are at most the block size (<= BLOCK_DELTA_MAX_BLOCK), so applying one takes
+# memory for a block, not for a file. A block matches only at a multiple of the block size,
+# so a tensor changed in place costs about its own size; an insertion that shifts the rest
+# by other than a multiple of BLOCK_SIZE costs about the compressed new file (the delta is
+# then not used).
+BLOCK_DELTA_MAGIC = b"TDBD"
+BLOCK_DELTA_VERSION = 1
+BLOCK_DELTA_HEADER = struct.Struct(">4sB3xIQQ")
+BLOCK_SIZE = 64 * 1024
+BLOCK_DELTA_MAX_BLOCK = 1 << 20
+BLOCK_DELTA_LEVEL = 9  # of the op stream; mostly XORed and literal blocks
+_COPY = struct.Struct(">cQQ")
+_XOR = struct.Struct(">cQI")
+_LITERAL = struct.Struct(">cI")
 
 
 @dataclass(frozen=True)
@@ -86,15 +114,107 @@ def _decompressed(path: Path, entry: FileEntry) -> bytes:
 
 
 def make_delta(old: bytes, new: bytes, level: int = DELTA_LEVEL) -> bytes:
-    """zstd of `new` with `old` as a raw-content dictionary (what the agent reverses)."""
+    """A delta that rebuilds `new` from `old` (what the agent reverses): zstd with `old` as a
+    raw-content dictionary for files up to DICT_DELTA_MAX, else a block delta."""
+    if max(len(old), len(new)) > DICT_DELTA_MAX:
+        return make_block_delta(old, new)
     dictionary = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     return zstandard.ZstdCompressor(level=level, dict_data=dictionary).compress(new)
 
 
+def _xor(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")
+
+
+def make_block_delta(old: bytes, new: bytes, block_size: int = BLOCK_SIZE) -> bytes:
+    """The block delta of `new` against `old` (format above)."""
+    if not 0 < block_size <= BLOCK_DELTA_MAX_BLOCK:
+        raise ValueError(f"block_size must be in 1..{BLOCK_DELTA_MAX_BLOCK}, got {block_size}")
+    index: dict[bytes, int] = {}
+    for offset in range(0, len(old) - block_size + 1, block_size):
+        digest = hashlib.blake2b(old[offset : offset + block_size], digest_size=16).digest()
+        index.setdefault(digest, offset)
+    compressor = zstandard.ZstdCompressor(level=BLOCK_DELTA_LEVEL).compressobj()
+    parts = [
+        BLOCK_DELTA_HEADER.pack(
+            BLOCK_DELTA_MAGIC, BLOCK_DELTA_VERSION, block_size, len(old), len(new)
+        )
+    ]
+    copy_from, copy_length = 0, 0
+
+    def flush_copy() -> None:
+        nonlocal copy_length
+        if copy_length:
+            parts.append(compressor.compress(_COPY.pack(b"C", copy_from, copy_length)))
+            copy_length = 0
+
+    for offset in range(0, len(new), block_size):
+        block = new[offset : offset + block_size]
+        same = old[offset : offset + len(block)]
+        source = -1
+        if same == block:
+            source = offset
+        elif len(block) == block_size:
+            found = index.get(hashlib.blake2b(block, digest_size=16).digest(), -1)
+            if found >= 0 and old[found : found + block_size] == block:
+                source = found
+        if source >= 0:
+            if copy_length and copy_from + copy_length == source:
+                copy_length += len(block)
+            else:
+                flush_copy()
+                copy_from, copy_length = source, len(block)
+            continue
+        flush_copy()
+        if len(same) == len(block):
+            xored = _xor(block, same)
+            if xored.count(0) >= len(block) // 8:  # mostly the old bytes: XOR compresses
+                parts.append(compressor.compress(_XOR.pack(b"X", offset, len(block)) + xored))
+                continue
+        parts.append(compressor.compress(_LITERAL.pack(b"L", len(block)) + block))
+    flush_copy()
+    parts.append(compressor.compress(b"E"))
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
 def apply_delta(old: bytes, delta: bytes, max_size: int) -> bytes:
+    """`new` from `old` and a delta of make_delta (at most max_size + 1 bytes of it)."""
+    if delta[:4] == BLOCK_DELTA_MAGIC:
+        return _apply_block_delta(old, delta, max_size)
     dictionary = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     with zstandard.ZstdDecompressor(dict_data=dictionary).stream_reader(delta) as reader:
         return reader.read(max_size + 1)
+
+
+def _apply_block_delta(old: bytes, delta: bytes, max_size: int) -> bytes:
+    _, version, _, old_size, new_size = BLOCK_DELTA_HEADER.unpack_from(delta)
+    if version != BLOCK_DELTA_VERSION or old_size != len(old) or new_size > max_size:
+        raise ValueError("block delta for another format version, base or size")
+    ops = zstandard.ZstdDecompressor().decompress(
+        delta[BLOCK_DELTA_HEADER.size :], max_output_size=2 * new_size + 64
+    )
+    out = bytearray()
+    at = 0
+    while ops[at : at + 1] != b"E":
+        op = ops[at : at + 1]
+        if op == b"C":
+            _, source, length = _COPY.unpack_from(ops, at)
+            at += _COPY.size
+            out += old[source : source + length]
+        elif op == b"X":
+            _, source, length = _XOR.unpack_from(ops, at)
+            at += _XOR.size
+            out += _xor(ops[at : at + length], old[source : source + length])
+            at += length
+        elif op == b"L":
+            _, length = _LITERAL.unpack_from(ops, at)
+            at += _LITERAL.size
+            out += ops[at : at + length]
+            at += length
+        else:
+            raise ValueError(f"block delta: bad op {op!r} at {at}")
+    return bytes(out)
 
 
 class Delivery:
@@ -154,8 +274,6 @@ class Delivery:
         try:
             base_entry = find_file(manifest_of(base), entry.name)
         except NotFoundError:
-            return full
-        if max(entry.size, base_entry.size) > MAX_DELTA_SOURCE:
             return full
         try:
             old = _decompressed(Path(base.path) / base_entry.stored_as, base_entry)
