@@ -350,3 +350,39 @@ def test_observation_compares_each_cohort_device_with_its_own_history(store: Sto
     # The gates' within-device degradation: the cohort's change minus the baseline's drift.
     value, low, high = gates.within_device(1e-3, change, drift, higher_is_better=False)
     assert value == pytest.approx(0.03 + 0.22) and low < value < high
+
+
+def test_observation_reads_the_history_once_per_refresh_with_a_cache(store: Store) -> None:
+    from tandem.cloud.fleet import observe
+
+    add_versions(store, 1, 2)
+    t = 1_700_000_000.0
+    for i in range(2):
+        store.upsert_presence(presence(f"d{i}", int(t * 1000)))
+        store.ingest([summary(f"d{i}", 1, start_ms=int((t - 600) * 1000), fallbacks=5)])
+    plan = eng.RolloutPlan("digits", 2, (eng.Stage(100, 0),))
+    r = store.create_rollout("r1", plan, baseline_version=1, selector={}, created_by="a", now=t)
+    targets, variants = observe.targets(store, r)
+    d = eng.step(plan, r.state, observe.observation(store, r, t + 1, targets))
+    store.apply_decision(
+        "r1", r.state, d, t + 1, variants=variants, previous=dict.fromkeys(d.assign, 1),
+        baseline_variants={},
+    )  # fmt: skip
+    r = store.rollout("r1")
+    store.ingest([summary("d0", 2, start_ms=int((t + 60) * 1000), fallbacks=8)])
+    cache: observe.HistoryCache = {}
+    first = observe.observation(store, r, t + 100, targets, cache)
+    assert first.cohort.fallback_change is not None
+    assert first.cohort.fallback_change.count == 1
+    # A summary of the hour before, arriving late (a resend): d0 gains history...
+    store.ingest([summary("d0", 1, start_ms=int((t - 300) * 1000), fallbacks=50)])
+    cached = observe.observation(store, r, t + 100 + observe.HISTORY_REFRESH_S / 2, targets, cache)
+    # ...which a turn inside the refresh period does not read again,
+    assert cached.cohort.fallback_change == first.cohort.fallback_change
+    fresh = observe.observation(store, r, t + 101 + observe.HISTORY_REFRESH_S, targets, cache)
+    # and the next one after it does (d0's history now averages 5% and 50%).
+    assert fresh.cohort.fallback_change != first.cohort.fallback_change
+    assert (
+        fresh.cohort.fallback_change
+        == observe.observation(store, r, t + 200, targets).cohort.fallback_change
+    )

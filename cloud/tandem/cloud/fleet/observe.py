@@ -3,7 +3,7 @@ the baseline's telemetry as `VersionStats`. Reads the store, decides nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import replace
 from typing import TypedDict
 
@@ -18,14 +18,26 @@ from .telemetry import DeviceTotals, TelemetryStats
 # How far back before a rollout's creation each device's baseline-version telemetry is read:
 # the history that the within-device gates compare every device with (gates.Change).
 HISTORY_S = 3600.0
+# That history is fixed once the rollout exists, but for summaries still in flight when it
+# was created (an agent's interval, a resend): a cached read is refreshed this often.
+HISTORY_REFRESH_S = 15.0
+# rollout id -> (when read, by the service's clock; the per-device history)
+HistoryCache = MutableMapping[str, tuple[float, Sequence[DeviceTotals]]]
 
 
-def observation(store: Store, r: Rollout, now: float, targets: Sequence[Device]) -> eng.Observation:
+def observation(
+    store: Store,
+    r: Rollout,
+    now: float,
+    targets: Sequence[Device],
+    history: HistoryCache | None = None,
+) -> eng.Observation:
     """What the engine sees of rollout `r` at `now`: every targeted device's state, and the
     telemetry of the cohort (the new version on the devices it was assigned to, since the
     stage's gate window opened) and of the baseline version over the same window; and each
     device's baseline-version telemetry in the `HISTORY_S` before the rollout, from which
-    both sides get their within-device change (`changes`)."""
+    both sides get their within-device change (`changes`). With a `history` cache that read
+    is made once per `HISTORY_REFRESH_S` per rollout instead of at every turn."""
     assignments = {a.device_id: a for a in store.assignments(r.rollout_id)}
     views = [eng.DeviceView(d.device_id) for d in targets if d.device_id not in assignments]
     views += [
@@ -50,14 +62,26 @@ def observation(store: Store, r: Rollout, now: float, targets: Sequence[Device])
     cohort_view = version_stats(cohort, base_hist, base_tokens)
     baseline_view = version_stats(baseline)
     if r.baseline_version is not None and cohort is not None and baseline is not None:
-        before = store.telemetry_stats(
-            r.plan.model, r.baseline_version, since=r.created_at - HISTORY_S, until=r.created_at
-        ).per_device
+        before = _history(store, r, r.baseline_version, now, history)
         mine = set(touched)
         cohort_view = replace(cohort_view, **changes(cohort.per_device, before, keep=mine))
         others = {d.device_id for d in baseline.per_device} - mine
         baseline_view = replace(baseline_view, **changes(baseline.per_device, before, keep=others))
     return eng.Observation(now, views, cohort_view, baseline_view)
+
+
+def _history(
+    store: Store, r: Rollout, baseline_version: int, now: float, cache: HistoryCache | None
+) -> Sequence[DeviceTotals]:
+    hit = cache.get(r.rollout_id) if cache is not None else None
+    if hit is not None and 0 <= now - hit[0] < HISTORY_REFRESH_S:
+        return hit[1]
+    before = store.telemetry_stats(
+        r.plan.model, baseline_version, since=r.created_at - HISTORY_S, until=r.created_at
+    ).per_device
+    if cache is not None:
+        cache[r.rollout_id] = (now, before)
+    return before
 
 
 def targets(store: Store, r: Rollout) -> tuple[list[Device], dict[str, str]]:

@@ -75,6 +75,8 @@ class FleetService:
             else None
         )
         self._engine_lock = threading.Lock()
+        # Each rollout's pre-rollout device history, read once per refresh (observe).
+        self._history: observe.HistoryCache = {}
         # Which replica turns the engine (always this one on SQLite); see leader.py.
         self.leader = LeaderElector(
             self.store.engine.url, replica_id=config.replica_id, lease_s=config.lease_s
@@ -241,10 +243,11 @@ class FleetService:
         with self._engine_lock:
             r = self.store.rollout(rollout_id)
             if r.state.status in eng.TERMINAL_STATUSES:
+                self._history.pop(rollout_id, None)
                 return None
             now = self.clock()
             targets, variants = observe.targets(self.store, r)
-            obs = observe.observation(self.store, r, now, targets)
+            obs = observe.observation(self.store, r, now, targets, self._history)
             decision = eng.step(r.plan, r.state, obs)
             gates_changed = [g.to_json() for g in decision.gates] != list(r.last_gates)
             if not decision.changed and decision.state == r.state and not gates_changed:
