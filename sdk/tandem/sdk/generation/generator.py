@@ -6,6 +6,10 @@ values of `tokens[:cached]`, and `cached < len(tokens)` always holds once a prom
 so the next step feeds `tokens[cached:]` (one token while decoding, the whole prompt at
 first, a few after a rollback) and reads the next token's logits from the last position.
 Keys and values at position p depend only on tokens 0..p, so rolling back is slicing.
+
+The decoder runs in ONNX Runtime (`model.onnx`, the default) or, for a variant whose runtime is
+"openvino", as an OpenVINO IR (`model.xml` + `model.bin`, the same input and output names)
+through one compiled model's infer request (`OpenVINODecoder`).
 """
 
 from __future__ import annotations
@@ -43,33 +47,77 @@ def _softmax_max(logits: Array) -> float:
     return float(weights.max() / weights.sum())
 
 
+class OpenVINODecoder:
+    """An OpenVINO IR decoder behind ONNX Runtime's `run(output_names, feed)`: one compiled
+    model (CPU, FP32 activations: no silent bf16) and its infer request, outputs copied out
+    so that the next call cannot overwrite the cache they hold."""
+
+    def __init__(self, model_path: Path, threads: int = 2) -> None:
+        from tandem.sdk.runtimes import openvino as ov_runtime
+
+        try:
+            ov = ov_runtime.import_openvino()
+        except ImportError as exc:
+            raise MissingDependencyError("openvino", "openvino", "OpenVINO generation") from exc
+        core = ov_runtime._shared_core(ov)
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+        with ov_runtime._CORE_LOCK:  # compiling under the runtime layer's lock (see there)
+            self._compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+        self._request = self._compiled.create_infer_request()
+        self._ports = {port.get_any_name(): port for port in self._compiled.outputs}
+
+    def run(self, output_names: Sequence[str] | None, feed: dict[str, Array]) -> list[Array]:
+        results = self._request.infer(feed)
+        names = list(self._ports) if output_names is None else list(output_names)
+        return [np.array(results[self._ports[name]], copy=True) for name in names]
+
+
+def decoder_session(model_path: Path, runtime: str = "onnx", *, threads: int = 2) -> Any:
+    """An object with ONNX Runtime's `run(output_names, feed)` over the decoder at
+    `model_path`: an ONNX Runtime session, or for runtime "openvino" an `OpenVINODecoder`."""
+    if runtime == "openvino":
+        return OpenVINODecoder(model_path, threads)
+    if runtime != "onnx":
+        raise InputError(f"no local generation backend for runtime {runtime!r}")
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise MissingDependencyError("onnxruntime", "generation", "local text generation") from exc
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
 class LocalGenerator:
-    """Greedy decoder over one ONNX decoder with a KV cache (batch 1)."""
+    """Greedy decoder over one decoder graph with a KV cache (batch 1); `runtime` "onnx"
+    (ONNX Runtime, the default) or "openvino" (an IR with the same names)."""
 
     def __init__(
-        self, model_path: Path, tokenizer_path: Path, config: dict[str, Any], *, threads: int = 2
+        self,
+        model_path: Path,
+        tokenizer_path: Path,
+        config: dict[str, Any],
+        *,
+        threads: int = 2,
+        runtime: str = "onnx",
     ) -> None:
         try:
-            import onnxruntime as ort
             from tokenizers import Tokenizer
         except ImportError as exc:
             raise MissingDependencyError(
-                exc.name or "onnxruntime", "generation", "local text generation"
+                exc.name or "tokenizers", "generation", "local text generation"
             ) from exc
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(
-            str(model_path), options, providers=["CPUExecutionProvider"]
-        )
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.layers = int(config["layers"])
+        self._session = decoder_session(model_path, runtime, threads=threads)
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.kv_heads = int(config["kv_heads"])
         self.head_dim = int(config["head_dim"])
         self.eos_ids = frozenset(int(i) for i in config.get("eos_token_ids") or ())
         self.max_context = int(config.get("max_context") or 2048)
         self.bos_id = config.get("bos_token_id")
         self._names = [f"past_{k}.{i}" for i in range(self.layers) for k in ("key", "value")]
+        self._outputs = ["logits", *(n.replace("past_", "present_", 1) for n in self._names)]
         self.tokens: list[int] = []
         self.confidences: list[float] = []  # per generated token, in order
         self._cache: list[Array] = []
@@ -87,7 +135,11 @@ class LocalGenerator:
         folder = unpack_variant(variant, verify=trusted is not None)
         config = json.loads((folder / GENERATION_FILE).read_text(encoding="utf-8"))
         return cls(
-            folder / variant.manifest.entrypoint, folder / TOKENIZER_FILE, config, threads=threads
+            folder / variant.manifest.entrypoint,
+            folder / TOKENIZER_FILE,
+            config,
+            threads=threads,
+            runtime=variant.manifest.runtime,
         )
 
     # --- text ---------------------------------------------------------------------------
@@ -125,7 +177,7 @@ class LocalGenerator:
             raise InputError(f"the context is full ({self.max_context} tokens)")
         fresh = np.asarray([self.tokens[self._cached :]], dtype=np.int64)
         feed = {"input_ids": fresh, **dict(zip(self._names, self._cache, strict=True))}
-        outputs = self._session.run(None, feed)
+        outputs = self._session.run(self._outputs, feed)
         self._cache = list(outputs[1:])
         self._cached = len(self.tokens)
         return np.asarray(outputs[0][0, -1])
