@@ -13,27 +13,17 @@ observer (the fleet account) times the device's reports and counts the chunk byt
   tensor. Scaling the last norm scales the logits only, so the greedy reference tokens (the
   warm-up's check) stay valid.
 
-Three findings shape the run (see bench/results/generation-delivery.txt):
-
-1. The agent's warm-up runs a variant's reference through the SDK's plain runtime, which
-   cannot feed a KV-cache decoder (`past_key.*` inputs): a generative variant is delivered
-   and VERIFIED, then FAILED at warm-up, and never becomes active (so no delta base either).
-   Device A runs the agent as it is and shows this. Device B runs it with a generation
-   warm-up shim (`LocalGenerator` greedy on the reference prompt vs the packed tokens).
-2. The service's delta (zstd level 19 with the old file as raw dictionary, default window)
-   cannot reach back 253 MiB into the dictionary, and level 19 over 253 MiB costs tens of
-   minutes of service CPU; timed here on a 16 MiB slice, not over the wire.
-3. So the service runs with a proposed delta: `zstd --patch-from=<old> --long=<bits>`
-   (the old file as a prefix with long-distance matching; python-zstandard has no prefix
-   API, so the CLI), the same frame format the agent decodes with the old file as raw
-   dictionary; device B's agent only needs `max_window_size` raised to match (the shim).
+The service and the agents run as they are (no shims): the agent's warm-up of a generative
+variant runs `LocalGenerator` greedy on the reference prompt, and the service's delta for a
+file over 8 MiB is its block delta (`tandem.cloud.fleet.delivery.make_block_delta`: the
+zstd-dictionary delta cannot reach further back than its 8 MiB window). Each device gets v1
+in full, then v2 as a delta; the block delta is also timed in-process on the whole file.
 
     .venv/bin/python -m pytest bench/bench_generation_delivery.py -q -s
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -56,80 +46,9 @@ if str(ROOT) not in sys.path:
 
 ZOO = ROOT / "build" / "gen-delivery-zoo"
 RESULTS = ROOT / "bench" / "results" / "generation-delivery.txt"
-SHIMMED = ("dev-shimmed-1", "dev-shimmed-2", "dev-shimmed-3")  # rounds of full + delta
-DEVICES = ("dev-as-is", *SHIMMED)
+DEVICES = ("dev-1", "dev-2", "dev-3")  # rounds of full + delta
 MODEL, VARIANT = "smollm2", "onnx-int8"
-PROPOSED_LEVEL = 3  # with --patch-from and --long the level hardly changes the size here
-ZSTD = shutil.which("zstd") or "zstd"
 WAIT_S = float(os.environ.get("GEN_DELIVERY_WAIT_S", "420"))  # per delivery
-SLICE = 16 << 20  # bytes of model.onnx the current level-19 delta is timed on
-
-
-# --- the shims (run inside the service and agent processes) --------------------------------
-
-
-def proposed_delta(old: bytes, new: bytes, level: int = PROPOSED_LEVEL) -> bytes:
-    """`zstd --patch-from=old --long=<bits of the size>`: the old file as a prefix with long
-    distance matching, the same frame format the agent already decodes with the old file as
-    raw-content dictionary (it only needs a larger max_window_size). python-zstandard 0.25
-    has no prefix API, so the CLI does the compressing."""
-    window_log = min(31, max(len(old), len(new), 1 << 20).bit_length())
-    with tempfile.TemporaryDirectory() as folder:
-        base, target, delta = (Path(folder) / n for n in ("old", "new", "delta"))
-        base.write_bytes(old)
-        target.write_bytes(new)
-        subprocess.run(
-            [ZSTD, "-q", "-f", f"-{level}", f"--long={window_log}", f"--patch-from={base}",
-             str(target), "-o", str(delta)],
-            check=True, timeout=600,
-        )  # fmt: skip
-        return delta.read_bytes()
-
-
-def _generation_runner(variant_dir: Path, manifest: Any) -> Any:
-    import numpy as np
-
-    from tandem.agent import warmup
-    from tandem.sdk.generation import LocalGenerator
-
-    config = json.loads((variant_dir / "generation.json").read_text())
-    generator = LocalGenerator(
-        variant_dir / manifest.entrypoint, variant_dir / "tokenizer.json", config
-    )
-    steps = int(warmup.reference_io(variant_dir, manifest)[1]["tokens"].shape[1])
-
-    def run(inputs: Any) -> dict[str, Any]:
-        generator.start([int(t) for t in inputs["input_ids"][0]])
-        return {"tokens": np.asarray([[generator.step()[0] for _ in range(steps)]], np.int64)}
-
-    return run
-
-
-def _shim(role: str, argv: list[str]) -> None:
-    import zstandard
-
-    if role == "service":
-        import tandem.cloud.fleet.delivery as delivery
-
-        delivery.make_delta = proposed_delta  # type: ignore[assignment]
-    else:
-        from tandem.agent import warmup
-
-        plain = warmup.load_runner
-
-        def load_runner(variant_dir: Path, manifest: Any) -> Any:
-            if manifest.task == "generation":
-                return _generation_runner(variant_dir, manifest)
-            return plain(variant_dir, manifest)
-
-        warmup.load_runner = load_runner  # type: ignore[assignment]
-        zstandard.ZstdDecompressor = functools.partial(  # type: ignore[misc]
-            zstandard.ZstdDecompressor, max_window_size=1 << 31
-        )
-    from tandem.cli import main
-
-    sys.argv = ["tandem", *argv]
-    main()
 
 
 # --- the harness ---------------------------------------------------------------------------
@@ -253,34 +172,27 @@ def make_v2(v1: Path, out: Path) -> tuple[Path, int]:
     return out / "artifacts" / MODEL / "2" / VARIANT, changed
 
 
-def current_delta_cost(v1: Path, v2: Path) -> dict[str, float]:
-    """The service's delta as it is (level 19, default window) on a 16 MiB slice from the
-    middle of model.onnx (one byte flipped in the new one): the whole file would take
-    minutes; and the proposed one on the whole v1 -> v2 model.onnx."""
+def delta_cost(v1: Path, v2: Path) -> dict[str, float]:
+    """The service's delta (make_delta, a block delta at this size) on the whole v1 -> v2
+    model.onnx, in-process: its size, the time to build it and to apply it again."""
     import zstandard
 
-    from tandem.cloud.fleet.delivery import make_delta
+    from tandem.cloud.fleet.delivery import apply_delta, make_delta
 
     def whole(folder: Path) -> bytes:
         with (folder / "model.onnx.zst").open("rb") as fh:
             return bytes(zstandard.ZstdDecompressor().stream_reader(fh).read(1 << 30))
 
-    old_file, new_file = whole(v1), whole(v2)
-    middle = len(old_file) // 2
-    old, new = old_file[middle : middle + SLICE], bytearray(new_file[middle : middle + SLICE])
-    new[-1] ^= 1  # one byte differs, so the delta is not empty
+    old, new = whole(v1), whole(v2)
     started = time.perf_counter()
-    current = make_delta(old, bytes(new))
-    current_s = time.perf_counter() - started
+    delta = make_delta(old, new)
+    delta_s = time.perf_counter() - started
     started = time.perf_counter()
-    proposed = proposed_delta(old_file, new_file)
-    proposed_s = time.perf_counter() - started
+    assert apply_delta(old, delta, len(new)) == new, "the delta does not rebuild v2"
     return {
-        "current_bytes": len(current),
-        "current_s": current_s,
-        "slice_full_bytes": len(zstandard.ZstdCompressor(level=10).compress(bytes(new))),
-        "proposed_bytes": len(proposed),
-        "proposed_s": proposed_s,
+        "delta_bytes": len(delta),
+        "delta_s": delta_s,
+        "apply_s": time.perf_counter() - started,
     }
 
 
@@ -301,13 +213,11 @@ def test_generation_delivery(tmp_path: Path) -> None:
 
     for module in ("torch", "transformers", "gguf", "onnx"):
         pytest.importorskip(module)
-    if shutil.which("zstd") is None:
-        pytest.skip("the proposed delta needs the zstd command line tool")
     v1, build_s = ensure_v1()
     started = time.perf_counter()
     v2, changed = make_v2(v1, tmp_path / "zoo-v2")
     pack_s = time.perf_counter() - started
-    slice_figures = current_delta_cost(v1, v2)
+    delta_figures = delta_cost(v1, v2)
     key = ZOO / "keys" / "signing.pub"
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     artifacts = tmp_path / "fleet-artifacts"
@@ -321,8 +231,7 @@ def test_generation_delivery(tmp_path: Path) -> None:
         broker, client_id="tandem-fleet-bench", db=db, artifacts=artifacts, rest_port=rest_port,
         extra=["--tick", "0.2"],
     )  # fmt: skip
-    shim = [sys.executable, str(Path(__file__).resolve())]
-    service = ServiceProcess([*shim, "service", *argv[1:]], rest_port, tmp_path / "fleet.log")
+    service = ServiceProcess(argv, rest_port, tmp_path / "fleet.log")
     procs: list[subprocess.Popen[bytes]] = []
     legs: dict[str, dict[str, Any]] = {}
     try:
@@ -336,8 +245,6 @@ def test_generation_delivery(tmp_path: Path) -> None:
                 key,
                 runtimes=("onnx",),
             )
-            if device in SHIMMED:
-                command = [*shim, "agent", *command[1:]]
             procs.append(
                 subprocess.Popen(
                     command,
@@ -352,7 +259,7 @@ def test_generation_delivery(tmp_path: Path) -> None:
             devices = service.get("/devices", params={"online": True})
             return isinstance(devices, list) and len(devices) == len(DEVICES)
 
-        wait_until(online, timeout=60, interval=0.2, message="both agents online")
+        wait_until(online, timeout=60, interval=0.2, message="the agents online")
 
         def deliver(device: str, version: int, name: str) -> None:
             with observer.lock:
@@ -376,18 +283,17 @@ def test_generation_delivery(tmp_path: Path) -> None:
                 "chunks": chunks,
             }
 
-        deliver("dev-as-is", 1, "as-is v1 full")
-        for round_, device in enumerate(SHIMMED, 1):
-            deliver(device, 1, f"shimmed v1 full #{round_}")
-            deliver(device, 2, f"shimmed v2 delta #{round_}")
+        for round_, device in enumerate(DEVICES, 1):
+            deliver(device, 1, f"v1 full #{round_}")
+            deliver(device, 2, f"v2 delta #{round_}")
     finally:
         for proc in reversed(procs):
             stop_process(proc)
         service.stop()
         observer.close()
         broker.stop()
-    _write(v1, v2, changed, build_s, pack_s, slice_figures, legs, tmp_path)
-    assert legs["shimmed v2 delta #1"]["wire_bytes"] < legs["shimmed v1 full #1"]["wire_bytes"]
+    _write(v1, v2, changed, build_s, pack_s, delta_figures, legs, tmp_path)
+    assert legs["v2 delta #1"]["wire_bytes"] < legs["v1 full #1"]["wire_bytes"] / 100
 
 
 def _stored(folder: Path) -> tuple[int, int]:
@@ -402,10 +308,11 @@ def _write(
     changed: int,
     build_s: float,
     pack_s: float,
-    slice_figures: dict[str, float],
+    delta_figures: dict[str, float],
     legs: dict[str, dict[str, Any]],
     tmp_path: Path,
 ) -> None:
+    from tandem.cloud.fleet.delivery import BLOCK_SIZE
     from tandem.protos.fleet.v1 import fleet_pb2
 
     size, stored = _stored(v1)
@@ -419,8 +326,8 @@ def _write(
         "  `tandem fleet import`, `tandem agent run` (processes), desired state by REST PUT,",
         "  an MQTT observer as the fleet account timing reports and counting chunk bytes;",
         "  64 KiB chunks, fsync per chunk (the agent's defaults); one agent per device, each",
-        "  shimmed device gets v1 in full then v2 as a delta (the run takes ~2-3 min once v1",
-        "  is built, ~7-9 min cold)",
+        "  device gets v1 in full then v2 as a delta (the run takes ~2-3 min once v1",
+        "  is built, ~7-9 min cold); service and agents as they are, no shims",
         f"v1: build_zoo smollm2 ({build_s:.0f} s here; cached after the first run); "
         f"{size / mib:.1f} MiB of files, {stored / mib:.1f} MiB stored (zstd 10)",
         f"v2: v1 with inner.norm.weight (576 FP32) x1.001 in place: {changed} bytes of "
@@ -441,7 +348,7 @@ def _write(
             lines.append(f"  {name}: {reason[:300]}")
 
     def median_of(kind: str) -> dict[str, float]:
-        rows = [leg for name, leg in legs.items() if name.startswith(f"shimmed v{kind}")]
+        rows = [leg for name, leg in legs.items() if name.startswith(f"v{kind}")]
         return {
             key: statistics.median(leg[key] for leg in rows)
             for key in ("verified_s", "final_s", "wire_bytes")
@@ -450,7 +357,7 @@ def _write(
     full, delta = median_of("1 full"), median_of("2 delta")
     lines += [
         "",
-        f"medians of {len(SHIMMED)} rounds (round 1's delta includes the service building it; "
+        f"medians of {len(DEVICES)} rounds (round 1's delta includes the service building it; "
         "later rounds get the cached payload)",
         f"delta vs full, bytes on the wire: {delta['wire_bytes']:,.0f} vs "
         f"{full['wire_bytes']:,.0f} "
@@ -459,36 +366,18 @@ def _write(
         f"delta vs full, desired->VERIFIED: {delta['verified_s']:.1f} s vs "
         f"{full['verified_s']:.1f} s (a delta costs the device reading its 253 MiB v1 and "
         "writing the new file; the service builds it once, "
-        f"{slice_figures['proposed_s']:.1f} s in-process below, and caches it)",
+        f"{delta_figures['delta_s']:.1f} s in-process below, and caches it)",
         f"delta vs full, desired->HEALTHY: {delta['final_s']:.1f} s vs {full['final_s']:.1f} s "
         "(both include staging, the warm-up generation and the agent's 1.5 s health window)",
         "  on loopback the wire is almost free; over a 10 Mbit/s device link the full payload "
         f"alone would take {full['wire_bytes'] * 8 / 10e6:.0f} s, the delta "
         f"{delta['wire_bytes'] * 8 / 10e6:.2f} s",
         "",
-        f"the service's delta as it is (zstd 19, raw dictionary, default window) on a "
-        f"{SLICE // mib} MiB slice of model.onnx with 1 byte changed: "
-        f"{slice_figures['current_bytes']:,.0f} B in {slice_figures['current_s']:.1f} s "
-        f"(the slice alone at zstd 10: {slice_figures['slice_full_bytes']:,.0f} B)",
-        f"  it scales with the file: ~{slice_figures['current_s'] * size / SLICE / 60:.0f} min "
-        "of service CPU for the whole model.onnx before the first chunk; its 8 MiB window (and "
-        "its match finder's tables) cannot reach 253 MiB back into the dictionary, so the "
-        "result is about the stored size. A first run of this bench with zstd 12 and a 256 MiB "
-        "window via python-zstandard still gave 182,615,464 B vs 188,825,572 stored.",
-        f"proposed: zstd --patch-from --long={size.bit_length()} -{PROPOSED_LEVEL} on the whole "
-        f"v1 -> v2 model.onnx: {slice_figures['proposed_bytes']:,.0f} B in "
-        f"{slice_figures['proposed_s']:.1f} s (the same frame format; the agent decodes it "
-        "with its existing raw-dictionary code once max_window_size allows the window)",
-        "",
-        "shims (devices dev-shimmed-*; dev-as-is runs the agent unchanged):",
-        "  agent: warm-up of task=generation runs LocalGenerator greedy on the reference prompt",
-        "    and compares the packed tokens (the plain runtime cannot feed past_key.* inputs);",
-        "    zstd decompressor max_window_size 2 GiB (a delta window over a 253 MiB file)",
-        f"  service: make_delta = zstd CLI -{PROPOSED_LEVEL} --patch-from=<old> "
-        "--long=<bits of the file size>",
-        "to fix in the code (not done here): delivery.make_delta as above (a binding with "
-        "ZSTD_CCtx_refPrefix + long-distance matching, or the CLI), the agent's delta "
-        "decompressor's max_window_size, and a generation-aware warm-up/health probe",
+        f"the service's delta (block delta, {BLOCK_SIZE // 1024} KiB blocks, in-process on the "
+        f"whole v1 -> v2 model.onnx): {delta_figures['delta_bytes']:,.0f} B, built in "
+        f"{delta_figures['delta_s']:.1f} s, applied (bytes, service side) in "
+        f"{delta_figures['apply_s']:.1f} s; `zstd --patch-from --long -3` (CLI, not used) gave "
+        "29.6 kB for the same change in an earlier run",
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n")
@@ -498,7 +387,4 @@ def _write(
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("service", "agent"):
-        _shim(sys.argv[1], sys.argv[2:])
-    else:
-        raise SystemExit(pytest.main([__file__, "-q", "-s"]))
+    raise SystemExit(pytest.main([__file__, "-q", "-s"]))
