@@ -214,7 +214,7 @@ def _apply_block_delta(old: bytes, delta: bytes, max_size: int) -> bytes:
             at += length
         else:
             raise ValueError(f"block delta: bad op {op!r} at {at}")
-    return bytes(out)
+    return bytes(out[: max_size + 1])
 
 
 class Delivery:
