@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -49,16 +50,19 @@ log = logging.getLogger(__name__)
 
 MODELS = ("digits", "minilm")
 # Built only when named (`--models smollm2`): the generative model's build takes minutes.
-# model name -> its builder module, where the two differ.
 OPTIONAL_MODELS = ("smollm2",)
-BUILDER_MODULES = {"smollm2": "generative"}
+# Built-in models built from a spec, `examples/<name>/model.toml` (`user.build_spec_file`),
+# as `tandem models build --spec` builds it; the others have a builder module of their name.
+EXAMPLES = Path(__file__).resolve().parents[4] / "examples"
+SPEC_MODELS = ("smollm2",)
 KNOWN_MODELS = (*MODELS, *OPTIONAL_MODELS)
+GENERATIVE_MODULES = ("generative", "generative_export", "generative_cascade")
 # The build modules whose source shapes each model's outputs (besides SHARED_MODULES); kept
 # here, not in the model modules, so a cache hit never imports torch.
 MODEL_SOURCES: dict[str, tuple[str, ...]] = {
     "digits": ("digits",),
     "minilm": ("minilm",),
-    "smollm2": ("generative", "generative_export", "generative_cascade"),
+    "smollm2": (*GENERATIVE_MODULES, "spec", "user"),
 }
 # Modules whose source shapes every model's outputs; a model's own module is added to these.
 SHARED_MODULES = ("context", "packaging", "signing", "runners")
@@ -143,15 +147,44 @@ def cache_key(
     }
     if model in MODEL_LIBRARIES:
         facts["model_libraries"] = library_versions(MODEL_LIBRARIES[model])
+    if model in SPEC_MODELS:  # the spec and what lies beside it (prompts); the GGUF: above
+        facts["spec"] = {
+            path.name: file_digest(path)
+            for path in sorted(builtin_spec(model).parent.iterdir())
+            if path.is_file()
+        }
     digest.update(json.dumps(facts, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def builtin_spec(model: str) -> Path:
+    """`examples/<model>/model.toml`, the spec a built-in model is built from."""
+    path = EXAMPLES / model / "model.toml"
+    if not path.is_file():
+        raise ModelUnavailableError(
+            f"model {model!r} is built from its spec {path}, which is not there"
+            " (it ships with the source tree, not the wheel)"
+        )
+    return path
+
+
 def load_builder(model: str) -> Callable[[BuildContext], dict[str, Any]]:
-    """The `build(ctx)` function of a model module."""
+    """The `build(ctx)` function of a model module, or of a built-in model's spec."""
     if model not in KNOWN_MODELS:
         raise UnknownModelError(f"unknown model {model!r}; known models: {', '.join(KNOWN_MODELS)}")
-    module_name = f"tandem.cloud.build.{BUILDER_MODULES.get(model, model)}"
+    if model in SPEC_MODELS:
+        from tandem.cloud.build.user import build_spec_file
+
+        return functools.partial(build_spec_file, builtin_spec(model))
+    module_name = f"tandem.cloud.build.{model}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -186,8 +219,12 @@ def _outputs_present(out_dir: Path, entry: Mapping[str, Any]) -> bool:
     """Every output the cache record promises still exists (cheap: sizes, not digests)."""
     model, version = str(entry["model"]), int(entry["version"])
     repository = out_dir / "repository" / model
-    # A generative model's cloud side is its generation.json (tandem.cloud.generation).
-    generative = (repository / "generation.json").is_file()
+    # A generative model's cloud side is its generation.json (tandem.cloud.generation), or
+    # none (backend "none": a GGUF the cloud tier does not load).
+    generative = (repository / "generation.json").is_file() or (
+        entry.get("task") == "generation"
+        and (entry.get("repository") or {}).get("backend") == "none"
+    )
     if not generative and (
         not (repository / "config.json").is_file() or not (repository / str(version)).is_dir()
     ):

