@@ -202,3 +202,14 @@ def test_smollm2_is_built_from_its_example_spec(monkeypatch: pytest.MonkeyPatch)
         return pipeline.cache_key("smollm2", version=1, seed=0, options={}, keyid="k")
 
     assert key("a") == key("a") != key("b")
+
+
+def test_the_guides_generation_spec_is_the_examples() -> None:
+    import re
+    import tomllib
+
+    example = tomllib.loads(pipeline.builtin_spec("smollm2").read_text())
+    for doc in ("own-model.md", "generation-device.md"):
+        guide = (pipeline.EXAMPLES.parent / "docs" / doc).read_text()
+        blocks = [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", guide, re.S)]
+        assert example in blocks, doc
