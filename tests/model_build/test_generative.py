@@ -344,6 +344,7 @@ def test_openvino_variant_generates_as_the_onnx_graph_does(
     reference = np.load(variant / "reference.npz")
     generator.start([int(t) for t in reference["input.input_ids"][0]])
     assert [generator.step()[0] for _ in range(16)] == list(reference["output.tokens"][0])
+    assert type(generator._session).__name__ == "OpenVINODecoder"
     loaded = load_variant(variant, _trusted(root))
     warm_up(variant, loaded.manifest, 1e-3, 1e-3).check()  # raises on a token mismatch
 
@@ -351,7 +352,7 @@ def test_openvino_variant_generates_as_the_onnx_graph_does(
     fp32_xml = root / "fp32.xml"
     ov.save_model(ov.convert_model(str(stage / "model.onnx")), str(fp32_xml), False)
     config = json.loads((variant / "generation.json").read_text())
-    on_ov = LocalGenerator(fp32_xml, variant / "tokenizer.json", config, runtime="openvino")
+    on_ov = LocalGenerator(fp32_xml, variant / "tokenizer.json", config)  # .xml: OpenVINO
     on_ort = _fp32_generator(root, variant)
     for text in PROMPTS:
         ids = on_ov.encode(text)

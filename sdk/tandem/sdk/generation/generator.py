@@ -91,7 +91,9 @@ def decoder_session(model_path: Path, runtime: str = "onnx", *, threads: int = 2
 
 class LocalGenerator:
     """Greedy decoder over one decoder graph with a KV cache (batch 1); `runtime` "onnx"
-    (ONNX Runtime, the default) or "openvino" (an IR with the same names)."""
+    (ONNX Runtime, the default) or "openvino" (an IR with the same names); None: "openvino"
+    for a `.xml` model file, else "onnx" (so callers that pass only the variant's entrypoint
+    get the right backend)."""
 
     def __init__(
         self,
@@ -100,7 +102,7 @@ class LocalGenerator:
         config: dict[str, Any],
         *,
         threads: int = 2,
-        runtime: str = "onnx",
+        runtime: str | None = None,
     ) -> None:
         try:
             from tokenizers import Tokenizer
@@ -109,6 +111,8 @@ class LocalGenerator:
                 exc.name or "tokenizers", "generation", "local text generation"
             ) from exc
         self.layers = int(config["layers"])
+        if runtime is None:
+            runtime = "openvino" if Path(model_path).suffix == ".xml" else "onnx"
         self._session = decoder_session(model_path, runtime, threads=threads)
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.kv_heads = int(config["kv_heads"])
