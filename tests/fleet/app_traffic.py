@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tandem.agent.simulator import Dataset
 from tandem.sdk.client import Client
 from tandem.sdk.shadow import ShadowConfig
 from tandem.sdk.telemetry import TelemetryConfig
@@ -26,7 +27,7 @@ RATE_PER_DEVICE = 15.0  # requests per second
 
 
 def run_device(
-    device_id: str, store: Path, cloud: str, x: np.ndarray, stop: threading.Event
+    device_id: str, store: Path, cloud: str, data: Dataset, stop: threading.Event
 ) -> None:
     client = Client(
         "digits",
@@ -46,18 +47,17 @@ def run_device(
     rng = np.random.default_rng(abs(hash(device_id)) % 2**32)
     try:
         while not stop.is_set():
-            row = x[rng.integers(len(x))][None, :]
+            inputs, _ = data.row(int(rng.integers(len(data))))
             # The app keeps going whatever happens; the SDK's telemetry counts the errors.
             with contextlib.suppress(Exception):
-                client.infer({"pixels": row})
+                client.infer(inputs)
             stop.wait(1.0 / RATE_PER_DEVICE)
     finally:
         client.close()
 
 
 def main(argv: list[str]) -> int:
-    cloud, split = argv[0], np.load(argv[1])
-    x = split["x"].astype(np.float32)
+    cloud, data = argv[0], Dataset.load(Path(argv[1]))  # the demo's data set format
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threads = []
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
         device_id, store = spec.split("=", 1)
         Path(store).mkdir(parents=True, exist_ok=True)
         t = threading.Thread(
-            target=run_device, args=(device_id, Path(store), cloud, x, stop), daemon=True
+            target=run_device, args=(device_id, Path(store), cloud, data, stop), daemon=True
         )
         t.start()
         threads.append(t)

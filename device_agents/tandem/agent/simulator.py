@@ -3,7 +3,10 @@
 One process hosts several devices of one runtime. Each device is what a real one runs: a
 device agent (`tandem.agent.Agent`) with its own broker credentials, model store and
 telemetry spool, and beside it an application that calls `Client.infer` with the cascade
-policy and shadow sampling at a modest rate on the digits test set. The SDK spools telemetry
+policy and shadow sampling at a modest rate on a labelled data set (the demo's: the digits
+test split). The model is any classifier in the zoo: the data set is an .npz of arrays keyed
+by the model's input names (one row per request), with its `labels` when known, as a spec
+build's validation data (docs/own-model.md). The SDK spools telemetry
 summaries; the agent ships them to the fleet. This module is the device half of the demo: it
 imports only the device-side packages (tandem.sdk, tandem.agent), never the cloud side.
 
@@ -37,7 +40,8 @@ from tandem.sdk.atomic import write_atomic
 
 log = logging.getLogger("tandem.agent.simulator")
 
-MODEL = "digits"
+MODEL = "digits"  # the demo's model; SimSpec.model names another
+LABELS = "labels"  # the data set's array of true classes, when it has one
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class SimSpec:
     broker_port: int
     trusted_key: Path
     cloud: str  # host:port of the V2 gRPC endpoint
-    dataset: Path  # .npz with x (float32 [n, 64]) and y (int [n])
+    dataset: Path  # .npz: one array per model input ([n, ...] each), and `labels` ([n])
     stats: Path
     devices: tuple[DeviceSpec, ...]
     rate_per_s: float = 5.0  # requests per second per device
@@ -77,6 +81,8 @@ class SimSpec:
     health_window_s: float = 3.0  # seconds an agent watches a new version before HEALTHY
     seed: int = 0
     fleet_key: Path | None = None  # the fleet's public key: desired states must be signed
+    model: str = MODEL
+    scores: str = ""  # the output whose argmax is the predicted class ("": the first)
 
     def __post_init__(self) -> None:
         if not self.devices:
@@ -104,6 +110,8 @@ class SimSpec:
                 health_window_s=float(data.get("health_window_s", 3.0)),
                 fleet_key=Path(str(data["fleet_key"])) if data.get("fleet_key") else None,
                 seed=int(data.get("seed", 0)),
+                model=str(data.get("model", MODEL)),
+                scores=str(data.get("scores", "")),
             )
         except KeyError as exc:
             raise ConfigError(str(exc.args[0]), "is required in the simulator spec") from exc
@@ -145,10 +153,42 @@ class DeviceStats:
         }
 
 
+@dataclass(frozen=True)
+class Dataset:
+    """The requests a simulated app sends: rows of the model's inputs, and their labels."""
+
+    inputs: Mapping[str, np.ndarray[Any, Any]]
+    labels: np.ndarray[Any, Any] | None
+
+    @classmethod
+    def load(cls, path: Path) -> Dataset:
+        try:
+            with np.load(path) as data:
+                arrays = {k: np.ascontiguousarray(data[k]) for k in data.files}
+        except (OSError, ValueError) as exc:
+            raise ConfigError("dataset", f"{path} is not a readable .npz file ({exc})") from exc
+        labels = arrays.pop(LABELS, None)
+        if not arrays:
+            raise ConfigError("dataset", f"{path} holds no input arrays")
+        rows = {len(a) for a in arrays.values()} | ({len(labels)} if labels is not None else set())
+        if len(rows) != 1 or 0 in rows:
+            raise ConfigError(
+                "dataset", f"{path}: arrays need the same number of rows (>0), got {sorted(rows)}"
+            )
+        return cls(arrays, labels.reshape(-1) if labels is not None else None)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def row(self, i: int) -> tuple[dict[str, np.ndarray[Any, Any]], int | None]:
+        label = int(self.labels[i]) if self.labels is not None else None
+        return {k: v[i : i + 1] for k, v in self.inputs.items()}, label
+
+
 class SimulatedDevice:
     """One agent and one SDK client sharing a store, and the app loop calling the client."""
 
-    def __init__(self, spec: DeviceSpec, sim: SimSpec, x: np.ndarray[Any, Any], y: Any) -> None:
+    def __init__(self, spec: DeviceSpec, sim: SimSpec, data: Dataset) -> None:
         from tandem.agent import Agent
         from tandem.agent.config import AgentConfig, BrokerAddress
         from tandem.sdk import Client
@@ -158,8 +198,8 @@ class SimulatedDevice:
         from tandem.sdk.telemetry import TelemetryConfig
 
         self.spec = spec
-        self.x = x
-        self.y = y
+        self.sim = sim
+        self.data = data
         self.stats = DeviceStats(spec.runtime)
         self.lock = threading.Lock()
         spec.store.mkdir(parents=True, exist_ok=True)
@@ -183,7 +223,7 @@ class SimulatedDevice:
         )
         self.agent = Agent(config)
         self.client = Client(
-            MODEL,
+            sim.model,
             artifacts=spec.store,
             cloud=sim.cloud,
             policy="cascade",
@@ -214,25 +254,28 @@ class SimulatedDevice:
         next_at = time.monotonic() + self.random.uniform(0, period)
         while not self.stop_event.wait(max(0.0, next_at - time.monotonic())):
             next_at += period * self.random.uniform(0.8, 1.2)
-            i = self.random.randrange(len(self.y))
-            self._one(self.x[i : i + 1], int(self.y[i]))
+            i = self.random.randrange(len(self.data))
+            self._one(*self.data.row(i))
             if time.monotonic() - next_at > 5 * period:
                 next_at = time.monotonic()  # fell behind (a busy machine): do not burst
 
-    def _one(self, pixels: np.ndarray[Any, Any], label: int) -> None:
+    def _one(self, inputs: Mapping[str, np.ndarray[Any, Any]], label: int | None) -> None:
         try:
-            result = self.client.infer({"pixels": pixels})
+            result = self.client.infer(inputs)
         except TandemError as exc:
             with self.lock:
                 self.stats.requests += 1
                 self.stats.errors += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
             return
-        predicted = int(np.argmax(result.outputs["logits"], axis=1)[0])
+        scores = result.outputs.get(self.sim.scores) if self.sim.scores else None
+        if scores is None:
+            scores = next(iter(result.outputs.values()))
+        predicted = int(np.argmax(np.asarray(scores).reshape(1, -1), axis=1)[0])
         with self.lock:
             s = self.stats
             s.requests += 1
-            right = predicted == label
+            right = label is not None and predicted == label
             s.correct += right
             if result.source == "local":
                 s.local += 1
@@ -247,11 +290,11 @@ class SimulatedDevice:
     def observe(self) -> None:
         """What the device's store holds now: the active version and every installed one."""
         try:
-            pointer = self.model_store.read_active(MODEL)
+            pointer = self.model_store.read_active(self.sim.model)
         except ArtifactError:
             pointer = None
         try:
-            installed = set(self.model_store.versions(MODEL))
+            installed = set(self.model_store.versions(self.sim.model))
         except OSError:
             installed = set()
         with self.lock:
@@ -297,15 +340,13 @@ def run(sim: SimSpec) -> int:
     # A supervisor that finds us deaf to SIGTERM sends SIGUSR1 first: dump every thread's stack
     # to the log (from C, so it works even when a thread is stuck holding the GIL).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    data = np.load(sim.dataset)
-    x = np.ascontiguousarray(data["x"], dtype=np.float32)
-    y = np.asarray(data["y"]).reshape(-1)
+    data = Dataset.load(sim.dataset)
     devices: list[SimulatedDevice] = []
     try:
         for spec in sim.devices:
             if stop.is_set():
                 break
-            device = SimulatedDevice(spec, sim, x, y)
+            device = SimulatedDevice(spec, sim, data)
             devices.append(device)
             device.start()
             log.info("device %s (%s) up", spec.device_id, spec.runtime)

@@ -159,11 +159,13 @@ def accuracy(entry: dict[str, Any], variant: str | None = None) -> float | None:
 
 
 def write_test_split(path: Path) -> int:
-    """The digits test split (never trained on) with its labels, as .npz (x, y)."""
-    from tandem.cloud.build.digits import load_split
+    """The digits test split (never trained on) with its labels, as .npz keyed by the
+    model's input name, plus `labels` (what `tandem.agent.simulator` reads)."""
+    from tandem.cloud.build.digits import INPUTS, load_split
 
     split = load_split()
-    np.savez(path, x=split.x_test.astype(np.float32), y=split.y_test.astype(np.int64))
+    arrays: dict[str, Any] = {INPUTS[0].name: split.x_test.astype(np.float32)}
+    np.savez(path, labels=split.y_test.astype(np.int64), **arrays)
     return len(split.y_test)
 
 
