@@ -188,7 +188,8 @@ def test_decode_batch_round_trip_and_refusals() -> None:
 
 
 def test_a_large_file_gets_a_block_delta_that_rebuilds_it() -> None:
-    from tandem.cloud.fleet.delivery import BLOCK_DELTA_MAGIC, DICT_DELTA_MAX, make_delta
+    from tandem.cloud.fleet.delivery import DICT_DELTA_MAX, make_delta
+    from tandem.sdk.delta import MAGIC
 
     assert DICT_DELTA_MAX == 8 << 20  # level 19's window: the dictionary delta's reach
     old = os.urandom(24 << 20)  # incompressible, like weights
@@ -196,7 +197,7 @@ def test_a_large_file_gets_a_block_delta_that_rebuilds_it() -> None:
     new[1000:5096] = os.urandom(4096)  # a tensor changed in place
     new[len(old) // 2] ^= 1
     delta = make_delta(old, bytes(new))
-    assert delta[:4] == BLOCK_DELTA_MAGIC
+    assert delta[:4] == MAGIC
     assert len(delta) < 16 << 10, len(delta)  # ~4 KiB changed: a delta of about that
     assert apply_delta(old, delta, len(new)) == new
     grown = old[:100] + os.urandom(70_000) + old[100:]  # shifted: correct, if not small

@@ -21,9 +21,7 @@ import json
 import logging
 import os
 import shutil
-import struct
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any, BinaryIO
 
 from tandem.agent.errors import TransferError
 from tandem.errors import DigestError
+from tandem.sdk import delta as block_delta
 from tandem.sdk.artifacts import (
     MANIFEST_FILE,
     SIGNATURES_FILE,
@@ -379,16 +378,8 @@ class Staging:
             os.close(fd)
 
 
-# A zstd frame (the dictionary delta) may ask for a window up to this; a larger one is
-# refused instead of allocated.
-MAX_DELTA_WINDOW = 1 << 30
-# Block deltas (tandem.cloud.fleet.delivery.make_block_delta, format version 1): header
-# magic, u8 version, 3 zero bytes, u32 block size, u64 old size, u64 new size, then one zstd
-# frame of ops: b"C" u64 offset u64 length (copy from the old file), b"X" u64 offset u32
-# length data (data XOR the old bytes there), b"L" u32 length data (literal), b"E" (end).
-_BLOCK_DELTA_MAGIC = b"TDBD"
-_BLOCK_DELTA_HEADER = struct.Struct(">4sB3xIQQ")
-_BLOCK_DELTA_MAX_BLOCK = 1 << 20
+# A zstd frame in a delta may ask for a window up to this; a larger one is refused.
+MAX_DELTA_WINDOW = block_delta.MAX_WINDOW
 
 
 def apply_delta(delta: Path, base: Path, entry: FileEntry, dest: Path) -> None:
@@ -402,7 +393,7 @@ def apply_delta(delta: Path, base: Path, entry: FileEntry, dest: Path) -> None:
 
     try:
         with delta.open("rb") as raw:
-            head = raw.read(_BLOCK_DELTA_HEADER.size)
+            head = raw.read(block_delta.HEADER.size)
     except OSError as exc:
         raise DigestError(f"{entry.name}: delta unreadable: {exc}") from exc
     digest = hashlib.sha256()
@@ -417,10 +408,10 @@ def apply_delta(delta: Path, base: Path, entry: FileEntry, dest: Path) -> None:
         out.write(block)
 
     try:
-        if head[:4] == _BLOCK_DELTA_MAGIC:
+        if block_delta.is_block_delta(head):
             with atomic_open(dest) as out, delta.open("rb") as raw, base.open("rb") as old:
-                raw.seek(_BLOCK_DELTA_HEADER.size)
-                _apply_block_delta(head, raw, old, entry, lambda b: emit(out, b))
+                raw.seek(len(head))
+                block_delta.apply(head, raw, old, entry.size, lambda b: emit(out, b), entry.name)
                 if written != entry.size or digest.hexdigest() != entry.sha256:
                     raise DigestError(f"{entry.name}: delta result does not match the manifest")
             return
@@ -441,69 +432,9 @@ def apply_delta(delta: Path, base: Path, entry: FileEntry, dest: Path) -> None:
             # Checked inside the block: a mismatch discards the file instead of replacing dest.
             if written != entry.size or digest.hexdigest() != entry.sha256:
                 raise DigestError(f"{entry.name}: delta result does not match the manifest")
+    except block_delta.DeltaError as exc:
+        raise DigestError(str(exc)) from exc
     except zstandard.ZstdError as exc:
         raise DigestError(f"{entry.name}: corrupt zstd delta: {exc}") from exc
     except OSError as exc:
         raise DigestError(f"{entry.name}: delta base unreadable: {exc}") from exc
-
-
-def _apply_block_delta(
-    head: bytes, raw: BinaryIO, old: BinaryIO, entry: FileEntry, emit: Callable[[bytes], None]
-) -> None:
-    import zstandard
-
-    name = entry.name
-    if len(head) < _BLOCK_DELTA_HEADER.size:
-        raise DigestError(f"{name}: block delta header truncated")
-    _, version, block_size, old_size, new_size = _BLOCK_DELTA_HEADER.unpack(head)
-    if version != 1:
-        raise DigestError(f"{name}: block delta format version {version} is not supported")
-    if not 0 < block_size <= _BLOCK_DELTA_MAX_BLOCK:
-        raise DigestError(f"{name}: block delta block size {block_size} out of range")
-    if new_size != entry.size:
-        raise DigestError(f"{name}: block delta makes {new_size} bytes, manifest {entry.size}")
-    actual_old = os.fstat(old.fileno()).st_size
-    if old_size != actual_old:
-        raise DigestError(f"{name}: block delta is against a {old_size}-byte base, not this one")
-    reader = zstandard.ZstdDecompressor(max_window_size=MAX_DELTA_WINDOW).stream_reader(raw)
-
-    def take(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            more = reader.read(n - len(data))
-            if not more:
-                raise DigestError(f"{name}: block delta truncated")
-            data += more
-        return data
-
-    def old_bytes(offset: int, length: int) -> bytes:
-        if offset + length > old_size:
-            raise DigestError(f"{name}: block delta reads past the base's {old_size} bytes")
-        old.seek(offset)
-        return old.read(length)
-
-    def within_block(length: int) -> int:
-        if length > block_size:
-            raise DigestError(f"{name}: block delta op longer than its {block_size}-byte block")
-        return length
-
-    while (op := take(1)) != b"E":
-        if op == b"C":
-            offset, length = struct.unpack(">QQ", take(16))
-            if offset + length > old_size:
-                raise DigestError(f"{name}: block delta reads past the base's {old_size} bytes")
-            while length:
-                step = min(length, _COPY_CHUNK)
-                emit(old_bytes(offset, step))
-                offset += step
-                length -= step
-        elif op == b"X":
-            offset, length = struct.unpack(">QI", take(12))
-            data = take(within_block(length))
-            other = int.from_bytes(old_bytes(offset, length), "little")
-            emit((int.from_bytes(data, "little") ^ other).to_bytes(length, "little"))
-        elif op == b"L":
-            (length,) = struct.unpack(">I", take(4))
-            emit(take(within_block(length)))
-        else:
-            raise DigestError(f"{name}: block delta has an unknown op {op!r}")

@@ -22,8 +22,8 @@ cached (bounded by bytes) because computing a delta costs far more than sending 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -34,6 +34,7 @@ import zstandard
 
 from tandem.errors import ArtifactError
 from tandem.protos.fleet.v1 import fleet_pb2
+from tandem.sdk import delta as block_delta
 from tandem.sdk.artifacts import FileEntry, Manifest
 
 from .errors import NotFoundError
@@ -53,27 +54,9 @@ DELTA_LEVEL = 19
 # with enable_ldm. Larger files get the block delta instead.
 DICT_DELTA_MAX = 1 << zstandard.ZstdCompressionParameters.from_level(DELTA_LEVEL).window_log
 
-# Block delta (files over DICT_DELTA_MAX), format version 1, all integers big-endian:
-#   header  BLOCK_DELTA_MAGIC, u8 version, 3 zero bytes, u32 block size, u64 old size,
-#           u64 new size; then one zstd frame of ops:
-#   b"C" u64 old offset, u64 length        copy from the old file
-#   b"X" u64 old offset, u32 length, data  new = data XOR old[offset:offset + length]
-#   b"L" u32 length, data                  new = data
-#   b"E"                                   end (a stream without it is truncated)
-# Data lengths are at most the block size (<= BLOCK_DELTA_MAX_BLOCK), so applying one takes
-# memory for a block, not for a file. A block matches only at a multiple of the block size,
-# so a tensor changed in place costs about its own size; an insertion that shifts the rest
-# by other than a multiple of BLOCK_SIZE costs about the compressed new file (the delta is
-# then not used).
-BLOCK_DELTA_MAGIC = b"TDBD"
-BLOCK_DELTA_VERSION = 1
-BLOCK_DELTA_HEADER = struct.Struct(">4sB3xIQQ")
-BLOCK_SIZE = 64 * 1024
-BLOCK_DELTA_MAX_BLOCK = 1 << 20
-BLOCK_DELTA_LEVEL = 9  # of the op stream; mostly XORed and literal blocks
-_COPY = struct.Struct(">cQQ")
-_XOR = struct.Struct(">cQI")
-_LITERAL = struct.Struct(">cI")
+# Files over DICT_DELTA_MAX get a block delta (tandem.sdk.delta: the format, made here and
+# applied by the agent).
+BLOCK_SIZE = block_delta.BLOCK_SIZE
 
 
 @dataclass(frozen=True)
@@ -122,65 +105,14 @@ def make_delta(old: bytes, new: bytes, level: int = DELTA_LEVEL) -> bytes:
     return zstandard.ZstdCompressor(level=level, dict_data=dictionary).compress(new)
 
 
-def _xor(a: bytes, b: bytes) -> bytes:
-    return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")
-
-
 def make_block_delta(old: bytes, new: bytes, block_size: int = BLOCK_SIZE) -> bytes:
-    """The block delta of `new` against `old` (format above)."""
-    if not 0 < block_size <= BLOCK_DELTA_MAX_BLOCK:
-        raise ValueError(f"block_size must be in 1..{BLOCK_DELTA_MAX_BLOCK}, got {block_size}")
-    index: dict[bytes, int] = {}
-    for offset in range(0, len(old) - block_size + 1, block_size):
-        digest = hashlib.blake2b(old[offset : offset + block_size], digest_size=16).digest()
-        index.setdefault(digest, offset)
-    compressor = zstandard.ZstdCompressor(level=BLOCK_DELTA_LEVEL).compressobj()
-    parts = [
-        BLOCK_DELTA_HEADER.pack(
-            BLOCK_DELTA_MAGIC, BLOCK_DELTA_VERSION, block_size, len(old), len(new)
-        )
-    ]
-    copy_from, copy_length = 0, 0
-
-    def flush_copy() -> None:
-        nonlocal copy_length
-        if copy_length:
-            parts.append(compressor.compress(_COPY.pack(b"C", copy_from, copy_length)))
-            copy_length = 0
-
-    for offset in range(0, len(new), block_size):
-        block = new[offset : offset + block_size]
-        same = old[offset : offset + len(block)]
-        source = -1
-        if same == block:
-            source = offset
-        elif len(block) == block_size:
-            found = index.get(hashlib.blake2b(block, digest_size=16).digest(), -1)
-            if found >= 0 and old[found : found + block_size] == block:
-                source = found
-        if source >= 0:
-            if copy_length and copy_from + copy_length == source:
-                copy_length += len(block)
-            else:
-                flush_copy()
-                copy_from, copy_length = source, len(block)
-            continue
-        flush_copy()
-        if len(same) == len(block):
-            xored = _xor(block, same)
-            if xored.count(0) >= len(block) // 8:  # mostly the old bytes: XOR compresses
-                parts.append(compressor.compress(_XOR.pack(b"X", offset, len(block)) + xored))
-                continue
-        parts.append(compressor.compress(_LITERAL.pack(b"L", len(block)) + block))
-    flush_copy()
-    parts.append(compressor.compress(b"E"))
-    parts.append(compressor.flush())
-    return b"".join(parts)
+    """The block delta of `new` against `old` (tandem.sdk.delta)."""
+    return block_delta.make(old, new, block_size)
 
 
 def apply_delta(old: bytes, delta: bytes, max_size: int) -> bytes:
     """`new` from `old` and a delta of make_delta (at most max_size + 1 bytes of it)."""
-    if delta[:4] == BLOCK_DELTA_MAGIC:
+    if block_delta.is_block_delta(delta):
         return _apply_block_delta(old, delta, max_size)
     dictionary = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     with zstandard.ZstdDecompressor(dict_data=dictionary).stream_reader(delta) as reader:
@@ -188,33 +120,13 @@ def apply_delta(old: bytes, delta: bytes, max_size: int) -> bytes:
 
 
 def _apply_block_delta(old: bytes, delta: bytes, max_size: int) -> bytes:
-    _, version, _, old_size, new_size = BLOCK_DELTA_HEADER.unpack_from(delta)
-    if version != BLOCK_DELTA_VERSION or old_size != len(old) or new_size > max_size:
-        raise ValueError("block delta for another format version, base or size")
-    ops = zstandard.ZstdDecompressor().decompress(
-        delta[BLOCK_DELTA_HEADER.size :], max_output_size=2 * new_size + 64
-    )
+    head = delta[: block_delta.HEADER.size]
+    new_size = block_delta.HEADER.unpack(head)[4] if len(head) == block_delta.HEADER.size else 0
+    if new_size > max_size:
+        raise ValueError(f"block delta makes {new_size} bytes, over {max_size}")
     out = bytearray()
-    at = 0
-    while ops[at : at + 1] != b"E":
-        op = ops[at : at + 1]
-        if op == b"C":
-            _, source, length = _COPY.unpack_from(ops, at)
-            at += _COPY.size
-            out += old[source : source + length]
-        elif op == b"X":
-            _, source, length = _XOR.unpack_from(ops, at)
-            at += _XOR.size
-            out += _xor(ops[at : at + length], old[source : source + length])
-            at += length
-        elif op == b"L":
-            _, length = _LITERAL.unpack_from(ops, at)
-            at += _LITERAL.size
-            out += ops[at : at + length]
-            at += length
-        else:
-            raise ValueError(f"block delta: bad op {op!r} at {at}")
-    return bytes(out[: max_size + 1])
+    block_delta.apply(head, io.BytesIO(delta[len(head) :]), io.BytesIO(old), new_size, out.extend)
+    return bytes(out)
 
 
 class Delivery:
