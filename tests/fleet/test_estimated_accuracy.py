@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from tandem.cloud.build.digits import load_split
 from tandem.cloud.fleet.service import FleetService, ServiceConfig
 from tandem.sdk import Client, TelemetryConfig
 from tandem.sdk.telemetry import read_spool_file
 from tests.fleet.helpers import summary
+from tests.support.examples import load_example
 
 # Noise (standard deviation, on the 0..16 pixel scale) and the draws of it per image.
 NOISE = (0.0, 3.0)
@@ -49,7 +49,7 @@ def _answer(zoo: Path, tmp: Path, device: str, x: np.ndarray[Any, Any]) -> tuple
 def test_fleet_estimate_is_within_two_points_of_true_accuracy(
     digits_zoo: Path, tmp_path: Path, sigma: float
 ) -> None:
-    split = load_split()
+    split = load_example("digits").load_split()
     rng = np.random.default_rng(7)
     x = np.concatenate([split.x_test] * DRAWS).astype(np.float32)
     y = np.concatenate([split.y_test] * DRAWS)

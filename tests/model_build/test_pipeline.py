@@ -1,4 +1,5 @@
-"""build_zoo's cache and report with a tiny builder, and digits' calibration maths (fast)."""
+"""build_zoo's cache and report with a tiny builder, the calibration maths and the bad
+student of a distilled build (fast)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tandem.cloud.build import digits, pipeline
+from tandem.cloud.build import calibration, pipeline
 from tandem.cloud.build.context import BuildContext, ProgressEvent
 from tandem.cloud.build.packaging import repository_config, write_repository_model, write_variant
 from tandem.sdk.artifacts import TensorSpec
@@ -116,31 +117,52 @@ def test_cache_key_follows_source_library_and_key_changes(toy: ToyBuilder) -> No
 def test_fit_temperature_recovers_a_known_temperature() -> None:
     rng = np.random.default_rng(0)
     true_logits = rng.normal(size=(4000, 10)) * 3
-    probs = digits.softmax(true_logits)
+    probs = calibration.softmax(true_logits)
     labels = np.array([rng.choice(10, p=p) for p in probs])
     # The model reports logits 2.5x too sharp: the fitted temperature should undo that.
-    fitted = digits.fit_temperature(true_logits * 2.5, labels)
+    fitted = calibration.fit_temperature(true_logits * 2.5, labels)
     assert fitted == pytest.approx(2.5, rel=0.1)
-    before = digits.expected_calibration_error(digits.softmax(true_logits * 2.5), labels)
-    after = digits.expected_calibration_error(digits.softmax(true_logits * 2.5, fitted), labels)
+    ece = calibration.expected_calibration_error
+    before = ece(calibration.softmax(true_logits * 2.5), labels)
+    after = ece(calibration.softmax(true_logits * 2.5, fitted), labels)
     assert after < before / 3
 
 
 def test_bad_student_is_trained_on_shuffled_labels_and_is_bad() -> None:
-    torch = pytest.importorskip("torch")
-    split = digits.load_split()
-    torch.manual_seed(0)
-    student = digits.StudentCNN(float(split.x_train.mean()), float(split.x_train.std()))
-    shuffled = np.random.default_rng(0).permutation(split.y_train)
-    digits.train(student, split, digits.BAD_STUDENT_TRAINING, 0, labels=shuffled)
-    assert digits.accuracy(digits.predict(student, split.x_test), split.y_test) < 0.4
+    pytest.importorskip("torch")
+    from tandem.cloud.build.distill import BAD_EPOCHS, distill, make_student
+    from tandem.cloud.build.spec import ModelSpec, load_spec
+    from tests.support.examples import load_example, spec_file
+
+    spec = load_spec(spec_file("digits"))
+    assert isinstance(spec, ModelSpec) and spec.distill is not None
+    split = load_example("digits").load_split()
+
+    def no_teacher(args: Any) -> list[Any]:
+        raise AssertionError("the bad student learns without the teacher")
+
+    result = distill(
+        spec.distill,
+        teacher=no_teacher,
+        student=make_student(spec.distill, 0),
+        data={"pixels": split.x_train, "labels": split.y_train},
+        input_names=["pixels"],
+        output_names=["logits"],
+        primary="logits",
+        task="classification",
+        seed=0,
+        student_variant="bad",
+    )
+    assert result.epochs == min(spec.distill.epochs, BAD_EPOCHS)
+    logits = _predict(result.student, split.x_test)
+    assert float(np.mean(logits.argmax(1) == split.y_test)) < 0.4
 
 
-def test_split_is_fixed_and_stratified() -> None:
-    a, b = digits.load_split(), digits.load_split()
-    np.testing.assert_array_equal(a.x_test, b.x_test)
-    assert a.sizes() == {"train": 1167, "validation": 270, "test": 360}
-    assert set(np.bincount(a.y_test)) <= {35, 36, 37}
+def _predict(model: Any, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    import torch
+
+    with torch.inference_mode():
+        return np.asarray(model(torch.from_numpy(x)).numpy())
 
 
 def test_a_failing_model_leaves_the_models_built_before_it_reported(
