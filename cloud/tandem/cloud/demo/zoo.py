@@ -6,8 +6,9 @@
 
 v2 and v3 live in zoos of their own because a zoo's report holds one entry per model: built
 into the user's zoo, each would replace v1's entry in its report. They are signed with the
-user's zoo key, so the devices trust one key, and they reuse the zoo's teacher (its cache
-file is keyed by everything the teacher depends on), so each costs a student, not a teacher.
+user's zoo key, so the devices trust one key, and they reuse the zoo's prepared teacher and
+data (examples/digits' `[prepare]` outputs, cached under a key of everything they depend on
+but not the version or options), so each costs a student, not a teacher.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import logging
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,16 +73,18 @@ def _digits_entry(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _share_teacher(zoo: Path, out: Path) -> None:
-    """Copies the zoo's cached teacher(s) into a story zoo's cache, when not there yet."""
+    """Copies the zoo's prepared teacher and data (`.cache/digits/prepare-*/`) into a story
+    zoo's cache, when not there yet: the story's versions are students of the same teacher."""
     src = zoo / ".cache" / MODEL
     dest = out / ".cache" / MODEL
     dest.mkdir(parents=True, exist_ok=True)
-    for teacher in src.glob("teacher-*.pt"):
-        target = dest / teacher.name
-        if not target.exists():
-            tmp = target.with_suffix(".tmp")
-            shutil.copyfile(teacher, tmp)
-            tmp.replace(target)
+    for prepared in src.glob("prepare-*"):
+        target = dest / prepared.name
+        if prepared.is_dir() and not target.exists():
+            tmp = dest / f".{prepared.name}.copy"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(prepared, tmp)
+            tmp.rename(target)  # complete or absent: the build never sees half a copy
 
 
 def _public_key(private: Path, out_dir: Path) -> Path:
@@ -150,23 +153,36 @@ def ensure_story_zoo(
 
 
 def accuracy(entry: dict[str, Any], variant: str | None = None) -> float | None:
-    """A version's test accuracy from its report entry (one variant's, or the student's)."""
+    """A version's validation accuracy from its report entry (one variant's, or the FP32
+    student's)."""
     if variant is not None:
         value = entry.get("variants", {}).get(variant, {}).get("accuracy")
     else:
-        value = entry.get("metrics", {}).get("student_fp32_accuracy")
+        value = entry.get("metrics", {}).get("student_accuracy")
     return float(value) if isinstance(value, int | float) else None
 
 
-def write_test_split(path: Path) -> int:
-    """The digits test split (never trained on) with its labels, as .npz keyed by the
-    model's input name, plus `labels` (what `tandem.agent.simulator` reads)."""
-    from tandem.cloud.build.digits import INPUTS, load_split
+def write_test_split(path: Path, entry: Mapping[str, Any] | None = None) -> int:
+    """The digits test split (never trained or fitted on) with its labels, as .npz keyed by
+    the model's input name, plus `labels` (what `tandem.agent.simulator` reads): the
+    `test.npz` that examples/digits' `[prepare]` wrote for the build whose report `entry`
+    is given, or else a fresh one from the example's own split."""
+    prepared = (entry or {}).get("prepared_dir")
+    source = Path(prepared) / "test.npz" if prepared else None
+    tmp = path.with_name(path.name + ".tmp")
+    if source is not None and source.is_file():
+        shutil.copyfile(source, tmp)
+    else:
+        from tandem.cloud.build import usercode
+        from tandem.cloud.build.pipeline import EXAMPLES
 
-    split = load_split()
-    arrays: dict[str, Any] = {INPUTS[0].name: split.x_test.astype(np.float32)}
-    np.savez(path, labels=split.y_test.astype(np.int64), **arrays)
-    return len(split.y_test)
+        code = EXAMPLES / MODEL / "train.py"
+        split = usercode.import_callable("train:load_split", code, "digits test split")()
+        with tmp.open("wb") as fh:
+            np.savez(fh, pixels=split.x_test, labels=split.y_test)
+    tmp.replace(path)
+    with np.load(path) as data:
+        return len(data["labels"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     story = ensure_story_zoo(Path(args[0]), on_progress)
-    rows = write_test_split(Path(args[1]))
+    rows = write_test_split(Path(args[1]), story.reports[1])
     emit({"event": "done", "story": story.to_json(), "test_rows": rows})
     return 0
 
