@@ -1,11 +1,12 @@
 """Do the digits accuracies hold across data splits, or only on the split the build uses?
 
 For each split seed in SPLIT_SEEDS (training seed 0, derived exactly as a build with
-`--seed 0` derives it), trains the teacher and the distilled student with the build's own
-functions (`digits.train_teacher`, `digits.train_student`, `digits.load_split(seed)`) and
-records validation and test accuracy of both and the student's drop. The exports and INT8
-variants are skipped (they track the fp32 student; the zoo tests gate them on the build's
-split). Splits train in parallel worker processes, each single-threaded like the build.
+`--seed 0` derives it), trains the teacher with examples/digits/train.py (`train_teacher`,
+`load_split(seed)`) and distills the student as the build does (`tandem.cloud.build.distill`
+with the spec's [edge.distill] recipe), and records validation and test accuracy of both and
+the student's drop. The exports and INT8 variants are skipped (they track the fp32 student;
+the zoo tests check them on the build's split). Splits train in parallel worker processes,
+each single-threaded like the build.
 
 Run (not part of `make test`; ~1-2 CPU-minutes per split):
     .venv/bin/python bench/bench_digits_seeds.py [--label NAME] [--out FILE] [--workers N]
@@ -16,10 +17,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.support.examples import load_example, spec_file  # noqa: E402
 
 SPLIT_SEEDS = (0, 1, 7, 42, 1797)
 TRAINING_SEED = 0
@@ -41,22 +50,41 @@ class SplitResult:
 
 def measure(split_seed: int, training_seed: int = TRAINING_SEED) -> SplitResult:
     """Teacher and student accuracies on one split, trained with one build seed."""
-    from tandem.cloud.build import digits
+    from tandem.cloud.build import distill
+    from tandem.cloud.build.spec import ModelSpec, load_spec
 
-    split = digits.load_split(split_seed)
+    train = load_example("digits")
+    spec = load_spec(spec_file("digits"))
+    assert isinstance(spec, ModelSpec) and spec.distill is not None
+    split = train.load_split(split_seed)
     started = time.process_time()
-    teacher = digits.train_teacher(split, digits.derive_seed(training_seed, "teacher"))
+    teacher = train.train_teacher(split, train.derive_seed(training_seed, "teacher"))
     teacher_cpu = time.process_time() - started
     started = time.process_time()
-    student = digits.train_student(
-        split,
-        teacher,
-        digits.derive_seed(training_seed, digits.student_purpose(1, "normal")),
+    seed = distill.derive_seed("digits", "student:v1:normal", training_seed)
+    student = distill.make_student(spec.distill, seed)
+    # make_student normalises with the build split's statistics; this split has its own
+    student.normalize.mean.fill_(float(split.x_train.mean()))
+    student.normalize.std.fill_(float(split.x_train.std()))
+
+    def answer(args: Any) -> list[Any]:
+        return [teacher(*args)]
+
+    distill.distill(
+        spec.distill,
+        teacher=answer,
+        student=student,
+        data={"pixels": split.x_train, "labels": split.y_train},
+        input_names=["pixels"],
+        output_names=["logits"],
+        primary="logits",
+        task="classification",
+        seed=seed,
     )
     student_cpu = time.process_time() - started
 
-    def acc(model: object, x: object, y: object) -> float:
-        return digits.accuracy(digits.predict(model, x), y)  # type: ignore[arg-type]
+    def acc(model: Any, x: Any, y: Any) -> float:
+        return float(train.accuracy(model, x, y))
 
     teacher_test = acc(teacher, split.x_test, split.y_test)
     student_test = acc(student, split.x_test, split.y_test)

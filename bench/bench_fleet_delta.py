@@ -2,9 +2,9 @@
 
 Two models, each exported twice with torch, the second time after retraining only the head:
 
-- the digits student (`tandem.cloud.build.digits.StudentCNN`, ~3.8k parameters, of which the
-  head is 2.6k: the head is most of this tiny model), FP32 ONNX and static INT8 QDQ ONNX as
-  the build pipeline makes them;
+- the digits student (`StudentCNN` of examples/digits/train.py, ~3.8k parameters, of which
+  the head is 2.6k: the head is most of this tiny model), FP32 ONNX and static INT8 QDQ ONNX
+  as the build makes them;
 - a larger student (a ~1.2M-parameter convolutional backbone with the same 10-class head),
   FP32 ONNX, where the backbone dominates, as in a real distilled student.
 
@@ -31,6 +31,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tandem.cloud.fleet.delivery import apply_delta, make_delta  # noqa: E402
+from tandem.sdk.artifacts import TensorSpec  # noqa: E402
+from tests.support.examples import load_example  # noqa: E402
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -70,10 +72,17 @@ def retrain_head(model: Any, seed: int) -> None:
 
 
 def export(model: Any, path: Path, sample: Any) -> bytes:
-    from tandem.cloud.build.digits import export_onnx
+    from tandem.cloud.build.torch_source import export_onnx
 
-    export_onnx(model.eval(), path, sample)
+    pixels, logits = TensorSpec("pixels", "FP32", (-1, 64)), TensorSpec("logits", "FP32", (-1, 10))
+    export_onnx(model.eval(), path, [pixels], [logits], {"pixels": sample})
     return path.read_bytes()
+
+
+def quantize_int8(fp32: Path, out: Path, sample: Any) -> bytes:
+    from tandem.cloud.build.user import _onnx_int8  # the build's own static QDQ INT8
+
+    return _onnx_int8(fp32, out, {"pixels": sample}).read_bytes()
 
 
 def measure(name: str, old: bytes, new: bytes, benchmark: Any) -> None:
@@ -97,10 +106,8 @@ def sample() -> Any:
 
 
 def test_digits_student_head_fp32(benchmark: Any, sample: Any, tmp_path: Path) -> None:
-    from tandem.cloud.build.digits import StudentCNN
-
     torch.manual_seed(1)
-    model = StudentCNN(4.9, 6.0)
+    model = load_example("digits").StudentCNN(4.9, 6.0)
     old = export(model, tmp_path / "v1.onnx", sample)
     retrain_head(model, 2)
     new = export(model, tmp_path / "v2.onnx", sample)
@@ -108,15 +115,13 @@ def test_digits_student_head_fp32(benchmark: Any, sample: Any, tmp_path: Path) -
 
 
 def test_digits_student_head_int8(benchmark: Any, sample: Any, tmp_path: Path) -> None:
-    from tandem.cloud.build.digits import StudentCNN, quantize_onnx_int8
-
     torch.manual_seed(1)
-    model = StudentCNN(4.9, 6.0)
+    model = load_example("digits").StudentCNN(4.9, 6.0)
     export(model, tmp_path / "v1.onnx", sample)
-    old = quantize_onnx_int8(tmp_path / "v1.onnx", tmp_path / "v1.int8.onnx", sample).read_bytes()
+    old = quantize_int8(tmp_path / "v1.onnx", tmp_path / "v1.int8.onnx", sample)
     retrain_head(model, 2)
     export(model, tmp_path / "v2.onnx", sample)
-    new = quantize_onnx_int8(tmp_path / "v2.onnx", tmp_path / "v2.int8.onnx", sample).read_bytes()
+    new = quantize_int8(tmp_path / "v2.onnx", tmp_path / "v2.int8.onnx", sample)
     measure("digits student, INT8 QDQ ONNX", old, new, benchmark)
 
 

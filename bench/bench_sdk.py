@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.sdk.modelkit import build_models  # noqa: E402
+from tests.support.examples import load_example  # noqa: E402
 from tests.support.processes import free_port, stop_process, wait_for_port  # noqa: E402
 from tests.support.serve import ServeProcess  # noqa: E402
 
@@ -56,9 +57,7 @@ def _models() -> tuple[Path, Path, np.ndarray, np.ndarray, str]:
     if (zoo_artifacts / "digits").is_dir() and (ZOO / "repository" / "digits").is_dir():
         # The zoo's own fixed split: its test rows were used neither for training nor for the
         # validation set the cascade derives its threshold from.
-        from tandem.cloud.build.digits import load_split
-
-        split = load_split()
+        split = load_example("digits").load_split()
         return (
             zoo_artifacts,
             ZOO / "repository",
