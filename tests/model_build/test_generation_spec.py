@@ -185,23 +185,30 @@ def test_options_given_with_the_build_win_over_the_spec(
         user.build_spec_file(tmp_path / "model.toml", dataclasses.replace(ctx, model="other"))
 
 
-def test_smollm2_is_built_from_its_example_spec(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`--models smollm2` builds examples/smollm2/model.toml, whose bytes key its cache."""
+def test_smollm2_is_built_from_its_example_spec(tmp_path: Path) -> None:
+    """`--models smollm2` builds examples/smollm2/model.toml, whose folder keys its cache."""
+    import shutil
+
     from tandem.cloud.build import user
 
     builder = pipeline.load_builder("smollm2")
     assert builder.func is user.build_spec_file  # type: ignore[attr-defined]
     assert builder.args == (pipeline.EXAMPLES / "smollm2" / "model.toml",)  # type: ignore[attr-defined]
+    builtin = pipeline.cache_key("smollm2", version=1, seed=0, options={}, keyid="k")
+    assert builtin == user.spec_cache_key(
+        load_spec(pipeline.builtin_spec("smollm2")), version=1, keyid="k"
+    )
 
-    def key(prompts_digest: str) -> str:
-        monkeypatch.setattr(
-            pipeline,
-            "file_digest",
-            lambda path: prompts_digest if path.name == "prompts.txt" else "same",
-        )
-        return pipeline.cache_key("smollm2", version=1, seed=0, options={}, keyid="k")
+    copy = Path(shutil.copytree(pipeline.EXAMPLES / "smollm2", tmp_path / "smollm2"))
 
-    assert key("a") == key("a") != key("b")
+    def key() -> str:
+        return user.spec_cache_key(load_spec(copy / "model.toml"), version=1, keyid="k")
+
+    first = key()
+    assert key() == first == builtin  # where the folder lies does not matter; its bytes do
+    with (copy / "prompts.txt").open("a") as fh:
+        fh.write("One more held-out prompt.\n")
+    assert key() != first
 
 
 def test_the_guides_generation_spec_is_the_examples() -> None:

@@ -176,7 +176,7 @@ def test_a_secondary_output_outside_its_tolerance_is_not_published(tmp_path: Pat
         ('factory = "pkg.net:make_nothing"\nweights = "weights.pt"', "", "torch.nn.Module"),
         ('factory = "pkg.net:make_wide"\nweights = "weights.pt"', "", r"\[full\] weights.*match"),
         ('factory = "pkg.net:make_model"\nweights = "calib.npz"', "", r"\[full\] weights"),
-        ('factory = "pkg.net:make_model"', "", r"\[full\] weights"),
+        ('torchscript = "weights.pt"\nweights = "weights.pt"', "", r"\[full\] weights"),
         ('factory = "pkg/net.py"\nweights = "weights.pt"', "", "pkg.module:make_model"),
         ('torchscript = "calib.npz"', "", r"\[full\] torchscript: torch.jit.load"),
         ('exported_program = "weights.pt"', "", r"\[full\] exported_program"),

@@ -60,14 +60,15 @@ def keys_generate(
 
 
 def _parse_models(text: str) -> tuple[str, ...]:
-    from tandem.cloud.build.pipeline import KNOWN_MODELS as MODELS
+    from tandem.cloud.build.pipeline import known_models
 
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:
         raise UnknownModelError("--models names no model")
+    models = known_models()
     for name in names:
-        if name not in MODELS:
-            raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+        if name not in models:
+            raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(models)}")
     return names
 
 
@@ -185,7 +186,11 @@ def models_build(
     seed: Annotated[int, typer.Option("--seed", help="Root of every random choice.")] = 0,
     student: Annotated[
         str,
-        typer.Option("--digits-student", help="digits student: 'normal' or 'bad' (for tests)."),
+        typer.Option(
+            "--student",
+            "--digits-student",
+            help="A distilled model's student: 'normal', or 'bad' (shuffled labels; for tests).",
+        ),
     ] = "normal",
     spec: Annotated[
         Path | None,
@@ -214,13 +219,20 @@ def models_build(
         names = (load_spec(spec).name,)
         with _build_logging(), _progress_display(names) as on_event:
             report = build_from_spec(
-                spec, out_dir, key_path=key, version=version, force=force, progress=on_event
+                spec,
+                out_dir,
+                key_path=key,
+                version=version,
+                seed=seed,
+                options={"student_variant": student} if student != "normal" else None,
+                force=force,
+                progress=on_event,
             )
         _summary(report, names)
         for note in report["models"][names[0]].get("notes") or []:
             err.print(note)
         return
-    options = {"digits": {"student_variant": student}} if student != "normal" else None
+    options = {n: {"student_variant": student} for n in names} if student != "normal" else None
     with _build_logging(), _progress_display(names) as on_event:
         report = build_zoo(
             out_dir,

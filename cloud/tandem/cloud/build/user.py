@@ -1,13 +1,21 @@
-"""Building a user's model from a spec (`tandem models build --spec model.toml`).
+"""Building a model from a spec (`tandem models build --spec model.toml`; the built-in
+models are the specs under `examples/`, built the same way).
 
-The full model (ONNX, or the FP32 ONNX export of a PyTorch source) goes to the cloud
-repository; each edge variant is made with its runtime's own tooling (ONNX Runtime static QDQ
-INT8, OpenVINO IR INT8 with NNCF, LiteRT via litert-torch and the TorchScript/ExportedProgram
-file for PyTorch sources, or FP32 copies for `quantize = "none"`), checked against the full
-model on the validation data (every output: the primary one by the task's measure, the others
-by cosine or exact agreement), and signed into the same zoo layout as the built-in models. A
-runtime that cannot be made from the source, or a variant outside a tolerance, is left out
+First the spec's own `[prepare]` code runs, when it has some (`tandem.cloud.build.prepare`,
+cached). The full model (ONNX, or the FP32 ONNX export of a PyTorch source) goes to the cloud
+repository. The edge model is the full model itself, or a student distilled from it
+(`[edge.distill]`, `tandem.cloud.build.distill`); each edge variant is made from it with its
+runtime's own tooling (ONNX Runtime static QDQ or dynamic INT8, OpenVINO IR INT8 with NNCF,
+LiteRT via litert-torch and a TorchScript/ExportedProgram file for PyTorch models, or FP32
+copies for `quantize = "none"`), checked against the full model on the validation data (every
+output: the primary one by the task's measure, the others by cosine or exact agreement),
+timed at batch 1, and signed into the zoo layout with the `[package]` files beside the model.
+A runtime that cannot be made from the source, or a variant outside a tolerance, is left out
 with one report line.
+
+Build options (`build_zoo(options={name: {...}})`): `student_variant = "bad"` distills a
+deliberately broken student (rollout tests, the demo); its variants are published although
+they miss their tolerances, and the report says so.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from tandem.cloud.build import pipeline
-from tandem.cloud.build.calibration import fit_temperature
+from tandem.cloud.build.calibration import expected_calibration_error, fit_temperature, softmax
 from tandem.cloud.build.checks import check_outputs, check_secondary, check_variant, export_misses
 from tandem.cloud.build.context import BuildContext, ProgressCallback, ProgressEvent
 from tandem.cloud.build.errors import (
@@ -41,7 +49,7 @@ from tandem.cloud.build.errors import (
 )
 from tandem.cloud.build.packaging import repository_config, write_repository_model, write_variant
 from tandem.cloud.build.report import load_report, write_report
-from tandem.cloud.build.runners import load_runner
+from tandem.cloud.build.runners import load_runner, median_latency_ms
 from tandem.cloud.build.spec import GenerationSpec, ModelSpec, load_spec
 from tandem.errors import MissingDependencyError
 from tandem.sdk.artifacts import TensorSpec
@@ -51,7 +59,17 @@ Array = np.ndarray[Any, Any]
 _ONNX_TYPES = {1: "FP32", 10: "FP16", 7: "INT64", 6: "INT32", 2: "UINT8", 9: "BOOL", 11: "FP64"}
 REFERENCE_ROWS = 8
 _NEEDS = {"tflite": "LiteRT needs a PyTorch source", "torch": "torch needs a PyTorch source"}
-USER_MODULES = ("spec", "user", "calibration", "checks", "torch_source")
+USER_MODULES = (
+    "spec",
+    "user",
+    "calibration",
+    "checks",
+    "torch_source",
+    "usercode",
+    "prepare",
+    "distill",
+)
+OPTIONS = ("student_variant",)  # the build options a non-generative spec takes
 Variant = tuple[str, str, str, str, dict[str, Path]]  # name, runtime, precision, entry, payload
 
 
@@ -83,12 +101,17 @@ def onnx_signature(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec
     return inputs, outputs
 
 
+def _where(field: str) -> str:
+    """A data field's name in errors: "[data] calibration", or a key named in full."""
+    return field if field.startswith("[") else f"[data] {field}"
+
+
 def _load_npz(path: Path, field: str) -> dict[str, Array]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: np.asarray(data[k]) for k in data.files}
     except (OSError, ValueError) as exc:
-        raise SpecDataError(f"[data] {field}: {path} is not a readable .npz ({exc})") from exc
+        raise SpecDataError(f"{_where(field)}: {path} is not a readable .npz ({exc})") from exc
 
 
 def check_data(
@@ -100,7 +123,7 @@ def check_data(
     missing = expected - set(arrays)
     if missing or extra:
         raise SpecDataError(
-            f"[data] {field}: {path.name} holds {sorted(arrays)}; expected the model's inputs"
+            f"{_where(field)}: {path.name} holds {sorted(arrays)}; expected the model's inputs"
             f" {sorted(expected)} (and optionally labels)"
         )
     rows = None
@@ -108,22 +131,22 @@ def check_data(
         array = arrays[spec.name]
         if array.dtype != spec.dtype:
             raise SpecDataError(
-                f"[data] {field}: {spec.name} has dtype {array.dtype}; expected {spec.datatype}"
+                f"{_where(field)}: {spec.name} has dtype {array.dtype}; expected {spec.datatype}"
             )
         if array.ndim != len(spec.shape) or any(
             d >= 0 and d != a for d, a in zip(spec.shape[1:], array.shape[1:], strict=False)
         ):
             raise SpecDataError(
-                f"[data] {field}: {spec.name} has shape {list(array.shape)};"
+                f"{_where(field)}: {spec.name} has shape {list(array.shape)};"
                 f" expected {list(spec.shape)} (-1: any)"
             )
         if rows is not None and array.shape[0] != rows:
-            raise SpecDataError(f"[data] {field}: inputs have different row counts")
+            raise SpecDataError(f"{_where(field)}: inputs have different row counts")
         rows = array.shape[0]
     if rows is None or rows < 1:
-        raise SpecDataError(f"[data] {field}: no rows")
+        raise SpecDataError(f"{_where(field)}: no rows")
     if "labels" in arrays and arrays["labels"].shape[:1] != (rows,):
-        raise SpecDataError(f"[data] {field}: labels must have one entry per row ({rows})")
+        raise SpecDataError(f"{_where(field)}: labels must have one entry per row ({rows})")
     return dict(arrays)
 
 
@@ -170,6 +193,17 @@ def _onnx_int8(source: Path, out: Path, calibration: Mapping[str, Array]) -> Pat
     return out
 
 
+def _onnx_int8_dynamic(source: Path, out: Path) -> Path:
+    """INT8 weights, activations quantized at run time (transformers: no calibration needed)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        quantize_dynamic(str(source), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    except Exception as exc:
+        raise ExportError(f"onnxruntime dynamic INT8 quantization failed: {brief(exc)}") from exc
+    return out
+
+
 def _openvino_int8(source: Path, out_dir: Path, calibration: Mapping[str, Array]) -> Path:
     from tandem.sdk.runtimes.openvino import import_openvino
 
@@ -197,7 +231,7 @@ def _make_variants(
     made: list[Variant] = []
     for runtime in spec.runtimes:
         if runtime in ("tflite", "torch"):
-            if not spec.is_torch:
+            if not spec.edge_is_torch:
                 notes.append(
                     f"{runtime}: skipped, the source is a bare ONNX file ({_NEEDS[runtime]})"
                 )
@@ -205,6 +239,9 @@ def _make_variants(
         try:
             if runtime == "onnx" and spec.quantize == "none":
                 made.append(("onnx-fp32", "onnx", "fp32", "model.onnx", {"model.onnx": full_onnx}))
+            elif runtime == "onnx" and spec.onnx_quantization == "dynamic":
+                path = _onnx_int8_dynamic(full_onnx, work / "int8.onnx")
+                made.append(("onnx-int8", "onnx", "int8", "model.onnx", {"model.onnx": path}))
             elif runtime == "onnx":
                 path = _onnx_int8(full_onnx, work / "int8.onnx", calibration)
                 made.append(("onnx-int8", "onnx", "int8", "model.onnx", {"model.onnx": path}))
@@ -233,7 +270,7 @@ def _make_torch_variants(
 
     made: list[Variant] = []
     if "tflite" in spec.runtimes:
-        if spec.source == "torchscript":
+        if spec.source == "torchscript" and spec.distill is None:
             notes.append(
                 "tflite: skipped, litert-torch converts an nn.Module or ExportedProgram,"
                 " not TorchScript (give factory + weights or exported_program)"
@@ -256,7 +293,9 @@ def _make_torch_variants(
                 notes.append(f"tflite: skipped, {exc}")
     if "torch" in spec.runtimes:
         try:
-            path = torch_source.export_torch(spec, model, work / "torch", input_names, calibration)
+            path = torch_source.export_torch(
+                spec, model, work / "torch", input_names, calibration, given=spec.distill is None
+            )
             made.append(("torch-fp32", "torch", "fp32", path.name, {path.name: path}))
         except ExportError as exc:
             notes.append(f"torch: skipped, {exc}")
@@ -312,11 +351,11 @@ def _read_source(
 
 
 def build_spec_file(path: Path, ctx: BuildContext) -> dict[str, Any]:
-    """A built-in model's builder (`pipeline.SPEC_MODELS`): its spec, built under `ctx`."""
-    spec = load_spec(path)
+    """A built-in model's builder (`pipeline.builtin_spec`): its spec, built under `ctx`."""
+    spec, metrics = prepared_spec(path, ctx.cache_dir, ctx.seed)
     if spec.name != ctx.model:
         raise SpecError(f"[model] name: {path} names {spec.name!r}; expected {ctx.model!r}")
-    return build_spec(ctx, spec)
+    return build_spec(ctx, spec, metrics)
 
 
 def generation_source(spec: GenerationSpec) -> Any:
@@ -370,15 +409,141 @@ def build_generation(ctx: BuildContext, spec: GenerationSpec) -> dict[str, Any]:
     return build_generative(ctx, generation_source(spec), spec.prompts)
 
 
-def build_spec(ctx: BuildContext, spec: ModelSpec | GenerationSpec) -> dict[str, Any]:
-    """Builds the spec's model into the zoo; returns its report entry."""
+def prepared_spec(
+    path: Path, cache_dir: Path, seed: int
+) -> tuple[ModelSpec | GenerationSpec, dict[str, Any]]:
+    """The spec with its [prepare] outputs made (or found in the cache), and the metrics
+    its prepare function returned ({} without [prepare])."""
+    spec = load_spec(path)
+    if not isinstance(spec, ModelSpec) or spec.prepare is None:
+        return spec, {}
+    from tandem.cloud.build.prepare import run_prepare
+
+    folder, metrics, _ = run_prepare(
+        spec.path, spec.prepare, cache_dir, seed=seed, libraries=pipeline.library_versions()
+    )
+    return load_spec(path, prepared_dir=folder), metrics
+
+
+def _check_options(spec: ModelSpec, options: Mapping[str, Any]) -> str:
+    """The build's student variant ("normal" unless asked), after checking the options."""
+    for key in options:
+        if key not in OPTIONS:
+            raise SpecError(
+                f"build option {key!r}: unknown for {spec.name}; expected one of"
+                f" {', '.join(OPTIONS)}"
+            )
+    variant = str(options.get("student_variant", "normal"))
+    if variant != "normal" and spec.distill is None:
+        raise SpecError(
+            f"build option student_variant = {variant!r}: {spec.name} has no [edge.distill]"
+            " (only a distilled student can be trained badly on purpose)"
+        )
+    return variant
+
+
+def _distill_student(
+    ctx: BuildContext,
+    spec: ModelSpec,
+    *,
+    torch_model: Any,
+    full_runner: Any,
+    inputs: tuple[TensorSpec, ...],
+    raw_outputs: tuple[TensorSpec, ...],
+    primary: str,
+    calibration: Mapping[str, Array],
+    variant: str,
+) -> tuple[Any, dict[str, Any]]:
+    """The trained student and its report metrics (`[edge.distill]`)."""
+    import torch
+
+    from tandem.cloud.build import distill, torch_source
+
+    assert spec.distill is not None
+    input_names = [t.name for t in inputs]
+    output_names = [t.name for t in raw_outputs]
+    data = check_data(
+        _load_npz(spec.distill.data, "[edge.distill] data"),
+        inputs,
+        "[edge.distill] data",
+        spec.distill.data,
+    )
+    seed = distill.derive_seed(spec.name, f"student:v{ctx.version}:{variant}", ctx.seed)
+    student = distill.make_student(spec.distill, seed)
+    try:
+        _, student_outputs = torch_source.torch_signature(spec, student, calibration)
+    except SpecError:
+        raise
+    except Exception as exc:
+        raise SpecError(
+            f"[edge.distill] student: does not run on the calibration data ({brief(exc)})"
+        ) from exc
+    expected = [(t.name, t.datatype, t.shape) for t in raw_outputs]
+    got = [
+        (name, t.datatype, t.shape) for name, t in zip(output_names, student_outputs, strict=False)
+    ]
+    if len(student_outputs) != len(raw_outputs) or got != expected:
+        returned = [(t.datatype, list(t.shape)) for t in student_outputs]
+        raise SpecError(
+            f"[edge.distill] student: returns {returned}; expected the full model's outputs"
+            f" {[(n, d, list(s)) for n, d, s in expected]}"
+        )
+
+    if torch_model is not None:
+
+        def teacher(args: Any) -> list[Any]:
+            return distill._as_list(torch_model(*args))
+    else:
+
+        def teacher(args: Any) -> list[Any]:
+            out = full_runner({n: a.numpy() for n, a in zip(input_names, args, strict=True)})
+            return [torch.from_numpy(np.asarray(out[n])) for n in output_names]
+
+    result = distill.distill(
+        spec.distill,
+        teacher=teacher,
+        student=student,
+        data=data,
+        input_names=input_names,
+        output_names=output_names,
+        primary=primary,
+        task=spec.task,
+        seed=seed,
+        student_variant=variant,
+    )
+    metrics: dict[str, Any] = {
+        "student_variant": variant,
+        "student_parameters": result.parameters,
+        "distill_epochs": result.epochs,
+        "distill_seconds": result.seconds,
+        "distill_rows": int(data[input_names[0]].shape[0]),
+    }
+    if torch_model is not None:
+        metrics["full_parameters"] = distill.parameter_count(torch_model)
+    return result.student, metrics
+
+
+def build_spec(
+    ctx: BuildContext,
+    spec: ModelSpec | GenerationSpec,
+    prepared_metrics: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Builds the spec's model into the zoo; returns its report entry.
+
+    A spec with [prepare] must come from `prepared_spec` (its outputs made); the metrics that
+    the prepare function returned go into the report entry.
+    """
     if isinstance(spec, GenerationSpec):
         return build_generation(ctx, spec)
-    steps = ctx.steps(5)
+    if spec.prepare is not None and spec.prepared_dir is None:
+        raise SpecError(f"{spec.path}: [prepare] has not run (build it with prepared_spec)")
+    student_variant = _check_options(spec, ctx.options)
+    enforce = student_variant == "normal"
+    steps = ctx.steps(6 if spec.distill else 5)
     steps.advance("reading the model and the data")
     raw_calibration = _load_npz(spec.calibration, "calibration")
-    inputs, outputs, full_runner, torch_model = _read_source(spec, raw_calibration)
-    names = [o.name for o in outputs]
+    inputs, raw_outputs, full_runner, torch_model = _read_source(spec, raw_calibration)
+    names = [o.name for o in raw_outputs]
     scores = spec.scores or names[0]
     if scores not in names:
         raise SpecDataError(
@@ -391,8 +556,9 @@ def build_spec(ctx: BuildContext, spec: ModelSpec | GenerationSpec) -> dict[str,
                 f" secondary outputs: {[n for n in names if n != scores]}"
                 " (the primary one is checked by [checks])"
             )
-    # The SDK reads a classifier's scores from its first output.
-    outputs = tuple(sorted(outputs, key=lambda o: o.name != scores))
+    # The SDK reads a classifier's scores from its first output; the exports keep the
+    # model's own order (the names label what it returns).
+    outputs = tuple(sorted(raw_outputs, key=lambda o: o.name != scores))
     calibration = check_data(raw_calibration, inputs, "calibration", spec.calibration)
     validation = check_data(
         _load_npz(spec.validation, "validation"), inputs, "validation", spec.validation
@@ -410,15 +576,37 @@ def build_spec(ctx: BuildContext, spec: ModelSpec | GenerationSpec) -> dict[str,
         raise ModelLoadError(
             f"[full] {source}: the model cannot run on the validation data: {exc}"
         ) from exc
+    model_metrics: dict[str, Any] = dict(prepared_metrics or {})
+    notes: list[str] = []
+
+    edge_model = torch_model
+    if spec.distill is not None:
+        steps.advance(f"distilling the student ({student_variant})")
+        edge_model, distilled = _distill_student(
+            ctx,
+            spec,
+            torch_model=torch_model,
+            full_runner=full_runner,
+            inputs=inputs,
+            raw_outputs=raw_outputs,
+            primary=scores,
+            calibration=calibration,
+            variant=student_variant,
+        )
+        model_metrics.update(distilled)
+        if not enforce:
+            notes.append(
+                f"student_variant={student_variant}: trained on shuffled labels without the"
+                " teacher; its variants are published although they miss their tolerances"
+            )
 
     steps.advance("making the edge variants")
-    notes: list[str] = []
     full_onnx = spec.full_onnx
     if torch_model is not None:
         from tandem.cloud.build import torch_source
 
         full_onnx = torch_source.export_onnx(
-            torch_model, ctx.work_dir / "full.onnx", inputs, outputs, calibration
+            torch_model, ctx.work_dir / "full.onnx", inputs, raw_outputs, calibration
         )
         exported = _run(load_runner("onnx", full_onnx, input_names, output_names), validation)
         misses = export_misses(full_out, exported)
@@ -427,39 +615,83 @@ def build_spec(ctx: BuildContext, spec: ModelSpec | GenerationSpec) -> dict[str,
                 "[full]: the FP32 ONNX export differs from the PyTorch model: " + "; ".join(misses)
             )
     assert full_onnx is not None
-    made = _make_variants(spec, ctx.work_dir, full_onnx, calibration, notes)
-    if torch_model is not None:
+    edge_onnx = full_onnx
+    if spec.distill is not None:
+        from tandem.cloud.build import torch_source
+
+        edge_onnx = torch_source.export_onnx(
+            edge_model, ctx.work_dir / "student.onnx", inputs, raw_outputs, calibration
+        )
+        student_out = torch_source.torch_runner(edge_model, input_names, names)
+        exported = _run(load_runner("onnx", edge_onnx, input_names, output_names), validation)
+        misses = export_misses(_run(student_out, validation), exported)
+        if misses:
+            raise ExportError(
+                "[edge.distill]: the student's FP32 ONNX export differs from it: "
+                + "; ".join(misses)
+            )
+        student_metrics, _ = check_outputs(
+            spec, full_out, _run(student_out, validation), scores, labels
+        )
+        if "accuracy" in student_metrics:
+            model_metrics["student_accuracy"] = student_metrics["accuracy"]
+            model_metrics["full_accuracy"] = student_metrics["full_accuracy"]
+        model_metrics[
+            "student_top1_agreement" if spec.task == "classification" else "student_checks"
+        ] = student_metrics.get("top1_agreement", student_metrics)
+    made = _make_variants(spec, ctx.work_dir, edge_onnx, calibration, notes)
+    if edge_model is not None:
         made += _make_torch_variants(
-            spec, ctx.work_dir, torch_model, input_names, output_names, calibration, notes
+            spec, ctx.work_dir, edge_model, input_names, names, calibration, notes
         )
 
-    steps.advance("checking every variant against the full model")
+    steps.advance("checking and timing every variant against the full model")
     passed: list[tuple[Any, ...]] = []
     variants_report: dict[str, dict[str, Any]] = {}
+    single_row = {k: v[:1] for k, v in validation.items()}
     for name, runtime, precision, entry, payload in made:
         runner = _variant_runner(runtime, payload[entry], input_names, output_names)
         out = _run(runner, validation)
         metrics, misses = check_outputs(spec, full_out, out, scores, labels)
-        if misses:
+        if misses and enforce:
             notes.append(f"{name}: not published, " + "; ".join(misses))
             continue
+        if misses:
+            notes.append(f"{name}: published although it misses: " + "; ".join(misses))
         calibration_entry = None
         if spec.task == "classification" and labels is not None:
             temperature = fit_temperature(out[scores], labels)
+            ece_before = expected_calibration_error(softmax(out[scores]), labels)
+            ece_after = expected_calibration_error(softmax(out[scores], temperature), labels)
             metrics["temperature"] = round(temperature, 6)
+            metrics["ece_before"] = round(ece_before, 6)
+            metrics["ece_after"] = round(ece_after, 6)
             calibration_entry = {
                 "method": "temperature",
                 "temperature": round(temperature, 6),
                 "fitted_on": "validation",
+                "ece_before": round(ece_before, 6),
+                "ece_after": round(ece_after, 6),
             }
+        metrics["latency_ms_batch1"] = round(median_latency_ms(runner, single_row), 4)
         passed.append(
             (name, runtime, precision, entry, payload, runner, metrics, calibration_entry)
         )
 
     steps.advance("writing the cloud repository")
-    config = repository_config(spec.name, backend="onnxruntime", inputs=inputs, outputs=outputs)
+    extra = {path.name: path for path in spec.package_files}
+    config = repository_config(
+        spec.name,
+        backend="onnxruntime",
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=spec.max_batch_size,
+        preferred_batch_sizes=tuple(b for b in (16, 32, 64) if b <= spec.max_batch_size)
+        or (spec.max_batch_size,),
+        parameters=spec.serve_parameters,
+    )
     write_repository_model(
-        ctx.repository_dir, spec.name, ctx.version, {"model.onnx": full_onnx}, config
+        ctx.repository_dir, spec.name, ctx.version, {"model.onnx": full_onnx, **extra}, config
     )
 
     steps.advance("signing and packaging edge variants")
@@ -481,56 +713,91 @@ def build_spec(ctx: BuildContext, spec: ModelSpec | GenerationSpec) -> dict[str,
             precision=precision,
             task=spec.task,
             entrypoint=entry,
-            payload_files=payload,
+            payload_files={**payload, **extra},
             inputs=inputs,
             outputs=outputs,
             reference=reference,
             validation=stored_validation,
             calibration=calibration_entry,
-            metrics=metrics,
+            metrics={**metrics, **_manifest_facts(model_metrics)},
         )
         variants_report[name] = {
             "runtime": runtime,
             "precision": precision,
             "size_bytes": sum(written.manifest.file(n).size for n in payload),
             "stored_bytes": sum(f.stored_size for f in written.manifest.files),
+            "entrypoint_sha256": written.manifest.file(entry).sha256,
             **metrics,
         }
     steps.finish()
-    return {
+    model_metrics["validation_rows"] = int(next(iter(validation.values())).shape[0])
+    entry_report: dict[str, Any] = {
         "model": spec.name,
         "version": ctx.version,
         "task": spec.task,
         "source": "spec",
         "spec_source": spec.source,
-        "metrics": {"validation_rows": int(next(iter(validation.values())).shape[0])},
+        "metrics": model_metrics,
         "variants": variants_report,
-        "repository": {"backend": "onnxruntime", "files": ["model.onnx"]},
+        "repository": {"backend": "onnxruntime", "files": ["model.onnx", *extra]},
         "notes": notes,
+    }
+    if spec.prepared_dir is not None:
+        entry_report["prepared_dir"] = str(spec.prepared_dir)
+    return entry_report
+
+
+def _manifest_facts(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The model-level numbers each variant's manifest repeats (plain values only)."""
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, int | float | str | bool) and k != "validation_rows"
     }
 
 
-def spec_cache_key(spec: ModelSpec | GenerationSpec, *, version: int, keyid: str) -> str:
-    """Hash of the spec, the files it names (a GGUF too), the build modules and the library
-    versions."""
-    digest = hashlib.sha256()
-    for path in (spec.path, *spec.files()):
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+def spec_cache_key(
+    spec: ModelSpec | GenerationSpec,
+    *,
+    version: int,
+    keyid: str,
+    seed: int = 0,
+    options: Mapping[str, Any] | None = None,
+) -> str:
+    """Hash of everything in the spec's folder (the spec, its code and data), the files it
+    names elsewhere (a GGUF from a package: by the package's version), the build modules,
+    seed, options and the library versions. [prepare]'s outputs are covered by what made
+    them: the folder, the seed and the libraries."""
+    from tandem.cloud.build.prepare import folder_digest
+
+    folder = spec.path.parent
+    digest = hashlib.sha256(folder_digest(folder).encode())
+    packaged = spec.gguf if isinstance(spec, GenerationSpec) and spec.gguf_package else None
+    for path in spec.files():
+        if path == packaged or path.is_relative_to(folder):
+            continue
+        digest.update(f"{path.name}:{pipeline.file_digest(path)}".encode())
     modules: tuple[str, ...] = (*pipeline.SHARED_MODULES, *USER_MODULES)
     if isinstance(spec, GenerationSpec):
         modules = (*modules, *pipeline.GENERATIVE_MODULES)
     for name in modules:
-        digest.update(pipeline.module_source(name))
+        source = pipeline.module_source(name)
+        digest.update(f"{name}:{len(source)}:".encode())
+        digest.update(source)
     facts: dict[str, Any] = {
+        "format": pipeline.CACHE_FORMAT,
+        "model": spec.name,
         "version": version,
         "keyid": keyid,
+        "seed": seed,
+        "options": dict(options or {}),
         "libraries": pipeline.library_versions(),
     }
     if isinstance(spec, GenerationSpec):
         facts["model_libraries"] = pipeline.library_versions(
             ("gguf", *((spec.gguf_package,) if spec.gguf_package else ()))
         )
-    digest.update(json.dumps(facts, sort_keys=True).encode())
+    digest.update(json.dumps(facts, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -540,6 +807,8 @@ def build_from_spec(
     *,
     key_path: Path | None = None,
     version: int = 1,
+    seed: int = 0,
+    options: Mapping[str, Any] | None = None,
     force: bool = False,
     progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
@@ -548,9 +817,10 @@ def build_from_spec(
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    options = dict(options or {})
     with pipeline.zoo_lock(out_dir):
         signer, used_key = pipeline.signer_for(out_dir, key_path)
-        key = spec_cache_key(spec, version=version, keyid=signer.keyid)
+        key = spec_cache_key(spec, version=version, keyid=signer.keyid, seed=seed, options=options)
         entry = None if force else pipeline.cached_entry(out_dir, spec.name, version, key)
         cached = entry is not None
         if entry is None:
@@ -562,15 +832,20 @@ def build_from_spec(
                 work_dir=work,
                 cache_dir=out_dir / ".cache" / spec.name,
                 version=version,
+                seed=seed,
+                options=options,
                 progress=progress,
             )
             began = time.perf_counter()
             try:
-                entry = build_spec(ctx, spec)
+                prepared, metrics = prepared_spec(spec.path, ctx.cache_dir, seed)
+                entry = build_spec(ctx, prepared, metrics)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             entry["build_seconds"] = round(time.perf_counter() - began, 2)
             entry["cache_key"] = key
+            entry["seed"] = seed
+            entry["options"] = options
             pipeline.write_record(out_dir, spec.name, version, key, entry)
         elif progress is not None:
             progress(ProgressEvent(spec.name, "up to date (cached)", 1, 1, cached=True))
