@@ -45,7 +45,7 @@ from tandem.cloud.build.generative_cascade import CascadeOptions, Record, by_tar
 from tandem.cloud.build.generative_export import export_decoder, openvino_int8, quantize_int8
 from tandem.cloud.build.packaging import write_variant
 from tandem.cloud.build.pipeline import module_source
-from tandem.sdk.artifacts import TensorSpec
+from tandem.sdk.artifacts import TensorSpec, sha256_file
 from tandem.sdk.atomic import PUBLIC, write_atomic
 from tandem.sdk.generation.generator import decoder_session
 
@@ -92,14 +92,6 @@ class Source:
     special_tokens: Mapping[str, str] | None = None
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def smollm2_source() -> Source:
     """SmolLM2 through the cloud tier's loader (`tandem.cloud.generation.model`)."""
     from tandem.cloud.generation.model import gguf_path, load_full_model, stop_token_ids
@@ -107,7 +99,7 @@ def smollm2_source() -> Source:
     _model, tokenizer = load_full_model()  # MissingDependencyError names the extra
     return Source(
         name="SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to FP32)",
-        digest=file_digest(gguf_path()),
+        digest=sha256_file(gguf_path())[0],
         load_model=lambda: load_full_model()[0],
         tokenizer_json=tokenizer.backend_tokenizer.to_str(),
         bos_token_id=None,

@@ -150,14 +150,6 @@ def cache_key(
     return spec_cache_key(spec, version=version, keyid=keyid, seed=seed, options=options)
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def builtin_spec(model: str) -> Path:
     """`examples/<model>/model.toml`, the spec a built-in model is built from."""
     path = EXAMPLES / model / "model.toml"

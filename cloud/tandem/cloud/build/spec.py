@@ -454,9 +454,7 @@ def load_spec(path: Path, prepared_dir: Path | None = None) -> ModelSpec | Gener
     )
 
 
-def _callable(
-    table: Mapping[str, Any], section: str, key: str, example: str = "function"
-) -> str:
+def _callable(table: Mapping[str, Any], section: str, key: str, example: str = "function") -> str:
     value = _text(table, section, key)
     if not _FACTORY.match(value):
         raise SpecError(f"[{section}] {key}: {value!r} is not of the form 'pkg.module:{example}'")

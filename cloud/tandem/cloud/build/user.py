@@ -52,7 +52,7 @@ from tandem.cloud.build.report import load_report, write_report
 from tandem.cloud.build.runners import load_runner, median_latency_ms
 from tandem.cloud.build.spec import GenerationSpec, ModelSpec, load_spec
 from tandem.errors import MissingDependencyError
-from tandem.sdk.artifacts import TensorSpec
+from tandem.sdk.artifacts import TensorSpec, sha256_file
 
 log = logging.getLogger(__name__)
 Array = np.ndarray[Any, Any]
@@ -389,7 +389,7 @@ def generation_source(spec: GenerationSpec) -> Any:
 
     return generative.Source(
         name=f"{name} (GGUF, dequantized to FP32)",
-        digest=generative.file_digest(spec.gguf),
+        digest=sha256_file(spec.gguf)[0],
         load_model=load_model,
         tokenizer_json=tokenizer.backend_tokenizer.to_str(),
         bos_token_id=None,
@@ -776,7 +776,7 @@ def spec_cache_key(
     for path in spec.files():
         if path == packaged or path.is_relative_to(folder):
             continue
-        digest.update(f"{path.name}:{pipeline.file_digest(path)}".encode())
+        digest.update(f"{path.name}:{sha256_file(path)[0]}".encode())
     modules: tuple[str, ...] = (*pipeline.SHARED_MODULES, *USER_MODULES)
     if isinstance(spec, GenerationSpec):
         modules = (*modules, *pipeline.GENERATIVE_MODULES)

