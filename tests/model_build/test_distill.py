@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tandem.cloud.build.errors import SpecDataError, SpecError
+from tandem.cloud.build.runners import load_runner
 from tandem.cloud.build.spec import load_spec
 from tandem.cloud.build.user import build_from_spec
 from tandem.sdk.artifacts import TrustedKeys, load_variant
@@ -112,6 +113,8 @@ max_accuracy_drop = 0.03
 files = ["classes.txt"]
 [serve]
 max_batch_size = 32
+preferred_batch_sizes = [8, 32]
+backends = ["onnxruntime", "pytorch", "openvino"]
 parameters = {{ labels_file = "classes.txt" }}
 """
 
@@ -161,8 +164,25 @@ def test_prepare_then_distill_builds_checked_student_variants(tmp_path: Path) ->
     repository = zoo / "repository" / "blobs"
     config = json.loads((repository / "config.json").read_text())
     assert config["max_batch_size"] == 32
+    assert config["dynamic_batching"]["preferred_batch_sizes"] == [8, 32]
     assert config["parameters"]["labels_file"] == "classes.txt"
+    assert config["parameters"]["pytorch_file"] == "model.pt"
     assert (repository / "1" / "classes.txt").read_text() == "a\nb\nc\n"
+    # The full model for each backend: ONNX, TorchScript, OpenVINO IR, answering alike.
+    assert sorted(entry["repository"]["files"]) == sorted(
+        ["model.onnx", "model.pt", "model.xml", "model.bin", "classes.txt"]
+    )
+    rows = {"x": np.load(prepared / "val.npz")["x"][:16]}
+    answers = [
+        load_runner(runtime, repository / "1" / name, ["x"], ["logits"])(rows)["logits"]
+        for runtime, name in (
+            ("onnx", "model.onnx"),
+            ("torch", "model.pt"),
+            ("openvino", "model.xml"),
+        )
+    ]
+    for other in answers[1:]:
+        np.testing.assert_allclose(other, answers[0], atol=1e-4)
 
     # Cached as a whole; a new version distills a new student from the same prepared teacher.
     assert build_from_spec(spec, zoo)["run"]["cached"] == ["blobs"]
@@ -234,6 +254,18 @@ def test_dynamic_onnx_quantization_of_the_full_model(tmp_path: Path) -> None:
             r"\[package\] files: file .*missing.txt does not exist",
         ),
         (("max_batch_size = 32", "max_batch_size = 0"), SpecError, r"\[serve\] max_batch_size"),
+        (("[8, 32]", "[8, 64]"), SpecError, r"\[serve\] preferred_batch_sizes"),
+        (('"openvino"]\nparameters', '"triton"]\nparameters'), SpecError, r"\[serve\] backends"),
+        (
+            ('outputs = ["logits"]', 'outputs = ["logits"]\ndynamic_axes = {{ y = [1] }}'),
+            SpecError,
+            r"\[model\] dynamic_axes y: not an input",
+        ),
+        (
+            ('outputs = ["logits"]', 'outputs = ["logits"]\ndynamic_axes = {{ x = [0] }}'),
+            SpecError,
+            r"\[model\] dynamic_axes x: expected a list of axes >= 1",
+        ),
     ],
 )
 def test_bad_prepare_and_distill_input_is_one_named_error_and_writes_nothing(
@@ -258,3 +290,61 @@ def test_a_spec_with_prepare_loads_before_its_outputs_exist(tmp_path: Path) -> N
     # The prepared files are not part of the spec's files: [prepare]'s key stands for them.
     assert all(p.parent == tmp_path / "ex" for p in spec.files())
     assert textwrap.dedent(spec.prepare.function) == "train:prepare"
+
+
+SEQUENCE = """
+import numpy as np
+import torch
+from torch import nn
+
+
+class Pool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        return self.proj(tokens).mean(dim=1)
+
+
+def make_model():
+    torch.manual_seed(0)
+    return Pool()
+
+
+def prepare(out, seed):
+    rng = np.random.default_rng(seed)
+    np.savez(out / "calib.npz", tokens=rng.normal(size=(32, 5, 4)).astype(np.float32))
+    np.savez(out / "val.npz", tokens=rng.normal(size=(48, 7, 4)).astype(np.float32))
+"""
+
+
+def test_dynamic_axes_make_a_sequence_length_vary(tmp_path: Path) -> None:
+    """A PyTorch model whose token axis varies: calibrated on 5 tokens, checked on 7, and its
+    variants run on 9; LiteRT (fixed shapes) is skipped with a line saying why."""
+    folder = tmp_path / "seq"
+    folder.mkdir()
+    (folder / "seq.py").write_text(SEQUENCE)
+    (folder / "model.toml").write_text(
+        '[model]\nname = "seq"\ntask = "generic"\ninputs = ["tokens"]\noutputs = ["pooled"]\n'
+        "dynamic_axes = { tokens = [1] }\n"
+        '[prepare]\nfunction = "seq:prepare"\noutputs = ["calib.npz", "val.npz"]\n'
+        '[full]\nfactory = "seq:make_model"\n'
+        '[edge]\nruntimes = ["onnx", "tflite", "torch"]\nquantize = "none"\n'
+        '[data]\ncalibration = "calib.npz"\nvalidation = "val.npz"\n'
+    )
+    zoo = tmp_path / "zoo"
+    entry = build_from_spec(folder / "model.toml", zoo)["models"]["seq"]
+    assert set(entry["variants"]) == {"onnx-fp32", "torch-fp32"}, entry["notes"]
+    assert any(
+        n.startswith("tflite: skipped, a LiteRT graph has fixed shapes") for n in entry["notes"]
+    )
+    trusted = TrustedKeys.from_files([zoo / "keys" / "signing.pub"])
+    nine = {"tokens": np.ones((2, 9, 4), np.float32)}
+    for name in ("onnx-fp32", "torch-fp32"):
+        variant = load_variant(zoo / "artifacts" / "seq" / "1" / name, trusted)
+        assert list(variant.manifest.inputs[0].shape) == [-1, -1, 4]
+    onnx_out = load_runner(
+        "onnx", zoo / "repository" / "seq" / "1" / "model.onnx", ["tokens"], ["pooled"]
+    )(nine)
+    assert onnx_out["pooled"].shape == (2, 3)

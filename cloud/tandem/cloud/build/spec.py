@@ -5,6 +5,8 @@ Layout (paths relative to the spec file)::
     [model]  name = "wine", task = "classification" | "embedding" | "regression" | "generic",
              scores = "probabilities"   # optional: the primary output (default: the first)
              inputs = ["x"], outputs = ["logits", "embedding"]   # optional, PyTorch sources
+             dynamic_axes = { input_ids = [1] }   # optional, PyTorch sources: axes besides
+                                                  # the batch that vary (a sequence)
     [full]   onnx = "wine.onnx" | torchscript = "m.pt" | exported_program = "m.pt2"
              | factory = "pkg.module:make_model" + weights = "model.pt"
     [edge]   quantize = "int8" | "none", runtimes = ["onnx", "openvino"]   # optional
@@ -21,9 +23,12 @@ Layout (paths relative to the spec file)::
              augment = "train:augment"            # optional: the edge model is a student
                                                   # distilled from the full model
     [edge]   onnx_quantization = "static" | "dynamic"   # optional, default static (QDQ)
+             openvino_model_type = "default" | "transformer"   # optional: NNCF's model type
     [package] files = ["tokenizer.json"]          # optional: shipped beside the model in
                                                   # every variant and the cloud repository
-    [serve]  max_batch_size = 64, parameters = { ... }   # optional: the repository config
+    [serve]  max_batch_size = 64, preferred_batch_sizes = [16, 32, 64],
+             backends = ["onnxruntime", "pytorch", "openvino"], parameters = { ... }
+                                                  # optional: the repository and its config
 
 A generative model (`task = "generation"`, the greedy KV-cache decoder build of
 `tandem.cloud.build.generative`) has its own keys::
@@ -58,13 +63,20 @@ QUANTIZE = ("int8", "none")
 EDGE_RUNTIMES = ("onnx", "openvino", "tflite", "torch")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SECTIONS: dict[str, tuple[str, ...]] = {
-    "model": ("name", "task", "scores", "inputs", "outputs"),
+    "model": ("name", "task", "scores", "inputs", "outputs", "dynamic_axes"),
     "prepare": ("function", "outputs"),
     "full": ("onnx", "torchscript", "exported_program", "factory", "weights"),
-    "edge": ("from", "quantize", "runtimes", "onnx_quantization", "distill"),
+    "edge": (
+        "from",
+        "quantize",
+        "runtimes",
+        "onnx_quantization",
+        "openvino_model_type",
+        "distill",
+    ),
     "data": ("calibration", "validation"),
     "package": ("files",),
-    "serve": ("max_batch_size", "parameters"),
+    "serve": ("max_batch_size", "preferred_batch_sizes", "backends", "parameters"),
     "checks": (
         "min_top1_agreement",
         "max_accuracy_drop",
@@ -94,6 +106,8 @@ _GENERATION_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 GENERATION_RUNTIMES = ("onnx", "openvino")
 ONNX_QUANTIZATION = ("static", "dynamic")
+OPENVINO_MODEL_TYPES = ("default", "transformer")  # nncf.quantize's model_type
+SERVE_BACKENDS = ("onnxruntime", "pytorch", "openvino")  # tandem.cloud.server.config.BACKENDS
 _DISTILL_KEYS = (
     "student",
     "data",
@@ -173,8 +187,13 @@ class ModelSpec:
     prepared_dir: Path | None = None  # where [prepare]'s outputs are (None: not made yet)
     distill: DistillSpec | None = None
     onnx_quantization: str = "static"
+    openvino_model_type: str = "default"
+    # PyTorch sources: input name -> the axes besides the batch that vary (a sequence)
+    dynamic_axes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     package_files: tuple[Path, ...] = ()
     max_batch_size: int = 64
+    preferred_batch_sizes: tuple[int, ...] = ()  # () : 16, 32, 64 up to max_batch_size
+    backends: tuple[str, ...] = ("onnxruntime",)  # the cloud repository's model files
     serve_parameters: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -328,6 +347,7 @@ def load_spec(path: Path, prepared_dir: Path | None = None) -> ModelSpec | Gener
 
     inputs = _names(model, "inputs")
     outputs = _names(model, "outputs")
+    dynamic_axes = _dynamic_axes(model.get("dynamic_axes", {}))
 
     prepare = _prepare(base, _table(document, "prepare", False))
     prepared = None
@@ -385,6 +405,12 @@ def load_spec(path: Path, prepared_dir: Path | None = None) -> ModelSpec | Gener
             f"[edge] onnx_quantization: {onnx_quantization!r} is not one of"
             f" {', '.join(ONNX_QUANTIZATION)}"
         )
+    openvino_model_type = edge.get("openvino_model_type", "default")
+    if openvino_model_type not in OPENVINO_MODEL_TYPES:
+        raise SpecError(
+            f"[edge] openvino_model_type: {openvino_model_type!r} is not one of"
+            f" {', '.join(OPENVINO_MODEL_TYPES)}"
+        )
     distill = None
     if "distill" in edge:
         distill = _distill(base, edge["distill"], prepared)
@@ -410,6 +436,27 @@ def load_spec(path: Path, prepared_dir: Path | None = None) -> ModelSpec | Gener
         or max_batch_size < 1
     ):
         raise SpecError(f"[serve] max_batch_size: expected an integer >= 1, got {max_batch_size!r}")
+    preferred = serve.get("preferred_batch_sizes", [])
+    if not isinstance(preferred, list) or any(
+        isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= max_batch_size
+        for b in preferred
+    ):
+        raise SpecError(
+            f"[serve] preferred_batch_sizes: expected integers in 1..max_batch_size"
+            f" ({max_batch_size}), got {preferred!r}"
+        )
+    backends = serve.get("backends", ["onnxruntime"])
+    if (
+        not isinstance(backends, list)
+        or "onnxruntime" not in backends
+        or any(b not in SERVE_BACKENDS for b in backends)
+    ):
+        raise SpecError(
+            f'[serve] backends: expected "onnxruntime" and optionally "pytorch", "openvino";'
+            f" got {backends!r}"
+        )
+    if "pytorch" in backends and source == "onnx":
+        raise SpecError('[serve] backends: "pytorch" needs a PyTorch source in [full]')
     parameters = serve.get("parameters", {})
     if not isinstance(parameters, Mapping) or any(
         isinstance(v, Mapping | list) for v in parameters.values()
@@ -448,10 +495,33 @@ def load_spec(path: Path, prepared_dir: Path | None = None) -> ModelSpec | Gener
         prepared_dir=prepared[0] if prepared and prepared_dir else None,
         distill=distill,
         onnx_quantization=str(onnx_quantization),
+        openvino_model_type=str(openvino_model_type),
+        dynamic_axes=dynamic_axes,
         package_files=package_files,
         max_batch_size=max_batch_size,
+        preferred_batch_sizes=tuple(sorted(set(preferred))),
+        backends=tuple(dict.fromkeys(backends)),
         serve_parameters=dict(parameters),
     )
+
+
+def _dynamic_axes(value: Any) -> dict[str, tuple[int, ...]]:
+    where = "[model] dynamic_axes"
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{where}: expected a table of input name = [axis, ...]")
+    result = {}
+    for name, axes in value.items():
+        if (
+            not isinstance(axes, list)
+            or not axes
+            or any(isinstance(a, bool) or not isinstance(a, int) or a < 1 for a in axes)
+        ):
+            raise SpecError(
+                f"{where} {name}: expected a list of axes >= 1 (axis 0, the batch, is always"
+                f" dynamic), got {axes!r}"
+            )
+        result[str(name)] = tuple(sorted(set(axes)))
+    return result
 
 
 def _callable(table: Mapping[str, Any], section: str, key: str, example: str = "function") -> str:

@@ -188,9 +188,24 @@ def torch_signature(
             f"[data] calibration: holds {sorted(sample)}; expected the model's inputs"
             f" {list(names)} (forward's parameters, or [model] inputs) and optionally labels"
         )
+    for name, axes in spec.dynamic_axes.items():
+        if name not in names:
+            raise SpecError(f"[model] dynamic_axes {name}: not an input; inputs: {list(names)}")
+        if max(axes) >= sample[name].ndim:
+            raise SpecError(
+                f"[model] dynamic_axes {name}: axis {max(axes)} is beyond its"
+                f" {sample[name].ndim} dimensions"
+            )
+
+    def shape(name: str) -> tuple[int, ...]:
+        dynamic = spec.dynamic_axes.get(name, ())
+        return tuple(
+            -1 if axis == 0 or axis in dynamic else size
+            for axis, size in enumerate(sample[name].shape)
+        )
+
     inputs = tuple(
-        TensorSpec(n, _datatype(sample[n].dtype, f"[data] input {n}"), (-1, *sample[n].shape[1:]))
-        for n in names
+        TensorSpec(n, _datatype(sample[n].dtype, f"[data] input {n}"), shape(n)) for n in names
     )
     out = run_module(model, {n: sample[n][:2] for n in names}, names)
     keys, values = _flatten(out, spec.outputs)
@@ -242,33 +257,42 @@ def export_onnx(
     inputs: Sequence[TensorSpec],
     outputs: Sequence[TensorSpec],
     sample: Mapping[str, Array],
+    check: Mapping[str, Array] | None = None,
 ) -> Path:
-    """FP32 ONNX with a dynamic batch dim (dynamo exporter; the TorchScript one as fallback)."""
+    """FP32 ONNX with a dynamic batch dim and the inputs' other -1 dims dynamic too (the
+    dynamo exporter; the TorchScript one where dynamo fails, or where ONNX Runtime cannot
+    load or run its graph on `check`, rows of another shape than `sample`)."""
     import torch
 
     in_names = [t.name for t in inputs]
     out_names = [t.name for t in outputs]
     args = _sample(sample, in_names, 2)
+    dynamic = {t.name: [a for a, d in enumerate(t.shape) if d == -1 and a > 0] for t in inputs}
     errors = []
     try:
         with torch_threads(1), quiet():
             batch = torch.export.Dim("batch", min=1, max=65536)
+            shapes = tuple(
+                {0: batch, **{a: torch.export.Dim.AUTO for a in dynamic[n]}} for n in in_names
+            )
             torch.onnx.export(
                 model,
                 args,
                 str(path),
                 input_names=in_names,
                 output_names=out_names,
-                dynamic_shapes=tuple({0: batch} for _ in in_names),
+                dynamic_shapes=shapes,
                 opset_version=ONNX_OPSET,
                 dynamo=True,
                 external_data=False,
                 verbose=False,
             )
+        _check_onnx(path, in_names, out_names, check or {n: sample[n][:3] for n in in_names})
         return path
     except Exception as exc:  # noqa: BLE001 - the exporter raises anything; the fallback follows
         errors.append(f"dynamo: {brief(exc, 200)}")
     try:
+        axes = {n: {0: "N", **{a: f"{n}_{a}" for a in dynamic[n]}} for n in in_names}
         with torch_threads(1), quiet():
             torch.onnx.export(
                 model,
@@ -276,7 +300,7 @@ def export_onnx(
                 str(path),
                 input_names=in_names,
                 output_names=out_names,
-                dynamic_axes={n: {0: "N"} for n in (*in_names, *out_names)},
+                dynamic_axes={**axes, **{n: {0: "N"} for n in out_names}},
                 opset_version=17,
                 dynamo=False,
             )
@@ -284,6 +308,16 @@ def export_onnx(
     except Exception as exc:  # noqa: BLE001 - reported with the first failure below
         errors.append(f"torchscript: {brief(exc, 200)}")
     raise ExportError("torch.onnx.export failed (" + "; ".join(errors) + ")")
+
+
+def _check_onnx(
+    path: Path, in_names: Sequence[str], out_names: Sequence[str], feeds: Mapping[str, Array]
+) -> None:
+    """ONNX Runtime loads the graph and runs it on `feeds` (a dynamo export can be a graph
+    that defines a name twice, or one that fixed a dimension that should vary)."""
+    from tandem.cloud.build.runners import load_runner
+
+    load_runner("onnx", path, list(in_names), list(out_names))({n: feeds[n] for n in in_names})
 
 
 def export_torch(
@@ -313,11 +347,30 @@ def export_torch(
             program = torch.export.export(
                 model,
                 _sample(sample, in_names, 2),
-                dynamic_shapes=tuple({0: batch} for _ in in_names),
+                dynamic_shapes=tuple(
+                    {0: batch, **{a: torch.export.Dim.AUTO for a in spec.dynamic_axes.get(n, ())}}
+                    for n in in_names
+                ),
             )
             torch.export.save(program, str(path))
     except Exception as exc:
         raise ExportError(f"torch.export failed: {brief(exc)}") from exc
+    return path
+
+
+def export_torchscript(
+    model: Any, path: Path, in_names: Sequence[str], sample: Mapping[str, Array]
+) -> Path:
+    """TorchScript of `model` (torch.jit.trace on two sample rows): the cloud repository's
+    `model.pt`, for the pytorch backend."""
+    import torch
+
+    try:
+        with torch_threads(1), quiet():
+            traced = torch.jit.trace(model.eval(), _sample(sample, in_names, 2))  # type: ignore[no-untyped-call]
+            traced.save(str(path))  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        raise ExportError(f"TorchScript trace failed: {brief(exc)}") from exc
     return path
 
 

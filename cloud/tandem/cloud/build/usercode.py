@@ -41,8 +41,15 @@ def _import(module_file: Path, module_name: str, stamp: tuple[int, int]) -> Modu
     if loaded is None or loaded.loader is None:
         raise ImportError(f"cannot import {module_file}")
     module = importlib.util.module_from_spec(loaded)
-    with on_path(_root(module_file, module_name)):
-        loaded.loader.exec_module(module)
+    # Registered first, as importlib's own recipe does: dataclasses, pickle and torch.save
+    # look a class's module up in sys.modules.
+    sys.modules[loaded.name] = module
+    try:
+        with on_path(_root(module_file, module_name)):
+            loaded.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(loaded.name, None)
+        raise
     return module
 
 
