@@ -1,7 +1,9 @@
-"""minilm in the built zoo: quality gate, speed figure, layout, signatures, tokenizer, references.
+"""minilm (examples/minilm, built by the spec build): data, quality gate, layout, signatures,
+tokenizer, references.
 
-Every test reads the session's `full_zoo` (built once, content-hash cached); the cosine
-similarity is both read from the report and recomputed here from the shipped artifacts.
+The first tests run examples/minilm/embed.py on its own (seconds). The others read the test
+zoo with minilm built (once, content-hash cached); the cosine similarity is both read from
+the report and recomputed here from the shipped artifacts.
 """
 
 from __future__ import annotations
@@ -9,15 +11,18 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sysconfig
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tandem.cloud.build import minilm
-from tandem.errors import ConfigError, SignatureError
+from tandem.cloud.build.checks import check_variant
+from tandem.cloud.build.spec import ModelSpec, load_spec
+from tandem.errors import SignatureError
 from tandem.sdk.artifacts import (
     MANIFEST_FILE,
     TrustedKeys,
@@ -27,16 +32,105 @@ from tandem.sdk.artifacts import (
     unpack_variant,
     verify_stored_files,
 )
+from tests.support.examples import load_example, spec_file
 
 VARIANTS = {"onnx-int8": "onnx", "openvino-int8": "openvino"}
 ENTRYPOINTS = {"onnx-int8": "model.onnx", "openvino-int8": "model.xml"}
-# Every 8th evaluation sentence: ~100 sentences, enough to see a broken quantization.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+# Every 8th validation sentence: ~100 sentences, enough to see a broken quantization.
 SUBSET_STEP = 8
+
+Array = np.ndarray[Any, Any]
+Embed = Callable[[dict[str, Array]], Array]
 
 
 @pytest.fixture(scope="module")
-def zoo(full_zoo: Path) -> Path:
-    return full_zoo
+def embed() -> ModuleType:
+    return load_example("minilm", "embed")
+
+
+@pytest.fixture(scope="module")
+def validation_sentences(embed: ModuleType) -> list[str]:
+    sentences: list[str] = embed.split_sentences(embed.stdlib_sentences())[0]
+    return sentences
+
+
+# --- the example's code, without a build ------------------------------------------------------
+
+
+def test_sentences_are_fixed_real_english_and_disjoint(embed: ModuleType) -> None:
+    sentences = embed.stdlib_sentences()
+    # Deterministic: a second parse gives the same list.
+    assert sentences == embed.stdlib_sentences(Path(sysconfig.get_paths()["stdlib"]))
+    validation, calibration = embed.split_sentences(sentences)
+    assert len(validation) >= 500 and len(calibration) == embed.CALIBRATION_SENTENCES
+    assert not set(validation) & set(calibration)
+    assert len({s.lower() for s in sentences}) == len(sentences)
+    for sentence in validation:
+        assert sentence.isascii() and sentence[0].isupper() and sentence[-1] in ".!?"
+        assert len(sentence.split()) >= 6
+    with pytest.raises(ValueError, match="at least 500"):
+        embed.split_sentences(sentences[:100])
+
+
+def test_first_sentence_rules(embed: ModuleType) -> None:
+    first = embed.first_sentence
+    assert first("Return the number of items in the queue. Not reliable.") == (
+        "Return the number of items in the queue."
+    )
+    # Wrapped docstring lines are joined; only the first paragraph counts.
+    assert first("Create a new\n    connection to the server now.\n\nMore.") == (
+        "Create a new connection to the server now."
+    )
+    assert first("Too short.") is None
+    assert first("foo(bar) -> int returns the value of the bar thing.") is None
+    assert first(None) is None
+
+
+def test_prepare_writes_the_tokenized_sentences_and_the_tokenizer(
+    embed: ModuleType, tmp_path: Path, validation_sentences: list[str]
+) -> None:
+    facts = embed.prepare(tmp_path, 0)
+    assert facts == {
+        "evaluation_sentences": len(validation_sentences),
+        "calibration_sentences": embed.CALIBRATION_SENTENCES,
+    }
+    assert {p.name for p in tmp_path.iterdir()} == {"calib.npz", "val.npz", *TOKENIZER_FILES}
+    tokenizer = embed.load_tokenizer(tmp_path / "tokenizer.json")
+    for name, rows in (("val.npz", facts["evaluation_sentences"]), ("calib.npz", 300)):
+        with np.load(tmp_path / name) as data:
+            assert set(data.files) == {"input_ids", "attention_mask"}
+            ids, mask = data["input_ids"], data["attention_mask"]
+        assert ids.dtype == mask.dtype == np.int64 and ids.shape == mask.shape
+        # Padded to the file's own longest sentence, with [PAD] (0) where the mask is 0.
+        assert ids.shape[0] == rows and mask.sum(1).max() == ids.shape[1]
+        assert (ids[mask == 0] == 0).all() and (mask == 0).any()
+    with np.load(tmp_path / "val.npz") as data:
+        ids, mask = data["input_ids"], data["attention_mask"]
+    # The shipped tokenizer.json gives each sentence exactly the ids the build was fed.
+    for row in (0, 1, len(validation_sentences) - 1):
+        alone = tokenizer.encode(validation_sentences[row]).ids
+        assert ids[row][mask[row] == 1].tolist() == alone
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == embed.MAX_SEQ_LENGTH == 256
+
+
+# --- the report ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zoo() -> Path:
+    """The test zoo with minilm built (cached by the pipeline), without needing digits."""
+    from tandem.cloud.build.pipeline import build_zoo
+    from tests.conftest import TEST_ZOO
+
+    build_zoo(TEST_ZOO, models=("minilm",))
+    return TEST_ZOO
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +138,13 @@ def entry(zoo: Path) -> dict[str, Any]:
     report = json.loads((zoo / "report.json").read_text())
     result: dict[str, Any] = report["models"]["minilm"]
     return result
+
+
+@pytest.fixture(scope="module")
+def spec(entry: dict[str, Any]) -> ModelSpec:
+    loaded = load_spec(spec_file("minilm"), prepared_dir=Path(entry["prepared_dir"]))
+    assert isinstance(loaded, ModelSpec)
+    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +170,6 @@ def _onnx_session(path: Path) -> Any:
     import onnxruntime as ort
 
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-Embed = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
 def _onnx_embedder(path: Path) -> Embed:
@@ -101,75 +199,33 @@ def _shipped_tokenizer(folder: Path) -> Any:
     return Tokenizer.from_file(str(folder / "tokenizer.json"))
 
 
-# --- the report --------------------------------------------------------------------------
+def _cosines(a: Array, b: Array) -> Array:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.asarray(np.sum(a * b, axis=1), dtype=np.float64)
 
 
-def test_report_holds_cosine_gate_and_speedup(zoo: Path, entry: dict[str, Any]) -> None:
-    assert entry["task"] == "embedding"
+def test_report_holds_the_cosine_gate_latency_and_sizes(
+    zoo: Path, entry: dict[str, Any], validation_sentences: list[str]
+) -> None:
+    assert entry["task"] == "embedding" and entry["source"] == "spec"
     metrics = entry["metrics"]
-    assert metrics["evaluation_sentences"] >= 500
-    assert metrics["evaluation_sentences"] == len(minilm.evaluation_sentences())
-    assert metrics["onnx_fp32_vs_torch_max_abs_diff"] <= minilm.EXPORT_TOLERANCE
+    assert metrics["evaluation_sentences"] == len(validation_sentences) >= 500
+    assert metrics["validation_rows"] == len(validation_sentences)
+    assert metrics["calibration_sentences"] == 300
     assert set(entry["variants"]) == set(VARIANTS)
+    fp32_size = (zoo / "repository" / "minilm" / "1" / "model.onnx").stat().st_size
     for variant, runtime in VARIANTS.items():
         row = entry["variants"][variant]
         assert row["runtime"] == runtime and row["precision"] == "int8"
-        assert row["cosine_sentences"] == metrics["evaluation_sentences"]
-        assert row["cosine_mean"] >= 0.98, (variant, row["cosine_mean"])
-        assert row["cosine_min"] <= row["cosine_mean"] <= 1.0 + 1e-6
-        # The speedup is reported, positive, and is the ratio of the two medians it quotes.
-        latency, baseline = row["latency_ms_batch1"], row["fp32_latency_ms_batch1"]
-        assert latency > 0 and baseline > 0
-        assert math.isfinite(row["speedup_vs_fp32"]) and row["speedup_vs_fp32"] > 0
-        assert row["speedup_vs_fp32"] == pytest.approx(baseline / latency, rel=1e-3)
+        assert 0.98 <= row["cosine_mean"] <= 1.0 + 1e-6, (variant, row["cosine_mean"])
+        assert math.isfinite(row["latency_ms_batch1"]) and row["latency_ms_batch1"] > 0
         # An INT8 model is about a quarter of the FP32 one; a variant that did not quantize
         # its weights would be as large as FP32.
-        assert row["size_bytes"] < 0.4 * metrics["fp32_size_bytes"]
+        assert 0 < row["size_bytes"] < 0.4 * fp32_size
+        assert 0 < row["stored_bytes"] < fp32_size
     markdown = (zoo / "report.md").read_text()
-    assert "## minilm v1" in markdown
-    assert "speedup_vs_fp32" in markdown and "cosine_mean" in markdown
-
-
-def test_evaluation_sentences_are_fixed_real_english_and_disjoint_from_calibration() -> None:
-    import sysconfig
-
-    sentences = minilm.stdlib_sentences()
-    # Deterministic: a second parse, bypassing the builder's cache, gives the same list.
-    again = minilm._stdlib_sentences.__wrapped__(Path(sysconfig.get_paths()["stdlib"]))
-    assert sentences == list(again)
-    evaluation, calibration = minilm.split_sentences(sentences)
-    assert len(evaluation) >= 500
-    assert not set(evaluation) & set(calibration)
-    assert len({s.lower() for s in sentences}) == len(sentences)
-    for sentence in evaluation:
-        assert sentence.isascii() and sentence[0].isupper() and sentence[-1] in ".!?"
-        assert len(sentence.split()) >= 6
-    with pytest.raises(minilm.QualityGateError):
-        minilm.split_sentences(sentences[:100])
-
-
-def test_first_sentence_rules() -> None:
-    first = minilm._first_sentence
-    assert first("Return the number of items in the queue. Not reliable.") == (
-        "Return the number of items in the queue."
-    )
-    # Wrapped docstring lines are joined; only the first paragraph counts.
-    assert first("Create a new\n    connection to the server now.\n\nMore.") == (
-        "Create a new connection to the server now."
-    )
-    assert first("Too short.") is None
-    assert first("foo(bar) -> int returns the value of the bar thing.") is None
-    assert first(None) is None
-
-
-def test_options_are_validated_by_name() -> None:
-    with pytest.raises(ConfigError, match=r"minilm\.threads"):
-        minilm.MiniLMOptions.from_mapping({"threads": 0})
-    with pytest.raises(ConfigError, match=r"minilm\.colour"):
-        minilm.MiniLMOptions.from_mapping({"colour": "blue"})
-    with pytest.raises(ConfigError, match=r"minilm\.torchscript"):
-        minilm.MiniLMOptions.from_mapping({"torchscript": 1})
-    assert minilm.MiniLMOptions.from_mapping({"latency_sentences": 5}).latency_sentences == 5
+    assert "## minilm v1" in markdown and "cosine_mean" in markdown
 
 
 # --- the cloud repository ----------------------------------------------------------------
@@ -180,14 +236,20 @@ def test_repository_layout_and_config(zoo: Path, entry: dict[str, Any]) -> None:
     config = json.loads((model_dir / "config.json").read_text())
     assert config["name"] == "minilm"
     assert config["backend"] == "onnxruntime"
-    assert config["max_batch_size"] >= 1
+    assert config["max_batch_size"] == 32
+    assert max(config["dynamic_batching"]["preferred_batch_sizes"]) <= config["max_batch_size"]
+    assert config["parameters"] == {
+        "max_sequence_length": 256,
+        "pooling": "mean",
+        "normalized": True,
+    }
     assert config["input"] == [
         {"name": "input_ids", "datatype": "INT64", "dims": [-1]},
         {"name": "attention_mask", "datatype": "INT64", "dims": [-1]},
     ]
     assert config["output"] == [{"name": "embedding", "datatype": "FP32", "dims": [384]}]
-    assert max(config["dynamic_batching"]["preferred_batch_sizes"]) <= config["max_batch_size"]
-    assert entry["repository"]["files"] == ["model.onnx", "model.pt"]
+    # The cloud model's folder carries the tokenizer too.
+    assert sorted(entry["repository"]["files"]) == sorted(["model.onnx", *TOKENIZER_FILES])
     for name in entry["repository"]["files"]:
         assert (model_dir / "1" / name).is_file()
 
@@ -200,34 +262,19 @@ def test_repository_layout_and_config(zoo: Path, entry: dict[str, Any]) -> None:
     assert output.shape[1] == 384
 
 
-def test_cloud_model_embeds_any_batch_and_length_normalised(zoo: Path) -> None:
+def test_cloud_model_embeds_any_batch_and_length_normalised(
+    zoo: Path, embed: ModuleType, validation_sentences: list[str]
+) -> None:
     """Batch and sequence axes are dynamic, and padding does not change an embedding."""
-    folder = zoo / "repository" / "minilm" / "1"
-    session = _onnx_session(folder / "model.onnx")
-    tokenizer = minilm.load_tokenizer(minilm.model_dir() / "tokenizer.json")
-    sentences = minilm.evaluation_sentences()[:5]
-    batch = minilm.tokenize(tokenizer, sentences)
-    together = session.run(["embedding"], batch)[0]
+    session = _onnx_session(zoo / "repository" / "minilm" / "1" / "model.onnx")
+    tokenizer = embed.load_tokenizer()
+    sentences = validation_sentences[:5]
+    together = session.run(["embedding"], embed.tokenize(tokenizer, sentences))[0]
     assert together.shape == (5, 384)
     np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
     for index, sentence in enumerate(sentences):
-        alone = session.run(["embedding"], minilm.tokenize(tokenizer, [sentence]))[0]
+        alone = session.run(["embedding"], embed.tokenize(tokenizer, [sentence]))[0]
         np.testing.assert_allclose(alone[0], together[index], atol=1e-5)
-
-
-def test_torchscript_matches_onnx(zoo: Path) -> None:
-    import torch
-
-    folder = zoo / "repository" / "minilm" / "1"
-    tokenizer = minilm.load_tokenizer(minilm.model_dir() / "tokenizer.json")
-    batch = minilm.tokenize(tokenizer, minilm.evaluation_sentences()[10:17])
-    module = torch.jit.load(str(folder / "model.pt"))
-    with torch.inference_mode():
-        traced = module(
-            torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])
-        )
-    onnx = _onnx_embedder(folder / "model.onnx")(batch)
-    np.testing.assert_allclose(traced.numpy(), onnx, atol=1e-4)
 
 
 # --- the edge variants -------------------------------------------------------------------
@@ -252,12 +299,12 @@ def test_variant_manifest_verifies_and_describes_the_model(
         {"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}
     ]
     names = {f.name for f in manifest.files}
-    assert set(minilm.TOKENIZER_FILES) <= names
+    assert set(TOKENIZER_FILES) <= names
     assert manifest.reference == "reference.npz" and "reference.npz" in names
     assert manifest.metrics["cosine_mean"] >= 0.98
-    for entry in manifest.files:
-        assert (loaded.path / entry.stored_as).is_file()
-        assert entry.stored_as.endswith(".zst")
+    for item in manifest.files:
+        assert (loaded.path / item.stored_as).is_file()
+        assert item.stored_as.endswith(".zst")
 
 
 def test_tampered_manifest_is_refused(zoo: Path, trusted: TrustedKeys, tmp_path: Path) -> None:
@@ -270,25 +317,25 @@ def test_tampered_manifest_is_refused(zoo: Path, trusted: TrustedKeys, tmp_path:
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_shipped_tokenizer_reproduces_reference_inputs(unpacked: Path, variant: str) -> None:
+def test_shipped_tokenizer_reproduces_reference_inputs(
+    unpacked: Path, variant: str, validation_sentences: list[str]
+) -> None:
     folder = unpacked / variant
     inputs, _ = split_reference(load_npz(folder / "reference.npz"))
     assert set(inputs) == {"input_ids", "attention_mask"}
-    count = inputs["input_ids"].shape[0]
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    count = ids.shape[0]
     assert count >= 2
     # The reference batch is padded: a runtime that ignored the mask would fail the check.
-    assert (inputs["attention_mask"] == 0).any()
-    sentences = minilm.evaluation_sentences()[:count]
-    encodings = _shipped_tokenizer(folder).encode_batch(sentences)
-    np.testing.assert_array_equal(np.array([e.ids for e in encodings]), inputs["input_ids"])
-    np.testing.assert_array_equal(
-        np.array([e.attention_mask for e in encodings]), inputs["attention_mask"]
-    )
+    assert (mask == 0).any()
+    tokenizer = _shipped_tokenizer(folder)
+    for row, sentence in enumerate(validation_sentences[:count]):
+        assert ids[row][mask[row] == 1].tolist() == tokenizer.encode(sentence).ids
     # Without `tokenizers`, a device can still read the WordPiece vocabulary and the limits.
     vocabulary = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
     assert len(vocabulary) == 30522 and vocabulary[0] == "[PAD]"
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    assert config["model_max_length"] == minilm.MAX_SEQ_LENGTH and config["do_lower_case"]
+    assert config["model_max_length"] == 256 and config["do_lower_case"]
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -305,18 +352,20 @@ def test_reference_outputs_reproduce_with_the_variants_runtime(
 
 
 @pytest.fixture(scope="module")
-def subset() -> list[str]:
-    sentences = minilm.evaluation_sentences()[::SUBSET_STEP]
+def subset(validation_sentences: list[str]) -> list[str]:
+    sentences = validation_sentences[::SUBSET_STEP]
     assert len(sentences) >= 60
     return sentences
 
 
 @pytest.fixture(scope="module")
-def fp32_subset(zoo: Path, subset: list[str]) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
-    """The subset in batches of 16 (raw tokenizer from the model package) and its FP32
-    embeddings from the cloud repository's model.onnx."""
-    tokenizer = minilm.load_tokenizer(minilm.model_dir() / "tokenizer.json")
-    feeds = [minilm.tokenize(tokenizer, subset[i : i + 16]) for i in range(0, len(subset), 16)]
+def fp32_subset(
+    zoo: Path, embed: ModuleType, subset: list[str]
+) -> tuple[list[dict[str, Array]], Array]:
+    """The subset in batches of 16 (the package's own tokenizer) and its FP32 embeddings
+    from the cloud repository's model.onnx."""
+    tokenizer = embed.load_tokenizer()
+    feeds = [embed.tokenize(tokenizer, subset[i : i + 16]) for i in range(0, len(subset), 16)]
     fp32 = _onnx_embedder(zoo / "repository" / "minilm" / "1" / "model.onnx")
     return feeds, np.concatenate([fp32(feed) for feed in feeds])
 
@@ -325,7 +374,7 @@ def test_cosine_recomputed_from_the_artifacts(
     unpacked: Path,
     entry: dict[str, Any],
     subset: list[str],
-    fp32_subset: tuple[list[dict[str, np.ndarray]], np.ndarray],
+    fp32_subset: tuple[list[dict[str, Array]], Array],
 ) -> None:
     """INT8 variants against the cloud FP32 model, tokenized with the shipped tokenizer."""
     feeds, fp32 = fp32_subset
@@ -340,48 +389,62 @@ def test_cosine_recomputed_from_the_artifacts(
                 "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
                 "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
             }
-            # The shipped tokenizer tokenizes exactly as the build did.
+            # The shipped tokenizer tokenizes exactly as the package's does.
             np.testing.assert_array_equal(feed["input_ids"], expected["input_ids"])
             parts.append(int8(feed))
-        cosines = minilm.cosine_similarities(np.concatenate(parts), fp32)
+        cosines = _cosines(np.concatenate(parts), fp32)
         assert cosines.mean() >= 0.98, (variant, cosines.mean())
         # The subset agrees with the figure the report quotes for the whole set.
         assert cosines.mean() == pytest.approx(entry["variants"][variant]["cosine_mean"], abs=0.01)
 
 
 def test_gate_refuses_a_per_tensor_quantization(
-    zoo: Path, tmp_path: Path, fp32_subset: tuple[list[dict[str, np.ndarray]], np.ndarray]
+    zoo: Path,
+    tmp_path: Path,
+    spec: ModelSpec,
+    fp32_subset: tuple[list[dict[str, Array]], Array],
 ) -> None:
-    """The gate can fail: per-tensor weight scales lose too much, and the build says so."""
+    """The gate can fail: per-tensor weight scales lose too much (mean cosine ~0.966)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     coarse = tmp_path / "per-tensor.onnx"
-    minilm.quantize_onnx(
-        zoo / "repository" / "minilm" / "1" / "model.onnx", coarse, tmp_path, per_channel=False
+    quantize_dynamic(
+        str(zoo / "repository" / "minilm" / "1" / "model.onnx"),
+        str(coarse),
+        per_channel=False,
+        weight_type=QuantType.QInt8,
     )
     feeds, fp32 = fp32_subset
-    int8 = _onnx_embedder(coarse)
-    cosines = minilm.cosine_similarities(np.concatenate([int8(f) for f in feeds]), fp32)
-    with pytest.raises(minilm.QualityGateError, match=r"below the 0\.98 gate"):
-        minilm.check_cosine_gate("onnx-int8-per-tensor", cosines)
-    with pytest.raises(minilm.QualityGateError):
-        minilm.check_cosine_gate("empty", np.array([]))
-    minilm.check_cosine_gate("identical", np.ones(10))
+    int8 = np.concatenate([_onnx_embedder(coarse)(f) for f in feeds])
+    assert spec.checks["min_cosine"] == 0.98
+    metrics, misses = check_variant(spec, fp32, int8, None)
+    assert metrics["cosine_mean"] < 0.98
+    assert len(misses) == 1 and "< 0.98" in misses[0]
+    assert check_variant(spec, fp32, fp32, None)[1] == []
 
 
 def test_model_loads_with_the_network_switched_off(
-    monkeypatch: pytest.MonkeyPatch, fp32_subset: tuple[list[dict[str, np.ndarray]], np.ndarray]
+    monkeypatch: pytest.MonkeyPatch,
+    embed: ModuleType,
+    fp32_subset: tuple[list[dict[str, Array]], Array],
 ) -> None:
     """The weights come from the package folder: no socket is needed to load them."""
     import socket
+
+    import torch
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise OSError("network access attempted while loading minilm")
 
     for name in ("socket", "create_connection", "getaddrinfo"):
         monkeypatch.setattr(socket, name, refuse)
-    embedder = minilm.load_embedder()
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)  # make_model must switch them on itself
+    model = embed.make_model()
     feeds, fp32 = fp32_subset
-    embedded = minilm.torch_embed(embedder, feeds[0])
-    np.testing.assert_allclose(embedded, fp32[: len(embedded)], atol=1e-4)
+    with torch.inference_mode():
+        embedded = model(*(torch.from_numpy(feeds[0][k]) for k in ("input_ids", "attention_mask")))
+    np.testing.assert_allclose(embedded.numpy(), fp32[: len(embedded)], atol=1e-4)
 
 
 def test_unchanged_rebuild_comes_from_the_cache(zoo: Path) -> None:
