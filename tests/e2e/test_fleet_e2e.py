@@ -130,7 +130,7 @@ def fleet(
                 )
             )
         split = tmp_path / "test-split.npz"
-        write_test_split(split)
+        write_test_split(split, story.reports[1])
         procs.append(
             subprocess.Popen(
                 [

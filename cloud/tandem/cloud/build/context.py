@@ -1,6 +1,6 @@
 """What a model builder gets from the pipeline: `BuildContext`, and progress events.
 
-A model module (`digits`, `minilm`) exposes::
+A builder (`user.build_spec_file`, bound to a spec; `generative.build_generative`) is::
 
     def build(ctx: BuildContext) -> dict[str, Any]
 
@@ -15,11 +15,12 @@ and must, for `ctx.model` at `ctx.version`:
   differ), so that the same inputs give the same build;
 - keep temporary files under `ctx.work_dir` (removed after the build) and anything worth
   keeping across builds (e.g. a trained teacher) under `ctx.cache_dir`;
-- read model-specific switches from `ctx.options` (e.g. digits' `student_variant`);
+- read model-specific switches from `ctx.options` (e.g. a distilled model's
+  `student_variant`);
 - return its report entry, a JSON-able dict::
 
       {"model": "digits", "version": 1, "task": "classification",
-       "metrics": {...model-level numbers, e.g. teacher_accuracy, ece_before...},
+       "metrics": {...model-level numbers, e.g. teacher_accuracy, student_accuracy...},
        "variants": {"onnx-int8": {"runtime": "onnx", "precision": "int8",
                                   "size_bytes": ..., "stored_bytes": ...,
                                   "latency_ms_batch1": ..., ...variant numbers...}, ...},

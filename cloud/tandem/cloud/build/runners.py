@@ -109,7 +109,7 @@ def _tflite(path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...], threa
         return [np.array(interpreter.get_tensor(d["index"])) for d in out_details]
 
     def run(feeds: Mapping[str, Array]) -> dict[str, Array]:
-        # The model has a fixed batch (see digits' report): feed it slice by slice.
+        # A LiteRT graph has a fixed batch (litert-torch pins it): feed it slice by slice.
         batch = int(feeds[inputs[0]].shape[0])
         chunks: list[list[Array]] = []
         for start in range(0, batch, fixed_batch):

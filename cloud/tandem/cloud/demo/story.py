@@ -43,6 +43,7 @@ from .summary import (
     traffic_summary,
 )
 from .zoo import StoryZoo
+from .zoo import accuracy as zoo_accuracy
 
 # What the fleet should hold of v1 from each device (on average) before the first rollout: at
 # 8 requests a second and 25% shadow sampling, about 10 s of traffic. With it the one-device
@@ -198,11 +199,11 @@ class Story(Launcher):
         labels = {1: "the first student", 2: "a retrained student", 3: "a bad student"}
         for version, entry in sorted(story.reports.items()):
             metrics = entry.get("metrics") or {}
-            acc = metrics.get("student_fp32_accuracy")
-            shown = f"{100 * float(acc):.1f}%" if isinstance(acc, int | float) else "?"
+            acc = zoo_accuracy(entry)
+            shown = f"{100 * acc:.1f}%" if acc is not None else "?"
             self.say(
                 f"   digits v{version}: {labels.get(version, '')} "
-                f"({metrics.get('student_variant', 'normal')}), test accuracy {shown}"
+                f"({metrics.get('student_variant', 'normal')}), validation accuracy {shown}"
             )
         return story
 
