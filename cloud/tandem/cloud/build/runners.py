@@ -46,14 +46,9 @@ def load_runner(
 
 
 def _onnx(path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...], threads: int) -> Runner:
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise MissingDependencyError("onnxruntime", "onnx", "ONNX variants") from exc
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from tandem.sdk.runtimes.onnx import cpu_session
+
+    session = cpu_session(path, threads)
 
     def run(feeds: Mapping[str, Array]) -> dict[str, Array]:
         values = session.run(list(outputs), {name: feeds[name] for name in inputs})

@@ -79,14 +79,9 @@ def decoder_session(model_path: Path, runtime: str = "onnx", *, threads: int = 2
         return OpenVINODecoder(model_path, threads)
     if runtime != "onnx":
         raise InputError(f"no local generation backend for runtime {runtime!r}")
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise MissingDependencyError("onnxruntime", "generation", "local text generation") from exc
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    from tandem.sdk.runtimes.onnx import cpu_session
+
+    return cpu_session(model_path, threads)
 
 
 class LocalGenerator:

@@ -23,6 +23,26 @@ PROVIDER_PRIORITY = (
 )
 
 
+def session_options(ort: Any, threads: int) -> Any:
+    """The options of every tandem ONNX Runtime session: `threads` intra-op threads (a small
+    model answers faster on one thread than after waking a pool), one inter-op thread, and
+    warnings and errors only in the log."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+def cpu_session(path: Path, threads: int = 1) -> Any:
+    """An ONNX Runtime session over `path` on the CPU provider (the build's runners, the
+    local text generator): `MissingDependencyError` names the `onnx` extra when absent."""
+    ort = OnnxRuntime.import_package()
+    return ort.InferenceSession(
+        str(path), sess_options=session_options(ort, threads), providers=["CPUExecutionProvider"]
+    )
+
+
 @register_runtime
 class OnnxRuntime(Runtime):
     name = "onnx"
@@ -54,11 +74,7 @@ class OnnxRuntime(Runtime):
         ort = cls.import_package()
         available = set(ort.get_available_providers())
         chosen = [p for p in (providers or PROVIDER_PRIORITY) if p in available]
-        options = ort.SessionOptions()
-        # A small model answers faster on one thread than after waking a pool.
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options = session_options(ort, intra_op_threads)
         try:
             session = ort.InferenceSession(
                 str(model_dir / manifest.entrypoint), sess_options=options, providers=chosen
