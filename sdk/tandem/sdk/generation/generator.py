@@ -59,10 +59,7 @@ class OpenVINODecoder:
             ov = ov_runtime.import_openvino()
         except ImportError as exc:
             raise MissingDependencyError("openvino", "openvino", "OpenVINO generation") from exc
-        core = ov_runtime._shared_core(ov)
-        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
-        with ov_runtime._CORE_LOCK:  # compiling under the runtime layer's lock (see there)
-            self._compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+        self._compiled = ov_runtime.compile_model(ov, model_path, threads=threads)
         self._request = self._compiled.create_infer_request()
         self._ports = {port.get_any_name(): port for port in self._compiled.outputs}
 

@@ -50,6 +50,21 @@ def _shared_core(ov: Any) -> Any:
         return _CORE
 
 
+def compile_model(
+    ov: Any, path: Path, *, device: str = "CPU", threads: int = 1, precision: str = "f32"
+) -> Any:
+    """The IR (or ONNX) file at `path`, read and compiled on the process's one Core under its
+    lock (see above). Pinned to `precision` f32: on CPUs with bf16 units OpenVINO would
+    otherwise run an fp32 model in bf16 and drift from the reference outputs (INT8 layers
+    stay INT8 either way). Raises OpenVINO's RuntimeError."""
+    core = _shared_core(ov)
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
+    if device == "CPU":
+        config["INFERENCE_NUM_THREADS"] = threads
+    with _CORE_LOCK:
+        return core.compile_model(core.read_model(str(path)), device, config)
+
+
 @register_runtime
 class OpenVINORuntime(Runtime):
     name = "openvino"
@@ -85,16 +100,15 @@ class OpenVINORuntime(Runtime):
         precision: str = "f32",
         **_: Any,
     ) -> OpenVINORuntime:
-        core = _shared_core(cls.import_package())
+        ov = cls.import_package()
         try:
-            # Pinned to f32: on CPUs with bf16 units OpenVINO would otherwise run an fp32 model
-            # in bf16 and drift from the reference outputs (INT8 layers stay INT8 either way).
-            config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
-            if device == "CPU":
-                config["INFERENCE_NUM_THREADS"] = threads
-            with _CORE_LOCK:
-                model = core.read_model(str(model_dir / manifest.entrypoint))
-                compiled = core.compile_model(model, device, config)
+            compiled = compile_model(
+                ov,
+                model_dir / manifest.entrypoint,
+                device=device,
+                threads=threads,
+                precision=precision,
+            )
         except RuntimeError as exc:
             raise RuntimeBackendError(f"OpenVINO cannot load {manifest.entrypoint}: {exc}") from exc
         return cls(manifest, model_dir, compiled, device)
