@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tandem.cloud.build.errors import SpecDataError, SpecError
+from tandem.cloud.build.prepare import KEEP, run_prepare
 from tandem.cloud.build.runners import load_runner
 from tandem.cloud.build.spec import load_spec
 from tandem.cloud.build.user import build_from_spec
@@ -193,6 +194,14 @@ def test_prepare_then_distill_builds_checked_student_variants(tmp_path: Path) ->
     (tmp_path / "ex" / "train.py").write_text(TRAIN + "\n# edited\n")
     build_from_spec(spec, zoo, version=2)
     assert calls(tmp_path / "ex") == ["0", "0"]
+    # Old prepared folders go once there are more than prepare.KEEP.
+    loaded = load_spec(spec)
+    assert loaded.prepare is not None
+    for edit in range(2):
+        (tmp_path / "ex" / "train.py").write_text(TRAIN + f"\n# edit {edit}\n")
+        run_prepare(spec, loaded.prepare, zoo / ".cache" / "blobs", seed=0, libraries={})
+    kept = sorted(p.name for p in (zoo / ".cache" / "blobs").glob("prepare-*"))
+    assert len(kept) == KEEP and prepared.name not in kept
 
 
 def test_a_bad_student_is_published_with_a_note_and_is_bad(tmp_path: Path) -> None:

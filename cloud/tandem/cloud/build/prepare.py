@@ -36,6 +36,7 @@ from tandem.sdk.atomic import write_atomic
 log = logging.getLogger(__name__)
 
 RECORD = "prepare.json"
+KEEP = 3  # prepared folders kept per model (the newest); older ones are deleted
 ZOO_MARKER = ".build.lock"  # pipeline.zoo_lock's file: the folder is a zoo
 _SKIPPED = ("__pycache__",)
 
@@ -121,8 +122,22 @@ def run_prepare(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _prune(cache_dir, keep=folder)
     log.info("%s: [prepare] made %s in %.1f s", spec_path.name, ", ".join(prepare.outputs), seconds)
     return folder, dict(metrics), False
+
+
+def _prune(cache_dir: Path, keep: Path) -> None:
+    """Deletes all but the KEEP newest prepared folders (each edit of a spec's code makes
+    one; a teacher's weights are megabytes). The zoo lock is held: no build reads them."""
+    folders = sorted(
+        (p for p in cache_dir.glob("prepare-*") if p.is_dir() and p != keep),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for old in folders[KEEP - 1 :]:
+        log.info("deleting the old prepared folder %s", old)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_record(folder: Path, key: str, outputs: tuple[str, ...]) -> dict[str, Any] | None:
