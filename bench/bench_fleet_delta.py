@@ -80,9 +80,9 @@ def export(model: Any, path: Path, sample: Any) -> bytes:
 
 
 def quantize_int8(fp32: Path, out: Path, sample: Any) -> bytes:
-    from tandem.cloud.build.user import _onnx_int8  # the build's own static QDQ INT8
+    from tandem.cloud.build.user import onnx_int8  # the build's own static QDQ INT8
 
-    return _onnx_int8(fp32, out, {"pixels": sample}).read_bytes()
+    return onnx_int8(fp32, out, {"pixels": sample}).read_bytes()
 
 
 def measure(name: str, old: bytes, new: bytes, benchmark: Any) -> None:
