@@ -46,6 +46,11 @@ def test_spec_parsing_names_the_wrong_option() -> None:
         "threshold": 0.02,
         "min_samples": 50,
     }
+    assert parse_gate("error_rate:+0.01") == {
+        "metric": "error_rate",
+        "threshold": 0.01,
+        "relative": True,
+    }
     assert parse_tags(["ring=canary"]) == {"ring": "canary"}
     for bad, fn in (("x", parse_stage), ("latency:1", parse_gate), ("a:b", parse_gate)):
         with pytest.raises(ConfigError):

@@ -89,20 +89,25 @@ def parse_stage(spec: str) -> dict[str, float]:
 
 
 def parse_gate(spec: str) -> dict[str, Any]:
-    """``METRIC:THRESHOLD[:MIN_SAMPLES]``, e.g. ``error_rate:0.02:50``."""
+    """``METRIC:THRESHOLD[:MIN_SAMPLES]``, e.g. ``error_rate:0.02:50``; a threshold with a
+    leading ``+`` bounds the difference to the baseline version instead (a relative gate):
+    ``error_rate:+0.01`` fails when the new version's error rate is 1 point above the old's."""
     parts = spec.split(":")
     if len(parts) not in (2, 3) or parts[0] not in GATE_METRICS:
         raise ConfigError(
             "--gate",
-            f"{spec!r} is not METRIC:THRESHOLD[:MIN_SAMPLES] with METRIC one of "
+            f"{spec!r} is not METRIC:[+]THRESHOLD[:MIN_SAMPLES] with METRIC one of "
             + ", ".join(GATE_METRICS),
         )
+    relative = parts[1].startswith("+")
     try:
-        gate: dict[str, Any] = {"metric": parts[0], "threshold": float(parts[1])}
+        gate: dict[str, Any] = {"metric": parts[0], "threshold": float(parts[1].lstrip("+"))}
         if len(parts) == 3:
             gate["min_samples"] = int(parts[2])
     except ValueError:
         raise ConfigError("--gate", f"{spec!r}: threshold and samples must be numbers") from None
+    if relative:
+        gate["relative"] = True
     return gate
 
 
@@ -325,7 +330,10 @@ def create(
     gate: Annotated[
         list[str] | None,
         typer.Option(
-            "--gate", "-g", help="METRIC:THRESHOLD[:MIN_SAMPLES], checked at every stage."
+            "--gate",
+            "-g",
+            help="METRIC:THRESHOLD[:MIN_SAMPLES], checked at every stage;"
+            " METRIC:+THRESHOLD bounds the difference to the baseline version.",
         ),
     ] = None,
     tag: Annotated[
