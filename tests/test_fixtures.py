@@ -42,8 +42,8 @@ def test_broker_enforces_acl(mosquitto: Broker) -> None:
     time.sleep(0.3)
     assert received == ["tandem/v1/devices/dev-1/reports"]
     for c in (admin, device):
+        c.disconnect()  # first: it wakes the network thread, so loop_stop returns at once
         c.loop_stop()
-        c.disconnect()
 
 
 def test_broker_refuses_bad_password(mosquitto: Broker) -> None:
@@ -60,6 +60,7 @@ def test_broker_refuses_bad_password(mosquitto: Broker) -> None:
     client.connect(mosquitto.host, mosquitto.port)
     client.loop_start()
     assert done.wait(5)
+    client.disconnect()  # ends the retries and wakes the network thread: loop_stop is prompt
     client.loop_stop()
     assert getattr(result[0], "is_failure", True)
 

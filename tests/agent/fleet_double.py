@@ -77,8 +77,10 @@ class FleetDouble:
 
     def close(self) -> None:
         self._work.put(None)
-        self.client.loop_stop()
+        # DISCONNECT first: it wakes paho's network thread, which then ends at once; stopped
+        # first, the thread sleeps out its select timeout (up to 1 s) before it sees the flag.
         self.client.disconnect()
+        self.client.loop_stop()
 
     # --- MQTT
 

@@ -198,8 +198,8 @@ def test_broker_acl_keeps_a_device_in_its_own_subtree(fleet_broker: Broker) -> N
     wait_until(lambda: snooped, 5, message="own desired state delivered")
     assert snooped == [topics.device_topic("dev-1", topics.DESIRED)], snooped
     for client in (admin, device):
+        client.disconnect()  # first: it wakes the network thread, so loop_stop returns at once
         client.loop_stop()
-        client.disconnect()
 
 
 def test_agent_runs_inside_an_app_process(

@@ -75,8 +75,8 @@ class Publisher:
         return got[0]
 
     def close(self) -> None:
+        self.client.disconnect()  # first: it wakes the network thread (loop_stop is then prompt)
         self.client.loop_stop()
-        self.client.disconnect()
 
 
 def valid_messages(device: str) -> dict[str, bytes]:
