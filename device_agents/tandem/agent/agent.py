@@ -110,11 +110,16 @@ class Agent(
             raise AgentError(f"agent failed to start: {self.error}") from self.error
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def request_stop(self) -> None:
+        """Asks the agent to stop and returns at once (a signal handler may call it): the
+        agent publishes its offline presence and disconnects; `wait()` says when it is done."""
         loop, stop = self._loop, self._stop
         if loop is not None and stop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(stop.set)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
 
