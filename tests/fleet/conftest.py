@@ -19,7 +19,13 @@ from tandem.cloud.fleet.broker_config import BrokerConfig, Written, write_broker
 from tandem.cloud.fleet.store import Store
 from tests.fleet.helpers import fake_zoo
 from tests.support.mosquitto import MOSQUITTO
-from tests.support.processes import free_port, stop_process, wait_for_port, wait_until
+from tests.support.processes import (
+    free_port,
+    stop_process,
+    stop_processes,
+    wait_for_port,
+    wait_until,
+)
 
 TANDEM = str(Path(sys.executable).parent / "tandem")
 TOKEN = "test-token"
@@ -117,15 +123,17 @@ class ServiceProcess:
         )
         wait_for_port(self.rest_port, proc=self.proc, timeout=30)
 
-    def stop(self, kill: bool = False) -> None:
+    def stop(self, kill: bool = False) -> int | None:
+        """SIGTERM (or SIGKILL); the exit status, None when it was not running."""
         if self.proc is None:
-            return
+            return None
         if kill:
             self.proc.kill()
             self.proc.wait(10)
         else:
             stop_process(self.proc)
-        self.proc = None
+        code, self.proc = self.proc.returncode, None
+        return code
 
     def get(self, path: str, **kw: object) -> object:
         r = self.http.get(path, **kw)  # type: ignore[arg-type]
@@ -205,8 +213,9 @@ def fleet_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
         return svc
 
     yield make
+    stop_processes(svc.proc for svc in started if svc.proc is not None)
     for svc in started:
-        svc.stop()
+        svc.stop()  # already exited: only forgets the process
         svc.http.close()
 
 

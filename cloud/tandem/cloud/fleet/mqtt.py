@@ -179,9 +179,12 @@ class MqttLink:
             self.stop()
             raise BrokerError(f"no MQTT session with {self.settings.url} after {timeout}s")
 
-    def stop(self) -> None:
-        """Leaves the broker first (no message is taken after that), then finishes what was
-        taken: queued presence, reports and telemetry are written before the threads end."""
+    def leave(self) -> None:
+        """The first half of `stop`, which a caller may start early (while its REST server
+        and engine wind down): hands this replica's share of the devices' messages to the
+        other replicas and takes what was already on its way. Publishing still works."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         self._chunks.shutdown(wait=False, cancel_futures=True)
         if self.connected:
@@ -198,6 +201,11 @@ class MqttLink:
                 if time.monotonic() - self._last_message > self.settings.leave_grace_s:
                     break
                 time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Leaves the broker first (no message is taken after that), then finishes what was
+        taken: queued presence, reports and telemetry are written before the threads end."""
+        self.leave()
         # A clean stop ends the session at the broker: otherwise it would keep queueing this
         # replica's share of the shared subscriptions until the session expires. (After a
         # crash the session stays, and its share is delivered when the replica returns.)
@@ -270,7 +278,8 @@ class MqttLink:
                 self._ack(ack)
         elif leaf == topics.CHUNK_REQUEST:
             self._ack(ack)  # a device asks again when a stream stalls
-            self._chunks.submit(self._serve_chunks, device_id, payload)
+            if not self._stopping.is_set():  # leaving: the chunk workers are shut down
+                self._chunks.submit(self._serve_chunks, device_id, payload)
         else:
             self._drop("message on unexpected leaf %r", msg.topic)
             self._ack(ack)

@@ -73,6 +73,11 @@ class FleetNode:
         self._stop.set()
         if self._rest is not None:
             self._rest.should_exit = True  # type: ignore[attr-defined]
+        if self.link is not None:
+            # Leaving the shared subscriptions (and taking what the broker already sent) takes
+            # a quiet spell of `leave_grace_s`; the REST server and the engine wind down in
+            # their threads meanwhile instead of one after the other (~0.2 s per stop).
+            self.link.leave()
         for t in self._threads:
             t.join(10)
         if self.link is not None:
