@@ -237,19 +237,21 @@ def test_repository_layout_and_config(zoo: Path, entry: dict[str, Any]) -> None:
     assert config["name"] == "minilm"
     assert config["backend"] == "onnxruntime"
     assert config["max_batch_size"] == 32
-    assert max(config["dynamic_batching"]["preferred_batch_sizes"]) <= config["max_batch_size"]
+    assert config["dynamic_batching"]["preferred_batch_sizes"] == [8, 16, 32]
+    # [serve] parameters, and the file the pytorch backend loads.
     assert config["parameters"] == {
         "max_sequence_length": 256,
         "pooling": "mean",
         "normalized": True,
+        "pytorch_file": "model.pt",
     }
     assert config["input"] == [
         {"name": "input_ids", "datatype": "INT64", "dims": [-1]},
         {"name": "attention_mask", "datatype": "INT64", "dims": [-1]},
     ]
     assert config["output"] == [{"name": "embedding", "datatype": "FP32", "dims": [384]}]
-    # The cloud model's folder carries the tokenizer too.
-    assert sorted(entry["repository"]["files"]) == sorted(["model.onnx", *TOKENIZER_FILES])
+    # ONNX Runtime and TorchScript (the pytorch backend); the folder carries the tokenizer too.
+    assert entry["repository"]["files"] == sorted(["model.onnx", "model.pt", *TOKENIZER_FILES])
     for name in entry["repository"]["files"]:
         assert (model_dir / "1" / name).is_file()
 
@@ -275,6 +277,22 @@ def test_cloud_model_embeds_any_batch_and_length_normalised(
     for index, sentence in enumerate(sentences):
         alone = session.run(["embedding"], embed.tokenize(tokenizer, [sentence]))[0]
         np.testing.assert_allclose(alone[0], together[index], atol=1e-5)
+
+
+def test_torchscript_matches_onnx(
+    zoo: Path, embed: ModuleType, validation_sentences: list[str]
+) -> None:
+    import torch
+
+    folder = zoo / "repository" / "minilm" / "1"
+    batch = embed.tokenize(embed.load_tokenizer(), validation_sentences[10:17])
+    module = torch.jit.load(str(folder / "model.pt"))
+    with torch.inference_mode():
+        traced = module(
+            torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])
+        )
+    onnx = _onnx_embedder(folder / "model.onnx")(batch)
+    np.testing.assert_allclose(traced.numpy(), onnx, atol=1e-4)
 
 
 # --- the edge variants -------------------------------------------------------------------
