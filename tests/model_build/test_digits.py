@@ -100,6 +100,17 @@ def test_cloud_teacher_runs_with_dynamic_batches_and_is_the_measured_one(
     val = _prepared(digits_zoo, "val.npz")
     val_logits = run_batched(runner, {"pixels": val["pixels"]})["logits"]
     assert _accuracy(val_logits, val["labels"]) == pytest.approx(metrics["full_accuracy"], abs=1e-6)
+    # TorchScript and OpenVINO IR of the same teacher give the same logits
+    folder = digits_zoo / "repository" / "digits" / "1"
+    scripted = load_runner("torch", folder / "model.pt", ["pixels"], ["logits"])
+    np.testing.assert_allclose(
+        scripted({"pixels": test["pixels"][:16]})["logits"], logits[:16], rtol=1e-3, atol=1e-3
+    )
+    ir = load_runner("openvino", folder / "model.xml", ["pixels"], ["logits"])
+    for batch in (1, 64):
+        np.testing.assert_allclose(
+            ir({"pixels": test["pixels"][:batch]})["logits"], logits[:batch], rtol=1e-3, atol=1e-3
+        )
 
 
 def test_temperature_scaling_lowers_calibration_error(digits_zoo: Path) -> None:
@@ -141,7 +152,13 @@ def test_layout_and_repository_config(digits_zoo: Path) -> None:
     }
     assert config["instance_group"] == {"count": 1, "kind": "auto"}
     assert config["version_policy"] == {"latest": {"num_versions": 1}}
-    assert (repo / "1" / "model.onnx").stat().st_size > 100_000  # the 620k-parameter teacher
+    assert config["parameters"]["pytorch_file"] == "model.pt"
+    assert config["parameters"]["openvino_file"] == "model.xml"
+    # the 620k-parameter teacher, for each backend an operator can switch to
+    assert (repo / "1" / "model.onnx").stat().st_size > 100_000
+    assert (repo / "1" / "model.pt").stat().st_size > 100_000
+    assert (repo / "1" / "model.xml").exists()
+    assert (repo / "1" / "model.bin").stat().st_size > 100_000
     variants = sorted(p.name for p in (digits_zoo / "artifacts" / "digits" / "1").iterdir())
     assert variants == sorted(VARIANTS)
     key = digits_zoo / "keys" / "signing.key"
