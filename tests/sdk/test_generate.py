@@ -153,6 +153,23 @@ def test_local_only_streams_the_device_greedy(client: Client, zoo: Path) -> None
     assert result.stop_reason == ("length" if len(expected) == 12 else "stop")
 
 
+def test_a_stream_closed_early_is_abandoned_not_an_error(client: Client) -> None:
+    before = client.stats()["generation"]
+    mark_ms = int(time.time() * 1000)
+    client.telemetry.flush()
+    stream = client.generate("w5 w9 w3", max_tokens=12, policy="local_only")
+    next(iter(stream))  # type: ignore[call-overload]
+    stream.close()  # type: ignore[union-attr]
+    after = client.stats()["generation"]
+    assert after["abandoned"] - before["abandoned"] == 1
+    assert after["errors"] == before["errors"]
+    assert after["generations"] - before["generations"] == 1
+    client.telemetry.flush()
+    sent = [x for x in client.telemetry.summaries if x.interval_start_ms >= mark_ms]
+    assert sum(x.generation_errors for x in sent) == 0  # rollout gates see no failure
+    assert sum(x.generations for x in sent) == 0
+
+
 def test_prefer_local_uses_the_device_and_cloud_only_the_server(client: Client) -> None:
     local = client.generate("w10 w11", max_tokens=8, stream=False, policy="prefer_local")
     assert local.tokens_by_source["cloud"] == 0 and local.tokens_by_source["local"] > 0

@@ -191,6 +191,7 @@ class Client:
             (
                 "generations",
                 "errors",
+                "abandoned",
                 "tokens_local",
                 "tokens_cloud",
                 "drafted",
@@ -453,14 +454,20 @@ class Client:
         return run, generator, pool
 
     def _generation_done(
-        self, run: Run, ok: bool, generator: Any, pool: GeneratorPool | None
+        self, run: Run, ok: bool | None, generator: Any, pool: GeneratorPool | None
     ) -> None:
+        """`ok`: True finished, False failed, None abandoned by the caller (stream closed
+        early): counted in stats() but not sent as a generation error, which rollout gates
+        read as the model failing."""
         if pool is not None and generator is not None:
             pool.give(generator)
         result, state = run.result, run.state
         with self._generators_lock:
             totals = self._generation_totals
             totals["generations"] += 1
+            if ok is None:
+                totals["abandoned"] += 1
+                return
             totals["errors"] += 0 if ok and result is not None else 1
             totals["tokens_local"] += state.sources["local"]
             totals["tokens_cloud"] += state.sources["cloud"]

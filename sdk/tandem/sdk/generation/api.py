@@ -180,7 +180,9 @@ def prompt_ids(
 class GenerationStream:
     """Tokens as they come (`.id`, `.text`, `.source`); `.result` once exhausted."""
 
-    def __init__(self, run: Run, tokens: Iterator[Token], finish: Callable[[Run, bool], None]):
+    def __init__(
+        self, run: Run, tokens: Iterator[Token], finish: Callable[[Run, bool | None], None]
+    ):
         self._run, self._tokens, self._finish = run, tokens, finish
         self._done = False
 
@@ -203,7 +205,9 @@ class GenerationStream:
             self._end(False)
             raise
 
-    def _end(self, ok: bool) -> None:
+    def _end(self, ok: bool | None) -> None:
+        # ok: True finished, False failed, None abandoned (closed by the caller before the
+        # end: not an error of the model's, so not a generation error in the telemetry).
         if not self._done:
             self._done = True
             self._finish(self._run, ok)
@@ -213,7 +217,7 @@ class GenerationStream:
         close = getattr(self._tokens, "close", None)
         if close is not None:
             close()
-        self._end(False)
+        self._end(None)
 
     def __del__(self) -> None:  # an abandoned stream still frees what it holds
         with contextlib.suppress(TandemError):
@@ -222,7 +226,7 @@ class GenerationStream:
 
 class AsyncGenerationStream:
     def __init__(
-        self, run: Run, tokens: AsyncIterator[Token], finish: Callable[[Run, bool], None]
+        self, run: Run, tokens: AsyncIterator[Token], finish: Callable[[Run, bool | None], None]
     ) -> None:
         self._run, self._tokens, self._finish = run, tokens, finish
         self._done = False
@@ -246,7 +250,7 @@ class AsyncGenerationStream:
             self._end(False)
             raise
 
-    def _end(self, ok: bool) -> None:
+    def _end(self, ok: bool | None) -> None:  # as GenerationStream._end
         if not self._done:
             self._done = True
             self._finish(self._run, ok)
@@ -255,4 +259,4 @@ class AsyncGenerationStream:
         close = getattr(self._tokens, "aclose", None)
         if close is not None:
             await close()
-        self._end(False)
+        self._end(None)
