@@ -70,6 +70,33 @@ def encode_batch(summaries: Iterable[fleet_pb2.TelemetrySummary], level: int = 3
 # --- aggregates and statistics ------------------------------------------------------------
 
 
+# The summary's plain counters (TelemetrySummary fields of these names): summed field by
+# field wherever summaries, rows or totals merge, and carried under the same names by
+# Aggregate, TelemetryStats and the store's rows.
+COUNTERS = (
+    "requests",
+    "errors",
+    "fallbacks",
+    "cache_hits",
+    "shadow_sampled",
+    "shadow_agreed",
+    "generations",
+    "generation_errors",
+    "generated_tokens",
+    "generation_seconds",
+    "drafted",
+    "accepted",
+    "escalations",
+)
+# Aggregate's log histograms, by the TelemetrySummary field each comes from.
+HISTOGRAMS = {
+    "latency_local": "latency_local_ms",
+    "latency_cloud": "latency_cloud_ms",
+    "ttft": "ttft_ms",
+    "ms_per_token": "ms_per_token",
+}
+
+
 @dataclass
 class Aggregate:
     """Merged telemetry of one device, model version and window (one store row)."""
@@ -106,65 +133,34 @@ class Aggregate:
         return (self.device_id, self.model, self.version, self.window_start_ms)
 
     def add(self, s: fleet_pb2.TelemetrySummary) -> None:
-        self.requests += s.requests
-        self.errors += s.errors
-        self.fallbacks += s.fallbacks
-        self.cache_hits += s.cache_hits
-        self.shadow_sampled += s.shadow_sampled
-        self.shadow_agreed += s.shadow_agreed
+        for name in COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(s, name))
         for k, v in s.counts.items():
             self.counts[k] = self.counts.get(k, 0) + v
         self.confidence = merge_confidence(self.confidence, s.confidence_buckets)
         self.confidence_sum += s.confidence_sum
-        if s.HasField("latency_local_ms"):
-            self.latency_local = merge_histograms(
-                [self.latency_local, LogHistogram.from_proto(s.latency_local_ms)]
-            )
-        if s.HasField("latency_cloud_ms"):
-            self.latency_cloud = merge_histograms(
-                [self.latency_cloud, LogHistogram.from_proto(s.latency_cloud_ms)]
-            )
+        for name, proto_field in HISTOGRAMS.items():
+            if s.HasField(proto_field):
+                histogram = LogHistogram.from_proto(getattr(s, proto_field))
+                setattr(self, name, merge_histograms([getattr(self, name), histogram]))
         if s.runtime:
             self.runtime = s.runtime
         self.summaries += 1
-        self.generations += s.generations
-        self.generation_errors += s.generation_errors
-        self.generated_tokens += s.generated_tokens
-        self.generation_seconds += s.generation_seconds
-        self.drafted += s.drafted
-        self.accepted += s.accepted
-        self.escalations += s.escalations
-        if s.HasField("ttft_ms"):
-            self.ttft = merge_histograms([self.ttft, LogHistogram.from_proto(s.ttft_ms)])
-        if s.HasField("ms_per_token"):
-            self.ms_per_token = merge_histograms(
-                [self.ms_per_token, LogHistogram.from_proto(s.ms_per_token)]
-            )
 
-    def merge(self, other: Aggregate) -> None:
-        self.requests += other.requests
-        self.errors += other.errors
-        self.fallbacks += other.fallbacks
-        self.cache_hits += other.cache_hits
-        self.shadow_sampled += other.shadow_sampled
-        self.shadow_agreed += other.shadow_agreed
+    def merge(self, other: Aggregate, *, histograms: bool = True) -> None:
+        """Adds `other` in; `histograms=False` leaves the histograms out (per-device totals
+        need none)."""
+        for name in COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         for k, v in other.counts.items():
             self.counts[k] = self.counts.get(k, 0) + v
         self.confidence = merge_confidence(self.confidence, other.confidence)
         self.confidence_sum += other.confidence_sum
-        self.latency_local = merge_histograms([self.latency_local, other.latency_local])
-        self.latency_cloud = merge_histograms([self.latency_cloud, other.latency_cloud])
+        if histograms:
+            for name in HISTOGRAMS:
+                setattr(self, name, merge_histograms([getattr(self, name), getattr(other, name)]))
         self.runtime = other.runtime or self.runtime
         self.summaries += other.summaries
-        self.generations += other.generations
-        self.generation_errors += other.generation_errors
-        self.generated_tokens += other.generated_tokens
-        self.generation_seconds += other.generation_seconds
-        self.drafted += other.drafted
-        self.accepted += other.accepted
-        self.escalations += other.escalations
-        self.ttft = merge_histograms([self.ttft, other.ttft])
-        self.ms_per_token = merge_histograms([self.ms_per_token, other.ms_per_token])
 
 
 def merge_confidence(a: Sequence[int], b: Sequence[int]) -> list[int]:
@@ -234,20 +230,7 @@ def device_totals(rows: Sequence[Aggregate]) -> tuple[DeviceTotals, ...]:
         agg = by.get(r.device_id)
         if agg is None:
             agg = by[r.device_id] = Aggregate(r.device_id, r.model, r.version, 0)
-            agg.latency_local = None
-        agg.requests += r.requests
-        agg.errors += r.errors
-        agg.fallbacks += r.fallbacks
-        agg.shadow_sampled += r.shadow_sampled
-        agg.shadow_agreed += r.shadow_agreed
-        agg.confidence = merge_confidence(agg.confidence, r.confidence)
-        agg.confidence_sum += r.confidence_sum
-        agg.generations += r.generations
-        agg.escalations += r.escalations
-        agg.drafted += r.drafted
-        agg.accepted += r.accepted
-        agg.generated_tokens += r.generated_tokens
-        agg.generation_seconds += r.generation_seconds
+        agg.merge(r, histograms=False)
     out = []
     for device_id in sorted(by):
         a = by[device_id]
@@ -331,12 +314,7 @@ class TelemetryStats(Rates):
             "model": self.model,
             "version": self.version,
             "devices": self.devices,
-            "requests": self.requests,
-            "errors": self.errors,
-            "fallbacks": self.fallbacks,
-            "cache_hits": self.cache_hits,
-            "shadow_sampled": self.shadow_sampled,
-            "shadow_agreed": self.shadow_agreed,
+            **{name: getattr(self, name) for name in COUNTERS},
             "span_s": self.span_s,
             "error_rate": self.error_rate,
             "fallback_rate": self.fallback_rate,
@@ -347,13 +325,6 @@ class TelemetryStats(Rates):
             "p95_cloud_latency_ms": self.p95_cloud_latency_ms,
             "confidence_buckets": list(self.confidence_buckets),
             "estimated_accuracy": self.estimated_accuracy,
-            "generations": self.generations,
-            "generation_errors": self.generation_errors,
-            "generated_tokens": self.generated_tokens,
-            "generation_seconds": self.generation_seconds,
-            "drafted": self.drafted,
-            "accepted": self.accepted,
-            "escalations": self.escalations,
             "tokens_per_s": self.tokens_per_s,
             "acceptance_rate": self.acceptance_rate,
             "escalation_rate": self.escalation_rate,
@@ -381,12 +352,7 @@ def combine(model: str, version: int, rows: Sequence[Aggregate], span_s: float) 
         model=model,
         version=version,
         devices=len({r.device_id for r in rows}),
-        requests=sum(r.requests for r in rows),
-        errors=sum(r.errors for r in rows),
-        fallbacks=sum(r.fallbacks for r in rows),
-        cache_hits=sum(r.cache_hits for r in rows),
-        shadow_sampled=sum(r.shadow_sampled for r in rows),
-        shadow_agreed=sum(r.shadow_agreed for r in rows),
+        **{name: sum(getattr(r, name) for r in rows) for name in COUNTERS},
         span_s=span_s,
         p50_latency_ms=local.quantile(0.5) if local else None,
         p95_latency_ms=local.quantile(0.95) if local else None,
@@ -395,13 +361,6 @@ def combine(model: str, version: int, rows: Sequence[Aggregate], span_s: float) 
         confidence_sum=confidence_sum,
         latency_local=local,
         per_device=device_totals(rows),
-        generations=sum(r.generations for r in rows),
-        generation_errors=sum(r.generation_errors for r in rows),
-        generated_tokens=sum(r.generated_tokens for r in rows),
-        generation_seconds=sum(r.generation_seconds for r in rows),
-        drafted=sum(r.drafted for r in rows),
-        accepted=sum(r.accepted for r in rows),
-        escalations=sum(r.escalations for r in rows),
         p50_ttft_ms=ttft.quantile(0.5) if ttft else None,
         p95_ttft_ms=ttft.quantile(0.95) if ttft else None,
         ms_per_token=ms_per_token,

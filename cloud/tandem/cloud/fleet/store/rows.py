@@ -18,7 +18,7 @@ from ..models import (
     EventRow,
     RolloutRow,
 )
-from ..telemetry import Aggregate
+from ..telemetry import COUNTERS, HISTOGRAMS, Aggregate
 from .records import (
     Artifact,
     Assignment,
@@ -125,66 +125,38 @@ def _event(row: EventRow) -> EventRecord:
 
 
 def _aggregate(row: Any) -> Aggregate:
+    # A NULL counter or histogram is one an older tandem's row lacked (the column came
+    # later; SQLite's ADD COLUMN fills the default, a NULL is read as 0 all the same).
+    measured: dict[str, Any] = {name: getattr(row, name) or 0 for name in COUNTERS}
+    measured.update({name: LogHistogram.from_json(getattr(row, name)) for name in HISTOGRAMS})
     return Aggregate(
         device_id=row.device_id,
         model=row.model,
         version=row.version,
         window_start_ms=row.window_start_ms,
-        requests=row.requests,
-        errors=row.errors,
-        fallbacks=row.fallbacks,
-        cache_hits=row.cache_hits,
-        shadow_sampled=row.shadow_sampled,
-        shadow_agreed=row.shadow_agreed,
         counts=dict(row.counts or {}),
         confidence=list(row.confidence or []),
         confidence_sum=float(row.confidence_sum or 0.0),
-        latency_local=LogHistogram.from_json(row.latency_local),
-        latency_cloud=LogHistogram.from_json(row.latency_cloud),
         runtime=row.runtime,
         summaries=row.summaries,
-        # None in rows an older tandem wrote before the columns existed (SQLite's ADD
-        # COLUMN fills the default; a NULL is read as 0 all the same).
-        generations=int(row.generations or 0),
-        generation_errors=int(row.generation_errors or 0),
-        generated_tokens=int(row.generated_tokens or 0),
-        generation_seconds=float(row.generation_seconds or 0.0),
-        drafted=int(row.drafted or 0),
-        accepted=int(row.accepted or 0),
-        escalations=int(row.escalations or 0),
-        ttft=LogHistogram.from_json(row.ttft),
-        ms_per_token=LogHistogram.from_json(row.ms_per_token),
+        **measured,
     )
 
 
 def _aggregate_values(agg: Aggregate, now: float) -> dict[str, Any]:
+    histograms = {name: getattr(agg, name) for name in HISTOGRAMS}
     return {
         "device_id": agg.device_id,
         "model": agg.model,
         "version": agg.version,
         "window_start_ms": agg.window_start_ms,
-        "requests": agg.requests,
-        "errors": agg.errors,
-        "fallbacks": agg.fallbacks,
-        "cache_hits": agg.cache_hits,
-        "shadow_sampled": agg.shadow_sampled,
-        "shadow_agreed": agg.shadow_agreed,
         "counts": agg.counts,
         "confidence": agg.confidence,
         "confidence_sum": agg.confidence_sum,
-        "latency_local": agg.latency_local.to_json() if agg.latency_local else None,
-        "latency_cloud": agg.latency_cloud.to_json() if agg.latency_cloud else None,
         "runtime": agg.runtime,
         "summaries": agg.summaries,
-        "generations": agg.generations,
-        "generation_errors": agg.generation_errors,
-        "generated_tokens": agg.generated_tokens,
-        "generation_seconds": agg.generation_seconds,
-        "drafted": agg.drafted,
-        "accepted": agg.accepted,
-        "escalations": agg.escalations,
-        "ttft": agg.ttft.to_json() if agg.ttft else None,
-        "ms_per_token": agg.ms_per_token.to_json() if agg.ms_per_token else None,
+        **{name: getattr(agg, name) for name in COUNTERS},
+        **{name: h.to_json() if h else None for name, h in histograms.items()},
         "updated_at": now,
     }
 
