@@ -231,3 +231,32 @@ def test_quantize_none_publishes_the_fp32_export_and_the_torch_file(tmp_path: Pa
     assert set(entry["variants"]) == {"onnx-fp32", "torch-fp32"}, entry["notes"]
     assert entry["variants"]["onnx-fp32"]["feats.max_abs_error"] < 1e-4  # the FP32 export
     assert any(n.startswith("openvino: skipped, quantize = none") for n in entry["notes"])
+
+
+def test_edge_from_a_small_exported_program_of_the_users(tmp_path: Path) -> None:
+    """`[edge] from = "small.pt2"`: the user's own smaller PyTorch model (an ExportedProgram)
+    makes every edge variant (the torch one is the file as given), checked against the full."""
+    spec = write_example(tmp_path / "ex", runtimes='["onnx", "tflite", "torch"]')
+    namespace: dict[str, object] = {}
+    exec(NET, namespace)
+    torch.manual_seed(0)
+    small = namespace["make_model"]().eval()  # type: ignore[operator]
+    small.body.weight.data *= 1.001  # not the full model: nearly the same answers
+    data = np.load(tmp_path / "ex/calib.npz")
+    sample = (torch.from_numpy(data["x"][:2]), torch.from_numpy(data["shift"][:2]))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(small, sample, dynamic_shapes=({0: batch}, {0: batch}))
+    torch.export.save(program, str(tmp_path / "ex/small.pt2"))
+    spec.write_text(spec.read_text().replace("[edge]\n", '[edge]\nfrom = "small.pt2"\n'))
+    entry = build_from_spec(spec, tmp_path / "zoo")["models"]["m"]
+    assert set(entry["variants"]) == {"onnx-int8", "tflite-int8", "torch-fp32"}, entry["notes"]
+    for name, row in entry["variants"].items():
+        assert row["top1_agreement"] >= 0.98, (name, row)
+    assert _entrypoint(tmp_path / "zoo", "torch-fp32") == "model.pt2"
+    stored = tmp_path / "zoo/artifacts/m/1/torch-fp32"
+    manifest = json.loads((stored / "manifest.json").read_text())
+    entry_file = next(f for f in manifest["files"] if f["name"] == "model.pt2")
+    import hashlib
+
+    given = hashlib.sha256((tmp_path / "ex/small.pt2").read_bytes()).hexdigest()
+    assert entry_file["sha256"] == given  # shipped as the user gave it

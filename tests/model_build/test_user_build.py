@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tandem.cloud.build.errors import SpecDataError, SpecError
 from tandem.cloud.build.user import build_from_spec
+from tandem.sdk.artifacts import load_npz
 
 
 def linear_onnx(path: Path, weights: np.ndarray, out_name: str = "scores") -> Path:
@@ -170,3 +171,56 @@ def test_a_runtimes_many_line_error_becomes_one_report_line() -> None:
     assert brief(RuntimeError("Exception from\na.cpp:1:\nthe model has no inputs\n")) == (
         "the model has no inputs"
     )
+
+
+def _unpacked(zoo: Path, variant: str) -> Path:
+    from tandem.sdk.artifacts import TrustedKeys, load_variant, unpack_variant
+
+    trusted = TrustedKeys.from_files([zoo / "keys" / "signing.pub"])
+    return unpack_variant(load_variant(zoo / "artifacts" / "m" / "1" / variant, trusted))
+
+
+def test_fp16_variants_for_onnx_runtime_and_openvino(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, "classification", runtimes='["onnx", "openvino", "tflite"]')
+    spec.write_text(spec.read_text().replace("[edge]\n", '[edge]\nquantize = "fp16"\n'))
+    entry = build_from_spec(spec, tmp_path / "zoo")["models"]["m"]
+    assert set(entry["variants"]) == {"onnx-fp16", "openvino-fp16"}, entry["notes"]
+    for row in entry["variants"].values():
+        assert row["precision"] == "fp16" and row["top1_agreement"] == 1.0
+    assert any(n.startswith("tflite: skipped") for n in entry["notes"])
+    graph = onnx.load(str(_unpacked(tmp_path / "zoo", "onnx-fp16") / "model.onnx")).graph
+    assert {i.data_type for i in graph.initializer} == {TensorProto.FLOAT16}
+    assert graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # the signature
+
+
+def test_edge_from_the_users_own_small_model(tmp_path: Path) -> None:
+    """`[edge] from = "small.onnx"`: the variants are made from the user's smaller model and
+    checked against the full one; a small model of another signature is refused."""
+    spec = write_spec(tmp_path, "classification")
+    weights = numpy_helper.to_array(onnx.load(str(tmp_path / "m.onnx")).graph.initializer[0])
+    linear_onnx(tmp_path / "small.onnx", weights * 1.01)  # a near copy: same argmax
+    spec.write_text(spec.read_text().replace("[edge]\n", '[edge]\nfrom = "small.onnx"\n'))
+    entry = build_from_spec(spec, tmp_path / "zoo")["models"]["m"]
+    assert entry["variants"]["onnx-int8"]["top1_agreement"] >= 0.98, entry["notes"]
+    full = onnx.load(str(tmp_path / "zoo/repository/m/1/model.onnx"))
+    assert np.array_equal(numpy_helper.to_array(full.graph.initializer[0]), weights)  # cloud
+    reference = load_npz(_unpacked(tmp_path / "zoo", "onnx-int8") / "reference.npz")
+    x = reference["input.x"]
+    small_scores, full_scores = x @ (weights * 1.01), x @ weights
+    # The edge variant is the small model, quantized: nearer its scores than the full one's.
+    error_small = np.abs(reference["output.scores"] - small_scores).mean()
+    assert error_small < np.abs(reference["output.scores"] - full_scores).mean()
+
+    linear_onnx(tmp_path / "small.onnx", weights, out_name="other")
+    with pytest.raises(SpecError, match=r"\[edge\] from: small.onnx has inputs"):
+        build_from_spec(spec, tmp_path / "zoo2")
+    assert not (tmp_path / "zoo2" / "artifacts").exists()
+    (tmp_path / "m.onnx.bak").write_bytes(b"x")
+    with_small = spec.read_text()
+    for value, words in (
+        ("notes.txt", "does not exist"),
+        ("m.onnx.bak", r"\.onnx\), TorchScript \(\.pt\) or ExportedProgram \(\.pt2\)"),
+    ):
+        spec.write_text(with_small.replace('from = "small.onnx"', f'from = "{value}"'))
+        with pytest.raises(SpecError, match=words):
+            build_from_spec(spec, tmp_path / "zoo3")

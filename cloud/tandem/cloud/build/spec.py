@@ -9,7 +9,9 @@ Layout (paths relative to the spec file)::
                                                   # the batch that vary (a sequence)
     [full]   onnx = "wine.onnx" | torchscript = "m.pt" | exported_program = "m.pt2"
              | factory = "pkg.module:make_model" + weights = "model.pt"
-    [edge]   quantize = "int8" | "none", runtimes = ["onnx", "openvino"]   # optional
+    [edge]   quantize = "int8" | "fp16" | "none", runtimes = ["onnx", "openvino"]   # optional
+             from = "full" | "small.onnx" | "small.pt" | "small.pt2"   # optional: the
+                                                  # user's own small edge model
     [data]   calibration = "calib.npz", validation = "val.npz" (+ `labels` for classifiers)
     [checks] min_top1_agreement, max_accuracy_drop, min_cosine, max_abs_error,
              max_mean_abs_error                   # optional, for the primary output
@@ -59,7 +61,8 @@ from typing import Any
 from tandem.cloud.build.errors import SpecError
 
 TASKS = ("classification", "embedding", "regression", "generic")
-QUANTIZE = ("int8", "none")
+QUANTIZE = ("int8", "fp16", "none")
+EDGE_FILES = {".onnx": "onnx", ".pt": "torchscript", ".pt2": "exported_program"}
 EDGE_RUNTIMES = ("onnx", "openvino", "tflite", "torch")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SECTIONS: dict[str, tuple[str, ...]] = {
@@ -186,6 +189,7 @@ class ModelSpec:
     prepare: PrepareSpec | None = None
     prepared_dir: Path | None = None  # where [prepare]'s outputs are (None: not made yet)
     distill: DistillSpec | None = None
+    edge_file: Path | None = None  # [edge] from = "small.onnx" | "small.pt" | "small.pt2"
     onnx_quantization: str = "static"
     openvino_model_type: str = "default"
     # PyTorch sources: input name -> the axes besides the batch that vary (a sequence)
@@ -201,9 +205,27 @@ class ModelSpec:
         return self.source != "onnx"
 
     @property
+    def edge_source(self) -> str:
+        """What the edge variants are made from: "onnx", "torchscript", "exported_program"
+        or "module" (an nn.Module: a factory's model or a distilled student)."""
+        if self.distill is not None:
+            return "module"
+        if self.edge_file is not None:
+            return EDGE_FILES[self.edge_file.suffix]
+        return "module" if self.source == "factory" else self.source
+
+    @property
     def edge_is_torch(self) -> bool:
-        """The edge variants come from a PyTorch model (the source, or a distilled student)."""
-        return self.is_torch or self.distill is not None
+        """The edge variants come from a PyTorch model (the source, the user's own small
+        model, or a distilled student)."""
+        return self.edge_source != "onnx"
+
+    @property
+    def edge_torch_file(self) -> Path | None:
+        """The TorchScript/ExportedProgram file the torch variant ships as given, if any."""
+        if self.edge_source in ("torchscript", "exported_program"):
+            return self.edge_file or self.source_file
+        return None
 
     def files(self) -> tuple[Path, ...]:
         """Every file the build reads besides the spec itself and what [prepare] makes (for
@@ -213,6 +235,7 @@ class ModelSpec:
             self.full_onnx,
             self.source_file,
             self.weights,
+            self.edge_file,
             self.calibration,
             self.validation,
             *(
@@ -381,11 +404,17 @@ def load_spec(path: Path, prepared_dir: Path | None = None) -> ModelSpec | Gener
         source_file = _file(base, full, "full", source, prepared)
 
     edge = _table(document, "edge", False)
+    edge_file = None
     if edge.get("from", "full") != "full":
-        raise SpecError(
-            f'[edge] from: only "full" (quantize the full model) is supported, got'
-            f" {edge['from']!r}; to train a smaller edge model, give [edge.distill]"
-        )
+        edge_file = _file(base, edge, "edge", "from", prepared)
+        if edge_file.suffix not in EDGE_FILES:
+            raise SpecError(
+                f'[edge] from: "full" (quantize the full model) or your own small model, an'
+                f" ONNX (.onnx), TorchScript (.pt) or ExportedProgram (.pt2) file; got"
+                f" {edge_file.name}"
+            )
+        if "distill" in edge:
+            raise SpecError("[edge] from: a model of your own, or [edge.distill]: not both")
     quantize = edge.get("quantize", "int8")
     if quantize not in QUANTIZE:
         raise SpecError(f"[edge] quantize: {quantize!r} is not one of {', '.join(QUANTIZE)}")
@@ -494,6 +523,7 @@ def load_spec(path: Path, prepared_dir: Path | None = None) -> ModelSpec | Gener
         prepare=prepare,
         prepared_dir=prepared[0] if prepared and prepared_dir else None,
         distill=distill,
+        edge_file=edge_file,
         onnx_quantization=str(onnx_quantization),
         openvino_model_type=str(openvino_model_type),
         dynamic_axes=dynamic_axes,

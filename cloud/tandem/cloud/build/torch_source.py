@@ -327,19 +327,15 @@ def export_torch(
     in_names: Sequence[str],
     sample: Mapping[str, Array],
     *,
-    given: bool = True,
+    given_file: Path | None = None,
 ) -> Path:
-    """The torch variant's file: the given TorchScript/ExportedProgram (`given`: `model` is
-    the spec's source), or a new .pt2 of `model`."""
+    """The torch variant's file: `given_file` (a TorchScript .pt or ExportedProgram .pt2
+    that `model` was loaded from) as it is, or else a new .pt2 of `model`."""
     import torch
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if given and spec.source == "torchscript":
-        assert spec.source_file is not None
-        return Path(shutil.copyfile(spec.source_file, out_dir / "model.pt"))
-    if given and spec.source == "exported_program":
-        assert spec.source_file is not None
-        return Path(shutil.copyfile(spec.source_file, out_dir / "model.pt2"))
+    if given_file is not None:
+        return Path(shutil.copyfile(given_file, out_dir / f"model{given_file.suffix}"))
     path = out_dir / "model.pt2"
     try:
         with torch_threads(1), quiet():

@@ -204,6 +204,34 @@ def onnx_int8_dynamic(source: Path, out: Path) -> Path:
     return out
 
 
+def onnx_fp16(source: Path, out: Path) -> Path:
+    """FP16 weights and arithmetic, FP32 inputs and outputs (the signature stays as it is):
+    ONNX Runtime's own converter (onnxruntime.transformers.float16)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+        onnx.save(model, str(out))
+    except Exception as exc:
+        raise ExportError(f"onnxruntime FP16 conversion failed: {brief(exc)}") from exc
+    return out
+
+
+def openvino_fp16(source: Path, out_dir: Path) -> Path:
+    """OpenVINO IR with FP16 weights (`compress_to_fp16`); the CPU plugin computes in FP32."""
+    from tandem.sdk.runtimes.openvino import import_openvino
+
+    ov = import_openvino()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    xml = out_dir / "model.xml"
+    try:
+        ov.save_model(ov.convert_model(str(source)), str(xml), compress_to_fp16=True)
+    except Exception as exc:
+        raise ExportError(f"OpenVINO FP16 IR export failed: {brief(exc)}") from exc
+    return xml
+
+
 def openvino_int8(
     source: Path, out_dir: Path, calibration: Mapping[str, Array], model_type: str = "default"
 ) -> Path:
@@ -246,6 +274,9 @@ def _make_variants(
         try:
             if runtime == "onnx" and spec.quantize == "none":
                 made.append(("onnx-fp32", "onnx", "fp32", "model.onnx", {"model.onnx": full_onnx}))
+            elif runtime == "onnx" and spec.quantize == "fp16":
+                path = onnx_fp16(full_onnx, work / "fp16.onnx")
+                made.append(("onnx-fp16", "onnx", "fp16", "model.onnx", {"model.onnx": path}))
             elif runtime == "onnx" and spec.onnx_quantization == "dynamic":
                 path = onnx_int8_dynamic(full_onnx, work / "int8.onnx")
                 made.append(("onnx-int8", "onnx", "int8", "model.onnx", {"model.onnx": path}))
@@ -254,6 +285,10 @@ def _make_variants(
                 made.append(("onnx-int8", "onnx", "int8", "model.onnx", {"model.onnx": path}))
             elif spec.quantize == "none":
                 notes.append("openvino: skipped, quantize = none (the onnx runtime serves FP32)")
+            elif spec.quantize == "fp16":
+                xml = openvino_fp16(full_onnx, work / "openvino")
+                payload = {"model.xml": xml, "model.bin": xml.with_suffix(".bin")}
+                made.append(("openvino-fp16", "openvino", "fp16", "model.xml", payload))
             else:
                 xml = openvino_int8(
                     full_onnx, work / "openvino", calibration, spec.openvino_model_type
@@ -278,13 +313,21 @@ def _make_torch_variants(
     from tandem.cloud.build import torch_source
 
     made: list[Variant] = []
+    if spec.quantize == "fp16":
+        for runtime in ("tflite", "torch"):
+            if runtime in spec.runtimes:
+                notes.append(
+                    f"{runtime}: skipped, quantize = fp16 is made for ONNX Runtime and OpenVINO"
+                    " (litert-torch converts FP32 or INT8; the torch runtime runs FP32 on CPUs)"
+                )
+        return made
     if "tflite" in spec.runtimes:
         if spec.dynamic_axes:
             notes.append(
                 "tflite: skipped, a LiteRT graph has fixed shapes and [model] dynamic_axes"
                 f" makes {', '.join(spec.dynamic_axes)} vary"
             )
-        elif spec.source == "torchscript" and spec.distill is None:
+        elif spec.edge_source == "torchscript":
             notes.append(
                 "tflite: skipped, litert-torch converts an nn.Module or ExportedProgram,"
                 " not TorchScript (give factory + weights or exported_program)"
@@ -308,7 +351,12 @@ def _make_torch_variants(
     if "torch" in spec.runtimes:
         try:
             path = torch_source.export_torch(
-                spec, model, work / "torch", input_names, calibration, given=spec.distill is None
+                spec,
+                model,
+                work / "torch",
+                input_names,
+                calibration,
+                given_file=spec.edge_torch_file,
             )
             made.append(("torch-fp32", "torch", "fp32", path.name, {path.name: path}))
         except ExportError as exc:
@@ -454,6 +502,56 @@ def _check_options(spec: ModelSpec, options: Mapping[str, Any]) -> str:
             " (only a distilled student can be trained badly on purpose)"
         )
     return variant
+
+
+def _read_edge_file(
+    spec: ModelSpec,
+    work: Path,
+    inputs: tuple[TensorSpec, ...],
+    raw_outputs: tuple[TensorSpec, ...],
+    calibration: Mapping[str, Array],
+    check_rows: Mapping[str, Array],
+) -> tuple[Path, Any]:
+    """(ONNX file, PyTorch module or None) of `[edge] from`, the user's own small model,
+    after checking that it has the full model's inputs and outputs."""
+    assert spec.edge_file is not None
+    where = f"[edge] from: {spec.edge_file.name}"
+    module = None
+    if spec.edge_source == "onnx":
+        edge_inputs, edge_outputs = onnx_signature(spec.edge_file)
+        edge_onnx = spec.edge_file
+    else:
+        from tandem.cloud.build import torch_source
+
+        try:
+            module = torch_source.load_torch_file(spec.edge_file)
+        except Exception as exc:
+            raise ModelLoadError(f"{where} does not load ({brief(exc)})") from exc
+        try:
+            edge_inputs, edge_outputs = torch_source.torch_signature(spec, module, calibration)
+        except SpecError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{where} does not run on the calibration data ({brief(exc)})"
+            ) from exc
+        edge_onnx = torch_source.export_onnx(
+            module, work / "edge.onnx", edge_inputs, raw_outputs, calibration, check_rows
+        )
+
+    def names(specs: tuple[TensorSpec, ...]) -> list[tuple[str, str]]:
+        return sorted((t.name, t.datatype) for t in specs)
+
+    if (
+        names(edge_inputs) != names(inputs)
+        or (spec.edge_source == "onnx" and names(edge_outputs) != names(raw_outputs))
+        or len(edge_outputs) != len(raw_outputs)
+    ):
+        raise SpecError(
+            f"{where} has inputs {names(edge_inputs)} and outputs {names(edge_outputs)};"
+            f" expected the full model's: {names(inputs)} and {names(raw_outputs)}"
+        )
+    return edge_onnx, module
 
 
 def _distill_student(
@@ -654,6 +752,10 @@ def build_spec(
         model_metrics[
             "student_top1_agreement" if spec.task == "classification" else "student_checks"
         ] = student_metrics.get("top1_agreement", student_metrics)
+    if spec.edge_file is not None:
+        edge_onnx, edge_model = _read_edge_file(
+            spec, ctx.work_dir, inputs, raw_outputs, calibration, check_rows
+        )
     made = _make_variants(spec, ctx.work_dir, edge_onnx, calibration, notes)
     if edge_model is not None:
         made += _make_torch_variants(
