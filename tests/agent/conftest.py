@@ -16,7 +16,7 @@ from tests.agent.artifacts import Signer
 from tests.agent.fleet_double import FleetDouble
 from tests.support.agent import agent_argv
 from tests.support.mosquitto import Broker
-from tests.support.processes import stop_process
+from tests.support.processes import stop_process, stop_processes
 
 DEVICES = ("dev-1", "dev-2", "dev-3", "dev-4")
 USERS = {"admin": "admin-secret", **{d: f"{d}-secret" for d in DEVICES}}
@@ -129,5 +129,4 @@ def agent_factory(
         return agent.start() if start else agent
 
     yield make
-    for agent in started:
-        agent.stop()
+    stop_processes(agent.proc for agent in started if agent.proc is not None)

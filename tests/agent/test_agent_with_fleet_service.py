@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from tests.agent.artifacts import Signer, build_variant
 from tests.support.agent import agent_argv
-from tests.support.processes import stop_process, wait_until
+from tests.support.processes import stop_processes, wait_until
 
 pytest.importorskip("tandem.cloud.fleet.service")
 from tests.fleet.conftest import (
@@ -83,8 +83,7 @@ def agents(
                 )
             )
     yield broker, stores
-    for proc in procs:
-        stop_process(proc)
+    stop_processes(procs)
 
 
 def active_version(store: Path) -> int | None:

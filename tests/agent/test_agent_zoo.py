@@ -65,4 +65,6 @@ def test_zoo_variants_install_on_their_runtimes(
             assert (pointer["version"], pointer["variant"]) == (version, variant)
     finally:
         for agent in agents:
+            agent.request_stop()  # all at once: their shutdowns overlap
+        for agent in agents:
             agent.stop()

@@ -30,7 +30,7 @@ from tests.fleet.conftest import (
     wait_devices,
 )
 from tests.support.agent import agent_argv
-from tests.support.processes import free_port, stop_process, wait_for_port, wait_until
+from tests.support.processes import free_port, stop_processes, wait_for_port, wait_until
 
 __all__ = ["fleet_service", "generated_broker"]  # fixtures, used by name
 pytestmark = pytest.mark.slow
@@ -89,6 +89,7 @@ def fleet(
             timeout=120,
         )
     procs: list[subprocess.Popen[bytes]] = []
+    apps: list[subprocess.Popen[bytes]] = []
     grpc_port = free_port()
     cloud = subprocess.Popen(
         [
@@ -131,7 +132,7 @@ def fleet(
             )
         split = tmp_path / "test-split.npz"
         write_test_split(split, story.reports[1])
-        procs.append(
+        apps.append(
             subprocess.Popen(
                 [
                     sys.executable,
@@ -151,8 +152,10 @@ def fleet(
         wait_devices(svc, len(RUNTIMES), timeout=90)
         yield svc, stores
     finally:
-        for proc in reversed(procs):
-            stop_process(proc)
+        # The apps first (their clients call the cloud tier), then the agents and the cloud
+        # tier together.
+        stop_processes(apps)
+        stop_processes(procs)
 
 
 def test_fleet_rollouts_with_real_agents_models_and_telemetry(

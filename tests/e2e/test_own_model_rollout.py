@@ -28,7 +28,7 @@ from tests.fleet.conftest import (
     wait_devices,
 )
 from tests.support.agent import agent_argv
-from tests.support.processes import stop_process, wait_until
+from tests.support.processes import stop_processes, wait_until
 from tests.support.serve import ServeProcess
 from tests.support.wine import build_wine_zoo
 
@@ -85,8 +85,7 @@ def fleet(
         wait_devices(svc, len(DEVICES), timeout=60)
         yield svc, cloud, stores
     finally:
-        for proc in reversed(agents):
-            stop_process(proc)
+        stop_processes(agents)
         cloud.stop()
 
 

@@ -15,7 +15,7 @@ from tandem.cloud.fleet import engine as eng
 from tandem.cloud.fleet.leader import APPLICATION_PREFIX, LeaderElector
 from tests.fleet.conftest import GeneratedBroker, ServiceProcess, fleet_serve_argv, wait_devices
 from tests.fleet.sim import SimFleet
-from tests.support.processes import free_port, wait_until
+from tests.support.processes import free_port, stop_processes, wait_until
 
 
 @pytest.fixture
@@ -255,6 +255,7 @@ def test_killed_leader_hands_the_rollout_over_without_repeating_or_skipping_a_st
         )
     finally:
         sim.stop()
+        stop_processes(svc.proc for svc in (a, b) if svc.proc is not None)
         for svc in (a, b):
             svc.stop()
             svc.http.close()

@@ -24,6 +24,7 @@ from tests.fleet.conftest import GeneratedBroker, fleet_service, generated_broke
 from tests.sdk.conftest import artifacts, models, test_set
 from tests.support.agent import agent_argv
 from tests.support.figures import Figures, results_path
+from tests.support.processes import stop_processes
 
 __all__ = [  # fixtures, used by name
     "agent_factory",
@@ -117,5 +118,4 @@ def fleet_agents_factory(
         return broker, agents
 
     yield make
-    for agent in started:
-        agent.stop()
+    stop_processes(agent.proc for agent in started if agent.proc is not None)
