@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ class FakeLegs:
     pool: concurrent.futures.ThreadPoolExecutor = field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(4)
     )
+    # Set at teardown: a leg the plan gave up on (still "working" in the pool) ends then,
+    # instead of the teardown's pool shutdown sleeping out its delay.
+    closed: threading.Event = field(default_factory=threading.Event)
 
     def _path(self, path: str, timeout_ms: float | None) -> FakePath:
         self.calls.append((path, timeout_ms))
@@ -59,7 +63,7 @@ class FakeLegs:
 
     def run(self, path: str, feeds: Any, model: Any, timeout_ms: float | None) -> Result:
         settings = self._path(path, timeout_ms)
-        time.sleep(settings.delay_s)
+        self.closed.wait(settings.delay_s)
         return self._answer(path, settings)
 
     async def arun(self, path: str, feeds: Any, model: Any, timeout_ms: float | None) -> Result:
@@ -96,6 +100,7 @@ def infer(request: pytest.FixtureRequest) -> Iterator[Infer]:
 
     yield run
     for legs in legs_seen:
+        legs.closed.set()
         legs.pool.shutdown(wait=True)
 
 
