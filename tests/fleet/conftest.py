@@ -154,7 +154,7 @@ class ServiceProcess:
         wait_until(
             lambda: self.rollout(rollout_id)["status"] == status,
             timeout=timeout,
-            interval=0.2,
+            interval=0.05,  # one small GET: polling often costs little, and is seen sooner
             message=f"rollout {rollout_id} {status}: {self.log_tail()}",
         )
         return self.rollout(rollout_id)
@@ -225,5 +225,5 @@ def wait_devices(svc: ServiceProcess, n: int, timeout: float = 30) -> None:
         assert isinstance(devices, list)
         return len(devices) >= n
 
-    wait_until(online, timeout=timeout, interval=0.2, message=f"{n} devices online")
+    wait_until(online, timeout=timeout, interval=0.05, message=f"{n} devices online")
     time.sleep(0.2)
