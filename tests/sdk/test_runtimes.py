@@ -11,7 +11,12 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from tandem.errors import ConfigError, MissingDependencyError, NoLocalModelError
+from tandem.errors import (
+    ConfigError,
+    MissingDependencyError,
+    NoLocalModelError,
+    RuntimeBackendError,
+)
 from tandem.sdk.artifacts import load_npz, load_variant, split_reference
 from tandem.sdk.hardware import HardwareInfo, probe, read_cpu_flags
 from tandem.sdk.local import (
@@ -227,3 +232,45 @@ def test_each_runtime_is_safe_to_call_from_many_threads(
         for t in threads:
             t.join(60)
         assert not failures, failures[:3]
+
+
+def test_exported_programs_load_from_many_threads_at_once(tmp_path: Path) -> None:
+    """torch.export.load keeps a module-global deserializer: two agents warming up .pt2
+    variants in one process made the second load fail (and killed the SDK's watcher)."""
+    import threading
+    from types import SimpleNamespace
+
+    torch = pytest.importorskip("torch")
+    from tandem.sdk.artifacts import TensorSpec
+    from tandem.sdk.runtimes.torch import TorchRuntime
+
+    torch.manual_seed(0)
+    program = torch.export.export(torch.nn.Linear(4, 2).eval(), (torch.zeros(1, 4),))
+    torch.export.save(program, str(tmp_path / "model.pt2"))
+    manifest = SimpleNamespace(
+        entrypoint="model.pt2",
+        inputs=(TensorSpec("x", "FP32", (-1, 4)),),
+        outputs=(TensorSpec("y", "FP32", (-1, 2)),),
+    )
+    start = threading.Barrier(6)
+    failures: list[BaseException] = []
+    answers: list[np.ndarray] = []
+
+    def load() -> None:
+        start.wait()
+        try:
+            runtime = TorchRuntime.load(manifest, tmp_path)  # type: ignore[arg-type]
+            answers.append(next(iter(runtime.run({"x": np.ones((1, 4), np.float32)}).values())))
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            failures.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures, failures[:2]
+    assert len(answers) == 6 and all(np.array_equal(a, answers[0]) for a in answers)
+    (tmp_path / "model.pt2").write_bytes(b"not a program")
+    with pytest.raises(RuntimeBackendError, match=r"torch cannot load model\.pt2"):
+        TorchRuntime.load(manifest, tmp_path)  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,11 @@ import numpy as np
 from tandem.errors import RuntimeBackendError
 from tandem.sdk.artifacts import Manifest
 from tandem.sdk.runtimes.base import Arrays, Runtime, register_runtime
+
+# torch.export.load keeps its deserializer in a module global: two threads loading at once
+# (two agents' warm-ups in one device process) fail with "_CURRENT_DESERIALIZER is already
+# set". Loads take turns; the loaded modules run concurrently.
+_EXPORT_LOAD = threading.Lock()
 
 
 @register_runtime
@@ -33,11 +39,12 @@ class TorchRuntime(Runtime):
         path = model_dir / manifest.entrypoint
         try:
             if path.suffix == ".pt2":
-                module = torch.export.load(str(path)).module()
+                with _EXPORT_LOAD:
+                    module = torch.export.load(str(path)).module()
             else:
                 module = torch.jit.load(str(path), map_location="cpu")
                 module.eval()
-        except (RuntimeError, ValueError, OSError) as exc:
+        except Exception as exc:  # torch's loaders raise anything on a bad file
             raise RuntimeBackendError(f"torch cannot load {manifest.entrypoint}: {exc}") from exc
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
