@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -358,3 +359,24 @@ def test_telemetry_is_deleted_only_after_puback(
     finally:
         agent.stop()
     assert agent.wait(5) and agent.error is None
+
+
+def test_sigterm_stops_the_agent_cleanly_and_promptly(
+    fleet: FleetDouble, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    """SIGTERM: the agent says it is offline, leaves the broker and exits 0, at once (the
+    stop starts in the signal handler; every test that stops an agent waits for it)."""
+    agent = agent_factory("dev-1")
+    wait_until(
+        lambda: "dev-1" in fleet.presence and fleet.presence["dev-1"].online,
+        20,
+        message="online presence",
+    )
+    assert agent.proc is not None
+    started = time.monotonic()
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(10) == 0, agent.log()[-3000:]
+    took = time.monotonic() - started
+    wait_until(lambda: not fleet.presence["dev-1"].online, 10, message="offline presence")
+    assert "signal 15: stopping" in agent.log()
+    assert took < 1.5, f"SIGTERM to exit took {took:.2f} s (~0.1 s expected)"
