@@ -19,6 +19,7 @@ SIGINT stops the traffic, flushes telemetry, stops the agents and writes the fin
 from __future__ import annotations
 
 import faulthandler
+import gc
 import json
 import logging
 import os
@@ -372,7 +373,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     sim = SimSpec.from_json(json.loads(Path(args[0]).read_text()))
-    return run(sim)
+    code = run(sim)
+    # Every device is closed and the final stats are written: skip the interpreter's final
+    # collections over what is left (with torch loaded, ~0.35 s of each exit; see tandem.cli).
+    gc.freeze()
+    return code
 
 
 if __name__ == "__main__":
