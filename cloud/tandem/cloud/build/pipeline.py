@@ -24,7 +24,6 @@ import ast
 import contextlib
 import fcntl
 import functools
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -132,20 +131,6 @@ def cache_key(
     from tandem.cloud.build.spec import load_spec
     from tandem.cloud.build.user import spec_cache_key
 
-    if _legacy(model):  # TRANSITIONAL: removed once examples/digits and minilm exist
-        digest = hashlib.sha256()
-        for name in (*SHARED_MODULES, model):
-            digest.update(module_source(name))
-        facts = {
-            "model": model,
-            "version": version,
-            "seed": seed,
-            "options": dict(options),
-            "keyid": keyid,
-            "libraries": library_versions(),
-        }
-        digest.update(json.dumps(facts, sort_keys=True, default=str).encode())
-        return digest.hexdigest()
     spec = load_spec(builtin_spec(model))
     return spec_cache_key(spec, version=version, keyid=keyid, seed=seed, options=options)
 
@@ -166,14 +151,7 @@ def load_builder(model: str) -> Callable[[BuildContext], dict[str, Any]]:
     _check_known(model)
     from tandem.cloud.build.user import build_spec_file
 
-    if _legacy(model):  # TRANSITIONAL
-        return importlib.import_module(f"tandem.cloud.build.{model}").build  # type: ignore[no-any-return]
-
     return functools.partial(build_spec_file, builtin_spec(model))
-
-
-def _legacy(model: str) -> bool:  # TRANSITIONAL
-    return not (EXAMPLES / model / "model.toml").is_file() and model in ("digits", "minilm")
 
 
 def _check_known(model: str) -> None:
