@@ -263,6 +263,11 @@ def test_dynamic_onnx_quantization_of_the_full_model(tmp_path: Path) -> None:
             r"\[package\] files: file .*missing.txt does not exist",
         ),
         (("max_batch_size = 32", "max_batch_size = 0"), SpecError, r"\[serve\] max_batch_size"),
+        (
+            ('weights = "teacher.pt"', 'weights = "teacher.pt"\nonnx_exporter = "jit"'),
+            SpecError,
+            r"\[full\] onnx_exporter: 'jit' is not one of auto, dynamo, torchscript",
+        ),
         (("[8, 32]", "[8, 64]"), SpecError, r"\[serve\] preferred_batch_sizes"),
         (('"openvino"]\nparameters', '"triton"]\nparameters'), SpecError, r"\[serve\] backends"),
         (
@@ -338,7 +343,7 @@ def test_dynamic_axes_make_a_sequence_length_vary(tmp_path: Path) -> None:
         '[model]\nname = "seq"\ntask = "generic"\ninputs = ["tokens"]\noutputs = ["pooled"]\n'
         "dynamic_axes = { tokens = [1] }\n"
         '[prepare]\nfunction = "seq:prepare"\noutputs = ["calib.npz", "val.npz"]\n'
-        '[full]\nfactory = "seq:make_model"\n'
+        '[full]\nfactory = "seq:make_model"\nonnx_exporter = "torchscript"\n'
         '[edge]\nruntimes = ["onnx", "tflite", "torch"]\nquantize = "none"\n'
         '[data]\ncalibration = "calib.npz"\nvalidation = "val.npz"\n'
     )
@@ -357,3 +362,7 @@ def test_dynamic_axes_make_a_sequence_length_vary(tmp_path: Path) -> None:
         "onnx", zoo / "repository" / "seq" / "1" / "model.onnx", ["tokens"], ["pooled"]
     )(nine)
     assert onnx_out["pooled"].shape == (2, 3)
+    import onnx
+
+    exported = onnx.load(str(zoo / "repository" / "seq" / "1" / "model.onnx"))
+    assert {o.version for o in exported.opset_import if o.domain == ""} == {17}  # TorchScript

@@ -9,6 +9,7 @@ Layout (paths relative to the spec file)::
                                                   # the batch that vary (a sequence)
     [full]   onnx = "wine.onnx" | torchscript = "m.pt" | exported_program = "m.pt2"
              | factory = "pkg.module:make_model" + weights = "model.pt"
+             onnx_exporter = "auto" | "dynamo" | "torchscript"   # optional, PyTorch models
     [edge]   quantize = "int8" | "fp16" | "none", runtimes = ["onnx", "openvino"]   # optional
              from = "full" | "small.onnx" | "small.pt" | "small.pt2"   # optional: the
                                                   # user's own small edge model
@@ -68,7 +69,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SECTIONS: dict[str, tuple[str, ...]] = {
     "model": ("name", "task", "scores", "inputs", "outputs", "dynamic_axes"),
     "prepare": ("function", "outputs"),
-    "full": ("onnx", "torchscript", "exported_program", "factory", "weights"),
+    "full": ("onnx", "torchscript", "exported_program", "factory", "weights", "onnx_exporter"),
     "edge": (
         "from",
         "quantize",
@@ -109,6 +110,7 @@ _GENERATION_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 GENERATION_RUNTIMES = ("onnx", "openvino")
 ONNX_QUANTIZATION = ("static", "dynamic")
+ONNX_EXPORTERS = ("auto", "dynamo", "torchscript")  # torch.onnx.export's; auto: dynamo first
 OPENVINO_MODEL_TYPES = ("default", "transformer")  # nncf.quantize's model_type
 SERVE_BACKENDS = ("onnxruntime", "pytorch", "openvino")  # tandem.cloud.server.config.BACKENDS
 _DISTILL_KEYS = (
@@ -191,6 +193,7 @@ class ModelSpec:
     distill: DistillSpec | None = None
     edge_file: Path | None = None  # [edge] from = "small.onnx" | "small.pt" | "small.pt2"
     onnx_quantization: str = "static"
+    onnx_exporter: str = "auto"  # PyTorch models: which torch.onnx exporter makes the ONNX
     openvino_model_type: str = "default"
     # PyTorch sources: input name -> the axes besides the batch that vary (a sequence)
     dynamic_axes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
@@ -379,13 +382,20 @@ def load_spec(path: Path, prepared_dir: Path | None = None) -> ModelSpec | Gener
         prepared = (folder, prepare.outputs)
 
     full = _table(document, "full", True)
+    onnx_exporter = full.get("onnx_exporter", "auto")
+    if onnx_exporter not in ONNX_EXPORTERS:
+        raise SpecError(
+            f"[full] onnx_exporter: {onnx_exporter!r} is not one of {', '.join(ONNX_EXPORTERS)}"
+        )
     given = [k for k in SOURCES if k in full]
     if len(given) != 1:
         raise SpecError(
             f"[full]: expected exactly one of {', '.join(SOURCES)};"
-            f" got {', '.join(full) or 'nothing'}"
+            f" got {', '.join(k for k in full if k != 'onnx_exporter') or 'nothing'}"
         )
     source = given[0]
+    if "onnx_exporter" in full and source == "onnx":
+        raise SpecError("[full] onnx_exporter: goes with a PyTorch source, not an ONNX file")
     if "weights" in full and source != "factory":
         raise SpecError(
             "[full] weights: goes with factory (and only with it): the state dict"
@@ -525,6 +535,7 @@ def load_spec(path: Path, prepared_dir: Path | None = None) -> ModelSpec | Gener
         distill=distill,
         edge_file=edge_file,
         onnx_quantization=str(onnx_quantization),
+        onnx_exporter=str(onnx_exporter),
         openvino_model_type=str(openvino_model_type),
         dynamic_axes=dynamic_axes,
         package_files=package_files,

@@ -258,10 +258,15 @@ def export_onnx(
     outputs: Sequence[TensorSpec],
     sample: Mapping[str, Array],
     check: Mapping[str, Array] | None = None,
+    exporter: str = "auto",
 ) -> Path:
-    """FP32 ONNX with a dynamic batch dim and the inputs' other -1 dims dynamic too (the
-    dynamo exporter; the TorchScript one where dynamo fails, or where ONNX Runtime cannot
-    load or run its graph on `check`, rows of another shape than `sample`)."""
+    """FP32 ONNX with a dynamic batch dim and the inputs' other -1 dims dynamic too.
+
+    `exporter` "auto": the dynamo exporter, and the TorchScript one where dynamo fails or
+    where ONNX Runtime cannot load or run its graph on `check` (rows of another shape than
+    `sample`); "dynamo" or "torchscript": that one only (`[full] onnx_exporter`: a model
+    known to need the TorchScript exporter skips a dynamo attempt that can take as long as
+    the rest of its build)."""
     import torch
 
     in_names = [t.name for t in inputs]
@@ -270,6 +275,8 @@ def export_onnx(
     dynamic = {t.name: [a for a, d in enumerate(t.shape) if d == -1 and a > 0] for t in inputs}
     errors = []
     try:
+        if exporter == "torchscript":
+            raise ExportError("not tried ([full] onnx_exporter = torchscript)")
         with torch_threads(1), quiet():
             batch = torch.export.Dim("batch", min=1, max=65536)
             shapes = tuple(
@@ -291,6 +298,8 @@ def export_onnx(
         return path
     except Exception as exc:  # noqa: BLE001 - the exporter raises anything; the fallback follows
         errors.append(f"dynamo: {brief(exc, 200)}")
+    if exporter == "dynamo":
+        raise ExportError("torch.onnx.export failed (" + "; ".join(errors) + ")")
     try:
         axes = {n: {0: "N", **{a: f"{n}_{a}" for a in dynamic[n]}} for n in in_names}
         with torch_threads(1), quiet():

@@ -536,7 +536,13 @@ def _read_edge_file(
                 f"{where} does not run on the calibration data ({brief(exc)})"
             ) from exc
         edge_onnx = torch_source.export_onnx(
-            module, work / "edge.onnx", edge_inputs, raw_outputs, calibration, check_rows
+            module,
+            work / "edge.onnx",
+            edge_inputs,
+            raw_outputs,
+            calibration,
+            check_rows,
+            spec.onnx_exporter,
         )
 
     def names(specs: tuple[TensorSpec, ...]) -> list[tuple[str, str]]:
@@ -719,7 +725,13 @@ def build_spec(
         from tandem.cloud.build import torch_source
 
         full_onnx = torch_source.export_onnx(
-            torch_model, ctx.work_dir / "full.onnx", inputs, raw_outputs, calibration, check_rows
+            torch_model,
+            ctx.work_dir / "full.onnx",
+            inputs,
+            raw_outputs,
+            calibration,
+            check_rows,
+            spec.onnx_exporter,
         )
         exported = _run(load_runner("onnx", full_onnx, input_names, output_names), validation)
         misses = export_misses(full_out, exported)
@@ -733,7 +745,13 @@ def build_spec(
         from tandem.cloud.build import torch_source
 
         edge_onnx = torch_source.export_onnx(
-            edge_model, ctx.work_dir / "student.onnx", inputs, raw_outputs, calibration, check_rows
+            edge_model,
+            ctx.work_dir / "student.onnx",
+            inputs,
+            raw_outputs,
+            calibration,
+            check_rows,
+            spec.onnx_exporter,
         )
         student_out = torch_source.torch_runner(edge_model, input_names, names)
         exported = _run(load_runner("onnx", edge_onnx, input_names, output_names), validation)
