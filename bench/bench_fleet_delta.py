@@ -80,7 +80,7 @@ def export(model: Any, path: Path, sample: Any) -> bytes:
 
 
 def quantize_int8(fp32: Path, out: Path, sample: Any) -> bytes:
-    from tandem.cloud.build.user import onnx_int8  # the build's own static QDQ INT8
+    from tandem.cloud.build.variants import onnx_int8  # the build's own static QDQ INT8
 
     return onnx_int8(fp32, out, {"pixels": sample}).read_bytes()
 
