@@ -57,11 +57,13 @@ class GeneratedBroker:
     @classmethod
     def started(cls, out: Path, device_ids: list[str]) -> GeneratedBroker:
         """`tandem fleet broker-config` output for these devices in `out`, on a free
-        loopback port, with Mosquitto running it."""
+        loopback port, with Mosquitto running it. With persistence, as the generated config
+        has by default: a broker restart then keeps the fleet's session and the QoS 1
+        messages it had taken for it (without it, telemetry the broker had PUBACKed to a
+        device but not yet delivered was lost in a restart, and the fault test that
+        restarts the broker under telemetry failed on it)."""
         port = free_port()
-        written = write_broker_config(
-            BrokerConfig(out, "127.0.0.1", port, persistence=False), device_ids
-        )
+        written = write_broker_config(BrokerConfig(out, "127.0.0.1", port), device_ids)
         broker = cls("127.0.0.1", port, out, written)
         broker.start()
         return broker
